@@ -1,0 +1,516 @@
+//! A private PostgreSQL cluster owned by this process.
+//!
+//! [`Cluster::start`] finds the machine's PostgreSQL server binaries, creates the cluster on first use
+//! (`initdb`), and runs `postgres` as a child of a supervisor thread. The child is told by the kernel
+//! to shut down fast if this process dies (`PR_SET_PDEATHSIG`), so a crashed or killed owner never
+//! leaves an orphaned server holding the data directory. [`Cluster::stop`] asks for a fast shutdown
+//! (SIGINT: clients disconnected, a checkpoint written), so the next start needs no crash recovery.
+//!
+//! PostgreSQL refuses to run as root; as root, the cluster runs as an unprivileged OS user
+//! ([`OsUser::unprivileged`]) that owns the cluster directory. The classic traps are checked up front
+//! with errors that say what to change: a directory that user cannot reach, a socket path longer than
+//! the kernel allows, a stale `postmaster.pid` left by a crash.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The longest socket path the kernel accepts (`sun_path` is 108 bytes with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no PostgreSQL server binaries found: looked for `postgres` and `initdb` on PATH and in \
+         /usr/lib/postgresql/*/bin and /usr/local/pgsql/bin; install them (Debian: apt-get install postgresql)"
+    )]
+    BinariesNotFound,
+    #[error("running as root, and no unprivileged user to run PostgreSQL as: create one (useradd postgres)")]
+    NoUnprivilegedUser,
+    #[error(
+        "PostgreSQL runs as user `{user}`, which cannot reach {dir}: run `chmod o+x {dir}`, \
+         or choose a data directory outside it"
+    )]
+    Unreachable { user: String, dir: PathBuf },
+    #[error(
+        "the socket path {path} is {len} bytes, longer than the {MAX_SOCKET_PATH} the kernel allows: \
+         choose a shorter socket directory"
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error("another PostgreSQL server (pid {pid}) is running on {dir}: stop it first (pg_ctl stop -D {dir})")]
+    AlreadyRunning { pid: i32, dir: PathBuf },
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("PostgreSQL did not accept connections within {0:?}; see its log at {1}")]
+    StartTimeout(Duration, PathBuf),
+    #[error("PostgreSQL exited during start-up; see its log at {0}")]
+    ExitedDuringStart(PathBuf),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// The directory holding `postgres`, `initdb` and `pg_isready`.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+impl Binaries {
+    /// PATH first, then Debian's versioned folders (newest version first), then the source-build default.
+    pub fn find() -> Result<Binaries, Error> {
+        let mut candidates: Vec<PathBuf> =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+        let mut debian: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((version, e.path().join("bin")))
+            })
+            .collect();
+        debian.sort_by_key(|d| std::cmp::Reverse(d.0));
+        candidates.extend(debian.into_iter().map(|(_, p)| p));
+        candidates.push(PathBuf::from("/usr/local/pgsql/bin"));
+        // A folder may hold links to some of the programs only (`/usr/local/bin/postgres` linked to
+        // Debian's folder, say): follow the link to the folder that has them all.
+        candidates
+            .into_iter()
+            .filter_map(|d| d.join("postgres").canonicalize().ok()?.parent().map(Path::to_path_buf))
+            .find(|d| ["postgres", "initdb", "pg_isready"].iter().all(|p| d.join(p).is_file()))
+            .map(|dir| Binaries { dir })
+            .ok_or(Error::BinariesNotFound)
+    }
+
+    pub fn path(&self, program: &str) -> PathBuf {
+        self.dir.join(program)
+    }
+}
+
+/// An operating-system user to run the server as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OsUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl OsUser {
+    /// `None` when this process is not root (the server then runs as this process's user);
+    /// otherwise the `postgres` user, or `nobody` where there is none.
+    pub fn unprivileged() -> Result<Option<OsUser>, Error> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let passwd = fs::read_to_string("/etc/passwd").map_err(io_err("reading /etc/passwd"))?;
+        ["postgres", "nobody"]
+            .iter()
+            .find_map(|name| Self::from_passwd(&passwd, name))
+            .map(Some)
+            .ok_or(Error::NoUnprivilegedUser)
+    }
+
+    fn from_passwd(passwd: &str, name: &str) -> Option<OsUser> {
+        passwd.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            if fields.next()? != name {
+                return None;
+            }
+            let uid = fields.nth(1)?.parse().ok()?;
+            let gid = fields.next()?.parse().ok()?;
+            Some(OsUser { name: name.to_owned(), uid, gid })
+        })
+    }
+
+    /// Whether this user may traverse `dir` (search permission), judged from its mode bits.
+    fn can_traverse(&self, meta: &fs::Metadata) -> bool {
+        let mode = meta.permissions().mode();
+        if meta.uid() == self.uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == self.gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        }
+    }
+}
+
+/// How to run a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// The cluster's own directory (`PGDATA`); created on first start.
+    pub data_dir: PathBuf,
+    /// Where the server puts its Unix socket.
+    pub socket_dir: PathBuf,
+    /// Only names the socket file (`.s.PGSQL.<port>`) unless `settings` turn on TCP.
+    pub port: u16,
+    /// The superuser `initdb` creates; local connections are trusted, so keep the socket private.
+    pub superuser: String,
+    /// Server settings passed as `-c name=value`.
+    pub settings: Vec<(String, String)>,
+    /// Skip `initdb`'s fsync: for throwaway test clusters only.
+    pub fast_initdb: bool,
+    /// Where the server's own log goes.
+    pub log_file: PathBuf,
+    /// How long to wait for the server to accept connections.
+    pub start_timeout: Duration,
+}
+
+impl ClusterSpec {
+    pub fn new(data_dir: impl Into<PathBuf>, socket_dir: impl Into<PathBuf>) -> ClusterSpec {
+        let data_dir = data_dir.into();
+        let log_file = data_dir.with_extension("log");
+        ClusterSpec {
+            data_dir,
+            socket_dir: socket_dir.into(),
+            port: 5432,
+            superuser: "keel".to_owned(),
+            settings: Vec::new(),
+            fast_initdb: false,
+            log_file,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn setting(mut self, name: &str, value: impl ToString) -> ClusterSpec {
+        self.settings.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// The path of the server's socket file.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// A libpq connection string for `database` over the Unix socket.
+    pub fn connection_string(&self, database: &str) -> String {
+        format!("host={} port={} user={} dbname={}", self.socket_dir.display(), self.port, self.superuser, database)
+    }
+}
+
+/// A running cluster. Dropping it without [`Cluster::stop`] leaves the server running until this
+/// process exits, when the kernel's parent-death signal stops it.
+#[derive(Debug)]
+pub struct Cluster {
+    spec: ClusterSpec,
+    pid: i32,
+    /// Receives the server's exit status from the supervisor thread. In a mutex so that a cluster
+    /// can be shared between threads (a test binary keeps one in a static).
+    exited: Mutex<mpsc::Receiver<io::Result<std::process::ExitStatus>>>,
+}
+
+impl Cluster {
+    /// Creates the cluster if needed and starts it; returns once it accepts connections.
+    pub fn start(spec: ClusterSpec) -> Result<Cluster, Error> {
+        let binaries = Binaries::find()?;
+        let user = OsUser::unprivileged()?;
+        check_socket_path(&spec)?;
+        prepare_dirs(&spec, user.as_ref())?;
+        if !spec.data_dir.join("PG_VERSION").exists() {
+            initdb(&binaries, &spec, user.as_ref())?;
+        }
+        clear_stale_pid_file(&spec.data_dir)?;
+        let (pid, exited) = spawn_supervised(&binaries, &spec, user.as_ref())?;
+        let cluster = Cluster { spec, pid, exited: Mutex::new(exited) };
+        cluster.wait_until_ready(&binaries)?;
+        tracing::info!(pid, data_dir = %cluster.spec.data_dir.display(), "PostgreSQL started");
+        Ok(cluster)
+    }
+
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn connection_string(&self, database: &str) -> String {
+        self.spec.connection_string(database)
+    }
+
+    fn exited(&self) -> std::sync::MutexGuard<'_, mpsc::Receiver<io::Result<std::process::ExitStatus>>> {
+        self.exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait_until_ready(&self, binaries: &Binaries) -> Result<(), Error> {
+        let deadline = Instant::now() + self.spec.start_timeout;
+        loop {
+            if self.exited().try_recv().is_ok() {
+                return Err(Error::ExitedDuringStart(self.spec.log_file.clone()));
+            }
+            let ready = Command::new(binaries.path("pg_isready"))
+                .arg("-q")
+                .arg("-U")
+                .arg(&self.spec.superuser)
+                .arg("-h")
+                .arg(&self.spec.socket_dir)
+                .arg("-p")
+                .arg(self.spec.port.to_string())
+                .status()
+                .map_err(io_err("running pg_isready"))?;
+            if ready.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::StartTimeout(self.spec.start_timeout, self.spec.log_file.clone()));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fast shutdown: disconnects clients, writes a checkpoint, and waits for the server to exit.
+    /// Falls back to an immediate shutdown if the server has not exited after `timeout`.
+    pub fn stop(self, timeout: Duration) -> Result<(), Error> {
+        signal(self.pid, libc::SIGINT);
+        let exited = self.exited();
+        match exited.recv_timeout(timeout) {
+            Ok(status) => {
+                let status = status.map_err(io_err("waiting for PostgreSQL"))?;
+                tracing::info!(%status, "PostgreSQL stopped");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(?timeout, "PostgreSQL did not stop in time; shutting it down immediately");
+                signal(self.pid, libc::SIGQUIT);
+                let _ = exited.recv_timeout(Duration::from_secs(10));
+                Ok(())
+            }
+        }
+    }
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+fn check_socket_path(spec: &ClusterSpec) -> Result<(), Error> {
+    let path = spec.socket_path();
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(Error::SocketPathTooLong { path, len });
+    }
+    Ok(())
+}
+
+/// Creates the data and socket directories, owned by the server's user, and checks that user can
+/// reach them through every ancestor.
+fn prepare_dirs(spec: &ClusterSpec, user: Option<&OsUser>) -> Result<(), Error> {
+    for dir in [&spec.data_dir, &spec.socket_dir] {
+        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
+        if let Some(user) = user {
+            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(io_err(format!(
+                "giving {} to {}",
+                dir.display(),
+                user.name
+            )))?;
+            check_reachable(dir, user)?;
+        }
+    }
+    if let Some(parent) = spec.log_file.parent() {
+        fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    Ok(())
+}
+
+fn check_reachable(dir: &Path, user: &OsUser) -> Result<(), Error> {
+    let dir = dir.canonicalize().map_err(io_err(format!("resolving {}", dir.display())))?;
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor).map_err(io_err(format!("reading {}", ancestor.display())))?;
+        if !user.can_traverse(&meta) {
+            return Err(Error::Unreachable { user: user.name.clone(), dir: ancestor.to_path_buf() });
+        }
+    }
+    Ok(())
+}
+
+fn as_user(command: &mut Command, user: Option<&OsUser>) {
+    if let Some(user) = user {
+        command.uid(user.uid).gid(user.gid);
+    }
+}
+
+fn run(mut command: Command, what: &str) -> Result<(), Error> {
+    let output = command.output().map_err(io_err(format!("running {what}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(Error::Command {
+        what: what.to_owned(),
+        detail: format!(
+            "{}: {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    })
+}
+
+fn initdb(binaries: &Binaries, spec: &ClusterSpec, user: Option<&OsUser>) -> Result<(), Error> {
+    tracing::info!(data_dir = %spec.data_dir.display(), "creating PostgreSQL cluster");
+    let mut command = Command::new(binaries.path("initdb"));
+    command
+        .arg("-D")
+        .arg(&spec.data_dir)
+        .args(["-U", &spec.superuser, "-A", "trust", "-E", "UTF8", "--locale=C"])
+        // initdb changes into the data directory's parent: it must not inherit a working
+        // directory the server's user cannot read.
+        .current_dir(&spec.data_dir);
+    if spec.fast_initdb {
+        command.arg("--no-sync");
+    }
+    as_user(&mut command, user);
+    run(command, "initdb")
+}
+
+/// A crash leaves `postmaster.pid` behind. PostgreSQL itself ignores one whose pid is dead, but
+/// refuses to start when that pid now belongs to another process (common after a reboot or in a
+/// container). A pid file whose process is not a `postgres` is stale: remove it. One whose process
+/// is a live `postgres` means a server really is running on this directory.
+fn clear_stale_pid_file(data_dir: &Path) -> Result<(), Error> {
+    let pid_file = data_dir.join("postmaster.pid");
+    let Ok(contents) = fs::read_to_string(&pid_file) else { return Ok(()) };
+    let pid: i32 = contents.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if pid > 0 && comm.trim() == "postgres" {
+        return Err(Error::AlreadyRunning { pid, dir: data_dir.to_path_buf() });
+    }
+    tracing::warn!(pid, "removing stale postmaster.pid left by an unclean stop");
+    fs::remove_file(&pid_file).map_err(io_err(format!("removing {}", pid_file.display())))
+}
+
+/// Spawns `postgres` from a dedicated thread that then waits for it. The parent-death signal is tied
+/// to the thread that forked the child, so that thread must live as long as the server.
+fn spawn_supervised(
+    binaries: &Binaries,
+    spec: &ClusterSpec,
+    user: Option<&OsUser>,
+) -> Result<(i32, mpsc::Receiver<io::Result<std::process::ExitStatus>>), Error> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log_file)
+        .map_err(io_err(format!("opening {}", spec.log_file.display())))?;
+    let log_err = log.try_clone().map_err(io_err("duplicating the log file"))?;
+    let mut command = Command::new(binaries.path("postgres"));
+    command
+        .arg("-D")
+        .arg(&spec.data_dir)
+        .arg("-p")
+        .arg(spec.port.to_string())
+        .arg("-k")
+        .arg(&spec.socket_dir)
+        .current_dir(&spec.data_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    for (name, value) in &spec.settings {
+        command.arg("-c").arg(format!("{name}={value}"));
+    }
+    as_user(&mut command, user);
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        let parent = libc::getpid();
+        command.pre_exec(move || {
+            // Fast shutdown when our owner dies. Set after the uid change, which clears it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The owner may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (started_tx, started_rx) = mpsc::channel();
+    let (exited_tx, exited_rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("postgres-supervisor".into())
+        .spawn(move || match command.spawn() {
+            Ok(mut child) => {
+                let _ = started_tx.send(Ok(child.id() as i32));
+                let _ = exited_tx.send(child.wait());
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+            }
+        })
+        .map_err(io_err("spawning the supervisor thread"))?;
+    let pid = started_rx
+        .recv()
+        .map_err(|_| Error::ExitedDuringStart(spec.log_file.clone()))?
+        .map_err(io_err("starting postgres"))?;
+    Ok((pid, exited_rx))
+}
+
+/// Picks a socket directory: `preferred` if the socket path fits the kernel's limit, otherwise a
+/// short directory under `/tmp` named after `preferred`, so the same data directory always gets the
+/// same socket directory.
+pub fn socket_dir_for(preferred: &Path, port: u16) -> PathBuf {
+    let fits = preferred.join(format!(".s.PGSQL.{port}")).as_os_str().len() <= MAX_SOCKET_PATH;
+    if fits {
+        return preferred.to_path_buf();
+    }
+    // FNV-1a: stable, tiny, and collisions only cost a clear "already running" error.
+    let hash = preferred
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    PathBuf::from(format!("/tmp/keel-{hash:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_users_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104:PostgreSQL:/var/lib/postgresql:/bin/bash\n";
+        assert_eq!(
+            OsUser::from_passwd(passwd, "postgres"),
+            Some(OsUser { name: "postgres".into(), uid: 101, gid: 104 })
+        );
+        assert_eq!(OsUser::from_passwd(passwd, "nobody"), None);
+    }
+
+    #[test]
+    fn long_socket_dirs_are_replaced_by_a_stable_short_one() {
+        let short = Path::new("/srv/keel/run");
+        assert_eq!(socket_dir_for(short, 5432), short);
+        let long = PathBuf::from(format!("/{}", "d".repeat(120)));
+        let chosen = socket_dir_for(&long, 5432);
+        assert!(chosen.to_str().unwrap().starts_with("/tmp/keel-"), "{chosen:?}");
+        assert_eq!(chosen, socket_dir_for(&long, 5432));
+        assert!(chosen.join(".s.PGSQL.5432").as_os_str().len() <= MAX_SOCKET_PATH);
+    }
+
+    #[test]
+    fn a_pid_file_of_a_process_that_is_not_postgres_is_removed() {
+        let dir = std::env::temp_dir().join(format!("keel-pg-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // Our own pid: alive, but not a postgres.
+        fs::write(dir.join("postmaster.pid"), format!("{}\n/data\n", std::process::id())).unwrap();
+        clear_stale_pid_file(&dir).unwrap();
+        assert!(!dir.join("postmaster.pid").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,132 @@
+//! Shopping carts: rows on the owner's shard, priced from the catalogue at read time.
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::db::Sql;
+use crate::http::auth::AuthUser;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{parse_id, Json, Path};
+use crate::http::number;
+use crate::startup::AppState;
+
+/// The most of one product a cart may hold.
+const MAX_QUANTITY: i64 = 1_000;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuantity {
+    /// 0 (removes the item) to 1,000.
+    pub quantity: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CartItem {
+    pub product_id: String,
+    pub quantity: i64,
+    /// The product's current price.
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cart {
+    pub items: Vec<CartItem>,
+    pub total_cents: i64,
+}
+
+/// Reads a cart and prices it: two queries whatever its size, one per database.
+async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
+    let shard = state.db.shard_of(user).client().await?;
+    let rows = shard
+        .rows("SELECT product_id, quantity FROM cart_items WHERE user_id = $1 ORDER BY added_at, product_id", &[&user])
+        .await?;
+    if rows.is_empty() {
+        return Ok(Cart { items: Vec::new(), total_cents: 0 });
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let catalog = state.db.catalog.client().await?;
+    let prices: std::collections::HashMap<Uuid, i64> = catalog
+        .rows("SELECT id, price_cents FROM products WHERE id = ANY($1)", &[&ids])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let items: Vec<CartItem> = rows
+        .iter()
+        .filter_map(|r| {
+            let product: Uuid = r.get(0);
+            let price = *prices.get(&product)?;
+            Some(CartItem {
+                product_id: product.to_string(),
+                quantity: i64::from(r.get::<_, i32>(1)),
+                price_cents: price,
+            })
+        })
+        .collect();
+    let total_cents = items.iter().map(|i| i.quantity * i.price_cents).sum();
+    Ok(Cart { items, total_cents })
+}
+
+#[utoipa::path(get, path = "/v1/cart", tag = "carts", security(("bearer" = [])),
+    responses((status = 200, body = Cart), (status = 401, body = Problem)))]
+pub async fn get_cart(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<Cart>, ApiError> {
+    Ok(Json(load_cart(&state, user).await?))
+}
+
+#[utoipa::path(put, path = "/v1/cart/items/{product_id}", tag = "carts", request_body = SetQuantity,
+    params(("product_id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The whole cart after the change", body = Cart),
+        (status = 401, body = Problem), (status = 404, description = "No such product", body = Problem),
+        (status = 422, body = Problem)))]
+pub async fn set_item(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(product): Path<String>,
+    Json(input): Json<SetQuantity>,
+) -> Result<Json<Cart>, ApiError> {
+    let product = parse_id("product", &product)?;
+    let quantity = number("quantity", input.quantity, 0, MAX_QUANTITY)? as i32;
+    if quantity == 0 {
+        return remove(&state, user, product).await;
+    }
+    let catalog = state.db.catalog.client().await?;
+    if catalog.maybe_row("SELECT 1 FROM products WHERE id = $1", &[&product]).await?.is_none() {
+        return Err(ApiError::not_found("product", &product.to_string()));
+    }
+    drop(catalog);
+    let shard = state.db.shard_of(user).client().await?;
+    shard
+        .exec(
+            "INSERT INTO cart_items (user_id, product_id, quantity) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+            &[&user, &product, &quantity],
+        )
+        .await?;
+    drop(shard);
+    Ok(Json(load_cart(&state, user).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/cart/items/{product_id}", tag = "carts",
+    params(("product_id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The whole cart after the change", body = Cart),
+        (status = 401, body = Problem)))]
+pub async fn delete_item(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(product): Path<String>,
+) -> Result<Json<Cart>, ApiError> {
+    let product = parse_id("product", &product)?;
+    remove(&state, user, product).await
+}
+
+/// Removing what is not there is not an error: the cart simply does not hold it afterwards.
+async fn remove(state: &AppState, user: Uuid, product: Uuid) -> Result<Json<Cart>, ApiError> {
+    let shard = state.db.shard_of(user).client().await?;
+    shard.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
+    drop(shard);
+    Ok(Json(load_cart(state, user).await?))
+}

@@ -1,0 +1,253 @@
+//! The product catalogue and its inventory, in the catalogue database.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::db::Sql;
+use crate::http::auth::Admin;
+use crate::http::error::{unique_violation, ApiError, Problem};
+use crate::http::extract::{parse_id, Json, Path, Query};
+use crate::http::{number, text, timestamp, Page, PageParams};
+use crate::startup::AppState;
+
+/// The largest price and stock accepted: far beyond any real shop, far below overflow.
+const MAX_PRICE_CENTS: i64 = 100_000_000_000;
+const MAX_STOCK: i64 = 1_000_000_000;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProduct {
+    /// 1 to 64 characters of letters, digits, `.`, `_` and `-`; unique.
+    pub sku: String,
+    /// 1 to 200 characters.
+    pub name: String,
+    /// Up to 10,000 characters.
+    #[serde(default)]
+    pub description: String,
+    /// 0 to 100,000,000,000.
+    pub price_cents: i64,
+    /// 0 to 1,000,000,000.
+    pub stock: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProduct {
+    pub sku: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price_cents: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Product {
+    pub id: String,
+    pub sku: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    pub like_count: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, like_count, created_at, updated_at";
+
+impl Product {
+    fn from_row(row: &Row) -> Product {
+        Product {
+            id: row.get::<_, Uuid>("id").to_string(),
+            sku: row.get("sku"),
+            name: row.get("name"),
+            description: row.get("description"),
+            price_cents: row.get("price_cents"),
+            like_count: row.get("like_count"),
+            created_at: timestamp(row.get("created_at")),
+            updated_at: timestamp(row.get("updated_at")),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetStock {
+    /// 0 to 1,000,000,000.
+    pub stock: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Inventory {
+    pub product_id: String,
+    pub stock: i64,
+}
+
+fn sku(raw: &str) -> Result<String, ApiError> {
+    let sku = text("sku", raw, 1, 64)?;
+    if !sku.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(ApiError::invalid("sku", "use only letters, digits, '.', '_' and '-'"));
+    }
+    Ok(sku)
+}
+
+fn sku_taken(e: tokio_postgres::Error, sku: Option<&str>) -> ApiError {
+    match unique_violation(&e) {
+        Some(_) => ApiError::Conflict(format!("a product with sku {:?} already exists", sku.unwrap_or_default())),
+        None => e.into(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/products", tag = "catalog", request_body = CreateProduct,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Created", body = Product),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 409, description = "The sku is taken", body = Problem),
+        (status = 422, description = "A field is invalid", body = Problem),
+    ))]
+pub async fn create_product(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(input): Json<CreateProduct>,
+) -> Result<impl IntoResponse, ApiError> {
+    let sku = sku(&input.sku)?;
+    let name = text("name", &input.name, 1, 200)?;
+    let description = text("description", &input.description, 0, 10_000)?;
+    let price = number("price_cents", input.price_cents, 0, MAX_PRICE_CENTS)?;
+    let stock = number("stock", input.stock, 0, MAX_STOCK)?;
+    let id = Uuid::now_v7();
+    let client = state.db.catalog.client().await?;
+    let row = client
+        .row(
+            &format!(
+                "WITH product AS (
+                     INSERT INTO products (id, sku, name, description, price_cents)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING {PRODUCT_COLUMNS}
+                 ), stock AS (
+                     INSERT INTO inventory (product_id, stock) SELECT id, $6::bigint FROM product
+                 )
+                 SELECT * FROM product"
+            ),
+            &[&id, &sku, &name, &description, &price, &stock],
+        )
+        .await
+        .map_err(|e| sku_taken(e, Some(&sku)))?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(Product::from_row(&row))))
+}
+
+#[utoipa::path(patch, path = "/v1/products/{id}", tag = "catalog", request_body = UpdateProduct,
+    params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The updated product", body = Product),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "The sku is taken", body = Problem),
+        (status = 422, description = "A field is invalid", body = Problem),
+    ))]
+pub async fn update_product(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    Json(input): Json<UpdateProduct>,
+) -> Result<Json<Product>, ApiError> {
+    let id = parse_id("product", &id)?;
+    if input.sku.is_none() && input.name.is_none() && input.description.is_none() && input.price_cents.is_none() {
+        return Err(ApiError::Unprocessable("give at least one of sku, name, description, price_cents".into()));
+    }
+    let sku = input.sku.as_deref().map(sku).transpose()?;
+    let name = input.name.as_deref().map(|n| text("name", n, 1, 200)).transpose()?;
+    let description = input.description.as_deref().map(|d| text("description", d, 0, 10_000)).transpose()?;
+    let price = input.price_cents.map(|p| number("price_cents", p, 0, MAX_PRICE_CENTS)).transpose()?;
+    let client = state.db.catalog.client().await?;
+    let row = client
+        .maybe_row(
+            &format!(
+                "UPDATE products SET sku = coalesce($2, sku), name = coalesce($3, name),
+                     description = coalesce($4, description), price_cents = coalesce($5, price_cents),
+                     updated_at = now()
+                 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
+            ),
+            &[&id, &sku, &name, &description, &price],
+        )
+        .await
+        .map_err(|e| sku_taken(e, sku.as_deref()))?
+        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    Ok(Json(Product::from_row(&row)))
+}
+
+#[utoipa::path(get, path = "/v1/products/{id}", tag = "catalog",
+    params(("id" = String, Path)),
+    responses((status = 200, body = Product), (status = 404, body = Problem)))]
+pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Product>, ApiError> {
+    let id = parse_id("product", &id)?;
+    let client = state.db.catalog.client().await?;
+    let row = client
+        .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    Ok(Json(Product::from_row(&row)))
+}
+
+#[utoipa::path(get, path = "/v1/products", tag = "catalog",
+    params(PageParams),
+    responses(
+        (status = 200, description = "Products in creation order", body = Page<Product>),
+        (status = 400, description = "A bad limit or cursor", body = Problem),
+    ))]
+pub async fn list_products(
+    State(state): State<AppState>,
+    Query(params): Query<PageParams>,
+) -> Result<Json<Page<Product>>, ApiError> {
+    let (limit, after) = params.validate()?;
+    let client = state.db.catalog.client().await?;
+    // Keyset pagination on the primary key: each page is one index range scan, however deep.
+    let rows = client
+        .rows(
+            &format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"),
+            &[&after, &(limit + 1)],
+        )
+        .await?;
+    Ok(Json(Page::from_rows(rows, limit, Product::from_row, |p| p.id.clone())))
+}
+
+#[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",
+    params(("id" = String, Path)),
+    responses((status = 200, description = "Current stock, read from the primary", body = Inventory),
+        (status = 404, body = Problem)))]
+pub async fn get_inventory(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Inventory>, ApiError> {
+    let id = parse_id("product", &id)?;
+    let client = state.db.catalog.client().await?;
+    let row = client
+        .maybe_row("SELECT stock FROM inventory WHERE product_id = $1", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    Ok(Json(Inventory { product_id: id.to_string(), stock: row.get(0) }))
+}
+
+#[utoipa::path(put, path = "/v1/products/{id}/inventory", tag = "catalog", request_body = SetStock,
+    params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, body = Inventory), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn set_inventory(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+    Json(input): Json<SetStock>,
+) -> Result<Json<Inventory>, ApiError> {
+    let id = parse_id("product", &id)?;
+    let stock = number("stock", input.stock, 0, MAX_STOCK)?;
+    let client = state.db.catalog.client().await?;
+    client
+        .maybe_row(
+            "UPDATE inventory SET stock = $2, updated_at = now() WHERE product_id = $1 RETURNING stock",
+            &[&id, &stock],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    Ok(Json(Inventory { product_id: id.to_string(), stock }))
+}

@@ -1,0 +1,118 @@
+//! The `keel` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{parse_listen, Config};
+use crate::db::{self, Databases};
+use crate::startup::{shutdown_signal, Application};
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "A high-throughput commerce backend on sharded PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process over a private PostgreSQL cluster in the data directory.
+    Up {
+        /// Where the cluster, the admin token and logs live (KEEL_DATA_DIR; default ./.keel).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The HTTP address (KEEL_LISTEN; default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serve the API against external databases (KEEL_CATALOG_URL, KEEL_SHARD_URLS).
+    Serve,
+    /// Apply pending migrations to external databases, then exit.
+    Migrate,
+    /// Run background workers against external databases.
+    Worker,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(&cli.command) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("keel: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(message) = crate::telemetry::init_logging(&config.log) {
+        eprintln!("keel: {message}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keel: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!(error = %message, "keel stopped with an error");
+            eprintln!("keel: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(command: &Command) -> Result<Config, String> {
+    let mut config = Config::load().map_err(|e| e.to_string())?;
+    if let Command::Up { data_dir, listen } = command {
+        if let Some(dir) = data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(listen) = listen {
+            config.listen = parse_listen(listen).map_err(|m| format!("invalid option --listen: {m}"))?;
+        }
+    }
+    Ok(config)
+}
+
+async fn run(command: Command, config: Config) -> Result<(), String> {
+    match command {
+        Command::Up { .. } => crate::embedded::up(config).await,
+        Command::Migrate => {
+            let (catalog, shards) = external_databases(&config)?;
+            db::migrate_all(catalog, shards).await.map_err(|e| e.to_string())?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve => {
+            let (catalog, shards) = external_databases(&config)?;
+            let admin_token = config
+                .admin_token
+                .clone()
+                .ok_or("KEEL_ADMIN_TOKEN is not set: `keel serve` needs the admin token from configuration")?;
+            let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
+            let app = Application::build(config.clone(), databases, &admin_token).await.map_err(|e| e.to_string())?;
+            tracing::info!(address = %app.local_addr(), "serving");
+            app.run_until_stopped(shutdown_signal()).await.map_err(|e| e.to_string())
+        }
+        Command::Worker => {
+            let (catalog, shards) = external_databases(&config)?;
+            let _databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
+            // No job kinds exist yet: the outbox and its workers arrive with the checkout saga.
+            tracing::info!("worker connected; no job kinds are defined yet, waiting for shutdown");
+            shutdown_signal().await;
+            Ok(())
+        }
+    }
+}
+
+fn external_databases(config: &Config) -> Result<(&str, &[String]), String> {
+    let catalog = config.catalog_url.as_deref().ok_or("KEEL_CATALOG_URL is not set")?;
+    if config.shard_urls.is_empty() {
+        return Err("KEEL_SHARD_URLS is not set: give the shard databases, comma-separated".into());
+    }
+    Ok((catalog, &config.shard_urls))
+}

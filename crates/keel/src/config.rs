@@ -1,0 +1,266 @@
+//! Typed configuration: defaults, overridden by an optional `keel.toml`, overridden by `KEEL_*`
+//! environment variables, overridden by command-line flags. Every error names the setting it is about
+//! and where the bad value came from, so a bad setting stops start-up with a message a person can act on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `KEEL_DATA_DIR` / `data_dir`: where `keel up` keeps its cluster, admin token and logs.
+    pub data_dir: PathBuf,
+    /// `KEEL_LISTEN` / `listen`: the HTTP address.
+    pub listen: SocketAddr,
+    /// `KEEL_ADMIN_TOKEN` / `admin_token`: the bearer token of the administrator.
+    pub admin_token: Option<String>,
+    /// `KEEL_CATALOG_URL` / `catalog_url`: the catalogue database (`keel serve`, `keel migrate`).
+    pub catalog_url: Option<String>,
+    /// `KEEL_SHARD_URLS` / `shard_urls`: the user-shard databases; position = shard number.
+    pub shard_urls: Vec<String>,
+    /// `KEEL_LOG` / `log`: a tracing filter such as `info` or `keel=debug,tower_http=info`.
+    pub log: String,
+    /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: connections per database per process.
+    pub db_pool_size: usize,
+    /// `KEEL_SHUTDOWN_TIMEOUT` / `shutdown_timeout`: how long in-flight requests may drain on stop.
+    pub shutdown_timeout: Duration,
+    /// `KEEL_REQUEST_TIMEOUT` / `request_timeout`: the longest a request may take before a 503.
+    pub request_timeout: Duration,
+    /// `KEEL_DEBUG_HEADERS` / `debug_headers`: add `keel-db-queries` to every response (tests, tuning).
+    pub debug_headers: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data_dir: PathBuf::from(".keel"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            catalog_url: None,
+            shard_urls: Vec::new(),
+            log: "info".to_owned(),
+            db_pool_size: 16,
+            shutdown_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            debug_headers: false,
+        }
+    }
+}
+
+/// A setting that could not be used, named as the user wrote it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting} (from {source_name}): {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub source_name: String,
+    pub message: String,
+}
+
+/// Where one layer of settings came from, for error messages.
+struct Layer<'a> {
+    name: String,
+    values: HashMap<String, String>,
+    /// How a setting is spelled in this layer: `KEEL_LISTEN` in the environment, `listen` in a file.
+    spell: &'a dyn Fn(&str) -> String,
+}
+
+const SETTINGS: &[&str] = &[
+    "data_dir",
+    "listen",
+    "admin_token",
+    "catalog_url",
+    "shard_urls",
+    "log",
+    "db_pool_size",
+    "shutdown_timeout",
+    "request_timeout",
+    "debug_headers",
+];
+
+impl Config {
+    /// Defaults ← `keel.toml` (the file named by `KEEL_CONFIG`, else `./keel.toml` if present) ← `KEEL_*`.
+    pub fn load() -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")).collect();
+        let file = match env.get("KEEL_CONFIG") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(PathBuf::from("keel.toml")).filter(|p| p.exists()),
+        };
+        let mut config = Config::default();
+        if let Some(path) = file {
+            config.apply(&file_layer(&path)?)?;
+        }
+        config.apply(&env_layer(env))?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, layer: &Layer<'_>) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| ConfigError {
+            setting: (layer.spell)(key),
+            source_name: layer.name.clone(),
+            message,
+        };
+        for key in SETTINGS {
+            let Some(raw) = layer.values.get(*key) else { continue };
+            let raw = raw.trim();
+            match *key {
+                "data_dir" => self.data_dir = non_empty(raw).map_err(|m| fail(key, m))?.into(),
+                "listen" => self.listen = parse_listen(raw).map_err(|m| fail(key, m))?,
+                "admin_token" => self.admin_token = Some(parse_token(raw).map_err(|m| fail(key, m))?),
+                "catalog_url" => self.catalog_url = Some(non_empty(raw).map_err(|m| fail(key, m))?),
+                "shard_urls" => self.shard_urls = parse_list(raw).map_err(|m| fail(key, m))?,
+                "log" => self.log = non_empty(raw).map_err(|m| fail(key, m))?,
+                "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
+                "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
+                _ => unreachable!("every name in SETTINGS is handled"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn env_layer(env: HashMap<String, String>) -> Layer<'static> {
+    let values =
+        SETTINGS.iter().filter_map(|key| env.get(&env_name(key)).map(|v| (key.to_string(), v.clone()))).collect();
+    Layer { name: "the environment".to_owned(), values, spell: &env_name }
+}
+
+fn env_name(key: &str) -> String {
+    format!("KEEL_{}", key.to_ascii_uppercase())
+}
+
+fn file_layer(path: &Path) -> Result<Layer<'static>, ConfigError> {
+    let source_name = path.display().to_string();
+    let fail = |setting: &str, message: String| ConfigError {
+        setting: setting.to_owned(),
+        source_name: source_name.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail("KEEL_CONFIG", format!("cannot read it: {e}")))?;
+    let table: toml::Table = text.parse().map_err(|e| fail("(file)", format!("not valid TOML: {e}")))?;
+    let mut values = HashMap::new();
+    for (key, value) in table {
+        if !SETTINGS.contains(&key.as_str()) {
+            return Err(fail(&key, format!("unknown setting; known settings are {}", SETTINGS.join(", "))));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| fail(&key, "expected a list of strings".into())))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+            other => {
+                return Err(fail(&key, format!("expected a string, number or boolean, found {}", other.type_str())))
+            }
+        };
+        values.insert(key, text);
+    }
+    Ok(Layer { name: source_name, values, spell: &|k| k.to_owned() })
+}
+
+fn non_empty(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(raw.to_owned())
+}
+
+pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse().map_err(|_| format!("{raw:?} is not an address such as 127.0.0.1:8080"))
+}
+
+fn parse_token(raw: &str) -> Result<String, String> {
+    if raw.len() < 16 || !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be at least 16 printable characters with no spaces".into());
+    }
+    Ok(raw.to_owned())
+}
+
+fn parse_list(raw: &str) -> Result<Vec<String>, String> {
+    let items: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).collect();
+    if items.iter().any(String::is_empty) {
+        return Err("must be a comma-separated list with no empty entries".into());
+    }
+    Ok(items)
+}
+
+fn parse_range(raw: &str, min: usize, max: usize) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{raw:?} is not a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw).map_err(|e| format!("{raw:?} is not a duration such as 10s or 500ms: {e}"))
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{raw:?} is not true or false")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Layer<'static> {
+        env_layer(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let mut config = Config::default();
+        config
+            .apply(&env(&[("KEEL_LISTEN", "0.0.0.0:9000"), ("KEEL_SHARD_URLS", "a, b"), ("KEEL_DB_POOL_SIZE", "4")]))
+            .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.shard_urls, ["a", "b"]);
+        assert_eq!(config.db_pool_size, 4);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_source() {
+        let err = Config::default().apply(&env(&[("KEEL_LISTEN", "localhost")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_LISTEN");
+        assert!(err.to_string().contains("KEEL_LISTEN") && err.to_string().contains("environment"), "{err}");
+        let err = Config::default().apply(&env(&[("KEEL_DB_POOL_SIZE", "0")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_DB_POOL_SIZE");
+        let err = Config::default().apply(&env(&[("KEEL_SHUTDOWN_TIMEOUT", "soon")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_SHUTDOWN_TIMEOUT");
+    }
+
+    #[test]
+    fn file_settings_are_checked_and_named() {
+        let dir = std::env::temp_dir().join(format!("keel-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "listen = \"127.0.0.1:9001\"\nshard_urls = [\"x\", \"y\"]\ndebug_headers = true\n")
+            .unwrap();
+        let mut config = Config::default();
+        config.apply(&file_layer(&good).unwrap()).unwrap();
+        assert_eq!(config.listen.port(), 9001);
+        assert_eq!(config.shard_urls, ["x", "y"]);
+        assert!(config.debug_headers);
+
+        let unknown = dir.join("unknown.toml");
+        std::fs::write(&unknown, "lsten = \"x\"\n").unwrap();
+        let err = file_layer(&unknown).err().unwrap();
+        assert_eq!(err.setting, "lsten");
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "db_pool_size = -3\n").unwrap();
+        let err = Config::default().apply(&file_layer(&bad).unwrap()).unwrap_err();
+        assert_eq!(err.setting, "db_pool_size");
+        assert!(err.to_string().contains("bad.toml"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

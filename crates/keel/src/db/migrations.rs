@@ -1,0 +1,78 @@
+//! Schema migrations, embedded in the binary: one ordered list per kind of database. Applying them
+//! is safe from many processes at once (an advisory lock serialises them) and applies each once.
+
+use super::{Db, DbError, Sql};
+
+/// The two kinds of database Keel owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schema {
+    Catalog,
+    Shard,
+}
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: &'static str,
+}
+
+const CATALOG: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../../migrations/catalog/0001_init.sql") }];
+
+const SHARD: &[Migration] =
+    &[Migration { version: 1, name: "init", sql: include_str!("../../migrations/shard/0001_init.sql") }];
+
+/// An arbitrary constant that names Keel's migration lock among the database's advisory locks.
+const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967; // "keelmig" in ASCII
+
+impl Schema {
+    fn migrations(self) -> &'static [Migration] {
+        match self {
+            Schema::Catalog => CATALOG,
+            Schema::Shard => SHARD,
+        }
+    }
+
+    /// The version this binary expects.
+    pub fn latest(self) -> i32 {
+        self.migrations().last().map_or(0, |m| m.version)
+    }
+}
+
+/// Applies the pending migrations of `schema` to `db`; returns how many were applied.
+pub async fn apply(db: &Db, schema: Schema) -> Result<usize, DbError> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    tx.exec("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS keel_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let current: i32 = tx.row("SELECT coalesce(max(version), 0) FROM keel_migrations", &[]).await?.get(0);
+    let pending: Vec<&Migration> = schema.migrations().iter().filter(|m| m.version > current).collect();
+    for migration in &pending {
+        tracing::info!(db = db.name(), version = migration.version, name = migration.name, "applying migration");
+        tx.batch_execute(migration.sql).await?;
+        tx.exec("INSERT INTO keel_migrations (version, name) VALUES ($1, $2)", &[&migration.version, &migration.name])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+/// The schema version a database is at (0 if never migrated).
+pub async fn current_version(db: &Db) -> Result<i32, DbError> {
+    let client = db.client().await?;
+    let row = client
+        .row(
+            "SELECT CASE WHEN to_regclass('keel_migrations') IS NULL THEN 0
+                    ELSE (SELECT coalesce(max(version), 0) FROM keel_migrations) END",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,292 @@
+//! Database access: one connection pool per database, the shard router, and the [`Sql`] helpers that
+//! every query goes through (prepared statements, cached per connection, and counted per request).
+
+pub mod migrations;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::str::FromStr;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use keel_shard::{Router, ShardMap};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+pub use deadpool_postgres::Transaction;
+pub use tokio_postgres::Error as PgError;
+
+/// A connection pool to one database, with the name metrics and logs know it by.
+#[derive(Clone)]
+pub struct Db {
+    name: String,
+    pool: Pool,
+}
+
+/// A database operation that failed: no connection could be had, or the query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error(transparent)]
+    Query(#[from] PgError),
+}
+
+/// A pooled connection.
+pub type Client = deadpool_postgres::Client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{setting}: {url_hint} is not a valid PostgreSQL connection string: {source}")]
+    BadUrl { setting: String, url_hint: String, source: PgError },
+    #[error("cannot build the pool for {name}: {detail}")]
+    Pool { name: String, detail: String },
+    #[error("cannot reach the {name} database: {detail}")]
+    Unreachable { name: String, detail: String },
+    #[error(
+        "the catalogue database has no shard map yet: run `keel migrate` (KEEL_CATALOG_URL and \
+         KEEL_SHARD_URLS as for this process) before `keel serve`"
+    )]
+    NoShardMap,
+    #[error("KEEL_SHARD_URLS does not match the shard map in the catalogue database: {0}")]
+    ShardMapMismatch(keel_shard::MapError),
+    #[error("{0}")]
+    Query(#[from] PgError),
+    #[error("{0}")]
+    Db(#[from] DbError),
+}
+
+impl Db {
+    /// Builds a pool; connections are opened on first use. `setting` names the configuration the
+    /// URL came from, for the error message.
+    pub fn new(name: &str, setting: &str, url: &str, pool_size: usize) -> Result<Db, ConnectError> {
+        let config = tokio_postgres::Config::from_str(url).map_err(|source| ConnectError::BadUrl {
+            setting: setting.to_owned(),
+            url_hint: redact(url),
+            source,
+        })?;
+        // Fast recycling: a connection that broke is noticed by the query that uses it, and the
+        // pool drops it then; checking every connection on checkout would add a round trip.
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| ConnectError::Pool { name: name.to_owned(), detail: e.to_string() })?;
+        Ok(Db { name: name.to_owned(), pool })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn client(&self) -> Result<Client, DbError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Connections in use, idle, and the most there may be.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
+    async fn reachable_client(&self) -> Result<Client, ConnectError> {
+        self.client().await.map_err(|e| ConnectError::Unreachable { name: self.name.clone(), detail: e.to_string() })
+    }
+}
+
+/// Hides a password in a connection URL before it is shown.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ if url.contains("password=") => "(a connection string with a password)".to_owned(),
+        _ => url.to_owned(),
+    }
+}
+
+/// Every database of a Keel deployment: the catalogue and the user shards behind their router.
+pub struct Databases {
+    pub catalog: Db,
+    pub shards: Router<Db>,
+}
+
+impl Databases {
+    /// Builds the pools and loads the shard map from the catalogue database.
+    pub async fn open(catalog_url: &str, shard_urls: &[String], pool_size: usize) -> Result<Databases, ConnectError> {
+        let catalog = Db::new("catalog", "KEEL_CATALOG_URL", catalog_url, pool_size)?;
+        let shards = shard_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| Db::new(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url, pool_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let map = load_shard_map(&catalog, shard_urls.len()).await?;
+        for shard in &shards {
+            drop(shard.reachable_client().await?);
+        }
+        let shards = Router::new(map, shards).map_err(ConnectError::ShardMapMismatch)?;
+        Ok(Databases { catalog, shards })
+    }
+
+    /// The shard database that owns a user.
+    pub fn shard_of(&self, user: Uuid) -> &Db {
+        self.shards.route(&shard_key(user)).handle
+    }
+
+    /// Every database, catalogue first.
+    pub fn all(&self) -> impl Iterator<Item = &Db> {
+        std::iter::once(&self.catalog).chain(self.shards.all().map(|(_, db)| db))
+    }
+}
+
+async fn load_shard_map(catalog: &Db, shards: usize) -> Result<ShardMap, ConnectError> {
+    let client = catalog.reachable_client().await?;
+    let exists: bool = client.row("SELECT to_regclass('shard_map') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        return Err(ConnectError::NoShardMap);
+    }
+    let rows = client.rows("SELECT bucket, shard FROM shard_map", &[]).await?;
+    if rows.is_empty() {
+        return Err(ConnectError::NoShardMap);
+    }
+    let assignments = rows.iter().map(|r| (r.get::<_, i16>(0) as u16, r.get::<_, i16>(1) as u16));
+    ShardMap::from_assignments(shards as u16, assignments).map_err(ConnectError::ShardMapMismatch)
+}
+
+/// Stores the initial shard map for `shards` shards, unless one is stored already.
+pub async fn seed_shard_map(catalog: &Db, shards: usize) -> Result<(), ConnectError> {
+    let map = ShardMap::uniform(shards as u16).map_err(ConnectError::ShardMapMismatch)?;
+    let (buckets, owners): (Vec<i16>, Vec<i16>) = map.assignments().map(|(b, s)| (b as i16, s as i16)).unzip();
+    let client = catalog.reachable_client().await?;
+    client
+        .exec(
+            "INSERT INTO shard_map (bucket, shard) SELECT * FROM unnest($1::smallint[], $2::smallint[]) \
+             ON CONFLICT (bucket) DO NOTHING",
+            &[&buckets, &owners],
+        )
+        .await?;
+    drop(client);
+    // Fails with a clear message when an existing map names shards that are not configured.
+    load_shard_map(catalog, shards).await.map(drop)
+}
+
+/// What a user id is hashed as: its canonical text form, so that the bucket can be computed by any
+/// tool from the id as the API shows it.
+pub fn shard_key(user: Uuid) -> [u8; 36] {
+    let mut key = [0u8; 36];
+    user.hyphenated().encode_lower(&mut key);
+    key
+}
+
+/// The virtual bucket of a user, as stored beside the user's row.
+pub fn bucket_of(user: Uuid) -> i16 {
+    keel_shard::Bucket::of(&shard_key(user)).index() as i16
+}
+
+/// Applies every pending migration: the catalogue first (with the shard map for `shard_urls.len()`
+/// shards), then each shard. Safe to run from many processes at once.
+pub async fn migrate_all(catalog_url: &str, shard_urls: &[String]) -> Result<(), ConnectError> {
+    let catalog = Db::new("catalog", "KEEL_CATALOG_URL", catalog_url, 1)?;
+    drop(catalog.reachable_client().await?);
+    migrations::apply(&catalog, migrations::Schema::Catalog).await?;
+    seed_shard_map(&catalog, shard_urls.len()).await?;
+    for (i, url) in shard_urls.iter().enumerate() {
+        let shard = Db::new(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url, 1)?;
+        drop(shard.reachable_client().await?);
+        migrations::apply(&shard, migrations::Schema::Shard).await?;
+    }
+    Ok(())
+}
+
+/// Creates database `name` (as a copy of `template`, if given) unless it exists, connecting with
+/// `maintenance_url` (a connection string for the server's `postgres` database). True if created.
+pub async fn create_database(maintenance_url: &str, name: &str, template: Option<&str>) -> Result<bool, PgError> {
+    let (client, connection) = tokio_postgres::connect(maintenance_url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        let template = template.map(|t| format!(" TEMPLATE {}", quote_ident(t))).unwrap_or_default();
+        client.batch_execute(&format!("CREATE DATABASE {}{template}", quote_ident(name))).await?;
+    }
+    drop(client);
+    let _ = connection.await;
+    Ok(!exists)
+}
+
+/// Drops database `name` if it exists, disconnecting its clients.
+pub async fn drop_database(maintenance_url: &str, name: &str) -> Result<(), PgError> {
+    let (client, connection) = tokio_postgres::connect(maintenance_url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name))).await?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+tokio::task_local! {
+    static QUERIES: Cell<u32>;
+}
+
+/// Runs `work`, counting the queries it sends through [`Sql`].
+pub async fn count_queries<F: Future>(work: F) -> (F::Output, u32) {
+    QUERIES
+        .scope(Cell::new(0), async {
+            let output = work.await;
+            (output, QUERIES.with(Cell::get))
+        })
+        .await
+}
+
+fn count_one_query() {
+    let _ = QUERIES.try_with(|n| n.set(n.get() + 1));
+}
+
+/// The only way Keel sends a query: as a prepared statement, cached per connection, and counted
+/// for the request that sent it. Implemented for pooled clients and transactions alike.
+pub(crate) trait Sql: GenericClient {
+    async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+        count_one_query();
+        let statement = self.prepare_cached(sql).await?;
+        self.query(&statement, params).await
+    }
+
+    async fn row(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, PgError> {
+        count_one_query();
+        let statement = self.prepare_cached(sql).await?;
+        self.query_one(&statement, params).await
+    }
+
+    async fn maybe_row(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, PgError> {
+        count_one_query();
+        let statement = self.prepare_cached(sql).await?;
+        self.query_opt(&statement, params).await
+    }
+
+    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
+        count_one_query();
+        let statement = self.prepare_cached(sql).await?;
+        self.execute(&statement, params).await
+    }
+}
+
+impl<C: GenericClient> Sql for C {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(redact("postgres://keel:secret@db:5432/x"), "postgres://keel:***@db:5432/x");
+        assert_eq!(redact("postgres://keel@db/x"), "postgres://keel@db/x");
+        assert_eq!(redact("host=/tmp password=p"), "(a connection string with a password)");
+    }
+}

@@ -1,0 +1,97 @@
+//! `keel up`: one process that owns a private PostgreSQL cluster under its data directory, creates
+//! the catalogue and shard databases, migrates them, and serves the API. Stopping it stops the
+//! cluster cleanly; starting it again finds everything as it was.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_pg::{socket_dir_for, Cluster, ClusterSpec};
+
+use crate::config::Config;
+use crate::db::{self, Databases};
+use crate::http::auth::new_admin_token;
+use crate::startup::{shutdown_signal, Application};
+
+/// `keel up` creates this many user shards, so that sharding is exercised from the first run.
+pub const SHARDS: usize = 2;
+const CATALOG_DB: &str = "keel_catalog";
+/// Only names the socket file: the embedded cluster listens on no TCP port, so it cannot clash.
+const PORT: u16 = 5432;
+
+pub fn shard_db(i: usize) -> String {
+    format!("keel_shard_{i}")
+}
+
+pub async fn up(config: Config) -> Result<(), String> {
+    let data_dir = absolute(&config.data_dir)?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create the data directory {} (KEEL_DATA_DIR): {e}", data_dir.display()))?;
+    let spec = cluster_spec(&data_dir);
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(spec))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("PostgreSQL: {e}"))?;
+    let result = serve(&config, &data_dir, &cluster).await;
+    tracing::info!("stopping PostgreSQL");
+    tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(60)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("stopping PostgreSQL: {e}"))?;
+    result
+}
+
+fn cluster_spec(data_dir: &Path) -> ClusterSpec {
+    let mut spec = ClusterSpec::new(data_dir.join("postgres"), socket_dir_for(&data_dir.join("run"), PORT))
+        // Unix socket only: nothing outside this machine's file permissions can connect.
+        .setting("listen_addresses", "")
+        .setting("max_connections", 200);
+    spec.port = PORT;
+    spec.log_file = data_dir.join("postgres.log");
+    spec
+}
+
+async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<(), String> {
+    let maintenance = cluster.connection_string("postgres");
+    let catalog_url = cluster.connection_string(CATALOG_DB);
+    let shard_urls: Vec<String> = (0..SHARDS).map(|i| cluster.connection_string(&shard_db(i))).collect();
+    for name in std::iter::once(CATALOG_DB.to_owned()).chain((0..SHARDS).map(shard_db)) {
+        if db::create_database(&maintenance, &name, None).await.map_err(|e| format!("creating {name}: {e}"))? {
+            tracing::info!(database = %name, "created database");
+        }
+    }
+    db::migrate_all(&catalog_url, &shard_urls).await.map_err(|e| e.to_string())?;
+    let admin_token = admin_token(config, data_dir)?;
+    let databases = Databases::open(&catalog_url, &shard_urls, config.db_pool_size).await.map_err(|e| e.to_string())?;
+    let app = Application::build(config.clone(), databases, &admin_token).await.map_err(|e| e.to_string())?;
+    tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
+    eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
+    app.run_until_stopped(shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+/// `KEEL_ADMIN_TOKEN` if set; else the token kept in `DIR/admin-token`; else a new one, kept there
+/// (readable by this user only) and printed once.
+fn admin_token(config: &Config, data_dir: &Path) -> Result<String, String> {
+    if let Some(token) = &config.admin_token {
+        return Ok(token.clone());
+    }
+    let path = data_dir.join("admin-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_owned());
+    }
+    let token = new_admin_token();
+    write_private(&path, &token).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("admin token (kept in {}): {token}", path.display());
+    Ok(token)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("invalid setting KEEL_DATA_DIR: {}: {e}", path.display()))
+}

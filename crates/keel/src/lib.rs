@@ -1,0 +1,15 @@
+//! Keel, the service: configuration, the databases, the HTTP API and the domain behind it.
+//! Mechanisms with no knowledge of the shop live in their own crates (`keel-shard`, `keel-pg`).
+
+pub mod carts;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod embedded;
+pub mod http;
+pub mod idempotency;
+pub mod startup;
+pub mod telemetry;
+pub mod users;
+pub mod wallet;

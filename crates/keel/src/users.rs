@@ -1,0 +1,288 @@
+//! Users and their profiles. A user lives on the shard of its id; its e-mail address is claimed in
+//! the catalogue database's lookup table first, which keeps addresses unique across shards.
+
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::db::{bucket_of, Sql};
+use crate::http::auth::{new_user_token, AuthUser, Caller};
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{parse_id, Json, Path};
+use crate::http::{text, timestamp};
+use crate::startup::AppState;
+
+/// How long an e-mail claim may wait for its user row before another sign-up may take it over.
+/// Longer than any request can take, so a claim is only taken over when its request is gone.
+const ABANDONED_CLAIM_AFTER: &str = "2 minutes";
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// 1 to 100 characters.
+    pub name: String,
+    /// A valid address; unique across all users (compared case-insensitively).
+    pub email: String,
+    /// Up to 1,000 characters.
+    pub bio: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    pub name: Option<String>,
+    pub bio: Option<String>,
+}
+
+/// The answer to a sign-up: the only time the token is ever shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedUser {
+    pub id: String,
+    /// The user's bearer token. Keep it: it is stored only as a hash and cannot be shown again.
+    pub token: String,
+    pub name: String,
+    pub email: String,
+    pub bio: String,
+    pub created_at: String,
+}
+
+/// A profile. `email` is present only when the owner asks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Profile {
+    pub id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub bio: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const PROFILE_COLUMNS: &str = "id, name, email, bio, created_at, updated_at";
+
+impl Profile {
+    fn from_row(row: &Row, show_email: bool) -> Profile {
+        Profile {
+            id: row.get::<_, Uuid>("id").to_string(),
+            name: row.get("name"),
+            email: show_email.then(|| row.get("email")),
+            bio: row.get("bio"),
+            created_at: timestamp(row.get("created_at")),
+            updated_at: timestamp(row.get("updated_at")),
+        }
+    }
+}
+
+/// Normalises and checks an e-mail address: trimmed, lower-cased, one `@`, a dotted domain.
+pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
+    let email = raw.trim().to_lowercase();
+    let invalid = || ApiError::invalid("email", &format!("{raw:?} is not a valid e-mail address"));
+    let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
+    let domain_ok = domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+    let local_ok =
+        !local.is_empty() && local.len() <= 64 && !local.contains(char::is_whitespace) && !local.contains('@');
+    if !domain_ok || !local_ok || email.len() > 254 || email.chars().any(char::is_control) {
+        return Err(invalid());
+    }
+    Ok(email)
+}
+
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUser,
+    responses(
+        (status = 201, description = "Created; the token is shown only now", body = CreatedUser),
+        (status = 409, description = "The e-mail address is taken", body = Problem),
+        (status = 422, description = "A field is invalid", body = Problem),
+    ))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    Json(input): Json<CreateUser>,
+) -> Result<impl IntoResponse, ApiError> {
+    let name = text("name", &input.name, 1, 100)?;
+    let email = normalize_email(&input.email)?;
+    let bio = text("bio", input.bio.as_deref().unwrap_or(""), 0, 1000)?;
+    let id = Uuid::now_v7();
+    let (token, token_digest) = new_user_token(id);
+
+    claim_email(&state, &email, id).await?;
+    let shard = state.db.shard_of(id);
+    let created = async {
+        let client = shard.client().await?;
+        // One statement, so the user and its wallet exist together or not at all.
+        let row = client
+            .row(
+                "WITH new_user AS (
+                     INSERT INTO users (id, bucket, name, email, bio, token_hash)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, created_at
+                 )
+                 INSERT INTO wallets (user_id) SELECT id FROM new_user
+                 RETURNING (SELECT created_at FROM new_user)",
+                &[&id, &bucket_of(id), &name, &email, &bio, &token_digest.as_slice()],
+            )
+            .await?;
+        Ok::<SystemTime, ApiError>(row.get(0))
+    }
+    .await;
+    let created_at = match created {
+        Ok(at) => at,
+        Err(e) => {
+            release_email(&state, &email, id).await;
+            return Err(e);
+        }
+    };
+    let body = CreatedUser { id: id.to_string(), token, name, email, bio, created_at: timestamp(created_at) };
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/users/{id}"))], Json(body)))
+}
+
+/// Claims `email` for `user` in the catalogue's lookup table. A claim whose user never appeared on its
+/// shard (the sign-up crashed between the two writes) is taken over once it is old enough.
+async fn claim_email(state: &AppState, email: &str, user: Uuid) -> Result<(), ApiError> {
+    let catalog = state.db.catalog.client().await?;
+    let claimed = catalog
+        .maybe_row(
+            "INSERT INTO user_emails (email, user_id) VALUES ($1, $2) ON CONFLICT (email) DO NOTHING RETURNING 1",
+            &[&email, &user],
+        )
+        .await?;
+    if claimed.is_some() {
+        return Ok(());
+    }
+    let taken = || ApiError::Conflict(format!("the e-mail address {email} is already registered"));
+    let Some(claim) = catalog
+        .maybe_row(
+            &format!(
+                "SELECT user_id, claimed_at < now() - interval '{ABANDONED_CLAIM_AFTER}' AS abandoned \
+                 FROM user_emails WHERE email = $1"
+            ),
+            &[&email],
+        )
+        .await?
+    else {
+        return Err(taken());
+    };
+    let holder: Uuid = claim.get("user_id");
+    if !claim.get::<_, bool>("abandoned") || user_exists(state, holder).await? {
+        return Err(taken());
+    }
+    let took_over = catalog
+        .exec(
+            "UPDATE user_emails SET user_id = $3, claimed_at = now() WHERE email = $1 AND user_id = $2",
+            &[&email, &holder, &user],
+        )
+        .await?;
+    if took_over == 1 {
+        tracing::warn!(%email, abandoned_by = %holder, "took over an abandoned e-mail claim");
+        return Ok(());
+    }
+    Err(taken())
+}
+
+/// Undoes a claim after the user row could not be written. Best effort: a claim left behind is
+/// taken over later by [`claim_email`].
+async fn release_email(state: &AppState, email: &str, user: Uuid) {
+    let result = async {
+        let catalog = state.db.catalog.client().await?;
+        catalog.exec("DELETE FROM user_emails WHERE email = $1 AND user_id = $2", &[&email, &user]).await?;
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, %email, "could not release an e-mail claim; it will be taken over later");
+    }
+}
+
+async fn user_exists(state: &AppState, user: Uuid) -> Result<bool, ApiError> {
+    let client = state.db.shard_of(user).client().await?;
+    Ok(client.maybe_row("SELECT 1 FROM users WHERE id = $1", &[&user]).await?.is_some())
+}
+
+#[utoipa::path(get, path = "/v1/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The profile; `email` only for its owner", body = Profile),
+        (status = 404, description = "No such user", body = Problem),
+    ))]
+pub async fn get_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Profile>, ApiError> {
+    let id = parse_id("user", &id)?;
+    let client = state.db.shard_of(id).client().await?;
+    let row = client
+        .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
+    Ok(Json(Profile::from_row(&row, caller.user() == Some(id))))
+}
+
+#[utoipa::path(patch, path = "/v1/users/{id}", tag = "users", request_body = UpdateUser,
+    params(("id" = String, Path, description = "The user's id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The updated profile", body = Profile),
+        (status = 401, description = "No valid token", body = Problem),
+        (status = 403, description = "Not the owner", body = Problem),
+        (status = 422, description = "A field is invalid", body = Problem),
+    ))]
+pub async fn update_user(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    Path(id): Path<String>,
+    Json(input): Json<UpdateUser>,
+) -> Result<Json<Profile>, ApiError> {
+    let id = parse_id("user", &id)?;
+    if caller != id {
+        return Err(ApiError::Forbidden("only the owner may change a profile".into()));
+    }
+    if input.name.is_none() && input.bio.is_none() {
+        return Err(ApiError::Unprocessable("give at least one of name, bio".into()));
+    }
+    let name = input.name.as_deref().map(|n| text("name", n, 1, 100)).transpose()?;
+    let bio = input.bio.as_deref().map(|b| text("bio", b, 0, 1000)).transpose()?;
+    let client = state.db.shard_of(id).client().await?;
+    let row = client
+        .maybe_row(
+            &format!(
+                "UPDATE users SET name = coalesce($2, name), bio = coalesce($3, bio), updated_at = now() \
+                 WHERE id = $1 RETURNING {PROFILE_COLUMNS}"
+            ),
+            &[&id, &name, &bio],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
+    Ok(Json(Profile::from_row(&row, true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_email;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(normalize_email("  Ada@Example.ORG ").unwrap(), "ada@example.org");
+        for bad in [
+            "",
+            "ada",
+            "@example.org",
+            "ada@",
+            "ada@example",
+            "ada@@example.org",
+            "a da@example.org",
+            "ada@exa mple.org",
+            "ada@.org",
+            "ada@example..org",
+        ] {
+            assert!(normalize_email(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The test harness: one private PostgreSQL cluster per test binary, started on first use and
+//! stopped by the kernel when the binary exits; migrated template databases; and a [`TestApp`] per
+//! test with its own catalogue and two shard databases cloned from the templates, dropped afterwards.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use keel::config::Config;
+use keel::db::{self, Databases};
+use keel::startup::Application;
+use keel_pg::{Cluster, ClusterSpec};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio_postgres::NoTls;
+
+const CATALOG_TEMPLATE: &str = "keel_template_catalog";
+const SHARD_TEMPLATE: &str = "keel_template_shard";
+pub const SHARDS: usize = 2;
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct TestCluster {
+    cluster: Cluster,
+}
+
+impl TestCluster {
+    pub fn url(&self, database: &str) -> String {
+        self.cluster.connection_string(database)
+    }
+
+    pub fn maintenance_url(&self) -> String {
+        self.url("postgres")
+    }
+}
+
+/// The cluster shared by every test in this binary.
+pub fn cluster() -> &'static TestCluster {
+    static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        remove_stale_test_dirs();
+        let base = test_dir(std::process::id());
+        let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
+            .setting("listen_addresses", "")
+            .setting("max_connections", 500)
+            // Throwaway data: durability only slows the tests down.
+            .setting("fsync", "off")
+            .setting("synchronous_commit", "off")
+            .setting("full_page_writes", "off");
+        spec.fast_initdb = true;
+        spec.log_file = base.join("postgres.log");
+        let cluster = Cluster::start(spec).expect("starting the test PostgreSQL cluster");
+        let test_cluster = TestCluster { cluster };
+        let maintenance = test_cluster.maintenance_url();
+        let catalog = test_cluster.url(CATALOG_TEMPLATE);
+        let shard = test_cluster.url(SHARD_TEMPLATE);
+        // Tests run inside a tokio runtime, which may not block on another: use a thread of our own.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                db::create_database(&maintenance, CATALOG_TEMPLATE, None).await.unwrap();
+                db::create_database(&maintenance, SHARD_TEMPLATE, None).await.unwrap();
+                db::migrate_all(&catalog, &vec![shard; SHARDS]).await.unwrap();
+            });
+        })
+        .join()
+        .expect("migrating the template databases");
+        test_cluster
+    })
+}
+
+fn test_dir(pid: u32) -> PathBuf {
+    std::env::temp_dir().join(format!("keel-test-{pid}"))
+}
+
+/// Clusters of earlier runs whose process is gone (their server stopped with it).
+fn remove_stale_test_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("keel-test-")).and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A unique name for this test's databases.
+fn unique_name(kind: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("t{}_{}_{kind}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A set of empty (unmigrated) databases, dropped with it: for `keel migrate` and `keel serve` tests.
+pub struct TestDatabases {
+    pub catalog_url: String,
+    pub shard_urls: Vec<String>,
+    names: Vec<String>,
+}
+
+impl TestDatabases {
+    /// Fresh databases; `migrated` clones them from the migrated templates.
+    pub async fn create(migrated: bool) -> TestDatabases {
+        let cluster = cluster();
+        let maintenance = cluster.maintenance_url();
+        let catalog = unique_name("catalog");
+        let shards: Vec<String> = (0..SHARDS).map(|i| unique_name(&format!("shard{i}"))).collect();
+        let template = |t: &'static str| migrated.then_some(t);
+        db::create_database(&maintenance, &catalog, template(CATALOG_TEMPLATE)).await.unwrap();
+        for shard in &shards {
+            db::create_database(&maintenance, shard, template(SHARD_TEMPLATE)).await.unwrap();
+        }
+        TestDatabases {
+            catalog_url: cluster.url(&catalog),
+            shard_urls: shards.iter().map(|s| cluster.url(s)).collect(),
+            names: std::iter::once(catalog).chain(shards).collect(),
+        }
+    }
+
+    /// A direct connection to shard `i`, for looking behind the API.
+    pub async fn shard(&self, i: usize) -> tokio_postgres::Client {
+        connect(&self.shard_urls[i]).await
+    }
+
+    pub async fn catalog(&self) -> tokio_postgres::Client {
+        connect(&self.catalog_url).await
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+impl Drop for TestDatabases {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.names);
+        let maintenance = cluster().maintenance_url();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                for name in names {
+                    db::drop_database(&maintenance, &name).await.unwrap();
+                }
+            });
+        })
+        .join()
+        .expect("dropping the test databases");
+    }
+}
+
+/// A running application on a port of its own, with its own databases.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub dbs: TestDatabases,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        let dbs = TestDatabases::create(true).await;
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some(ADMIN_TOKEN.to_owned()),
+            catalog_url: Some(dbs.catalog_url.clone()),
+            shard_urls: dbs.shard_urls.clone(),
+            db_pool_size: 8,
+            debug_headers: true,
+            ..Config::default()
+        };
+        let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, config.db_pool_size).await.unwrap();
+        let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
+        let address = format!("http://{}", app.local_addr());
+        tokio::spawn(app.run_until_stopped(std::future::pending()));
+        TestApp { address, client: reqwest::Client::new(), dbs }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.client.get(self.url(path))
+    }
+
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.client.post(self.url(path))
+    }
+
+    pub fn put(&self, path: &str) -> RequestBuilder {
+        self.client.put(self.url(path))
+    }
+
+    pub fn patch(&self, path: &str) -> RequestBuilder {
+        self.client.patch(self.url(path))
+    }
+
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.client.delete(self.url(path))
+    }
+
+    pub fn admin(&self, builder: RequestBuilder) -> RequestBuilder {
+        builder.bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Signs a user up; returns `(id, token)`.
+    pub async fn create_user(&self, name: &str) -> (String, String) {
+        let email = format!("{}-{}@example.org", name.to_lowercase().replace(' ', "."), uuid::Uuid::now_v7().simple());
+        let body =
+            expect_json(self.post("/v1/users").json(&json!({ "name": name, "email": email })).send().await, 201).await;
+        (body["id"].as_str().unwrap().to_owned(), body["token"].as_str().unwrap().to_owned())
+    }
+
+    /// Creates a product; returns its id.
+    pub async fn create_product(&self, sku: &str, price_cents: i64, stock: i64) -> String {
+        let body = json!({ "sku": sku, "name": format!("Product {sku}"), "description": "A thing", "price_cents": price_cents, "stock": stock });
+        let product = expect_json(self.admin(self.post("/v1/products")).json(&body).send().await, 201).await;
+        product["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn deposit(&self, token: &str, key: &str, amount: i64) -> Response {
+        self.post("/v1/wallet/deposits")
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&json!({ "amount_cents": amount }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Invariants that must hold after any test, checked behind the API: every wallet's balance is
+    /// the sum of its deposits, and every user's e-mail is claimed for that user in the catalogue.
+    pub async fn check_invariants(&self) {
+        let catalog = self.dbs.catalog().await;
+        for i in 0..SHARDS {
+            let shard = self.dbs.shard(i).await;
+            let unbalanced: i64 = shard
+                .query_one(
+                    "SELECT count(*) FROM wallets w WHERE balance_cents <>
+                       (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(unbalanced, 0, "shard {i} has wallets whose balance is not the sum of their ledger");
+            for row in shard.query("SELECT id, email FROM users", &[]).await.unwrap() {
+                let (id, email): (uuid::Uuid, String) = (row.get(0), row.get(1));
+                let claim = catalog.query_opt("SELECT user_id FROM user_emails WHERE email = $1", &[&email]).await;
+                let owner: Option<uuid::Uuid> = claim.unwrap().map(|r| r.get(0));
+                assert_eq!(owner, Some(id), "{email} is not claimed for its user");
+            }
+        }
+    }
+}
+
+/// Asserts the status and returns the JSON body, showing the body when the status is wrong.
+pub async fn expect_json(response: reqwest::Result<Response>, status: u16) -> Value {
+    let response = response.expect("the request was answered");
+    let actual = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, StatusCode::from_u16(status).unwrap(), "unexpected status; body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+}
+
+/// Asserts a problem+json error with this status and a detail that mentions `mentions`.
+pub async fn expect_problem(response: reqwest::Result<Response>, status: u16, mentions: &str) -> Value {
+    let response = response.expect("the request was answered");
+    let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let actual = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    assert_eq!(content_type.as_deref(), Some("application/problem+json"), "body: {text}");
+    let problem: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(problem["status"], status, "{problem}");
+    assert!(problem["type"].as_str().is_some_and(|t| t.starts_with("/problems/")), "{problem}");
+    assert!(problem["title"].as_str().is_some_and(|t| !t.is_empty()), "{problem}");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.to_lowercase().contains(&mentions.to_lowercase()), "detail {detail:?} should mention {mentions:?}");
+    problem
+}
+
+/// The number of database queries the server says a response took (debug header).
+pub fn db_queries(response: &Response) -> u32 {
+    response.headers()["keel-db-queries"].to_str().unwrap().parse().unwrap()
+}

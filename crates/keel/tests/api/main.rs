@@ -1,0 +1,11 @@
+//! The API suite: every endpoint against real PostgreSQL (see `helpers`), plus `keel` itself run as
+//! a process. One binary, so the test cluster is started once.
+
+mod carts;
+mod catalog;
+mod errors;
+mod helpers;
+mod ops;
+mod processes;
+mod users;
+mod wallet;

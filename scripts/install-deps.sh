@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what Keel needs and the machine lacks: PostgreSQL's server binaries (Keel runs its own
+# private clusters from them; it never uses a system-wide cluster). Idempotent and quiet when all is there.
+set -euo pipefail
+
+have_postgres() {
+    for dir in /usr/lib/postgresql/*/bin /usr/local/pgsql/bin; do
+        [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_isready" ] && return 0
+    done
+    command -v postgres >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq
+    as_root apt-get install -y -qq --no-install-recommends "$@"
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: cargo is not on PATH; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+missing=()
+have_postgres || missing+=(postgresql)
+for extra in "$@"; do
+    command -v "$extra" >/dev/null 2>&1 || missing+=("$extra")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
