@@ -265,3 +265,28 @@ async fn a_bad_setting_stops_start_up_and_is_named() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("KEEL_CATALOG_URL"));
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// As root, the cluster runs as an unprivileged user, who must be able to reach the data directory.
+/// Where it cannot, keel says which folder is in the way and what to run.
+#[tokio::test]
+async fn an_unreachable_data_directory_is_named_with_the_fix() {
+    let scratch = scratch_dir("locked");
+    let locked = scratch.join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let data_dir = locked.join("data");
+    let log = scratch.join("keel.log");
+    let mut keel = Keel::start(&["up", "--data-dir", data_dir.to_str().unwrap()], &[], &log);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(!keel.wait_exit(Duration::from_secs(30)).await.success());
+        let text = keel.log_text();
+        assert!(text.contains(&format!("chmod o+x {}", locked.display())), "{text}");
+    } else {
+        // Not root: the server runs as this user, who owns the folder, so there is nothing to fix.
+        keel.wait_ready(Duration::from_secs(30)).await;
+        keel.signal(libc::SIGTERM);
+        assert!(keel.wait_exit(Duration::from_secs(60)).await.success());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
