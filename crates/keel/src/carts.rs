@@ -37,7 +37,7 @@ pub struct Cart {
 }
 
 /// Reads a cart and prices it: two queries whatever its size, one per database.
-async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
+pub(crate) async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
     let shard = state.db.shard_of(user).client().await?;
     let rows = shard
         .rows("SELECT product_id, quantity FROM cart_items WHERE user_id = $1 ORDER BY added_at, product_id", &[&user])

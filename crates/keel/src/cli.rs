@@ -31,7 +31,7 @@ enum Command {
     Serve,
     /// Apply pending migrations to external databases, then exit.
     Migrate,
-    /// Run background workers against external databases.
+    /// Run only the background workers (the checkout saga) against external databases.
     Worker,
 }
 
@@ -100,10 +100,9 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         }
         Command::Worker => {
             let (catalog, shards) = external_databases(&config)?;
-            let _databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
-            // No job kinds exist yet: the outbox and its workers arrive with the checkout saga.
-            tracing::info!("worker connected; no job kinds are defined yet, waiting for shutdown");
-            shutdown_signal().await;
+            let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
+            crate::telemetry::init_metrics();
+            crate::jobs::run_workers(std::sync::Arc::new(databases), shutdown_signal()).await;
             Ok(())
         }
     }

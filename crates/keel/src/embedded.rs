@@ -10,7 +10,7 @@ use keel_pg::{socket_dir_for, Cluster, ClusterSpec};
 use crate::config::Config;
 use crate::db::{self, Databases};
 use crate::http::auth::new_admin_token;
-use crate::startup::{shutdown_signal, Application};
+use crate::startup::{serve_with_workers, Application};
 
 /// `keel up` creates this many user shards, so that sharding is exercised from the first run.
 pub const SHARDS: usize = 2;
@@ -65,7 +65,7 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     let app = Application::build(config.clone(), databases, &admin_token).await.map_err(|e| e.to_string())?;
     tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
     eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
-    app.run_until_stopped(shutdown_signal()).await.map_err(|e| e.to_string())
+    serve_with_workers(app).await.map_err(|e| e.to_string())
 }
 
 /// `KEEL_ADMIN_TOKEN` if set; else the token kept in `DIR/admin-token`; else a new one, kept there

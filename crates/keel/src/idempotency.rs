@@ -44,7 +44,7 @@ pub enum Claim {
     /// The key is new and now held by this transaction: do the work, then [`store`] the response.
     Fresh,
     /// The key was used before for the same request: answer exactly this.
-    Replay { status: StatusCode, body: String },
+    Replay { status: StatusCode, location: Option<String>, body: String },
 }
 
 /// A digest of what a key promises: the operation and its (re-serialised, so canonical) input.
@@ -70,7 +70,7 @@ pub async fn claim(tx: &Transaction<'_>, user: Uuid, key: &str, hash: &[u8]) -> 
     }
     let row = tx
         .row(
-            "SELECT request_hash, status_code, response FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+            "SELECT request_hash, status_code, response, location FROM idempotency_keys WHERE user_id = $1 AND key = $2",
             &[&user, &key],
         )
         .await?;
@@ -80,7 +80,7 @@ pub async fn claim(tx: &Transaction<'_>, user: Uuid, key: &str, hash: &[u8]) -> 
         ));
     }
     let status = StatusCode::from_u16(row.get::<_, i16>(1) as u16).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Claim::Replay { status, body: row.get(2) })
+    Ok(Claim::Replay { status, location: row.get(3), body: row.get(2) })
 }
 
 /// Records the response of a [`Claim::Fresh`] request, in its transaction, and returns it built
@@ -90,18 +90,23 @@ pub async fn store(
     user: Uuid,
     key: &str,
     status: StatusCode,
+    location: Option<String>,
     body: &impl Serialize,
 ) -> Result<Response, ApiError> {
     let body = serde_json::to_string(body).map_err(|e| ApiError::Internal(e.to_string()))?;
     tx.exec(
-        "UPDATE idempotency_keys SET status_code = $3, response = $4 WHERE user_id = $1 AND key = $2",
-        &[&user, &key, &(status.as_u16() as i16), &body],
+        "UPDATE idempotency_keys SET status_code = $3, response = $4, location = $5 WHERE user_id = $1 AND key = $2",
+        &[&user, &key, &(status.as_u16() as i16), &body, &location],
     )
     .await?;
-    Ok(json_response(status, body))
+    Ok(json_response(status, location, body))
 }
 
 /// A JSON response from an already-serialised body: the stored bytes are the response.
-pub fn json_response(status: StatusCode, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+pub fn json_response(status: StatusCode, location: Option<String>, body: String) -> Response {
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(value) = location.and_then(|l| header::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
 }

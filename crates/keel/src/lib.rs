@@ -1,6 +1,7 @@
 //! Keel, the service: configuration, the databases, the HTTP API and the domain behind it.
 //! Mechanisms with no knowledge of the shop live in their own crates (`keel-shard`, `keel-pg`).
 
+pub mod admin;
 pub mod carts;
 pub mod catalog;
 pub mod cli;
@@ -9,6 +10,8 @@ pub mod db;
 pub mod embedded;
 pub mod http;
 pub mod idempotency;
+pub mod jobs;
+pub mod orders;
 pub mod startup;
 pub mod telemetry;
 pub mod users;

@@ -25,6 +25,7 @@ pub struct AppState {
 }
 
 pub struct Application {
+    databases: Arc<Databases>,
     listener: TcpListener,
     router: Router,
     shutdown_timeout: Duration,
@@ -37,8 +38,15 @@ impl Application {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} (KEEL_LISTEN): {e}", config.listen)))?;
         let shutdown_timeout = config.shutdown_timeout;
-        let state = AppState { db: Arc::new(db), admin_token_digest: digest(admin_token), config: Arc::new(config) };
-        Ok(Application { listener, router: crate::http::router(state), shutdown_timeout })
+        let databases = Arc::new(db);
+        let state =
+            AppState { db: databases.clone(), admin_token_digest: digest(admin_token), config: Arc::new(config) };
+        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout })
+    }
+
+    /// The databases this application serves, for workers running beside it.
+    pub fn databases(&self) -> Arc<Databases> {
+        self.databases.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -67,6 +75,52 @@ impl Application {
             }
         }
     }
+}
+
+/// One shutdown signal for several parts of a process (the API and the workers): [`Stop::stopped`]
+/// futures all complete once [`Stop::trigger`] is called.
+#[derive(Clone)]
+pub struct Stop {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Stop {
+    pub fn new() -> Stop {
+        Stop { tx: Arc::new(watch::channel(false).0) }
+    }
+
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+}
+
+impl Default for Stop {
+    fn default() -> Stop {
+        Stop::new()
+    }
+}
+
+/// Serves the API and runs the workers in this process until Ctrl-C or SIGTERM; then both stop,
+/// the API draining its requests and the workers finishing or releasing their jobs.
+pub async fn serve_with_workers(app: Application) -> io::Result<()> {
+    let stop = Stop::new();
+    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), stop.stopped()));
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal.trigger();
+    });
+    let served = app.run_until_stopped(stop.stopped()).await;
+    stop.trigger();
+    let _ = workers.await;
+    served
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -67,8 +67,8 @@ pub async fn deposit(
     let hash = idempotency::request_hash("wallet.deposit", &input);
     let mut client = state.db.shard_of(user).client().await?;
     let tx = client.transaction().await?;
-    if let Claim::Replay { status, body } = idempotency::claim(&tx, user, &key, &hash).await? {
-        return Ok(idempotency::json_response(status, body));
+    if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {
+        return Ok(idempotency::json_response(status, location, body));
     }
     let deposit_id = Uuid::now_v7();
     let row = tx
@@ -87,7 +87,7 @@ pub async fn deposit(
             _ => e.into(),
         })?;
     let made = DepositMade { deposit_id: deposit_id.to_string(), balance_cents: row.get(0) };
-    let response = idempotency::store(&tx, user, &key, StatusCode::CREATED, &made).await?;
+    let response = idempotency::store(&tx, user, &key, StatusCode::CREATED, None, &made).await?;
     tx.commit().await?;
     Ok(response)
 }

@@ -16,11 +16,17 @@ struct Migration {
     sql: &'static str,
 }
 
-const CATALOG: &[Migration] =
-    &[Migration { version: 1, name: "init", sql: include_str!("../../migrations/catalog/0001_init.sql") }];
+const CATALOG: &[Migration] = &[
+    Migration { version: 1, name: "init", sql: include_str!("../../migrations/catalog/0001_init.sql") },
+    Migration { version: 2, name: "reservations", sql: include_str!("../../migrations/catalog/0002_reservations.sql") },
+];
 
-const SHARD: &[Migration] =
-    &[Migration { version: 1, name: "init", sql: include_str!("../../migrations/shard/0001_init.sql") }];
+const SHARD: &[Migration] = &[
+    Migration { version: 1, name: "init", sql: include_str!("../../migrations/shard/0001_init.sql") },
+    // The outbox and job queue of keel-outbox: each shard's events live beside the rows they are about.
+    Migration { version: 2, name: "jobs", sql: keel_outbox::SCHEMA },
+    Migration { version: 3, name: "orders", sql: include_str!("../../migrations/shard/0003_orders.sql") },
+];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.
 const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967; // "keelmig" in ASCII

@@ -16,10 +16,13 @@ use uuid::Uuid;
 pub use deadpool_postgres::Transaction;
 pub use tokio_postgres::Error as PgError;
 
+const POOL_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A connection pool to one database, with the name metrics and logs know it by.
 #[derive(Clone)]
 pub struct Db {
     name: String,
+    url: String,
     pool: Pool,
 }
 
@@ -70,14 +73,26 @@ impl Db {
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            // A request waiting longer than this for a connection gets a 503 rather than hanging.
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(POOL_WAIT_TIMEOUT))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| ConnectError::Pool { name: name.to_owned(), detail: e.to_string() })?;
-        Ok(Db { name: name.to_owned(), pool })
+        Ok(Db { name: name.to_owned(), url: url.to_owned(), pool })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The connection string, for connections outside the pool (a `LISTEN` connection).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     pub async fn client(&self) -> Result<Client, DbError> {

@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::startup::AppState;
-use crate::{carts, catalog, users, wallet};
+use crate::{admin, carts, catalog, orders, users, wallet};
 use error::ApiError;
 
 /// The largest request body accepted.
@@ -55,6 +55,11 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(carts::set_item, carts::delete_item))
         .routes(routes!(wallet::get_wallet))
         .routes(routes!(wallet::deposit))
+        .routes(routes!(orders::checkout))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(orders::list_orders))
+        .routes(routes!(admin::queues))
+        .routes(routes!(admin::retry_job))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let debug_headers = state.config.debug_headers;
@@ -112,7 +117,7 @@ impl<T> Page<T> {
     pub fn from_rows(
         rows: Vec<Row>,
         limit: i64,
-        to_item: impl Fn(&Row) -> T,
+        to_item: impl FnMut(&Row) -> T,
         cursor_of: impl Fn(&T) -> String,
     ) -> Page<T> {
         let more = rows.len() as i64 > limit;

@@ -157,6 +157,20 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub dbs: TestDatabases,
+    pub databases: std::sync::Arc<Databases>,
+}
+
+/// Workers running in the test's process (as `keel up` runs them), until stopped.
+pub struct Workers {
+    stop: keel::startup::Stop,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Workers {
+    pub async fn stop(self) {
+        self.stop.trigger();
+        self.task.await.unwrap();
+    }
 }
 
 impl TestApp {
@@ -174,8 +188,16 @@ impl TestApp {
         let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, config.db_pool_size).await.unwrap();
         let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
         let address = format!("http://{}", app.local_addr());
+        let databases = app.databases();
         tokio::spawn(app.run_until_stopped(std::future::pending()));
-        TestApp { address, client: reqwest::Client::new(), dbs }
+        TestApp { address, client: reqwest::Client::new(), dbs, databases }
+    }
+
+    /// Starts a set of workers over this app's databases; call more than once for competing workers.
+    pub fn start_workers(&self) -> Workers {
+        let stop = keel::startup::Stop::new();
+        let task = tokio::spawn(keel::jobs::run_workers(self.databases.clone(), stop.stopped()));
+        Workers { stop, task }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -232,7 +254,8 @@ impl TestApp {
     }
 
     /// Invariants that must hold after any test, checked behind the API: every wallet's balance is
-    /// the sum of its deposits, and every user's e-mail is claimed for that user in the catalogue.
+    /// its deposits less its debits, an order is confirmed exactly when it was debited (once, for its
+    /// total), and every user's e-mail is claimed for that user in the catalogue.
     pub async fn check_invariants(&self) {
         let catalog = self.dbs.catalog().await;
         for i in 0..SHARDS {
@@ -240,19 +263,77 @@ impl TestApp {
             let unbalanced: i64 = shard
                 .query_one(
                     "SELECT count(*) FROM wallets w WHERE balance_cents <>
-                       (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)",
+                       (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)
+                     - (SELECT coalesce(sum(amount_cents), 0) FROM wallet_debits d WHERE d.user_id = w.user_id)",
                     &[],
                 )
                 .await
                 .unwrap()
                 .get(0);
             assert_eq!(unbalanced, 0, "shard {i} has wallets whose balance is not the sum of their ledger");
+            let mismatched: i64 = shard
+                .query_one(
+                    "SELECT count(*) FROM orders o LEFT JOIN wallet_debits d ON d.order_id = o.id
+                     WHERE (o.status = 'confirmed') <> (d.order_id IS NOT NULL)
+                        OR (d.order_id IS NOT NULL AND d.amount_cents <> o.total_cents)",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(mismatched, 0, "shard {i} has orders whose status disagrees with their debit");
             for row in shard.query("SELECT id, email FROM users", &[]).await.unwrap() {
                 let (id, email): (uuid::Uuid, String) = (row.get(0), row.get(1));
                 let claim = catalog.query_opt("SELECT user_id FROM user_emails WHERE email = $1", &[&email]).await;
                 let owner: Option<uuid::Uuid> = claim.unwrap().map(|r| r.get(0));
                 assert_eq!(owner, Some(id), "{email} is not claimed for its user");
             }
+        }
+    }
+}
+
+impl TestApp {
+    /// After the workers ran: no job is left pending or running on any shard, and every failed
+    /// order's stock was given back.
+    pub async fn check_queues_drained(&self) {
+        for i in 0..SHARDS {
+            let shard = self.dbs.shard(i).await;
+            let left: i64 = shard
+                .query_one("SELECT count(*) FROM keel_jobs WHERE state IN ('pending', 'running')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(left, 0, "shard {i} has jobs left unprocessed");
+            let failed: Vec<uuid::Uuid> = shard
+                .query("SELECT id FROM orders WHERE status = 'failed'", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let catalog = self.dbs.catalog().await;
+            let held: i64 = catalog
+                .query_one(
+                    "SELECT count(*) FROM stock_reservations WHERE order_id = ANY($1) AND NOT released",
+                    &[&failed],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(held, 0, "failed orders on shard {i} still hold stock");
+        }
+    }
+
+    /// Polls an order until the saga has decided it.
+    pub async fn wait_for_order(&self, token: &str, location: &str) -> Value {
+        let started = std::time::Instant::now();
+        loop {
+            let order = expect_json(self.get(location).bearer_auth(token).send().await, 200).await;
+            if order["status"] != "pending" {
+                return order;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "order still pending: {order}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

@@ -3,9 +3,11 @@
 
 mod carts;
 mod catalog;
+mod checkout;
 mod errors;
 mod helpers;
 mod ops;
 mod processes;
+mod queue;
 mod users;
 mod wallet;

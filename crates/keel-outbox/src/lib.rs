@@ -1,0 +1,184 @@
+//! A transactional outbox that is also the job queue, on PostgreSQL.
+//!
+//! - [`enqueue`] writes a job on the caller's own transaction: the job exists exactly when the change
+//!   that caused it committed (the outbox pattern, with no separate relay needed for a Postgres queue).
+//! - A [`Runner`] claims ready jobs with `FOR UPDATE SKIP LOCKED`, so any number of runners on any
+//!   number of processes share a database without handing one job to two of them. It wakes on
+//!   `LISTEN/NOTIFY` and polls as a fallback.
+//! - Delivery is at least once: a job is claimed with a lease, and a job whose runner died is claimed
+//!   again when the lease lapses. Handlers make that safe by being idempotent, keyed by the job id
+//!   ([`mark_processed`]).
+//! - A failed job is retried with exponential backoff and full jitter; after its last attempt it is
+//!   `dead`, kept, and can be replayed ([`replay`]).
+//!
+//! The crate knows nothing of what the jobs do: handlers are closures over a context of the caller's.
+
+mod runner;
+
+pub use runner::{Job, KindOptions, Runner};
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Error as PgError;
+use uuid::Uuid;
+
+/// The tables, indexes and trigger the queue needs; include it in the database's migrations.
+pub const SCHEMA: &str = include_str!("schema.sql");
+
+/// The notification channel the insert trigger signals.
+pub const CHANNEL: &str = "keel_jobs";
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The event id; UUIDv7 keeps ids in creation order.
+    pub id: Uuid,
+    pub kind: String,
+    pub aggregate_id: String,
+    pub payload: serde_json::Value,
+    pub traceparent: Option<String>,
+    /// Run no earlier than this long from now.
+    pub delay: Duration,
+}
+
+impl NewJob {
+    pub fn new(kind: &str, aggregate_id: impl ToString, payload: serde_json::Value) -> NewJob {
+        NewJob {
+            id: Uuid::now_v7(),
+            kind: kind.to_owned(),
+            aggregate_id: aggregate_id.to_string(),
+            payload,
+            traceparent: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Writes `job` on the caller's client or transaction. Enqueue inside the transaction that makes the
+/// change the job reacts to, and both commit or neither does.
+pub async fn enqueue(client: &impl GenericClient, job: &NewJob) -> Result<(), PgError> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO keel_jobs (id, kind, aggregate_id, payload, traceparent, run_at)
+             VALUES ($1, $2, $3, $4, $5, now() + $6 * interval '1 microsecond')",
+        )
+        .await?;
+    let delay_us = job.delay.as_micros() as f64;
+    client
+        .execute(&statement, &[&job.id, &job.kind, &job.aggregate_id, &job.payload, &job.traceparent, &delay_us])
+        .await?;
+    Ok(())
+}
+
+/// Records that `handler` applied event `event_id`; false if it had already. Call it in the
+/// handler's own transaction, before its effects, and skip the effects when it returns false.
+pub async fn mark_processed(client: &impl GenericClient, event_id: Uuid, handler: &str) -> Result<bool, PgError> {
+    let statement = client
+        .prepare_cached("INSERT INTO keel_processed_events (event_id, handler) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .await?;
+    Ok(client.execute(&statement, &[&event_id, &handler]).await? == 1)
+}
+
+/// Puts a dead job back in the queue with fresh attempts. False if there is no dead job with that id.
+pub async fn replay(client: &impl GenericClient, id: Uuid) -> Result<bool, PgError> {
+    let statement = client
+        .prepare_cached(
+            "UPDATE keel_jobs SET state = 'pending', attempts = 0, run_at = now(), locked_until = NULL,
+                 finished_at = NULL
+             WHERE id = $1 AND state = 'dead'",
+        )
+        .await?;
+    let replayed = client.execute(&statement, &[&id]).await? == 1;
+    if replayed {
+        client.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
+    }
+    Ok(replayed)
+}
+
+/// Deletes jobs finished more than `older_than` ago; returns how many.
+pub async fn prune_finished(client: &impl GenericClient, older_than: Duration) -> Result<u64, PgError> {
+    let statement = client
+        .prepare_cached("DELETE FROM keel_jobs WHERE state = 'done' AND finished_at < now() - $1 * interval '1 second'")
+        .await?;
+    client.execute(&statement, &[&older_than.as_secs_f64()]).await
+}
+
+/// The state of one kind of job in one database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KindStats {
+    pub kind: String,
+    pub pending: i64,
+    pub running: i64,
+    pub dead: i64,
+    /// Seconds since the oldest ready pending job became ready; 0 when none is waiting.
+    pub oldest_pending_age_s: f64,
+}
+
+/// Pending, running and dead counts per kind, with the age of the oldest ready job.
+pub async fn stats(client: &impl GenericClient) -> Result<Vec<KindStats>, PgError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT kind,
+                    count(*) FILTER (WHERE state = 'pending'),
+                    count(*) FILTER (WHERE state = 'running'),
+                    count(*) FILTER (WHERE state = 'dead'),
+                    coalesce(extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'pending' AND run_at <= now())), 0)::float8
+             FROM keel_jobs WHERE state <> 'done' GROUP BY kind ORDER BY kind",
+        )
+        .await?;
+    Ok(client
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|r| KindStats {
+            kind: r.get(0),
+            pending: r.get(1),
+            running: r.get(2),
+            dead: r.get(3),
+            oldest_pending_age_s: r.get(4),
+        })
+        .collect())
+}
+
+/// Exponential backoff with full jitter: before retry `n` (1-based), wait a uniformly random time in
+/// `[0, min(max, base · 2^(n-1))]`. The ceiling grows exponentially; the jitter spreads retries of
+/// jobs that failed together so they do not return together.
+pub fn backoff_ceiling(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exponent = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    base.saturating_mul(1u32 << exponent).min(max)
+}
+
+pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
+    backoff_ceiling(attempt, base, max).mul_f64(random_fraction())
+}
+
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceilings_double_up_to_the_cap() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        let ceilings: Vec<u128> = (1..=6).map(|n| backoff_ceiling(n, base, max).as_millis()).collect();
+        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff_ceiling(1000, base, max), max, "no overflow for absurd attempts");
+        for n in 1..=6 {
+            assert!(backoff(n, base, max) <= backoff_ceiling(n, base, max));
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_over_the_whole_range() {
+        let samples: Vec<f64> = (0..1000).map(|_| random_fraction()).collect();
+        assert!(samples.iter().all(|f| (0.0..1.0).contains(f)));
+        assert!(samples.iter().any(|f| *f < 0.1) && samples.iter().any(|f| *f > 0.9));
+    }
+}

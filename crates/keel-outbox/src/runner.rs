@@ -1,0 +1,385 @@
+//! The worker side: claims jobs of the registered kinds from one database and runs their handlers.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{backoff, backoff_ceiling, CHANNEL};
+
+/// A claimed job, as its handler sees it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: Uuid,
+    pub kind: String,
+    pub aggregate_id: String,
+    pub payload: serde_json::Value,
+    pub traceparent: Option<String>,
+    /// 1 on the first run.
+    pub attempt: i32,
+    pub created_at: SystemTime,
+    /// When the job became ready to run (its creation, or the end of its backoff).
+    pub ready_at: SystemTime,
+}
+
+impl Job {
+    fn from_row(row: &Row) -> Job {
+        Job {
+            id: row.get("id"),
+            kind: row.get("kind"),
+            aggregate_id: row.get("aggregate_id"),
+            payload: row.get("payload"),
+            traceparent: row.get("traceparent"),
+            attempt: row.get("attempts"),
+            created_at: row.get("created_at"),
+            ready_at: row.get("run_at"),
+        }
+    }
+
+    /// The trace id of the W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), if any.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent.as_deref()?.split('-').nth(1)
+    }
+}
+
+/// How one kind of job runs.
+#[derive(Debug, Clone)]
+pub struct KindOptions {
+    /// Jobs of this kind running at once in this runner.
+    pub concurrency: usize,
+    /// Runs before the job is dead.
+    pub max_attempts: i32,
+    /// The first retry's backoff ceiling; it doubles with each attempt up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Spread each retry uniformly below its ceiling (full jitter). Off, every retry waits exactly
+    /// its ceiling: only for tests that must see the delays grow.
+    pub jitter: bool,
+    /// A run taking longer fails. The lease is this plus a margin, so a job is only claimed again
+    /// once its runner must have given up on it.
+    pub timeout: Duration,
+}
+
+impl Default for KindOptions {
+    fn default() -> KindOptions {
+        KindOptions {
+            concurrency: 16,
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(3600),
+            jitter: true,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type Handler<C> = Arc<dyn Fn(Arc<C>, Job) -> HandlerFuture + Send + Sync>;
+
+struct Kind<C> {
+    name: String,
+    options: KindOptions,
+    handler: Handler<C>,
+    wake: Notify,
+}
+
+struct Shared<C> {
+    pool: Pool,
+    ctx: Arc<C>,
+    poll_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
+/// Runs the handlers of the registered kinds against one database until shut down.
+pub struct Runner<C> {
+    shared: Arc<Shared<C>>,
+    listen_url: Option<String>,
+    kinds: Vec<Arc<Kind<C>>>,
+}
+
+impl<C: Send + Sync + 'static> Runner<C> {
+    /// `listen_url` is a connection string for a dedicated `LISTEN` connection; without one the
+    /// runner only polls.
+    pub fn new(pool: Pool, listen_url: Option<String>, ctx: Arc<C>) -> Runner<C> {
+        let shared =
+            Shared { pool, ctx, poll_interval: Duration::from_secs(1), shutdown_timeout: Duration::from_secs(10) };
+        Runner { shared: Arc::new(shared), listen_url, kinds: Vec::new() }
+    }
+
+    /// How often to look for jobs when no notification arrives (default 1 s).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        Arc::get_mut(&mut self.shared).expect("configured before running").poll_interval = interval;
+        self
+    }
+
+    /// How long running jobs may finish after shutdown begins before they are released (default 10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        Arc::get_mut(&mut self.shared).expect("configured before running").shutdown_timeout = timeout;
+        self
+    }
+
+    /// Registers the handler of a kind. An `Err` (or a panic, or a timeout) is a failed attempt.
+    pub fn register<F, Fut>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
+    where
+        F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let handler: Handler<C> = Arc::new(move |ctx, job| Box::pin(handler(ctx, job)));
+        self.kinds.push(Arc::new(Kind { name: kind.to_owned(), options, handler, wake: Notify::new() }));
+        self
+    }
+
+    /// Runs until `shutdown` completes, then stops claiming, lets running jobs finish for up to the
+    /// shutdown timeout, and releases the jobs still running so another runner takes them at once.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        if let Some(url) = self.listen_url.clone() {
+            tasks.spawn(listen(url, self.kinds.clone(), stop_rx.clone()));
+        }
+        for kind in &self.kinds {
+            tasks.spawn(run_kind(self.shared.clone(), kind.clone(), stop_rx.clone()));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Keeps a `LISTEN` connection open and wakes every kind on each notification; reconnects when the
+/// connection drops, and wakes everyone then, since notifications may have been missed.
+async fn listen<C>(url: String, kinds: Vec<Arc<Kind<C>>>, mut stop: watch::Receiver<bool>) {
+    let wake_all = || kinds.iter().for_each(|k| k.wake.notify_one());
+    while !*stop.borrow() {
+        match tokio_postgres::connect(&url, NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) if tx.send(()).is_err() => break,
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client.batch_execute(&format!("LISTEN {CHANNEL}")).await.is_ok() {
+                    wake_all();
+                    loop {
+                        tokio::select! {
+                            message = rx.recv() => match message {
+                                Some(()) => wake_all(),
+                                None => break,
+                            },
+                            _ = stop.changed() => break,
+                        }
+                    }
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "job notifications unavailable; polling until reconnected"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn run_kind<C: Send + Sync + 'static>(
+    shared: Arc<Shared<C>>,
+    kind: Arc<Kind<C>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(kind.options.concurrency));
+    let in_flight: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let mut running = JoinSet::new();
+    while !*stop.borrow() {
+        let free = slots.available_permits();
+        if free > 0 {
+            match claim(&shared.pool, &kind, free).await {
+                Ok(jobs) => {
+                    let more = jobs.len() == free;
+                    for job in jobs {
+                        let permit = slots.clone().try_acquire_owned().expect("claimed no more than the free slots");
+                        in_flight.lock().unwrap().insert(job.id);
+                        running.spawn(execute(shared.clone(), kind.clone(), job, permit, in_flight.clone()));
+                    }
+                    if more && slots.available_permits() > 0 {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(kind = %kind.name, error = %e, "claiming jobs failed; retrying"),
+            }
+        }
+        tokio::select! {
+            () = kind.wake.notified() => {}
+            () = tokio::time::sleep(shared.poll_interval) => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = stop.changed() => {}
+        }
+    }
+    let drained = tokio::time::timeout(shared.shutdown_timeout, async { while running.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        running.abort_all();
+        while running.join_next().await.is_some() {}
+        let unfinished: Vec<Uuid> = in_flight.lock().unwrap().drain().collect();
+        tracing::warn!(kind = %kind.name, jobs = unfinished.len(), "releasing jobs still running at shutdown");
+        if let Err(e) = release(&shared.pool, &unfinished).await {
+            tracing::warn!(error = %e, "could not release jobs; their leases will lapse instead");
+        }
+    }
+}
+
+async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>, String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(
+            "WITH ready AS (
+                 SELECT id FROM keel_jobs
+                 WHERE kind = $1
+                   AND ((state = 'pending' AND run_at <= now()) OR (state = 'running' AND locked_until < now()))
+                 ORDER BY run_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE keel_jobs j
+             SET state = 'running', attempts = j.attempts + 1, started_at = now(),
+                 locked_until = now() + $3 * interval '1 second'
+             FROM ready WHERE j.id = ready.id
+             RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let lease = (kind.options.timeout + LEASE_MARGIN).as_secs_f64();
+    let rows = client.query(&statement, &[&kind.name, &(limit as i64), &lease]).await.map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(Job::from_row).collect())
+}
+
+/// Aborts a spawned task when dropped, so cancelling a run cancels its handler.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn execute<C: Send + Sync + 'static>(
+    shared: Arc<Shared<C>>,
+    kind: Arc<Kind<C>>,
+    job: Job,
+    _slot: OwnedSemaphorePermit,
+    in_flight: Arc<Mutex<HashSet<Uuid>>>,
+) {
+    let kind_label = kind.name.clone();
+    metrics::counter!("keel_jobs_started_total", "kind" => kind_label.clone()).increment(1);
+    let waited = SystemTime::now().duration_since(job.ready_at).unwrap_or_default();
+    metrics::histogram!("keel_job_pickup_seconds", "kind" => kind_label.clone()).record(waited.as_secs_f64());
+    let span = tracing::info_span!("job", job_id = %job.id, kind = %kind.name, attempt = job.attempt,
+        trace_id = job.trace_id().unwrap_or(""));
+    let (id, attempt) = (job.id, job.attempt);
+    let started = std::time::Instant::now();
+    // The handler runs as its own task so that a panic is a failed attempt, not a dead runner.
+    let mut run = AbortOnDrop(tokio::spawn((kind.handler)(shared.ctx.clone(), job).instrument(span.clone())));
+    let outcome = match tokio::time::timeout(kind.options.timeout, &mut run.0).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join_error)) => Err(format!("handler panicked: {join_error}")),
+        Err(_) => Err(format!("handler ran longer than {:?}", kind.options.timeout)),
+    };
+    metrics::histogram!("keel_job_duration_seconds", "kind" => kind_label.clone())
+        .record(started.elapsed().as_secs_f64());
+    let recorded = match &outcome {
+        Ok(()) => {
+            metrics::counter!("keel_jobs_succeeded_total", "kind" => kind_label).increment(1);
+            complete(&shared.pool, id).await
+        }
+        Err(error) => {
+            let dead = attempt >= kind.options.max_attempts;
+            metrics::counter!("keel_jobs_failed_total", "kind" => kind_label.clone()).increment(1);
+            if dead {
+                metrics::counter!("keel_jobs_dead_total", "kind" => kind_label).increment(1);
+            }
+            span.in_scope(|| tracing::warn!(%error, dead, "job failed"));
+            let options = &kind.options;
+            let delay = if options.jitter {
+                backoff(attempt, options.backoff_base, options.backoff_max)
+            } else {
+                backoff_ceiling(attempt, options.backoff_base, options.backoff_max)
+            };
+            let failed = fail(&shared.pool, id, error, dead, delay).await;
+            if !dead && failed.is_ok() {
+                // Notifications only announce new jobs: wake this kind when the retry is due, so
+                // backoff is honoured to the millisecond rather than to the next poll.
+                let kind = kind.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    kind.wake.notify_one();
+                });
+            }
+            failed
+        }
+    };
+    if let Err(e) = recorded {
+        // The lease will lapse and the job run again: at least once, never lost.
+        span.in_scope(|| tracing::warn!(error = %e, "could not record the job's outcome"));
+    }
+    in_flight.lock().unwrap().remove(&id);
+}
+
+async fn complete(pool: &Pool, id: Uuid) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(
+            "UPDATE keel_jobs SET state = 'done', finished_at = now(), locked_until = NULL, last_error = NULL
+             WHERE id = $1 AND state = 'running'",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    client.execute(&statement, &[&id]).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn fail(pool: &Pool, id: Uuid, error: &str, dead: bool, delay: Duration) -> Result<(), String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(
+            "UPDATE keel_jobs
+             SET state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END,
+                 run_at = CASE WHEN $3 THEN run_at ELSE now() + $4 * interval '1 second' END,
+                 finished_at = CASE WHEN $3 THEN now() END,
+                 locked_until = NULL, last_error = $2
+             WHERE id = $1 AND state = 'running'",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    client.execute(&statement, &[&id, &error, &dead, &delay.as_secs_f64()]).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Gives jobs back to the queue without counting the interrupted run as an attempt.
+async fn release(pool: &Pool, ids: &[Uuid]) -> Result<(), String> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    client
+        .execute(
+            "UPDATE keel_jobs SET state = 'pending', attempts = attempts - 1, run_at = now(), locked_until = NULL
+             WHERE id = ANY($1) AND state = 'running'",
+            &[&ids],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Administration of the job queues: what is waiting, running and dead across every shard, and
+//! replaying a dead job.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::http::auth::Admin;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{parse_id, Json, Path};
+use crate::startup::AppState;
+
+#[derive(Debug, Serialize, ToSchema, Default)]
+pub struct QueueStats {
+    pub kind: String,
+    pub pending: i64,
+    pub running: i64,
+    pub dead: i64,
+    /// Seconds the oldest ready job has waited, over all shards.
+    pub oldest_pending_age_s: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Queues {
+    pub kinds: Vec<QueueStats>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/queues", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = Queues), (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queues>, ApiError> {
+    // Scatter-gather: each shard's queue counted there, merged here.
+    let mut merged: BTreeMap<String, QueueStats> = BTreeMap::new();
+    for (_, shard) in state.db.shards.all() {
+        let client = shard.client().await?;
+        for stats in keel_outbox::stats(&client).await? {
+            let entry = merged
+                .entry(stats.kind.clone())
+                .or_insert_with(|| QueueStats { kind: stats.kind, ..Default::default() });
+            entry.pending += stats.pending;
+            entry.running += stats.running;
+            entry.dead += stats.dead;
+            entry.oldest_pending_age_s = entry.oldest_pending_age_s.max(stats.oldest_pending_age_s);
+        }
+    }
+    for stats in merged.values() {
+        let kind = stats.kind.clone();
+        metrics::gauge!("keel_queue_depth", "kind" => kind.clone(), "state" => "pending").set(stats.pending as f64);
+        metrics::gauge!("keel_queue_depth", "kind" => kind.clone(), "state" => "dead").set(stats.dead as f64);
+        metrics::gauge!("keel_queue_oldest_pending_seconds", "kind" => kind).set(stats.oldest_pending_age_s);
+    }
+    Ok(Json(Queues { kinds: merged.into_values().collect() }))
+}
+
+#[utoipa::path(post, path = "/v1/admin/jobs/{id}/retry", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 202, description = "Queued again"), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "No dead job with this id", body = Problem)))]
+pub async fn retry_job(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id = parse_id("dead job", &id)?;
+    // A job id does not say which shard holds it: ask each.
+    for (_, shard) in state.db.shards.all() {
+        let client = shard.client().await?;
+        if keel_outbox::replay(&client, id).await? {
+            tracing::info!(job = %id, shard = shard.name(), "dead job replayed");
+            return Ok(axum::http::StatusCode::ACCEPTED);
+        }
+    }
+    Err(ApiError::not_found("dead job", &id.to_string()))
+}

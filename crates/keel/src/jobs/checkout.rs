@@ -1,0 +1,227 @@
+//! The checkout saga, run for each `order.placed` job: reserve stock in the catalogue → debit the
+//! wallet and confirm the order on the user's shard; on a refusal, fail the order with a reason and
+//! release whatever was reserved.
+//!
+//! Every step is idempotent by order id, so a crash anywhere followed by a redelivery gives the same
+//! result: the order row's status says how far the saga got, a reservation exists at most once per
+//! order and product (primary key), and a debit at most once per order (primary key). A failed order
+//! is always released, even when a crash interrupted the release: a redelivered job for a failed
+//! order only finishes the release.
+
+use keel_outbox::{Job, NewJob};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::JobContext;
+use crate::db::{Db, DbError, Sql};
+use crate::orders::{ORDER_CONFIRMED, ORDER_FAILED};
+
+struct Item {
+    product: Uuid,
+    quantity: i32,
+}
+
+struct PlacedOrder {
+    id: Uuid,
+    user: Uuid,
+    status: String,
+    total_cents: i64,
+    items: Vec<Item>,
+}
+
+fn err(e: impl Into<DbError>) -> String {
+    e.into().to_string()
+}
+
+pub async fn run(ctx: &JobContext, job: &Job) -> Result<(), String> {
+    let field = |name: &str| {
+        job.payload[name].as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or(format!("payload has no {name}"))
+    };
+    let (order_id, user) = (field("order_id")?, field("user_id")?);
+    let shard = ctx.db.shard_of(user);
+    let Some(order) = load(shard, order_id, user).await? else {
+        return Err(format!("order {order_id} does not exist on its user's shard"));
+    };
+    match order.status.as_str() {
+        "confirmed" => return Ok(()),
+        "failed" => return release(&ctx.db.catalog, order.id).await,
+        _ => {}
+    }
+    if !reserve(&ctx.db.catalog, &order).await? {
+        tracing::info!(order = %order.id, "out of stock");
+        return fail(shard, &order, "out_of_stock", job).await;
+    }
+    if !debit_and_confirm(shard, &order, job).await? {
+        tracing::info!(order = %order.id, "insufficient funds");
+        return release(&ctx.db.catalog, order.id).await;
+    }
+    tracing::info!(order = %order.id, "order confirmed");
+    Ok(())
+}
+
+async fn load(shard: &Db, id: Uuid, user: Uuid) -> Result<Option<PlacedOrder>, String> {
+    let client = shard.client().await.map_err(err)?;
+    let Some(row) = client
+        .maybe_row("SELECT status, total_cents FROM orders WHERE id = $1 AND user_id = $2", &[&id, &user])
+        .await
+        .map_err(err)?
+    else {
+        return Ok(None);
+    };
+    let items = client
+        .rows("SELECT product_id, quantity FROM order_items WHERE order_id = $1 ORDER BY product_id", &[&id])
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| Item { product: r.get(0), quantity: r.get(1) })
+        .collect();
+    Ok(Some(PlacedOrder { id, user, status: row.get(0), total_cents: row.get(1), items }))
+}
+
+/// Takes the order's stock, all of it or none. True if the order holds its stock (now or from an
+/// earlier run); false if some item is short.
+async fn reserve(catalog: &Db, order: &PlacedOrder) -> Result<bool, String> {
+    let mut client = catalog.client().await.map_err(err)?;
+    let tx = client.transaction().await.map_err(err)?;
+    let held = tx.maybe_row("SELECT 1 FROM stock_reservations WHERE order_id = $1 LIMIT 1", &[&order.id]).await;
+    if held.map_err(err)?.is_some() {
+        return Ok(true);
+    }
+    let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
+    let quantities: Vec<i32> = order.items.iter().map(|i| i.quantity).collect();
+    // Row locks in product order: two sagas over the same products can wait, never deadlock.
+    let stock: std::collections::HashMap<Uuid, i64> = tx
+        .rows(
+            "SELECT product_id, stock FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
+            &[&products],
+        )
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if order.items.iter().any(|i| stock.get(&i.product).is_none_or(|s| *s < i64::from(i.quantity))) {
+        return Ok(false);
+    }
+    tx.exec(
+        "UPDATE inventory i SET stock = i.stock - w.quantity, updated_at = now()
+         FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id",
+        &[&products, &quantities],
+    )
+    .await
+    .map_err(err)?;
+    // A concurrent run of the same order fails here on the primary key, and its decrement with it.
+    tx.exec(
+        "INSERT INTO stock_reservations (order_id, product_id, quantity) SELECT $1, * FROM unnest($2::uuid[], $3::int[])",
+        &[&order.id, &products, &quantities],
+    )
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(true)
+}
+
+/// Debits the wallet and confirms the order in one transaction on the user's shard; or, when the
+/// balance is short, fails the order. True if the order is confirmed.
+async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, String> {
+    let mut client = shard.client().await.map_err(err)?;
+    let tx = client.transaction().await.map_err(err)?;
+    let status: String =
+        tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order.id]).await.map_err(err)?.get(0);
+    if status != "pending" {
+        return Ok(status == "confirmed");
+    }
+    let debited = tx
+        .maybe_row(
+            "UPDATE wallets SET balance_cents = balance_cents - $2 WHERE user_id = $1 AND balance_cents >= $2
+             RETURNING balance_cents",
+            &[&order.user, &order.total_cents],
+        )
+        .await
+        .map_err(err)?;
+    if debited.is_none() {
+        set_failed(&tx, order, "insufficient_funds", job).await?;
+        tx.commit().await.map_err(err)?;
+        return Ok(false);
+    }
+    let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
+    tx.exec(
+        "INSERT INTO wallet_debits (order_id, user_id, amount_cents) VALUES ($1, $2, $3)",
+        &[&order.id, &order.user, &order.total_cents],
+    )
+    .await
+    .map_err(err)?;
+    tx.exec("UPDATE orders SET status = 'confirmed', updated_at = now() WHERE id = $1", &[&order.id])
+        .await
+        .map_err(err)?;
+    tx.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = ANY($2)", &[&order.user, &products])
+        .await
+        .map_err(err)?;
+    let event = json!({ "order_id": order.id, "user_id": order.user, "total_cents": order.total_cents });
+    keel_outbox::enqueue(&tx, &follow_up(ORDER_CONFIRMED, order.id, event, job)).await.map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    Ok(true)
+}
+
+/// Fails a pending order that could not get its stock.
+async fn fail(shard: &Db, order: &PlacedOrder, reason: &str, job: &Job) -> Result<(), String> {
+    let mut client = shard.client().await.map_err(err)?;
+    let tx = client.transaction().await.map_err(err)?;
+    let status: String =
+        tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order.id]).await.map_err(err)?.get(0);
+    if status == "pending" {
+        set_failed(&tx, order, reason, job).await?;
+    }
+    tx.commit().await.map_err(err)
+}
+
+async fn set_failed(
+    tx: &crate::db::Transaction<'_>,
+    order: &PlacedOrder,
+    reason: &str,
+    job: &Job,
+) -> Result<(), String> {
+    tx.exec(
+        "UPDATE orders SET status = 'failed', failure_reason = $2, updated_at = now() WHERE id = $1",
+        &[&order.id, &reason],
+    )
+    .await
+    .map_err(err)?;
+    let event = json!({ "order_id": order.id, "user_id": order.user, "reason": reason });
+    keel_outbox::enqueue(tx, &follow_up(ORDER_FAILED, order.id, event, job)).await.map_err(err)
+}
+
+/// An event caused by `job`, carrying its trace context on.
+fn follow_up(kind: &str, order: Uuid, payload: serde_json::Value, job: &Job) -> NewJob {
+    NewJob { traceparent: job.traceparent.clone(), ..NewJob::new(kind, order, payload) }
+}
+
+/// Gives back the stock of a failed order, once.
+async fn release(catalog: &Db, order: Uuid) -> Result<(), String> {
+    let mut client = catalog.client().await.map_err(err)?;
+    let tx = client.transaction().await.map_err(err)?;
+    let released = tx
+        .rows(
+            "UPDATE stock_reservations SET released = true WHERE order_id = $1 AND NOT released
+             RETURNING product_id, quantity",
+            &[&order],
+        )
+        .await
+        .map_err(err)?;
+    if released.is_empty() {
+        return Ok(());
+    }
+    let products: Vec<Uuid> = released.iter().map(|r| r.get(0)).collect();
+    let quantities: Vec<i32> = released.iter().map(|r| r.get(1)).collect();
+    tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products])
+        .await
+        .map_err(err)?;
+    tx.exec(
+        "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now()
+         FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id",
+        &[&products, &quantities],
+    )
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)
+}

@@ -1,0 +1,196 @@
+//! Orders: `POST /v1/checkout` accepts an order and answers 202 at once; the checkout saga
+//! (`jobs::checkout`) then reserves stock, debits the wallet and confirms or fails it. Orders are
+//! strongly consistent: always read from the owner's shard primary, never cached.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::carts::load_cart;
+use crate::db::Sql;
+use crate::http::auth::AuthUser;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{parse_id, Json, Path, Query};
+use crate::http::{timestamp, Page, PageParams};
+use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::startup::AppState;
+
+/// The job kind that starts the saga, and the events the saga emits.
+pub const ORDER_PLACED: &str = "order.placed";
+pub const ORDER_CONFIRMED: &str = "order.confirmed";
+pub const ORDER_FAILED: &str = "order.failed";
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    /// Always `pending`: the saga decides.
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
+pub struct OrderItem {
+    pub product_id: String,
+    pub quantity: i64,
+    /// The price when the order was placed.
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Order {
+    pub id: String,
+    /// `pending`, `confirmed` or `failed`.
+    pub status: String,
+    pub items: Vec<OrderItem>,
+    pub total_cents: i64,
+    /// `out_of_stock` or `insufficient_funds` when failed.
+    pub failure_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const ORDER_COLUMNS: &str = "id, status, total_cents, failure_reason, created_at, updated_at";
+
+fn order_from_row(row: &Row, items: Vec<OrderItem>) -> Order {
+    Order {
+        id: row.get::<_, Uuid>("id").to_string(),
+        status: row.get("status"),
+        items,
+        total_cents: row.get("total_cents"),
+        failure_reason: row.get("failure_reason"),
+        created_at: timestamp(row.get("created_at")),
+        updated_at: timestamp(row.get("updated_at")),
+    }
+}
+
+/// The items of many orders in one query.
+async fn items_of(client: &impl Sql, orders: &[Uuid]) -> Result<HashMap<Uuid, Vec<OrderItem>>, ApiError> {
+    let rows = client
+        .rows(
+            "SELECT order_id, product_id, quantity, price_cents FROM order_items WHERE order_id = ANY($1)
+             ORDER BY order_id, product_id",
+            &[&orders],
+        )
+        .await?;
+    let mut items: HashMap<Uuid, Vec<OrderItem>> = HashMap::new();
+    for row in rows {
+        items.entry(row.get(0)).or_default().push(OrderItem {
+            product_id: row.get::<_, Uuid>(1).to_string(),
+            quantity: i64::from(row.get::<_, i32>(2)),
+            price_cents: row.get(3),
+        });
+    }
+    Ok(items)
+}
+
+#[utoipa::path(post, path = "/v1/checkout", tag = "orders",
+    params(("Idempotency-Key" = String, Header, description = "Retries with the same key place one order")),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Accepted; follow Location for the outcome", body = Accepted,
+            headers(("Location" = String, description = "/v1/orders/{id}"))),
+        (status = 400, description = "No or a malformed Idempotency-Key", body = Problem),
+        (status = 401, body = Problem),
+        (status = 422, description = "The cart is empty", body = Problem),
+    ))]
+pub async fn checkout(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    IdempotencyKey(key): IdempotencyKey,
+) -> Result<Response, ApiError> {
+    let hash = idempotency::request_hash("checkout", &());
+    // Read the cart before taking a connection for the transaction: a request holding one pooled
+    // connection while waiting for another can starve the pool under load.
+    let cart = load_cart(&state, user).await?;
+    let mut client = state.db.shard_of(user).client().await?;
+    let tx = client.transaction().await?;
+    if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {
+        return Ok(idempotency::json_response(status, location, body));
+    }
+    if cart.items.is_empty() {
+        // Rolled back with the key, so the key can be used again once the cart has something in it.
+        return Err(ApiError::Unprocessable("the cart is empty: add items before checking out".into()));
+    }
+    let id = Uuid::now_v7();
+    let products: Vec<Uuid> = cart
+        .items
+        .iter()
+        .map(|i| Uuid::parse_str(&i.product_id))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let quantities: Vec<i32> = cart.items.iter().map(|i| i.quantity as i32).collect();
+    let prices: Vec<i64> = cart.items.iter().map(|i| i.price_cents).collect();
+    tx.exec(
+        "WITH new_order AS (
+             INSERT INTO orders (id, user_id, status, total_cents) VALUES ($1, $2, 'pending', $3)
+         )
+         INSERT INTO order_items (order_id, product_id, quantity, price_cents)
+         SELECT $1, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
+        &[&id, &user, &cart.total_cents, &products, &quantities, &prices],
+    )
+    .await?;
+    let event = keel_outbox::NewJob::new(ORDER_PLACED, id, serde_json::json!({ "order_id": id, "user_id": user }));
+    keel_outbox::enqueue(&tx, &event).await?;
+    let location = format!("/v1/orders/{id}");
+    let accepted = Accepted { id: id.to_string(), status: "pending".into() };
+    let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
+    tx.commit().await?;
+    Ok(response)
+}
+
+#[utoipa::path(get, path = "/v1/orders/{id}", tag = "orders",
+    params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 200, description = "Read from the primary", body = Order),
+        (status = 401, body = Problem), (status = 404, description = "No such order of this user", body = Problem)))]
+pub async fn get_order(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, ApiError> {
+    let id = parse_id("order", &id)?;
+    let client = state.db.shard_of(user).client().await?;
+    // Another user's order is simply not found: its existence is not theirs to learn.
+    let row = client
+        .maybe_row(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"), &[&id, &user])
+        .await?
+        .ok_or_else(|| ApiError::not_found("order", &id.to_string()))?;
+    let mut items = items_of(&client, &[id]).await?;
+    Ok(Json(order_from_row(&row, items.remove(&id).unwrap_or_default())))
+}
+
+#[utoipa::path(get, path = "/v1/orders", tag = "orders",
+    params(PageParams),
+    security(("bearer" = [])),
+    responses((status = 200, description = "The caller's orders, newest first", body = Page<Order>),
+        (status = 400, body = Problem), (status = 401, body = Problem)))]
+pub async fn list_orders(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Query(params): Query<PageParams>,
+) -> Result<Json<Page<Order>>, ApiError> {
+    let (limit, before) = params.validate()?;
+    let client = state.db.shard_of(user).client().await?;
+    let rows = client
+        .rows(
+            &format!(
+                "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 AND ($2::uuid IS NULL OR id < $2)
+                 ORDER BY id DESC LIMIT $3"
+            ),
+            &[&user, &before, &(limit + 1)],
+        )
+        .await?;
+    let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.get("id")).collect();
+    let mut items = items_of(&client, &ids).await?;
+    Ok(Json(Page::from_rows(
+        rows,
+        limit,
+        |row| order_from_row(row, items.remove(&row.get::<_, Uuid>("id")).unwrap_or_default()),
+        |order| order.id.clone(),
+    )))
+}
