@@ -63,8 +63,7 @@ pub struct KindOptions {
     /// Spread each retry uniformly below its ceiling (full jitter). Off, every retry waits exactly
     /// its ceiling: only for tests that must see the delays grow.
     pub jitter: bool,
-    /// A run taking longer fails. The lease is this plus a margin, so a job is only claimed again
-    /// once its runner must have given up on it.
+    /// A run taking longer fails. The lease is one and a half times this (at least a second more).
     pub timeout: Duration,
 }
 
@@ -81,7 +80,11 @@ impl Default for KindOptions {
     }
 }
 
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a claimed job is reserved for its runner: its timeout and half as much again, so it
+/// is only claimed again once its runner must have given up on it (or died).
+fn lease(timeout: Duration) -> Duration {
+    timeout + (timeout / 2).max(Duration::from_secs(1))
+}
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 type Handler<C> = Arc<dyn Fn(Arc<C>, Job) -> HandlerFuture + Send + Sync>;
@@ -261,7 +264,7 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>,
         )
         .await
         .map_err(|e| e.to_string())?;
-    let lease = (kind.options.timeout + LEASE_MARGIN).as_secs_f64();
+    let lease = lease(kind.options.timeout).as_secs_f64();
     let rows = client.query(&statement, &[&kind.name, &(limit as i64), &lease]).await.map_err(|e| e.to_string())?;
     Ok(rows.iter().map(Job::from_row).collect())
 }

@@ -102,7 +102,7 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             let (catalog, shards) = external_databases(&config)?;
             let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
             crate::telemetry::init_metrics();
-            crate::jobs::run_workers(std::sync::Arc::new(databases), shutdown_signal()).await;
+            crate::jobs::run_workers(std::sync::Arc::new(databases), config.job_timeout, shutdown_signal()).await;
             Ok(())
         }
     }

@@ -27,6 +27,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `KEEL_REQUEST_TIMEOUT` / `request_timeout`: the longest a request may take before a 503.
     pub request_timeout: Duration,
+    /// `KEEL_JOB_TIMEOUT` / `job_timeout`: the longest a background job may run; a job whose worker
+    /// died is picked up again one and a half times this after it started.
+    pub job_timeout: Duration,
     /// `KEEL_DEBUG_HEADERS` / `debug_headers`: add `keel-db-queries` to every response (tests, tuning).
     pub debug_headers: bool,
 }
@@ -43,6 +46,7 @@ impl Default for Config {
             db_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            job_timeout: Duration::from_secs(60),
             debug_headers: false,
         }
     }
@@ -76,6 +80,7 @@ const SETTINGS: &[&str] = &[
     "shutdown_timeout",
     "request_timeout",
     "debug_headers",
+    "job_timeout",
 ];
 
 impl Config {
@@ -114,6 +119,7 @@ impl Config {
                 "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
+                "job_timeout" => self.job_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
         }

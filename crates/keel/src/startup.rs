@@ -29,6 +29,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     shutdown_timeout: Duration,
+    job_timeout: Duration,
 }
 
 impl Application {
@@ -38,10 +39,11 @@ impl Application {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} (KEEL_LISTEN): {e}", config.listen)))?;
         let shutdown_timeout = config.shutdown_timeout;
+        let job_timeout = config.job_timeout;
         let databases = Arc::new(db);
         let state =
             AppState { db: databases.clone(), admin_token_digest: digest(admin_token), config: Arc::new(config) };
-        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout })
+        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout, job_timeout })
     }
 
     /// The databases this application serves, for workers running beside it.
@@ -111,7 +113,7 @@ impl Default for Stop {
 /// the API draining its requests and the workers finishing or releasing their jobs.
 pub async fn serve_with_workers(app: Application) -> io::Result<()> {
     let stop = Stop::new();
-    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), stop.stopped()));
+    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), app.job_timeout, stop.stopped()));
     let signal = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;

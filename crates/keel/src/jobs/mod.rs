@@ -20,8 +20,9 @@ pub struct JobContext {
 
 /// Options for the checkout saga: quick retries, since its failures are transient (a database
 /// restart); refusals (no stock, no money) are outcomes, not failures.
-fn saga_options() -> KindOptions {
+fn saga_options(timeout: Duration) -> KindOptions {
     KindOptions {
+        timeout,
         concurrency: 16,
         max_attempts: 20,
         backoff_base: Duration::from_millis(100),
@@ -32,13 +33,21 @@ fn saga_options() -> KindOptions {
 
 /// Runs every job kind on every shard until `shutdown` completes; running jobs then get the
 /// runners' shutdown timeout to finish before they are released to another worker.
-pub async fn run_workers(db: Arc<Databases>, shutdown: impl Future<Output = ()> + Send + 'static) {
+pub async fn run_workers(
+    db: Arc<Databases>,
+    job_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let context = Arc::new(JobContext { db: db.clone() });
     let mut runners = tokio::task::JoinSet::new();
     for (shard, pool) in db.shards.all() {
         let runner = Runner::new(pool.pool().clone(), Some(pool.url().to_owned()), context.clone())
-            .register(ORDER_PLACED, saga_options(), |ctx, job| async move { checkout::run(&ctx, &job).await })
+            .register(
+                ORDER_PLACED,
+                saga_options(job_timeout),
+                |ctx, job| async move { checkout::run(&ctx, &job).await },
+            )
             // Nothing consumes these events yet: e-mail and webhooks arrive with the side-effects issue.
             .register(ORDER_CONFIRMED, KindOptions::default(), |_, _| async { Ok(()) })
             .register(ORDER_FAILED, KindOptions::default(), |_, _| async { Ok(()) });

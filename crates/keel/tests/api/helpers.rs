@@ -196,7 +196,11 @@ impl TestApp {
     /// Starts a set of workers over this app's databases; call more than once for competing workers.
     pub fn start_workers(&self) -> Workers {
         let stop = keel::startup::Stop::new();
-        let task = tokio::spawn(keel::jobs::run_workers(self.databases.clone(), stop.stopped()));
+        let task = tokio::spawn(keel::jobs::run_workers(
+            self.databases.clone(),
+            std::time::Duration::from_secs(60),
+            stop.stopped(),
+        ));
         Workers { stop, task }
     }
 
