@@ -30,6 +30,11 @@ pub struct Queues {
 #[utoipa::path(get, path = "/v1/admin/queues", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = Queues), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queues>, ApiError> {
+    Ok(Json(Queues { kinds: queue_stats(&state).await? }))
+}
+
+/// Every kind's queue over all shards; also refreshes the queue gauges of `/metrics`.
+pub async fn queue_stats(state: &AppState) -> Result<Vec<QueueStats>, ApiError> {
     // Scatter-gather: each shard's queue counted there, merged here.
     let mut merged: BTreeMap<String, QueueStats> = BTreeMap::new();
     for (_, shard) in state.db.shards.all() {
@@ -50,7 +55,7 @@ pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queu
         metrics::gauge!("keel_queue_depth", "kind" => kind.clone(), "state" => "dead").set(stats.dead as f64);
         metrics::gauge!("keel_queue_oldest_pending_seconds", "kind" => kind).set(stats.oldest_pending_age_s);
     }
-    Ok(Json(Queues { kinds: merged.into_values().collect() }))
+    Ok(merged.into_values().collect())
 }
 
 #[utoipa::path(post, path = "/v1/admin/jobs/{id}/retry", tag = "admin", security(("bearer" = [])),

@@ -50,5 +50,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for db in state.db.all() {
         telemetry::record_pool(db.name(), db.pool_status());
     }
+    if let Err(e) = crate::admin::queue_stats(&state).await {
+        tracing::warn!(error = %e, "queue gauges not refreshed");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::render_metrics())
 }
