@@ -171,3 +171,28 @@ async fn an_enqueued_job_starts_within_milliseconds() {
     assert!(p99_ms < 250.0, "p99 pickup latency {p99_ms:.1} ms");
     app.check_queues_drained().await;
 }
+
+/// At shutdown a job still running after the grace period is released at once (not left to its
+/// lease), and the interrupted run does not count as an attempt.
+#[tokio::test]
+async fn a_job_still_running_at_shutdown_is_released() {
+    let app = TestApp::spawn().await;
+    let probe = Probe::new(0);
+    let shard = app.databases.shards.all().next().unwrap().1;
+    let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), probe.clone())
+        .shutdown_timeout(Duration::from_millis(200))
+        .register("test.slow", KindOptions::default(), |probe, _job| async move {
+            probe.runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        });
+    let stop = keel::startup::Stop::new();
+    let run = tokio::spawn(runner.run(stop.stopped()));
+    let id = enqueue(&app, "test.slow").await;
+    wait_until("the slow job runs", || probe.runs.load(Ordering::SeqCst) == 1).await;
+    stop.trigger();
+    tokio::time::timeout(Duration::from_secs(5), run).await.expect("shutdown within the grace period").unwrap();
+    let client = shard.client().await.unwrap();
+    let row = client.query_one("SELECT state, attempts FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("pending".to_owned(), 0));
+}
