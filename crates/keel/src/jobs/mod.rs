@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_outbox::{KindOptions, Runner};
-use tokio::sync::watch;
 
 use crate::db::Databases;
 use crate::orders::{ORDER_CONFIRMED, ORDER_FAILED, ORDER_PLACED};
+use crate::startup::Stop;
 
 /// What handlers can reach.
 pub struct JobContext {
@@ -38,7 +38,7 @@ pub async fn run_workers(
     job_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Stop::new();
     let context = Arc::new(JobContext { db: db.clone() });
     let mut runners = tokio::task::JoinSet::new();
     for (shard, pool) in db.shards.all() {
@@ -51,14 +51,14 @@ pub async fn run_workers(
             // Nothing consumes these events yet: e-mail and webhooks arrive with the side-effects issue.
             .register(ORDER_CONFIRMED, KindOptions::default(), |_, _| async { Ok(()) })
             .register(ORDER_FAILED, KindOptions::default(), |_, _| async { Ok(()) });
-        let mut stop = stop_rx.clone();
+        let stopped = stop.stopped();
         runners.spawn(async move {
             tracing::info!(shard, "worker started");
-            runner.run(async move { while !*stop.borrow_and_update() && stop.changed().await.is_ok() {} }).await;
+            runner.run(stopped).await;
         });
     }
     shutdown.await;
-    let _ = stop_tx.send(true);
+    stop.trigger();
     while runners.join_next().await.is_some() {}
     tracing::info!("workers stopped");
 }
