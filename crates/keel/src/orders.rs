@@ -17,6 +17,7 @@ use crate::db::Sql;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
+use crate::http::trace::TraceContext;
 use crate::http::{timestamp, Page, PageParams};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::startup::AppState;
@@ -102,6 +103,7 @@ pub async fn checkout(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     IdempotencyKey(key): IdempotencyKey,
+    trace: TraceContext,
 ) -> Result<Response, ApiError> {
     let hash = idempotency::request_hash("checkout", &());
     // Read the cart before taking a connection for the transaction: a request holding one pooled
@@ -134,7 +136,10 @@ pub async fn checkout(
         &[&id, &user, &cart.total_cents, &products, &quantities, &prices],
     )
     .await?;
-    let event = keel_outbox::NewJob::new(ORDER_PLACED, id, serde_json::json!({ "order_id": id, "user_id": user }));
+    let event = keel_outbox::NewJob {
+        traceparent: Some(trace.traceparent()),
+        ..keel_outbox::NewJob::new(ORDER_PLACED, id, serde_json::json!({ "order_id": id, "user_id": user }))
+    };
     keel_outbox::enqueue(&tx, &event).await?;
     let location = format!("/v1/orders/{id}");
     let accepted = Accepted { id: id.to_string(), status: "pending".into() };

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
 use super::error::ApiError;
+use super::trace::TraceContext;
 use crate::db::count_queries;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -25,13 +26,16 @@ fn request_id(req: &Request) -> String {
         .map_or_else(|| uuid::Uuid::now_v7().simple().to_string(), str::to_owned)
 }
 
-pub async fn observe(req: Request, next: Next, debug_headers: bool, timeout: Duration) -> Response {
+pub async fn observe(mut req: Request, next: Next, debug_headers: bool, timeout: Duration) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
+    let trace = TraceContext::from_headers(req.headers());
+    let trace_id = trace.trace_id.clone();
+    req.extensions_mut().insert(trace);
     // The route template, not the path: `/v1/users/{id}` is one series, not one per user.
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let method = req.method().clone();
-    let span = tracing::info_span!("request", request_id = %id, %method, %route);
+    let span = tracing::info_span!("request", request_id = %id, %trace_id, %method, %route);
 
     let (response, queries) = count_queries(
         async move {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 mod middleware;
 mod ops;
+pub mod trace;
 
 use std::time::SystemTime;
 

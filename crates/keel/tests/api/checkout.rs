@@ -30,7 +30,17 @@ async fn a_checkout_is_accepted_then_confirmed_by_the_saga() {
     let anchor = app.create_product("ANCHOR", 1250, 5).await;
     add_to_cart(&app, &token, &anchor, 2).await;
 
-    let (location, accepted) = checkout(&app, &token, "order-1").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = app
+        .post("/v1/checkout")
+        .bearer_auth(&token)
+        .header("idempotency-key", "order-1")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let accepted = expect_json(Ok(response), 202).await;
     assert_eq!(accepted["status"], "pending");
     assert_eq!(location, format!("/v1/orders/{}", accepted["id"].as_str().unwrap()));
     // The same key names the same order, Location and all.
@@ -46,6 +56,18 @@ async fn a_checkout_is_accepted_then_confirmed_by_the_saga() {
     assert_eq!(stock(&app, &anchor).await, 3);
     let cart = expect_json(app.get("/v1/cart").bearer_auth(&token).send().await, 200).await;
     assert_eq!(cart["items"], json!([]), "a confirmed order clears its items from the cart");
+
+    // The event the request caused, and the one its saga emitted, carry the request's trace.
+    let mut traced = Vec::new();
+    for i in 0..crate::helpers::SHARDS {
+        let shard = app.dbs.shard(i).await;
+        for row in shard.query("SELECT kind, traceparent FROM keel_jobs ORDER BY id", &[]).await.unwrap() {
+            traced.push((row.get::<_, String>(0), row.get::<_, Option<String>>(1).unwrap_or_default()));
+        }
+    }
+    let kinds: Vec<&str> = traced.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["order.placed", "order.confirmed"]);
+    assert!(traced.iter().all(|(_, t)| t.starts_with(&format!("00-{trace_id}-"))), "{traced:?}");
 
     let listed = expect_json(app.get("/v1/orders").bearer_auth(&token).send().await, 200).await;
     assert_eq!(listed["items"][0]["id"], accepted["id"]);
