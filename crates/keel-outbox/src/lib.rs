@@ -11,11 +11,15 @@
 //! - A failed job is retried with exponential backoff and full jitter; after its last attempt it is
 //!   `dead`, kept, and can be replayed ([`replay`]).
 //!
+//! - A [`Scheduler`] runs periodic tasks on one node of a fleet at a time, with jittered starts.
+//!
 //! The crate knows nothing of what the jobs do: handlers are closures over a context of the caller's.
 
 mod runner;
+mod schedule;
 
 pub use runner::{Job, KindOptions, Runner};
+pub use schedule::{Scheduler, SCHEDULE_SCHEMA};
 
 use std::time::Duration;
 

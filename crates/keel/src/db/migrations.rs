@@ -26,6 +26,7 @@ const SHARD: &[Migration] = &[
     // The outbox and job queue of keel-outbox: each shard's events live beside the rows they are about.
     Migration { version: 2, name: "jobs", sql: keel_outbox::SCHEMA },
     Migration { version: 3, name: "orders", sql: include_str!("../../migrations/shard/0003_orders.sql") },
+    Migration { version: 4, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

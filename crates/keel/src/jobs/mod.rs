@@ -2,6 +2,7 @@
 //! `keel up` runs them beside the API; `keel worker` runs only them.
 
 pub mod checkout;
+pub mod maintenance;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,8 +42,8 @@ pub async fn run_workers(
     let stop = Stop::new();
     let context = Arc::new(JobContext { db: db.clone() });
     let mut runners = tokio::task::JoinSet::new();
-    for (shard, pool) in db.shards.all() {
-        let runner = Runner::new(pool.pool().clone(), Some(pool.url().to_owned()), context.clone())
+    for (index, shard) in db.shards.all() {
+        let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), context.clone())
             .register(
                 ORDER_PLACED,
                 saga_options(job_timeout),
@@ -53,9 +54,10 @@ pub async fn run_workers(
             .register(ORDER_FAILED, KindOptions::default(), |_, _| async { Ok(()) });
         let stopped = stop.stopped();
         runners.spawn(async move {
-            tracing::info!(shard, "worker started");
+            tracing::info!(shard = index, "worker started");
             runner.run(stopped).await;
         });
+        runners.spawn(maintenance::scheduler(shard, context.clone()).run(stop.stopped()));
     }
     shutdown.await;
     stop.trigger();

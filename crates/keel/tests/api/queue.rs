@@ -196,3 +196,89 @@ async fn a_job_still_running_at_shutdown_is_released() {
     let row = client.query_one("SELECT state, attempts FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, i32>(1)), ("pending".to_owned(), 0));
 }
+
+/// Two nodes run the same schedule against one database: each period's run happens once, on one
+/// of them, however their jittered checks interleave.
+#[tokio::test]
+async fn a_scheduled_task_runs_once_per_period_across_nodes() {
+    let app = TestApp::spawn().await;
+    let shard = app.databases.shards.all().next().unwrap().1;
+    let runs: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
+    let stop = keel::startup::Stop::new();
+    let mut nodes = Vec::new();
+    for node in 0..2 {
+        let runs = runs.clone();
+        let scheduler = keel_outbox::Scheduler::new(shard.pool().clone(), Arc::new(())).every(
+            "test-tick",
+            Duration::from_millis(400),
+            Duration::from_millis(100),
+            move |_| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock().unwrap().push((node, Instant::now()));
+                    Ok("ticked".to_owned())
+                }
+            },
+        );
+        nodes.push(tokio::spawn(scheduler.run(stop.stopped())));
+    }
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    stop.trigger();
+    for node in nodes {
+        node.await.unwrap();
+    }
+    let runs = runs.lock().unwrap().clone();
+    // Each node checks every 400–500 ms; one run per 400 ms period at most.
+    assert!((3..=8).contains(&runs.len()), "{} runs in 3 s", runs.len());
+    for pair in runs.windows(2) {
+        assert!(pair[1].1 - pair[0].1 >= Duration::from_millis(350), "two runs in one period: {runs:?}");
+    }
+    let client = app.dbs.shard(0).await;
+    let row = client
+        .query_one("SELECT runs, last_result FROM keel_schedule_runs WHERE name = 'test-tick'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), runs.len() as i64);
+    assert_eq!(row.get::<_, String>(1), "ticked");
+}
+
+#[tokio::test]
+async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.create_user("Keeper").await;
+    expect_json(Ok(app.deposit(&token, "recent", 5).await), 201).await;
+    let shard_db = app.databases.shards.all().next().unwrap().1;
+    let shard1 = app.databases.shards.all().nth(1).unwrap().1;
+    for shard in [shard_db, shard1] {
+        let client = shard.client().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO keel_jobs (id, kind, aggregate_id, payload, state, finished_at) VALUES
+                   (gen_random_uuid(), 'old', 'x', '{}', 'done', now() - interval '2 days'),
+                   (gen_random_uuid(), 'new', 'x', '{}', 'done', now()),
+                   (gen_random_uuid(), 'dead', 'x', '{}', 'dead', now() - interval '2 days')",
+                &[],
+            )
+            .await
+            .unwrap();
+        client
+            .execute("UPDATE idempotency_keys SET created_at = now() - interval '2 days' WHERE key = 'recent'", &[])
+            .await
+            .unwrap();
+        keel::jobs::maintenance::prune_finished_jobs(shard).await.unwrap();
+        keel::jobs::maintenance::prune_idempotency_keys(shard).await.unwrap();
+        let kinds: Vec<String> = client
+            .query("SELECT kind FROM keel_jobs ORDER BY kind", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(kinds, ["dead", "new"], "old finished jobs go; recent and dead ones stay");
+        let keys: i64 = client.query_one("SELECT count(*) FROM idempotency_keys", &[]).await.unwrap().get(0);
+        assert_eq!(keys, 0);
+    }
+    // The expired key is a new request now: a second deposit.
+    expect_json(Ok(app.deposit(&token, "recent", 5).await), 201).await;
+    assert_eq!(expect_json(app.get("/v1/wallet").bearer_auth(&token).send().await, 200).await["balance_cents"], 10);
+}

@@ -1,0 +1,48 @@
+//! Housekeeping on each shard, run by the scheduler on one node at a time: finished jobs and expired
+//! idempotency keys are deleted so the tables stay the size of their working set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_outbox::Scheduler;
+
+use super::JobContext;
+use crate::db::{Db, Sql};
+
+/// Finished jobs are kept this long, for inspection, then deleted.
+pub const JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// An Idempotency-Key is honoured this long; after that the same key is a new request.
+pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+const EVERY: Duration = Duration::from_secs(600);
+const JITTER: Duration = Duration::from_secs(120);
+
+pub fn scheduler(shard: &Db, ctx: Arc<JobContext>) -> Scheduler<JobContext> {
+    let (for_jobs, for_keys) = (shard.clone(), shard.clone());
+    Scheduler::new(shard.pool().clone(), ctx)
+        .every("prune-finished-jobs", EVERY, JITTER, move |_| {
+            let shard = for_jobs.clone();
+            async move { prune_finished_jobs(&shard).await }
+        })
+        .every("prune-idempotency-keys", EVERY, JITTER, move |_| {
+            let shard = for_keys.clone();
+            async move { prune_idempotency_keys(&shard).await }
+        })
+}
+
+pub async fn prune_finished_jobs(shard: &Db) -> Result<String, String> {
+    let client = shard.client().await.map_err(|e| e.to_string())?;
+    let deleted = keel_outbox::prune_finished(&client, JOB_RETENTION).await.map_err(|e| e.to_string())?;
+    Ok(format!("deleted {deleted} finished jobs"))
+}
+
+pub async fn prune_idempotency_keys(shard: &Db) -> Result<String, String> {
+    let client = shard.client().await.map_err(|e| e.to_string())?;
+    let deleted = client
+        .exec(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - $1 * interval '1 second'",
+            &[&IDEMPOTENCY_KEY_TTL.as_secs_f64()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(format!("deleted {deleted} expired idempotency keys"))
+}
