@@ -206,6 +206,8 @@ async fn run_kind<C: Send + Sync + 'static>(
 ) {
     let slots = Arc::new(Semaphore::new(kind.options.concurrency));
     let in_flight: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let completer = tokio::spawn(complete_in_batches(shared.pool.clone(), done_rx));
     let mut running = JoinSet::new();
     while !*stop.borrow() {
         let free = slots.available_permits();
@@ -216,7 +218,14 @@ async fn run_kind<C: Send + Sync + 'static>(
                     for job in jobs {
                         let permit = slots.clone().try_acquire_owned().expect("claimed no more than the free slots");
                         in_flight.lock().unwrap().insert(job.id);
-                        running.spawn(execute(shared.clone(), kind.clone(), job, permit, in_flight.clone()));
+                        running.spawn(execute(
+                            shared.clone(),
+                            kind.clone(),
+                            job,
+                            permit,
+                            in_flight.clone(),
+                            done_tx.clone(),
+                        ));
                     }
                     if more && slots.available_permits() > 0 {
                         continue;
@@ -242,6 +251,9 @@ async fn run_kind<C: Send + Sync + 'static>(
             tracing::warn!(error = %e, "could not release jobs; their leases will lapse instead");
         }
     }
+    // Every run has ended: the completer records what is left and stops.
+    drop(done_tx);
+    let _ = completer.await;
 }
 
 async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>, String> {
@@ -284,6 +296,7 @@ async fn execute<C: Send + Sync + 'static>(
     job: Job,
     _slot: OwnedSemaphorePermit,
     in_flight: Arc<Mutex<HashSet<Uuid>>>,
+    done: tokio::sync::mpsc::UnboundedSender<Uuid>,
 ) {
     let kind_label = kind.name.clone();
     metrics::counter!("keel_jobs_started_total", "kind" => kind_label.clone()).increment(1);
@@ -305,7 +318,7 @@ async fn execute<C: Send + Sync + 'static>(
     let recorded = match &outcome {
         Ok(()) => {
             metrics::counter!("keel_jobs_succeeded_total", "kind" => kind_label).increment(1);
-            complete(&shared.pool, id).await
+            done.send(id).map_err(|_| "the completer has stopped".to_owned())
         }
         Err(error) => {
             let dead = attempt >= kind.options.max_attempts;
@@ -340,16 +353,39 @@ async fn execute<C: Send + Sync + 'static>(
     in_flight.lock().unwrap().remove(&id);
 }
 
-async fn complete(pool: &Pool, id: Uuid) -> Result<(), String> {
+/// The most completions recorded by one statement.
+const MAX_COMPLETION_BATCH: usize = 1000;
+
+/// Records successful runs as done, many per statement: while one batch is being written the next
+/// accumulates, so batches grow with load and cost nothing in latency when idle. A batch that
+/// cannot be written leaves its jobs `running`; their leases lapse and they run again (at least once).
+async fn complete_in_batches(pool: Pool, mut done: tokio::sync::mpsc::UnboundedReceiver<Uuid>) {
+    let mut batch = Vec::new();
+    while let Some(id) = done.recv().await {
+        batch.push(id);
+        while batch.len() < MAX_COMPLETION_BATCH {
+            match done.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = complete(&pool, &batch).await {
+            tracing::warn!(error = %e, jobs = batch.len(), "could not record finished jobs; they will run again");
+        }
+        batch.clear();
+    }
+}
+
+async fn complete(pool: &Pool, ids: &[Uuid]) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
             "UPDATE keel_jobs SET state = 'done', finished_at = now(), locked_until = NULL, last_error = NULL
-             WHERE id = $1 AND state = 'running'",
+             WHERE id = ANY($1) AND state = 'running'",
         )
         .await
         .map_err(|e| e.to_string())?;
-    client.execute(&statement, &[&id]).await.map_err(|e| e.to_string())?;
+    client.execute(&statement, &[&ids]).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
