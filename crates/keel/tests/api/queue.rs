@@ -282,3 +282,21 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
     expect_json(Ok(app.deposit(&token, "recent", 5).await), 201).await;
     assert_eq!(expect_json(app.get("/v1/wallet").bearer_auth(&token).send().await, 200).await["balance_cents"], 10);
 }
+
+/// The processed-event record a handler writes in its own transaction: the first delivery of an
+/// event applies it, a redelivery finds it applied, and a rolled-back attempt leaves no record.
+#[tokio::test]
+async fn a_processed_event_is_recorded_once_and_only_when_committed() {
+    let app = TestApp::spawn().await;
+    let shard = app.databases.shards.all().next().unwrap().1;
+    let event = uuid::Uuid::now_v7();
+    let mut client = shard.client().await.unwrap();
+    let rolled_back = client.transaction().await.unwrap();
+    assert!(keel_outbox::mark_processed(&rolled_back, event, "test.handler").await.unwrap());
+    rolled_back.rollback().await.unwrap();
+    let first = client.transaction().await.unwrap();
+    assert!(keel_outbox::mark_processed(&first, event, "test.handler").await.unwrap(), "the rollback left no record");
+    first.commit().await.unwrap();
+    assert!(!keel_outbox::mark_processed(&client, event, "test.handler").await.unwrap(), "a redelivery is seen");
+    assert!(keel_outbox::mark_processed(&client, event, "other.handler").await.unwrap(), "records are per handler");
+}
