@@ -266,13 +266,17 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>,
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
-            "WITH ready AS (
-                 SELECT id FROM keel_jobs
-                 WHERE kind = $1
-                   AND ((state = 'pending' AND run_at <= now()) OR (state = 'running' AND locked_until < now()))
-                 ORDER BY run_at
-                 LIMIT $2
-                 FOR UPDATE SKIP LOCKED
+            // Two ordered index scans, not one scan with OR: an OR across the partial indexes made
+            // PostgreSQL collect and sort every ready row on each claim, so claiming slowed down as
+            // the queue grew (no-op jobs: 6,300/s with 20,000 queued, 3,100/s with 50,000).
+            "WITH pending AS (
+                 SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'pending' AND run_at <= now()
+                 ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), lapsed AS (
+                 SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
+                 ORDER BY locked_until LIMIT $2 FOR UPDATE SKIP LOCKED
+             ), ready AS (
+                 SELECT id FROM lapsed UNION ALL SELECT id FROM pending LIMIT $2
              )
              UPDATE keel_jobs j
              SET state = 'running', attempts = j.attempts + 1, started_at = now(),
