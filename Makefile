@@ -1,5 +1,5 @@
 # The two commands a newcomer needs are `make run` and `make test`; both install what is missing.
-.PHONY: run test deps build lint unit clean
+.PHONY: run test deps build lint clean bench bench-smoke
 
 deps:
 	@scripts/install-deps.sh
@@ -12,6 +12,17 @@ run: deps
 # Formatting, lints, then every test: unit tests and the API suite against real PostgreSQL.
 test: deps lint
 	cargo test --workspace --all-targets
+	$(MAKE) bench-smoke
+
+# Every scenario against a release build, with same-run baselines: writes BENCHMARKS.md and .json.
+bench: deps
+	cargo build --release --bin keel --bin keel-bench
+	./target/release/keel-bench run --out .
+
+# The same harness, briefly and small (debug build): proves it works; judges no targets.
+bench-smoke: deps
+	cargo build --bin keel --bin keel-bench
+	./target/debug/keel-bench run --smoke --out target/bench-smoke
 
 lint:
 	cargo fmt --all -- --check

@@ -1,0 +1,155 @@
+//! `keel-bench run [--smoke] [--keel PATH] [--out DIR]`: starts `keel up` from a build, seeds it, runs
+//! every scenario with its same-run baseline, and writes BENCHMARKS.md and BENCHMARKS.json.
+//! `--smoke` runs everything briefly and small, judges no targets, and fails if the harness is broken.
+//! `keel-bench baseline --listen ADDR --profile FILE --product FILE` is the HTTP-ceiling service.
+
+mod baseline;
+mod load;
+mod report;
+mod scenarios;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use scenarios::{Plan, ScenarioResult};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("baseline") => {
+            let read = |name: &str| std::fs::read_to_string(arg(&args, name).expect(name)).expect(name);
+            let listen = arg(&args, "--listen").expect("--listen");
+            match baseline::serve(&listen, read("--profile"), read("--product")).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keel-bench baseline: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some("run") => run(&args).await,
+        _ => {
+            eprintln!("usage: keel-bench run [--smoke] [--keel PATH] [--out DIR] | keel-bench baseline --listen ADDR --profile FILE --product FILE");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: &[String]) -> ExitCode {
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let plan = if smoke {
+        Plan { warmup: Duration::from_millis(500), measure: Duration::from_secs(2), ids: 100, jobs: 500, smoke }
+    } else {
+        Plan { warmup: Duration::from_secs(5), measure: Duration::from_secs(20), ids: 10_000, jobs: 50_000, smoke }
+    };
+    let me = std::env::current_exe().expect("the bench binary's path");
+    let keel_binary = arg(args, "--keel").map(PathBuf::from).unwrap_or_else(|| me.with_file_name("keel"));
+    let out = PathBuf::from(arg(args, "--out").unwrap_or_else(|| ".".into()));
+    let work = std::env::temp_dir().join(format!("keel-bench-{}", std::process::id()));
+
+    eprintln!("keel-bench: starting {} …", keel_binary.display());
+    let keel = setup::Keel::start(&keel_binary, &work).await;
+    eprintln!("keel-bench: seeding {} users and {} products …", plan.ids, plan.ids);
+    let seed = setup::seed(&keel.base, plan.ids).await;
+
+    // The baseline answers with the very bytes Keel sends for a profile and a product.
+    let client = reqwest::Client::new();
+    let fetch = |path: String| {
+        let client = client.clone();
+        async move { client.get(path).send().await.unwrap().text().await.unwrap() }
+    };
+    let profile = fetch(format!("{}/v1/users/{}", keel.base, seed.users[0].0)).await;
+    let product = fetch(format!("{}/v1/products/{}", keel.base, seed.products[0])).await;
+    std::fs::write(work.join("profile.json"), profile).unwrap();
+    std::fs::write(work.join("product.json"), product).unwrap();
+    let port = setup::free_port();
+    let baseline_child = Command::new(&me)
+        .args(["baseline", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--profile")
+        .arg(work.join("profile.json"))
+        .arg("--product")
+        .arg(work.join("product.json"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting the baseline service");
+    let _baseline = setup::Process(baseline_child);
+    let baseline = format!("http://127.0.0.1:{port}");
+    setup::wait_ready(&format!("{baseline}/healthz")).await;
+    scenarios::prepare_pgbench(&keel, &plan).await;
+
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    let (s1, http_ceiling) = scenarios::s1_cached_read(&keel, &baseline, &seed, &plan).await;
+    report_line(&s1);
+    results.push(s1);
+    results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await));
+    results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await));
+    results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await));
+    results.push(report_line_owned(scenarios::s5_not_yet()));
+    let probe = scenarios::open_loop_probe(&baseline, &plan).await;
+    eprintln!(
+        "open-loop probe: {:.0}/s sent at 200/s, p99 {:.2} ms, {} errors",
+        probe.per_second, probe.p99_ms, probe.errors
+    );
+
+    let command = if smoke { "make bench-smoke" } else { "make bench" };
+    let machine = report::machine(&scenarios_pg());
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("BENCHMARKS.md"), report::markdown(&machine, &results, command, smoke)).unwrap();
+    let raw = serde_json::json!({ "machine": machine, "scenarios": results, "open_loop_probe": probe, "smoke": smoke });
+    std::fs::write(out.join("BENCHMARKS.json"), serde_json::to_string_pretty(&raw).unwrap()).unwrap();
+    eprintln!("keel-bench: wrote {}", out.join("BENCHMARKS.md").display());
+    drop(keel);
+    let _ = std::fs::remove_dir_all(&work);
+
+    // The smoke run judges the harness, not the figures: every implemented scenario must have
+    // measured something without errors.
+    let broken: Vec<&str> = results
+        .iter()
+        .filter(|r| r.keel.as_ref().is_some_and(|k| k.requests == 0 || k.errors > 0))
+        .map(|r| r.id)
+        .collect();
+    if !broken.is_empty() || probe.requests == 0 || probe.errors > 0 {
+        eprintln!(
+            "keel-bench: broken scenarios: {broken:?} (open-loop probe: {} requests, {} errors)",
+            probe.requests, probe.errors
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn scenarios_pg() -> String {
+    let mut dirs: Vec<_> =
+        std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.last().map_or_else(|| "postgres".into(), |d| d.join("bin/postgres").display().to_string())
+}
+
+fn report_line(r: &ScenarioResult) {
+    match &r.keel {
+        Some(k) => eprintln!(
+            "{}: {:.0}/s p50 {:.2} ms p99 {:.2} ms errors {} | baseline {} /s | ratio {} | met {:?}",
+            r.id,
+            k.per_second,
+            k.p50_ms,
+            k.p99_ms,
+            k.errors,
+            r.baseline_per_second.map_or("—".into(), |b| format!("{b:.0}")),
+            r.ratio.map_or("—".into(), |x| format!("{x:.2}")),
+            r.met
+        ),
+        None => eprintln!("{}: not yet", r.id),
+    }
+}
+
+fn report_line_owned(r: ScenarioResult) -> ScenarioResult {
+    report_line(&r);
+    r
+}

@@ -1,0 +1,321 @@
+//! The scenarios. Each measures Keel and, in the same run, the ceiling it is compared with.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use crate::load::{closed_loop, open_loop, Call, MakeCall, Outcome, Zipf};
+use crate::setup::{Keel, Seed};
+
+/// Durations and sizes: the full run, or the smoke run that only proves the harness works.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub ids: usize,
+    pub jobs: usize,
+    pub smoke: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ScenarioResult {
+    pub id: &'static str,
+    pub name: &'static str,
+    /// None: the feature this scenario measures does not exist yet.
+    pub keel: Option<Outcome>,
+    pub baseline_name: String,
+    pub baseline_per_second: Option<f64>,
+    pub ratio: Option<f64>,
+    pub target: String,
+    pub met: Option<bool>,
+    pub command: String,
+    pub notes: String,
+}
+
+const CONNECTIONS: usize = 64;
+
+fn pg_bin(program: &str) -> String {
+    let mut dirs: Vec<_> =
+        std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.iter()
+        .rev()
+        .map(|d| d.join("bin").join(program))
+        .find(|p| p.exists())
+        .map_or_else(|| program.to_owned(), |p| p.display().to_string())
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connecting to keel's cluster");
+    tokio::spawn(connection);
+    client
+}
+
+/// Creates (once) the database the pgbench baselines run in, with pgbench's own tables and copies of
+/// the tables a checkout writes.
+pub async fn prepare_pgbench(keel: &Keel, plan: &Plan) {
+    let admin = connect(&keel.db_url("postgres")).await;
+    admin.batch_execute("DROP DATABASE IF EXISTS bench_pgbench").await.unwrap();
+    admin.batch_execute("CREATE DATABASE bench_pgbench").await.unwrap();
+    let scale = if plan.smoke { "1" } else { "10" };
+    let (host, db) = pg_target(keel);
+    let status = Command::new(pg_bin("pgbench"))
+        .args(["-i", "-q", "-s", scale, "-h", &host, "-U", "keel", &db])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&status.stderr));
+    let bench = connect(&keel.db_url("bench_pgbench")).await;
+    bench.batch_execute(CHECKOUT_TABLES).await.unwrap();
+}
+
+const CHECKOUT_TABLES: &str = "
+CREATE TABLE orders (id uuid PRIMARY KEY, user_id uuid NOT NULL, status text NOT NULL, total_cents bigint NOT NULL,
+    failure_reason text, created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON orders (user_id, id DESC);
+CREATE TABLE order_items (order_id uuid, product_id uuid, quantity int, price_cents bigint, PRIMARY KEY (order_id, product_id));
+CREATE TABLE idempotency_keys (user_id uuid, key text, request_hash bytea, status_code smallint, response text,
+    location text, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (user_id, key));
+CREATE TABLE keel_jobs (id uuid PRIMARY KEY, kind text, aggregate_id text, payload jsonb, traceparent text,
+    state text NOT NULL DEFAULT 'pending', run_at timestamptz NOT NULL DEFAULT now(), created_at timestamptz NOT NULL DEFAULT now());";
+
+/// The same writes a checkout makes, in one transaction, with none of the HTTP, auth or cart reads.
+const CHECKOUT_SCRIPT: &str = "\\set n random(1, 1000000000)
+BEGIN;
+INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response) VALUES (gen_random_uuid(), 'k' || :n, '\\x00', 0, '');
+WITH o AS (INSERT INTO orders (id, user_id, status, total_cents) VALUES (gen_random_uuid(), gen_random_uuid(), 'pending', 100) RETURNING id)
+INSERT INTO order_items SELECT o.id, gen_random_uuid(), 1, 100 FROM o;
+INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'order.placed', 'x', '{}');
+UPDATE idempotency_keys SET status_code = 202, response = '{}' WHERE key = 'k' || :n;
+COMMIT;
+";
+
+fn pg_target(keel: &Keel) -> (String, String) {
+    (keel.data_dir.join("data/run").display().to_string(), "bench_pgbench".to_owned())
+}
+
+/// Runs pgbench with `args` for the measured duration; returns its transactions per second.
+fn pgbench(keel: &Keel, plan: &Plan, args: &[&str]) -> (f64, String) {
+    let (host, db) = pg_target(keel);
+    let seconds = plan.measure.as_secs().max(1).to_string();
+    let clients = CONNECTIONS.to_string();
+    let mut all: Vec<&str> =
+        vec!["-n", "-M", "prepared", "-c", &clients, "-j", "2", "-T", &seconds, "-h", &host, "-U", "keel"];
+    all.extend_from_slice(args);
+    all.push(&db);
+    let output = Command::new(pg_bin("pgbench")).args(&all).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "pgbench failed: {}{}", text, String::from_utf8_lossy(&output.stderr));
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    (tps, format!("pgbench {}", all.join(" ")))
+}
+
+/// Waits until keel's workers have finished every job, so a scenario's backlog does not load the
+/// next scenario's measurement.
+pub async fn drain_queues(keel: &Keel) -> Duration {
+    let started = Instant::now();
+    for shard in ["keel_shard_0", "keel_shard_1"] {
+        let client = connect(&keel.db_url(shard)).await;
+        loop {
+            let left: i64 = client
+                .query_one("SELECT count(*) FROM keel_jobs WHERE state IN ('pending', 'running')", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(600), "keel's queues did not drain");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    started.elapsed()
+}
+
+fn judged(mut result: ScenarioResult, ratio: f64, target: f64) -> ScenarioResult {
+    result.ratio = Some(ratio);
+    result.met = Some(ratio >= target);
+    result
+}
+
+pub async fn s1_cached_read(keel: &Keel, baseline: &str, seed: &Seed, plan: &Plan) -> (ScenarioResult, f64) {
+    let zipf = Arc::new(Zipf::new(seed.users.len().min(seed.products.len()), 1.0));
+    let users: Arc<Vec<String>> = Arc::new(seed.users.iter().map(|(id, _)| id.clone()).collect());
+    let products = Arc::new(seed.products.clone());
+    let make: MakeCall = Arc::new(move |n, rng| {
+        let i = zipf.sample(rng);
+        if n % 2 == 0 {
+            Call::get(format!("/v1/users/{}", users[i]))
+        } else {
+            Call::get(format!("/v1/products/{}", products[i]))
+        }
+    });
+    let ours = closed_loop(&keel.base, make.clone(), CONNECTIONS, plan.warmup, plan.measure).await;
+    let ceiling = closed_loop(baseline, make, CONNECTIONS, plan.warmup, plan.measure).await;
+    let result = ScenarioResult {
+        id: "S1",
+        name: "cached read: GET /v1/users/{id} and /v1/products/{id}, Zipf over the seeded ids",
+        baseline_name: "minimal axum service returning the same JSON".into(),
+        baseline_per_second: Some(ceiling.per_second),
+        target: "≥ 0.85× the HTTP ceiling".into(),
+        command: format!("keel-bench: closed loop, {CONNECTIONS} connections, half users half products"),
+        notes: "Keel does not cache yet (issue 5): every read goes to PostgreSQL.".into(),
+        keel: Some(ours.clone()),
+        ..Default::default()
+    };
+    (judged(result, ours.per_second / ceiling.per_second, 0.85), ceiling.per_second)
+}
+
+pub async fn s2_strong_read(keel: &Keel, seed: &Seed, plan: &Plan, http_ceiling: f64) -> ScenarioResult {
+    let zipf = Arc::new(Zipf::new(seed.products.len(), 1.0));
+    let products = Arc::new(seed.products.clone());
+    let make: MakeCall =
+        Arc::new(move |_, rng| Call::get(format!("/v1/products/{}/inventory", products[zipf.sample(rng)])));
+    let ours = closed_loop(&keel.base, make, CONNECTIONS, plan.warmup, plan.measure).await;
+    let (db_tps, command) = pgbench(keel, plan, &["-S"]);
+    let combined = 1.0 / (1.0 / http_ceiling + 1.0 / db_tps);
+    let result = ScenarioResult {
+        id: "S2",
+        name: "strong read: GET /v1/products/{id}/inventory",
+        baseline_name: format!("combined ceiling 1/(1/HTTP + 1/DB) with DB = {db_tps:.0} tps"),
+        baseline_per_second: Some(combined),
+        target: "≥ 0.8× the combined ceiling".into(),
+        command: format!("keel-bench closed loop {CONNECTIONS} connections; DB: {command}"),
+        keel: Some(ours.clone()),
+        ..Default::default()
+    };
+    judged(result, ours.per_second / combined, 0.8)
+}
+
+pub async fn s3_accepted_write(keel: &Keel, seed: &Seed, plan: &Plan) -> ScenarioResult {
+    let users = Arc::new(seed.users.clone());
+    let make: MakeCall = Arc::new(move |n, _| {
+        let (_, token) = &users[n as usize % users.len()];
+        Call {
+            method: reqwest::Method::POST,
+            path: "/v1/checkout".into(),
+            token: Some(token.clone()),
+            headers: vec![("idempotency-key", format!("s3-{n}"))],
+            json: None,
+        }
+    });
+    // The baseline first, on a quiet machine: Keel's run leaves a backlog of sagas behind it.
+    let script = std::env::temp_dir().join(format!("keel-bench-checkout-{}.sql", std::process::id()));
+    std::fs::write(&script, CHECKOUT_SCRIPT).unwrap();
+    let (tps, command) = pgbench(keel, plan, &["-f", script.to_str().unwrap()]);
+    let ours = closed_loop(&keel.base, make, CONNECTIONS / 2, plan.warmup, plan.measure).await;
+    let backlog = drain_queues(keel).await;
+    let result = ScenarioResult {
+        id: "S3",
+        name: "accepted write: POST /v1/checkout (202)",
+        baseline_name: "pgbench doing the same inserts in one transaction".into(),
+        baseline_per_second: Some(tps),
+        target: "≥ 0.8× its pgbench equivalent".into(),
+        command: format!("keel-bench closed loop {} connections, unique Idempotency-Key each; {command}", CONNECTIONS / 2),
+        notes: format!("keel up's own workers run the sagas on the same two cores during the run, and needed {:.1} s more to finish them afterwards; each cart holds a sold-out product, so every saga ends out_of_stock and the cart stays full for the next checkout.", backlog.as_secs_f64()),
+        keel: Some(ours.clone()),
+        ..Default::default()
+    };
+    judged(result, ours.per_second / tps, 0.8)
+}
+
+pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
+    let shard = connect(&keel.db_url("keel_shard_0")).await;
+    let count_done = |tag: &'static str| {
+        let shard = &shard;
+        async move {
+            shard
+                .query_one("SELECT count(*) FROM keel_jobs WHERE aggregate_id = $1 AND state = 'done'", &[&tag])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    // Maximum: a batch inserted at once, timed until all are done.
+    let n = plan.jobs as i64;
+    let started = Instant::now();
+    shard.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) SELECT gen_random_uuid(), 'order.confirmed', 's4-max', '{}' FROM generate_series(1, $1::bigint)", &[&n]).await.unwrap();
+    while count_done("s4-max").await < n {
+        assert!(started.elapsed() < Duration::from_secs(300), "no-op jobs did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let per_second = n as f64 / started.elapsed().as_secs_f64();
+
+    // Latency: enqueue one at a time at half that rate, then read start − enqueue from the rows.
+    let rate = per_second / 2.0;
+    let clients: Vec<Arc<tokio_postgres::Client>> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(Arc::new(connect(&keel.db_url("keel_shard_0")).await));
+        }
+        v
+    };
+    let start = tokio::time::Instant::now();
+    let end = start + plan.measure;
+    let mut inserts = tokio::task::JoinSet::new();
+    for i in 0u64.. {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        if at >= end {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        let client = clients[i as usize % clients.len()].clone();
+        inserts.spawn(async move {
+            client.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'order.confirmed', 's4-rate', '{}')", &[]).await
+        });
+        while inserts.try_join_next().is_some() {}
+    }
+    while inserts.join_next().await.is_some() {}
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = shard.query_one(
+        "SELECT count(*), coalesce(percentile_cont(ARRAY[0.5, 0.99, 0.999]) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), ARRAY[0,0,0]::float8[])
+         FROM keel_jobs WHERE aggregate_id = 's4-rate' AND started_at IS NOT NULL", &[]).await.unwrap();
+    let (started_jobs, quantiles): (i64, Vec<f64>) = (row.get(0), row.get(1));
+    let p99_ms = quantiles[1] * 1000.0;
+    let outcome = Outcome {
+        requests: n as u64,
+        errors: 0,
+        seconds: started.elapsed().as_secs_f64(),
+        per_second,
+        p50_ms: quantiles[0] * 1000.0,
+        p99_ms,
+        p999_ms: quantiles[2] * 1000.0,
+    };
+    let met = per_second >= 10_000.0 && p99_ms <= 50.0;
+    ScenarioResult {
+        id: "S4",
+        name: "queue: no-op jobs end to end (enqueue to done)",
+        baseline_name: "absolute targets".into(),
+        target: "≥ 10,000 jobs/s; enqueue-to-start p99 ≤ 50 ms at half that rate".into(),
+        met: Some(met),
+        command: format!(
+            "{n} jobs inserted at once on shard 0, timed to done; then {rate:.0} jobs/s enqueued one by one for {:?}",
+            plan.measure
+        ),
+        notes: format!("percentiles are enqueue-to-start of the {started_jobs} jobs of the half-rate phase"),
+        keel: Some(outcome),
+        ..Default::default()
+    }
+}
+
+pub fn s5_not_yet() -> ScenarioResult {
+    ScenarioResult {
+        id: "S5",
+        name: "a shop's day: 90% reads, 8% cart writes, 2% checkouts, likes; open loop at 50% and 80%",
+        target: "p99 ≤ 10 ms at 50% of maximum, no errors".into(),
+        notes: "not yet: search and likes do not exist yet (issues 4 and 5); the open-loop generator is ready".into(),
+        ..Default::default()
+    }
+}
+
+/// Checks the open-loop generator end to end against the baseline (used by the smoke run).
+pub async fn open_loop_probe(baseline: &str, plan: &Plan) -> Outcome {
+    let make: MakeCall = Arc::new(|_, _| Call::get("/healthz".into()));
+    open_loop(baseline, make, 200.0, plan.warmup, plan.measure).await
+}
