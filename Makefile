@@ -9,10 +9,10 @@ run: deps
 	cargo build --release --bin keel
 	./target/release/keel up
 
-# Formatting, lints, then every test: unit tests and the API suite against real PostgreSQL.
-test: deps lint
+# Formatting, lints, the benchmark smoke run, then every test: unit tests and the API suite against real PostgreSQL.
+# The bench smoke run goes first so that cargo test's summary closes the output.
+test: deps lint bench-smoke
 	cargo test --workspace --all-targets
-	$(MAKE) bench-smoke
 
 # Every scenario against a release build, with same-run baselines: writes BENCHMARKS.md and .json.
 bench: deps
