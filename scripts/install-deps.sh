@@ -34,3 +34,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     apt_install "${missing[@]}"
 fi
+
+# The test suite's real protocol peers that Debian does not package: an SMTP server (aiosmtpd) and the
+# Standard Webhooks reference library (to verify signatures independently), in a virtualenv under target/.
+venv="$(dirname "$0")/../target/python"
+requirements="$(dirname "$0")/test-requirements.txt"
+if ! cmp -s "$requirements" "$venv/installed-requirements.txt" 2>/dev/null; then
+    echo "install-deps: creating the test virtualenv in target/python"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/installed-requirements.txt"
+fi

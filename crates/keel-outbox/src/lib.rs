@@ -18,7 +18,7 @@
 mod runner;
 mod schedule;
 
-pub use runner::{Job, KindOptions, Runner};
+pub use runner::{Job, JobError, KindOptions, Runner};
 pub use schedule::{Scheduler, SCHEDULE_SCHEMA};
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The worker side: claims jobs of the registered kinds from one database and runs their handlers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -67,6 +67,10 @@ pub struct KindOptions {
     pub jitter: bool,
     /// A run taking longer fails. The lease is one and a half times this (at least a second more).
     pub timeout: Duration,
+    /// At most this many jobs with the same `aggregate_id` run at once in this runner, so one slow
+    /// group (say, one webhook endpoint) cannot take every slot of its kind. Claims of a grouped
+    /// kind rank the whole ready backlog by group: meant for queues of thousands, not millions.
+    pub group_concurrency: Option<usize>,
 }
 
 impl Default for KindOptions {
@@ -78,6 +82,7 @@ impl Default for KindOptions {
             backoff_max: Duration::from_secs(3600),
             jitter: true,
             timeout: Duration::from_secs(60),
+            group_concurrency: None,
         }
     }
 }
@@ -88,7 +93,33 @@ fn lease(timeout: Duration) -> Duration {
     timeout + (timeout / 2).max(Duration::from_secs(1))
 }
 
-type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// A failed run: why, and optionally when to try again instead of the kind's backoff (a server's
+/// `Retry-After`, a retry schedule of the handler's own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobError {
+    pub message: String,
+    pub retry_in: Option<Duration>,
+}
+
+impl JobError {
+    pub fn retry_in(message: impl Into<String>, delay: Duration) -> JobError {
+        JobError { message: message.into(), retry_in: Some(delay) }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> JobError {
+        JobError { message, retry_in: None }
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(message: &str) -> JobError {
+        JobError::from(message.to_owned())
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
 type Handler<C> = Arc<dyn Fn(Arc<C>, Job) -> HandlerFuture + Send + Sync>;
 
 struct Kind<C> {
@@ -134,12 +165,17 @@ impl<C: Send + Sync + 'static> Runner<C> {
     }
 
     /// Registers the handler of a kind. An `Err` (or a panic, or a timeout) is a failed attempt.
-    pub fn register<F, Fut>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
+    pub fn register<F, Fut, E>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
     where
         F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), String>> + Send + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError> + 'static,
     {
-        let handler: Handler<C> = Arc::new(move |ctx, job| Box::pin(handler(ctx, job)));
+        let handler = Arc::new(handler);
+        let handler: Handler<C> = Arc::new(move |ctx, job| {
+            let handler = handler.clone();
+            Box::pin(async move { handler(ctx, job).await.map_err(Into::into) })
+        });
         self.kinds.push(Arc::new(Kind { name: kind.to_owned(), options, handler, wake: Notify::new() }));
         self
     }
@@ -201,6 +237,37 @@ async fn listen<C>(url: String, kinds: Vec<Arc<Kind<C>>>, mut stop: watch::Recei
     }
 }
 
+/// Jobs of one kind running in this runner, per group (see [`KindOptions::group_concurrency`]).
+#[derive(Default)]
+struct Groups(Mutex<HashMap<String, usize>>);
+
+impl Groups {
+    /// Takes a place in `group` unless it already runs `limit` jobs.
+    fn enter(&self, group: &str, limit: usize) -> bool {
+        let mut running = self.0.lock().unwrap();
+        let count = running.entry(group.to_owned()).or_default();
+        if *count >= limit {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn leave(&self, group: &str) {
+        let mut running = self.0.lock().unwrap();
+        if let Some(count) = running.get_mut(group) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(group);
+            }
+        }
+    }
+
+    fn full(&self, limit: usize) -> Vec<String> {
+        self.0.lock().unwrap().iter().filter(|(_, n)| **n >= limit).map(|(g, _)| g.clone()).collect()
+    }
+}
+
 async fn run_kind<C: Send + Sync + 'static>(
     shared: Arc<Shared<C>>,
     kind: Arc<Kind<C>>,
@@ -208,16 +275,25 @@ async fn run_kind<C: Send + Sync + 'static>(
 ) {
     let slots = Arc::new(Semaphore::new(kind.options.concurrency));
     let in_flight: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let groups: Arc<Groups> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let completer = tokio::spawn(complete_in_batches(shared.pool.clone(), done_rx));
     let mut running = JoinSet::new();
     while !*stop.borrow() {
         let free = slots.available_permits();
         if free > 0 {
-            match claim(&shared.pool, &kind, free).await {
+            match claim(&shared.pool, &kind, free, &groups).await {
                 Ok(jobs) => {
                     let more = jobs.len() == free;
+                    let mut over_limit = Vec::new();
                     for job in jobs {
+                        if let Some(limit) = kind.options.group_concurrency {
+                            // The claim ranked groups by what was ready, not by what runs here.
+                            if !groups.enter(&job.aggregate_id, limit) {
+                                over_limit.push(job.id);
+                                continue;
+                            }
+                        }
                         let permit = slots.clone().try_acquire_owned().expect("claimed no more than the free slots");
                         in_flight.lock().unwrap().insert(job.id);
                         running.spawn(execute(
@@ -226,10 +302,14 @@ async fn run_kind<C: Send + Sync + 'static>(
                             job,
                             permit,
                             in_flight.clone(),
+                            groups.clone(),
                             done_tx.clone(),
                         ));
                     }
-                    if more && slots.available_permits() > 0 {
+                    if let Err(e) = release(&shared.pool, &over_limit).await {
+                        tracing::warn!(kind = %kind.name, error = %e, "could not release jobs over their group's limit");
+                    }
+                    if more && over_limit.is_empty() && slots.available_permits() > 0 {
                         continue;
                     }
                 }
@@ -262,17 +342,29 @@ async fn run_kind<C: Send + Sync + 'static>(
     let _ = completer.await;
 }
 
-async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>, String> {
+/// Ready pending jobs in run order. Two ordered index scans, not one scan with OR: an OR across the
+/// partial indexes made PostgreSQL collect and sort every ready row on each claim, so claiming
+/// slowed down as the queue grew (no-op jobs: 6,300/s with 20,000 queued, 3,100/s with 50,000).
+const PENDING: &str = "SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'pending' AND run_at <= now()
+     ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+/// Ready pending jobs of a grouped kind: at most `$5` per group, none of the groups in `$4` (full
+/// here already), so one group's backlog cannot fill the claim.
+const PENDING_BY_GROUP: &str = "SELECT id FROM keel_jobs WHERE id IN (
+         SELECT id FROM (
+             SELECT id, run_at, row_number() OVER (PARTITION BY aggregate_id ORDER BY run_at) AS nth
+             FROM keel_jobs
+             WHERE kind = $1 AND state = 'pending' AND run_at <= now() AND aggregate_id <> ALL($4)
+         ) ranked
+         WHERE nth <= $5 ORDER BY run_at LIMIT $2
+     ) AND state = 'pending' FOR UPDATE SKIP LOCKED";
+
+async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) -> Result<Vec<Job>, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
+    let pending = if kind.options.group_concurrency.is_some() { PENDING_BY_GROUP } else { PENDING };
     let statement = client
-        .prepare_cached(
-            // Two ordered index scans, not one scan with OR: an OR across the partial indexes made
-            // PostgreSQL collect and sort every ready row on each claim, so claiming slowed down as
-            // the queue grew (no-op jobs: 6,300/s with 20,000 queued, 3,100/s with 50,000).
-            "WITH pending AS (
-                 SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'pending' AND run_at <= now()
-                 ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED
-             ), lapsed AS (
+        .prepare_cached(&format!(
+            "WITH pending AS ({pending}), lapsed AS (
                  SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
                  ORDER BY locked_until LIMIT $2 FOR UPDATE SKIP LOCKED
              ), ready AS (
@@ -282,13 +374,20 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize) -> Result<Vec<Job>,
              SET state = 'running', attempts = j.attempts + 1, started_at = now(),
                  locked_until = now() + $3 * interval '1 second'
              FROM ready WHERE j.id = ready.id
-             RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at",
-        )
+             RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at"
+        ))
         .await
         .map_err(|e| e.to_string())?;
     let lease = lease(kind.options.timeout).as_secs_f64();
-    let rows = client.query(&statement, &[&kind.name, &(limit as i64), &lease]).await.map_err(|e| e.to_string())?;
-    Ok(rows.iter().map(Job::from_row).collect())
+    let limit = limit as i64;
+    let rows = match kind.options.group_concurrency {
+        Some(per_group) => {
+            let full = groups.full(per_group);
+            client.query(&statement, &[&kind.name, &limit, &lease, &full, &(per_group as i64)]).await
+        }
+        None => client.query(&statement, &[&kind.name, &limit, &lease]).await,
+    };
+    Ok(rows.map_err(|e| e.to_string())?.iter().map(Job::from_row).collect())
 }
 
 /// Aborts a spawned task when dropped, so cancelling a run cancels its handler.
@@ -306,8 +405,10 @@ async fn execute<C: Send + Sync + 'static>(
     job: Job,
     _slot: OwnedSemaphorePermit,
     in_flight: Arc<Mutex<HashSet<Uuid>>>,
+    groups: Arc<Groups>,
     done: tokio::sync::mpsc::UnboundedSender<Uuid>,
 ) {
+    let group = kind.options.group_concurrency.map(|_| job.aggregate_id.clone());
     let kind_label = kind.name.clone();
     metrics::counter!("keel_jobs_started_total", "kind" => kind_label.clone()).increment(1);
     let waited = SystemTime::now().duration_since(job.ready_at).unwrap_or_default();
@@ -320,8 +421,8 @@ async fn execute<C: Send + Sync + 'static>(
     let mut run = AbortOnDrop(tokio::spawn((kind.handler)(shared.ctx.clone(), job).instrument(span.clone())));
     let outcome = match tokio::time::timeout(kind.options.timeout, &mut run.0).await {
         Ok(Ok(result)) => result,
-        Ok(Err(join_error)) => Err(format!("handler panicked: {join_error}")),
-        Err(_) => Err(format!("handler ran longer than {:?}", kind.options.timeout)),
+        Ok(Err(join_error)) => Err(JobError::from(format!("handler panicked: {join_error}"))),
+        Err(_) => Err(JobError::from(format!("handler ran longer than {:?}", kind.options.timeout))),
     };
     metrics::histogram!("keel_job_duration_seconds", "kind" => kind_label.clone())
         .record(started.elapsed().as_secs_f64());
@@ -336,14 +437,16 @@ async fn execute<C: Send + Sync + 'static>(
             if dead {
                 metrics::counter!("keel_jobs_dead_total", "kind" => kind_label).increment(1);
             }
-            span.in_scope(|| tracing::warn!(%error, dead, "job failed"));
+            span.in_scope(|| tracing::warn!(error = %error.message, dead, "job failed"));
             let options = &kind.options;
-            let delay = if options.jitter {
+            let delay = if let Some(delay) = error.retry_in {
+                delay
+            } else if options.jitter {
                 backoff(attempt, options.backoff_base, options.backoff_max)
             } else {
                 backoff_ceiling(attempt, options.backoff_base, options.backoff_max)
             };
-            let failed = fail(&shared.pool, id, error, dead, delay).await;
+            let failed = fail(&shared.pool, id, &error.message, dead, delay).await;
             if !dead && failed.is_ok() {
                 // Notifications only announce new jobs: wake this kind when the retry is due, so
                 // backoff is honoured to the millisecond rather than to the next poll.
@@ -361,6 +464,9 @@ async fn execute<C: Send + Sync + 'static>(
         span.in_scope(|| tracing::warn!(error = %e, "could not record the job's outcome"));
     }
     in_flight.lock().unwrap().remove(&id);
+    if let Some(group) = group {
+        groups.leave(&group);
+    }
 }
 
 /// The most completions recorded by one statement.

@@ -1,5 +1,5 @@
-//! Administration of the job queues: what is waiting, running and dead across every shard, and
-//! replaying a dead job.
+//! Administration of the job queues: what is waiting, running and dead across every database (the
+//! catalogue's queue and every shard's), and replaying a dead job.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +18,7 @@ pub struct QueueStats {
     pub pending: i64,
     pub running: i64,
     pub dead: i64,
-    /// Seconds the oldest ready job has waited, over all shards.
+    /// Seconds the oldest ready job has waited, over all databases.
     pub oldest_pending_age_s: f64,
 }
 
@@ -33,12 +33,12 @@ pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queu
     Ok(Json(Queues { kinds: queue_stats(&state).await? }))
 }
 
-/// Every kind's queue over all shards; also refreshes the queue gauges of `/metrics`.
+/// Every kind's queue over all databases; also refreshes the queue gauges of `/metrics`.
 pub async fn queue_stats(state: &AppState) -> Result<Vec<QueueStats>, ApiError> {
-    // Scatter-gather: each shard's queue counted there, merged here.
+    // Scatter-gather: each database's queue counted there, merged here.
     let mut merged: BTreeMap<String, QueueStats> = BTreeMap::new();
-    for (_, shard) in state.db.shards.all() {
-        let client = shard.client().await?;
+    for db in state.db.all() {
+        let client = db.client().await?;
         for stats in keel_outbox::stats(&client).await? {
             let entry = merged
                 .entry(stats.kind.clone())
@@ -68,11 +68,11 @@ pub async fn retry_job(
     Path(id): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let id = parse_id("dead job", &id)?;
-    // A job id does not say which shard holds it: ask each.
-    for (_, shard) in state.db.shards.all() {
-        let client = shard.client().await?;
+    // A job id does not say which database holds it: ask each.
+    for db in state.db.all() {
+        let client = db.client().await?;
         if keel_outbox::replay(&client, id).await? {
-            tracing::info!(job = %id, shard = shard.name(), "dead job replayed");
+            tracing::info!(job = %id, db = db.name(), "dead job replayed");
             return Ok(axum::http::StatusCode::ACCEPTED);
         }
     }

@@ -9,9 +9,11 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::db::Sql;
+use crate::events;
 use crate::http::auth::Admin;
 use crate::http::error::{unique_violation, ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
+use crate::http::trace::TraceContext;
 use crate::http::{number, text, timestamp, Page, PageParams};
 use crate::startup::AppState;
 
@@ -112,6 +114,7 @@ fn sku_taken(e: tokio_postgres::Error, sku: Option<&str>) -> ApiError {
 pub async fn create_product(
     State(state): State<AppState>,
     _: Admin,
+    trace: TraceContext,
     Json(input): Json<CreateProduct>,
 ) -> Result<impl IntoResponse, ApiError> {
     let sku = sku(&input.sku)?;
@@ -120,8 +123,9 @@ pub async fn create_product(
     let price = number("price_cents", input.price_cents, 0, MAX_PRICE_CENTS)?;
     let stock = number("stock", input.stock, 0, MAX_STOCK)?;
     let id = Uuid::now_v7();
-    let client = state.db.catalog.client().await?;
-    let row = client
+    let mut client = state.db.catalog.client().await?;
+    let tx = client.transaction().await?;
+    let row = tx
         .row(
             &format!(
                 "WITH product AS (
@@ -136,7 +140,22 @@ pub async fn create_product(
         )
         .await
         .map_err(|e| sku_taken(e, Some(&sku)))?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(Product::from_row(&row))))
+    let product = Product::from_row(&row);
+    announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
+}
+
+/// Writes a product event on the transaction that changed the product.
+async fn announce(
+    tx: &crate::db::Transaction<'_>,
+    kind: &str,
+    product: &Product,
+    trace: &TraceContext,
+) -> Result<(), ApiError> {
+    let data = serde_json::to_value(product).map_err(|e| ApiError::Internal(e.to_string()))?;
+    keel_outbox::enqueue(tx, &events::event(kind, &product.id, data, Some(trace.traceparent()))).await?;
+    Ok(())
 }
 
 #[utoipa::path(patch, path = "/v1/products/{id}", tag = "catalog", request_body = UpdateProduct,
@@ -151,6 +170,7 @@ pub async fn create_product(
 pub async fn update_product(
     State(state): State<AppState>,
     _: Admin,
+    trace: TraceContext,
     Path(id): Path<String>,
     Json(input): Json<UpdateProduct>,
 ) -> Result<Json<Product>, ApiError> {
@@ -162,8 +182,9 @@ pub async fn update_product(
     let name = input.name.as_deref().map(|n| text("name", n, 1, 200)).transpose()?;
     let description = input.description.as_deref().map(|d| text("description", d, 0, 10_000)).transpose()?;
     let price = input.price_cents.map(|p| number("price_cents", p, 0, MAX_PRICE_CENTS)).transpose()?;
-    let client = state.db.catalog.client().await?;
-    let row = client
+    let mut client = state.db.catalog.client().await?;
+    let tx = client.transaction().await?;
+    let row = tx
         .maybe_row(
             &format!(
                 "UPDATE products SET sku = coalesce($2, sku), name = coalesce($3, name),
@@ -176,7 +197,10 @@ pub async fn update_product(
         .await
         .map_err(|e| sku_taken(e, sku.as_deref()))?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    Ok(Json(Product::from_row(&row)))
+    let product = Product::from_row(&row);
+    announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
+    tx.commit().await?;
+    Ok(Json(product))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}", tag = "catalog",
@@ -236,18 +260,23 @@ pub async fn get_inventory(State(state): State<AppState>, Path(id): Path<String>
 pub async fn set_inventory(
     State(state): State<AppState>,
     _: Admin,
+    trace: TraceContext,
     Path(id): Path<String>,
     Json(input): Json<SetStock>,
 ) -> Result<Json<Inventory>, ApiError> {
     let id = parse_id("product", &id)?;
     let stock = number("stock", input.stock, 0, MAX_STOCK)?;
-    let client = state.db.catalog.client().await?;
-    client
-        .maybe_row(
-            "UPDATE inventory SET stock = $2, updated_at = now() WHERE product_id = $1 RETURNING stock",
-            &[&id, &stock],
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    let mut client = state.db.catalog.client().await?;
+    let tx = client.transaction().await?;
+    tx.maybe_row(
+        "UPDATE inventory SET stock = $2, updated_at = now() WHERE product_id = $1 RETURNING stock",
+        &[&id, &stock],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+    let data = serde_json::json!({ "product_id": id, "stock": stock });
+    let event = events::event(events::PRODUCT_STOCK_CHANGED, id, data, Some(trace.traceparent()));
+    keel_outbox::enqueue(&tx, &event).await?;
+    tx.commit().await?;
     Ok(Json(Inventory { product_id: id.to_string(), stock }))
 }

@@ -102,8 +102,8 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             let (catalog, shards) = external_databases(&config)?;
             let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
             crate::telemetry::init_metrics();
-            crate::jobs::run_workers(std::sync::Arc::new(databases), config.job_timeout, shutdown_signal()).await;
-            Ok(())
+            let config = std::sync::Arc::new(config);
+            crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await
         }
     }
 }

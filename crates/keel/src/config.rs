@@ -32,6 +32,21 @@ pub struct Config {
     pub job_timeout: Duration,
     /// `KEEL_DEBUG_HEADERS` / `debug_headers`: add `keel-db-queries` to every response (tests, tuning).
     pub debug_headers: bool,
+    /// `KEEL_SMTP_URL` / `smtp_url`: where e-mail goes, e.g. `smtp://127.0.0.1:2525` or
+    /// `smtps://user:pass@mail.example.org`; unset, messages are written to `DATA_DIR/mail/*.eml`.
+    pub smtp_url: Option<String>,
+    /// `KEEL_MAIL_FROM` / `mail_from`: the sender of Keel's e-mail.
+    pub mail_from: String,
+    /// `KEEL_WEBHOOK_RETRY_SCHEDULE` / `webhook_retry_schedule`: the waits before each retry of a
+    /// failed webhook delivery (each jittered by up to 10%); after the last one it is dead.
+    pub webhook_retry_schedule: Vec<Duration>,
+    /// `KEEL_WEBHOOK_ALLOW_LOOPBACK` / `webhook_allow_loopback`: may webhooks call 127.0.0.1 and ::1?
+    /// Unset: yes under `keel up` (to try webhooks locally), no otherwise.
+    pub webhook_allow_loopback: Option<bool>,
+    /// `KEEL_WEBHOOK_ALLOW_PRIVATE` / `webhook_allow_private`: may webhooks call private and
+    /// link-local addresses (10/8, 192.168/16, 169.254/16, fc00::/7, …)? Default no: an integrator's
+    /// URL must not reach the inside of the network (SSRF).
+    pub webhook_allow_private: bool,
 }
 
 impl Default for Config {
@@ -48,6 +63,11 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             job_timeout: Duration::from_secs(60),
             debug_headers: false,
+            smtp_url: None,
+            mail_from: "Keel <no-reply@keel.localhost>".to_owned(),
+            webhook_retry_schedule: [5, 300, 1800, 7200, 18000, 36000, 36000].map(Duration::from_secs).to_vec(),
+            webhook_allow_loopback: None,
+            webhook_allow_private: false,
         }
     }
 }
@@ -81,6 +101,11 @@ const SETTINGS: &[&str] = &[
     "request_timeout",
     "debug_headers",
     "job_timeout",
+    "smtp_url",
+    "mail_from",
+    "webhook_retry_schedule",
+    "webhook_allow_loopback",
+    "webhook_allow_private",
 ];
 
 impl Config {
@@ -120,6 +145,15 @@ impl Config {
                 "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "job_timeout" => self.job_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "smtp_url" => self.smtp_url = Some(parse_smtp_url(raw).map_err(|m| fail(key, m))?),
+                "mail_from" => self.mail_from = parse_mailbox(raw).map_err(|m| fail(key, m))?,
+                "webhook_retry_schedule" => {
+                    self.webhook_retry_schedule = parse_schedule(raw).map_err(|m| fail(key, m))?
+                }
+                "webhook_allow_loopback" => {
+                    self.webhook_allow_loopback = Some(parse_bool(raw).map_err(|m| fail(key, m))?)
+                }
+                "webhook_allow_private" => self.webhook_allow_private = parse_bool(raw).map_err(|m| fail(key, m))?,
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
         }
@@ -206,6 +240,29 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw).map_err(|e| format!("{raw:?} is not a duration such as 10s or 500ms: {e}"))
 }
 
+fn parse_smtp_url(raw: &str) -> Result<String, String> {
+    lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(raw)
+        .map(|_| raw.to_owned())
+        .map_err(|e| format!("{raw:?} is not an SMTP URL such as smtp://127.0.0.1:2525: {e}"))
+}
+
+fn parse_mailbox(raw: &str) -> Result<String, String> {
+    raw.parse::<lettre::message::Mailbox>()
+        .map(|_| raw.to_owned())
+        .map_err(|e| format!("{raw:?} is not an address such as \"Shop <shop@example.org>\": {e}"))
+}
+
+fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
+    let schedule = parse_list(raw)?.iter().map(|d| parse_duration(d)).collect::<Result<Vec<_>, _>>()?;
+    if schedule.len() > 20 {
+        return Err("at most 20 retries".into());
+    }
+    if schedule.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
+        return Err("no wait may exceed 7 days".into());
+    }
+    Ok(schedule)
+}
+
 fn parse_bool(raw: &str) -> Result<bool, String> {
     match raw.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -231,6 +288,11 @@ mod tests {
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.shard_urls, ["a", "b"]);
         assert_eq!(config.db_pool_size, 4);
+        config
+            .apply(&env(&[("KEEL_WEBHOOK_RETRY_SCHEDULE", "1s, 500ms"), ("KEEL_SMTP_URL", "smtp://127.0.0.1:2525")]))
+            .unwrap();
+        assert_eq!(config.webhook_retry_schedule, [Duration::from_secs(1), Duration::from_millis(500)]);
+        assert_eq!(config.smtp_url.as_deref(), Some("smtp://127.0.0.1:2525"));
     }
 
     #[test]
@@ -242,6 +304,12 @@ mod tests {
         assert_eq!(err.setting, "KEEL_DB_POOL_SIZE");
         let err = Config::default().apply(&env(&[("KEEL_SHUTDOWN_TIMEOUT", "soon")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_SHUTDOWN_TIMEOUT");
+        let err = Config::default().apply(&env(&[("KEEL_SMTP_URL", "mail.example.org")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_SMTP_URL");
+        let err = Config::default().apply(&env(&[("KEEL_WEBHOOK_RETRY_SCHEDULE", "1s,,2s")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_WEBHOOK_RETRY_SCHEDULE");
+        let err = Config::default().apply(&env(&[("KEEL_MAIL_FROM", "not an address")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_MAIL_FROM");
     }
 
     #[test]

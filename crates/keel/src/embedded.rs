@@ -22,7 +22,9 @@ pub fn shard_db(i: usize) -> String {
     format!("keel_shard_{i}")
 }
 
-pub async fn up(config: Config) -> Result<(), String> {
+pub async fn up(mut config: Config) -> Result<(), String> {
+    // Locally, people try webhooks against a receiver on their own machine.
+    config.webhook_allow_loopback.get_or_insert(true);
     let data_dir = absolute(&config.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {} (KEEL_DATA_DIR): {e}", data_dir.display()))?;

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::carts::load_cart;
 use crate::db::Sql;
+use crate::events;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
@@ -23,9 +24,6 @@ use crate::idempotency::{self, Claim, IdempotencyKey};
 use crate::startup::AppState;
 
 /// The job kind that starts the saga, and the events the saga emits.
-pub const ORDER_PLACED: &str = "order.placed";
-pub const ORDER_CONFIRMED: &str = "order.confirmed";
-pub const ORDER_FAILED: &str = "order.failed";
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
@@ -136,10 +134,8 @@ pub async fn checkout(
         &[&id, &user, &cart.total_cents, &products, &quantities, &prices],
     )
     .await?;
-    let event = keel_outbox::NewJob {
-        traceparent: Some(trace.traceparent()),
-        ..keel_outbox::NewJob::new(ORDER_PLACED, id, serde_json::json!({ "order_id": id, "user_id": user }))
-    };
+    let data = serde_json::json!({ "order_id": id, "user_id": user });
+    let event = events::event(events::ORDER_PLACED, id, data, Some(trace.traceparent()));
     keel_outbox::enqueue(&tx, &event).await?;
     let location = format!("/v1/orders/{id}");
     let accepted = Accepted { id: id.to_string(), status: "pending".into() };

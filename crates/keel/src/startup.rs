@@ -29,7 +29,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     shutdown_timeout: Duration,
-    job_timeout: Duration,
+    config: Arc<Config>,
 }
 
 impl Application {
@@ -39,11 +39,10 @@ impl Application {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} (KEEL_LISTEN): {e}", config.listen)))?;
         let shutdown_timeout = config.shutdown_timeout;
-        let job_timeout = config.job_timeout;
         let databases = Arc::new(db);
-        let state =
-            AppState { db: databases.clone(), admin_token_digest: digest(admin_token), config: Arc::new(config) };
-        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout, job_timeout })
+        let config = Arc::new(config);
+        let state = AppState { db: databases.clone(), admin_token_digest: digest(admin_token), config: config.clone() };
+        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout, config })
     }
 
     /// The databases this application serves, for workers running beside it.
@@ -113,7 +112,7 @@ impl Default for Stop {
 /// the API draining its requests and the workers finishing or releasing their jobs.
 pub async fn serve_with_workers(app: Application) -> io::Result<()> {
     let stop = Stop::new();
-    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), app.job_timeout, stop.stopped()));
+    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), app.config.clone(), stop.stopped()));
     let signal = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -121,7 +120,9 @@ pub async fn serve_with_workers(app: Application) -> io::Result<()> {
     });
     let served = app.run_until_stopped(stop.stopped()).await;
     stop.trigger();
-    let _ = workers.await;
+    if let Ok(Err(e)) = workers.await {
+        tracing::error!(error = %e, "the workers could not start");
+    }
     served
 }
 

@@ -12,9 +12,11 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::db::{bucket_of, Sql};
+use crate::events;
 use crate::http::auth::{new_user_token, AuthUser, Caller};
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
+use crate::http::trace::TraceContext;
 use crate::http::{text, timestamp};
 use crate::startup::AppState;
 
@@ -105,6 +107,7 @@ pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
     ))]
 pub async fn create_user(
     State(state): State<AppState>,
+    trace: TraceContext,
     Json(input): Json<CreateUser>,
 ) -> Result<impl IntoResponse, ApiError> {
     let name = text("name", &input.name, 1, 100)?;
@@ -116,9 +119,10 @@ pub async fn create_user(
     claim_email(&state, &email, id).await?;
     let shard = state.db.shard_of(id);
     let created = async {
-        let client = shard.client().await?;
-        // One statement, so the user and its wallet exist together or not at all.
-        let row = client
+        let mut client = shard.client().await?;
+        // One transaction: the user, its wallet and the event exist together or not at all.
+        let tx = client.transaction().await?;
+        let row = tx
             .row(
                 "WITH new_user AS (
                      INSERT INTO users (id, bucket, name, email, bio, token_hash)
@@ -129,6 +133,9 @@ pub async fn create_user(
                 &[&id, &bucket_of(id), &name, &email, &bio, &token_digest.as_slice()],
             )
             .await?;
+        let data = serde_json::json!({ "user_id": id, "name": name });
+        keel_outbox::enqueue(&tx, &events::event(events::USER_REGISTERED, id, data, Some(trace.traceparent()))).await?;
+        tx.commit().await?;
         Ok::<SystemTime, ApiError>(row.get(0))
     }
     .await;

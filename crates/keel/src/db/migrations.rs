@@ -19,6 +19,14 @@ struct Migration {
 const CATALOG: &[Migration] = &[
     Migration { version: 1, name: "init", sql: include_str!("../../migrations/catalog/0001_init.sql") },
     Migration { version: 2, name: "reservations", sql: include_str!("../../migrations/catalog/0002_reservations.sql") },
+    // Product events (search index, webhook fan-out) and webhook deliveries run from here.
+    Migration { version: 3, name: "jobs", sql: keel_outbox::SCHEMA },
+    Migration {
+        version: 4,
+        name: "search and webhooks",
+        sql: include_str!("../../migrations/catalog/0004_search_and_webhooks.sql"),
+    },
+    Migration { version: 5, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
 ];
 
 const SHARD: &[Migration] = &[

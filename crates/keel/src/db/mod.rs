@@ -63,11 +63,27 @@ impl Db {
     /// Builds a pool; connections are opened on first use. `setting` names the configuration the
     /// URL came from, for the error message.
     pub fn new(name: &str, setting: &str, url: &str, pool_size: usize) -> Result<Db, ConnectError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|source| ConnectError::BadUrl {
+        Db::with_session_settings(name, setting, url, pool_size, &[])
+    }
+
+    /// Like [`Db::new`], with server settings (`-c name=value`) for every connection of the pool.
+    pub fn with_session_settings(
+        name: &str,
+        setting: &str,
+        url: &str,
+        pool_size: usize,
+        settings: &[(&str, &str)],
+    ) -> Result<Db, ConnectError> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|source| ConnectError::BadUrl {
             setting: setting.to_owned(),
             url_hint: redact(url),
             source,
         })?;
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        for (key, value) in settings {
+            options.push_str(&format!(" -c {key}={value}"));
+        }
+        config.options(options.trim());
         // Fast recycling: a connection that broke is noticed by the query that uses it, and the
         // pool drops it then; checking every connection on checkout would add a round trip.
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -124,6 +140,11 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Settings of every catalogue connection. Search's typo tolerance: the trigram index finds names
+/// with a word this similar to the query (the default, 0.6, misses most one-letter typos in short
+/// words; 0.3 catches them with few false matches, and ranking puts exact matches first).
+const CATALOG_SESSION: &[(&str, &str)] = &[("pg_trgm.word_similarity_threshold", "0.3")];
+
 /// Every database of a Keel deployment: the catalogue and the user shards behind their router.
 pub struct Databases {
     pub catalog: Db,
@@ -133,7 +154,8 @@ pub struct Databases {
 impl Databases {
     /// Builds the pools and loads the shard map from the catalogue database.
     pub async fn open(catalog_url: &str, shard_urls: &[String], pool_size: usize) -> Result<Databases, ConnectError> {
-        let catalog = Db::new("catalog", "KEEL_CATALOG_URL", catalog_url, pool_size)?;
+        let catalog =
+            Db::with_session_settings("catalog", "KEEL_CATALOG_URL", catalog_url, pool_size, CATALOG_SESSION)?;
         let shards = shard_urls
             .iter()
             .enumerate()

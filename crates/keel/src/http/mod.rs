@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::startup::AppState;
-use crate::{admin, carts, catalog, orders, users, wallet};
+use crate::{admin, carts, catalog, orders, search, users, wallet, webhooks};
 use error::ApiError;
 
 /// The largest request body accepted.
@@ -61,6 +61,11 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(orders::list_orders))
         .routes(routes!(admin::queues))
         .routes(routes!(admin::retry_job))
+        .routes(routes!(search::search))
+        .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))
+        .routes(routes!(webhooks::delete_subscription))
+        .routes(routes!(webhooks::list_deliveries))
+        .routes(routes!(webhooks::retry_delivery))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let debug_headers = state.config.debug_headers;

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::JobContext;
 use crate::db::{Db, DbError, Sql};
-use crate::orders::{ORDER_CONFIRMED, ORDER_FAILED};
+use crate::events::{self, ORDER_CONFIRMED, ORDER_FAILED};
 
 struct Item {
     product: Uuid,
@@ -44,16 +44,16 @@ pub async fn run(ctx: &JobContext, job: &Job) -> Result<(), String> {
     };
     match order.status.as_str() {
         "confirmed" => return Ok(()),
-        "failed" => return release(&ctx.db.catalog, order.id).await,
+        "failed" => return release(&ctx.db.catalog, order.id, job).await,
         _ => {}
     }
-    if !reserve(&ctx.db.catalog, &order).await? {
+    if !reserve(&ctx.db.catalog, &order, job).await? {
         tracing::info!(order = %order.id, "out of stock");
         return fail(shard, &order, "out_of_stock", job).await;
     }
     if !debit_and_confirm(shard, &order, job).await? {
         tracing::info!(order = %order.id, "insufficient funds");
-        return release(&ctx.db.catalog, order.id).await;
+        return release(&ctx.db.catalog, order.id, job).await;
     }
     tracing::info!(order = %order.id, "order confirmed");
     Ok(())
@@ -80,7 +80,7 @@ async fn load(shard: &Db, id: Uuid, user: Uuid) -> Result<Option<PlacedOrder>, S
 
 /// Takes the order's stock, all of it or none. True if the order holds its stock (now or from an
 /// earlier run); false if some item is short.
-async fn reserve(catalog: &Db, order: &PlacedOrder) -> Result<bool, String> {
+async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, String> {
     let mut client = catalog.client().await.map_err(err)?;
     let tx = client.transaction().await.map_err(err)?;
     let held = tx.maybe_row("SELECT 1 FROM stock_reservations WHERE order_id = $1 LIMIT 1", &[&order.id]).await;
@@ -103,13 +103,17 @@ async fn reserve(catalog: &Db, order: &PlacedOrder) -> Result<bool, String> {
     if order.items.iter().any(|i| stock.get(&i.product).is_none_or(|s| *s < i64::from(i.quantity))) {
         return Ok(false);
     }
-    tx.exec(
-        "UPDATE inventory i SET stock = i.stock - w.quantity, updated_at = now()
-         FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id",
-        &[&products, &quantities],
-    )
-    .await
-    .map_err(err)?;
+    let left = tx
+        .rows(
+            "UPDATE inventory i SET stock = i.stock - w.quantity, updated_at = now()
+             FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id
+             RETURNING i.product_id, i.stock",
+            &[&products, &quantities],
+        )
+        .await
+        .map_err(err)?;
+    let sold_out: Vec<Uuid> = left.iter().filter(|r| r.get::<_, i64>(1) == 0).map(|r| r.get(0)).collect();
+    announce_stock_changes(&tx, &sold_out, job).await?;
     // A concurrent run of the same order fails here on the primary key, and its decrement with it.
     tx.exec(
         "INSERT INTO stock_reservations (order_id, product_id, quantity) SELECT $1, * FROM unnest($2::uuid[], $3::int[])",
@@ -193,11 +197,11 @@ async fn set_failed(
 
 /// An event caused by `job`, carrying its trace context on.
 fn follow_up(kind: &str, order: Uuid, payload: serde_json::Value, job: &Job) -> NewJob {
-    NewJob { traceparent: job.traceparent.clone(), ..NewJob::new(kind, order, payload) }
+    events::event(kind, order, payload, job.traceparent.clone())
 }
 
 /// Gives back the stock of a failed order, once.
-async fn release(catalog: &Db, order: Uuid) -> Result<(), String> {
+async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), String> {
     let mut client = catalog.client().await.map_err(err)?;
     let tx = client.transaction().await.map_err(err)?;
     let released = tx
@@ -216,12 +220,28 @@ async fn release(catalog: &Db, order: Uuid) -> Result<(), String> {
     tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products])
         .await
         .map_err(err)?;
-    tx.exec(
-        "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now()
-         FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id",
-        &[&products, &quantities],
-    )
-    .await
-    .map_err(err)?;
+    let now = tx
+        .rows(
+            "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now()
+             FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id
+             RETURNING i.product_id, i.stock, w.quantity",
+            &[&products, &quantities],
+        )
+        .await
+        .map_err(err)?;
+    let back: Vec<Uuid> =
+        now.iter().filter(|r| r.get::<_, i64>(1) == i64::from(r.get::<_, i32>(2))).map(|r| r.get(0)).collect();
+    announce_stock_changes(&tx, &back, job).await?;
     tx.commit().await.map_err(err)
+}
+
+/// Tells the search index about products that sold out or came back in stock. Other stock changes
+/// do not change what search shows, so they cost no event.
+async fn announce_stock_changes(tx: &crate::db::Transaction<'_>, products: &[Uuid], job: &Job) -> Result<(), String> {
+    for product in products {
+        let data = json!({ "product_id": product });
+        let event = events::event(events::PRODUCT_STOCK_CHANGED, product, data, job.traceparent.clone());
+        keel_outbox::enqueue(tx, &event).await.map_err(err)?;
+    }
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! Housekeeping on each shard, run by the scheduler on one node at a time: finished jobs and expired
+//! Housekeeping on each shard and the catalogue, run by the scheduler on one node at a time: finished jobs and expired
 //! idempotency keys are deleted so the tables stay the size of their working set.
 
 use std::sync::Arc;
@@ -15,6 +15,15 @@ pub const JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 const EVERY: Duration = Duration::from_secs(600);
 const JITTER: Duration = Duration::from_secs(120);
+
+/// The catalogue's housekeeping: its queue carries product events and webhook deliveries.
+pub fn catalog_scheduler(catalog: &Db, ctx: Arc<JobContext>) -> Scheduler<JobContext> {
+    let db = catalog.clone();
+    Scheduler::new(catalog.pool().clone(), ctx).every("prune-finished-jobs", EVERY, JITTER, move |_| {
+        let db = db.clone();
+        async move { prune_finished_jobs(&db).await }
+    })
+}
 
 pub fn scheduler(shard: &Db, ctx: Arc<JobContext>) -> Scheduler<JobContext> {
     let (for_jobs, for_keys) = (shard.clone(), shard.clone());

@@ -1,22 +1,49 @@
-//! Background work: one `keel-outbox` runner per shard database, with the handlers of every job kind.
-//! `keel up` runs them beside the API; `keel worker` runs only them.
+//! Background work: one `keel-outbox` runner per database (the catalogue and every shard), with the
+//! handlers of every job kind. `keel up` runs them beside the API; `keel worker` runs only them.
+//!
+//! | database  | job kind                                   | handler                                |
+//! |-----------|--------------------------------------------|----------------------------------------|
+//! | shard     | `order.placed`                             | the checkout saga ([`checkout`])       |
+//! | shard     | `user.registered`, `order.confirmed`, `order.failed` | webhooks fan-out, e-mail ([`reactions`]) |
+//! | catalogue | `product.created`, `.updated`, `.stock_changed` | search index, webhooks fan-out    |
+//! | catalogue | `webhook.deliver`                          | one delivery ([`crate::webhooks::delivery`]) |
 
 pub mod checkout;
+pub mod emails;
 pub mod maintenance;
+pub mod reactions;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel_outbox::{KindOptions, Runner};
+use lettre::message::Mailbox;
 
+use crate::config::Config;
 use crate::db::Databases;
-use crate::orders::{ORDER_CONFIRMED, ORDER_FAILED, ORDER_PLACED};
+use crate::events::*;
+use crate::mail::Mailer;
 use crate::startup::Stop;
+use crate::webhooks::{self, delivery::Deliverer};
 
 /// What handlers can reach.
 pub struct JobContext {
     pub db: Arc<Databases>,
+    pub mailer: Mailer,
+    pub mail_from: Mailbox,
+    pub deliverer: Deliverer,
+}
+
+impl JobContext {
+    pub fn new(db: Arc<Databases>, config: &Config) -> Result<JobContext, String> {
+        Ok(JobContext {
+            db,
+            mailer: Mailer::from_config(config)?,
+            mail_from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
+            deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
+        })
+    }
 }
 
 /// Options for the checkout saga: quick retries, since its failures are transient (a database
@@ -32,26 +59,64 @@ fn saga_options(timeout: Duration) -> KindOptions {
     }
 }
 
-/// Runs every job kind on every shard until `shutdown` completes; running jobs then get the
+/// User and order events: their e-mail waits for the mail server for up to about a day
+/// (backoff doubling from 1 s to 10 min, 150 attempts).
+fn user_event_options(timeout: Duration) -> KindOptions {
+    KindOptions {
+        timeout,
+        // Side effects share the pools with the API: a burst of events must leave it connections.
+        concurrency: 16,
+        max_attempts: 150,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(600),
+        ..KindOptions::default()
+    }
+}
+
+/// Product events: database work only, retried quickly.
+fn product_event_options(timeout: Duration) -> KindOptions {
+    KindOptions {
+        timeout,
+        concurrency: 16,
+        max_attempts: 20,
+        backoff_base: Duration::from_millis(200),
+        ..KindOptions::default()
+    }
+}
+
+/// Webhook deliveries: the schedule is the handler's; at most 4 at once per endpoint, so a slow
+/// endpoint holds 4 of the 64 slots and the others keep flowing.
+fn delivery_options(deliverer: &Deliverer) -> KindOptions {
+    KindOptions {
+        timeout: webhooks::delivery::REQUEST_TIMEOUT + Duration::from_secs(5),
+        max_attempts: deliverer.max_attempts(),
+        group_concurrency: Some(4),
+        ..KindOptions::default()
+    }
+}
+
+/// Runs every job kind on every database until `shutdown` completes; running jobs then get the
 /// runners' shutdown timeout to finish before they are released to another worker.
 pub async fn run_workers(
     db: Arc<Databases>,
-    job_timeout: Duration,
+    config: Arc<Config>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+) -> Result<(), String> {
     let stop = Stop::new();
-    let context = Arc::new(JobContext { db: db.clone() });
+    let context = Arc::new(JobContext::new(db.clone(), &config)?);
+    let timeout = config.job_timeout;
     let mut runners = tokio::task::JoinSet::new();
     for (index, shard) in db.shards.all() {
-        let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), context.clone())
-            .register(
-                ORDER_PLACED,
-                saga_options(job_timeout),
-                |ctx, job| async move { checkout::run(&ctx, &job).await },
-            )
-            // Nothing consumes these events yet: e-mail and webhooks arrive with the side-effects issue.
-            .register(ORDER_CONFIRMED, KindOptions::default(), |_, _| async { Ok(()) })
-            .register(ORDER_FAILED, KindOptions::default(), |_, _| async { Ok(()) });
+        let mut runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), context.clone()).register(
+            ORDER_PLACED,
+            saga_options(timeout),
+            |ctx, job| async move { checkout::run(&ctx, &job).await },
+        );
+        for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
+            runner = runner.register(kind, user_event_options(timeout), |ctx, job| async move {
+                reactions::on_user_event(&ctx, &job).await
+            });
+        }
         let stopped = stop.stopped();
         runners.spawn(async move {
             tracing::info!(shard = index, "worker started");
@@ -59,8 +124,26 @@ pub async fn run_workers(
         });
         runners.spawn(maintenance::scheduler(shard, context.clone()).run(stop.stopped()));
     }
+    let catalog = &db.catalog;
+    let mut runner = Runner::new(catalog.pool().clone(), Some(catalog.url().to_owned()), context.clone()).register(
+        webhooks::DELIVER,
+        delivery_options(&context.deliverer),
+        |ctx, job| async move { webhooks::delivery::run(&ctx.db.catalog, &ctx.deliverer, &job).await },
+    );
+    for kind in [PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOCK_CHANGED] {
+        runner = runner.register(kind, product_event_options(timeout), |ctx, job| async move {
+            reactions::on_catalog_event(&ctx, &job).await
+        });
+    }
+    let stopped = stop.stopped();
+    runners.spawn(async move {
+        tracing::info!("catalogue worker started");
+        runner.run(stopped).await;
+    });
+    runners.spawn(maintenance::catalog_scheduler(catalog, context.clone()).run(stop.stopped()));
     shutdown.await;
     stop.trigger();
     while runners.join_next().await.is_some() {}
     tracing::info!("workers stopped");
+    Ok(())
 }

@@ -61,7 +61,8 @@ async fn a_checkout_is_accepted_then_confirmed_by_the_saga() {
     let mut traced = Vec::new();
     for i in 0..crate::helpers::SHARDS {
         let shard = app.dbs.shard(i).await;
-        for row in shard.query("SELECT kind, traceparent FROM keel_jobs ORDER BY id", &[]).await.unwrap() {
+        let orders = shard.query("SELECT kind, traceparent FROM keel_jobs WHERE kind LIKE 'order.%' ORDER BY id", &[]);
+        for row in orders.await.unwrap() {
             traced.push((row.get::<_, String>(0), row.get::<_, Option<String>>(1).unwrap_or_default()));
         }
     }

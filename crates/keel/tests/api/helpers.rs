@@ -68,6 +68,11 @@ pub fn cluster() -> &'static TestCluster {
     })
 }
 
+/// A directory of this test binary's, removed by the next run once this process is gone.
+pub fn scratch_root() -> PathBuf {
+    test_dir(std::process::id())
+}
+
 fn test_dir(pid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("keel-test-{pid}"))
 }
@@ -158,25 +163,34 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub dbs: TestDatabases,
     pub databases: std::sync::Arc<Databases>,
+    pub config: std::sync::Arc<Config>,
 }
 
 /// Workers running in the test's process (as `keel up` runs them), until stopped.
 pub struct Workers {
     stop: keel::startup::Stop,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Workers {
     pub async fn stop(self) {
         self.stop.trigger();
-        self.task.await.unwrap();
+        self.task.await.unwrap().unwrap();
     }
 }
 
 impl TestApp {
     pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(|_| {}).await
+    }
+
+    /// An app whose configuration `configure` adjusts first (the workers started later use it too).
+    pub async fn spawn_with(configure: impl FnOnce(&mut Config)) -> TestApp {
         let dbs = TestDatabases::create(true).await;
-        let config = Config {
+        let mut config = Config {
+            data_dir: scratch_root().join(unique_name("data")),
+            // Test peers (webhook receivers) listen on loopback.
+            webhook_allow_loopback: Some(true),
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_token: Some(ADMIN_TOKEN.to_owned()),
             catalog_url: Some(dbs.catalog_url.clone()),
@@ -185,22 +199,19 @@ impl TestApp {
             debug_headers: true,
             ..Config::default()
         };
+        configure(&mut config);
         let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, config.db_pool_size).await.unwrap();
-        let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
+        let app = Application::build(config.clone(), databases, ADMIN_TOKEN).await.unwrap();
         let address = format!("http://{}", app.local_addr());
         let databases = app.databases();
         tokio::spawn(app.run_until_stopped(std::future::pending()));
-        TestApp { address, client: reqwest::Client::new(), dbs, databases }
+        TestApp { address, client: reqwest::Client::new(), dbs, databases, config: std::sync::Arc::new(config) }
     }
 
     /// Starts a set of workers over this app's databases; call more than once for competing workers.
     pub fn start_workers(&self) -> Workers {
         let stop = keel::startup::Stop::new();
-        let task = tokio::spawn(keel::jobs::run_workers(
-            self.databases.clone(),
-            std::time::Duration::from_secs(60),
-            stop.stopped(),
-        ));
+        let task = tokio::spawn(keel::jobs::run_workers(self.databases.clone(), self.config.clone(), stop.stopped()));
         Workers { stop, task }
     }
 
@@ -297,17 +308,38 @@ impl TestApp {
 }
 
 impl TestApp {
-    /// After the workers ran: no job is left pending or running on any shard, and every failed
+    /// After the workers ran: no job is left pending or running in any database, and every failed
     /// order's stock was given back.
+    /// Waits (up to 30 s) for the follow-ups of the work a test did (e-mail, search, webhooks).
     pub async fn check_queues_drained(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let mut left = Vec::new();
+            for (name, url) in std::iter::once(("catalogue".to_owned(), &self.dbs.catalog_url))
+                .chain(self.dbs.shard_urls.iter().enumerate().map(|(i, url)| (format!("shard {i}"), url)))
+            {
+                let rows = connect(url)
+                    .await
+                    .query("SELECT kind, state, last_error FROM keel_jobs WHERE state IN ('pending', 'running')", &[])
+                    .await
+                    .unwrap();
+                left.extend(rows.iter().map(|r| {
+                    format!(
+                        "{name}: {} {} {:?}",
+                        r.get::<_, String>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, Option<String>>(2)
+                    )
+                }));
+            }
+            if left.is_empty() {
+                break;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "jobs left unprocessed: {left:#?}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         for i in 0..SHARDS {
             let shard = self.dbs.shard(i).await;
-            let left: i64 = shard
-                .query_one("SELECT count(*) FROM keel_jobs WHERE state IN ('pending', 'running')", &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(left, 0, "shard {i} has jobs left unprocessed");
             let failed: Vec<uuid::Uuid> = shard
                 .query("SELECT id FROM orders WHERE status = 'failed'", &[])
                 .await

@@ -4,10 +4,14 @@
 mod carts;
 mod catalog;
 mod checkout;
+mod email;
 mod errors;
 mod helpers;
 mod ops;
+mod peers;
 mod processes;
 mod queue;
+mod search;
 mod users;
 mod wallet;
+mod webhooks;

@@ -26,6 +26,8 @@ fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
         command.env_remove(key);
     }
     command.env("KEEL_LOG", "info");
+    // E-mail is written under the data directory when no SMTP server is set: keep it out of the tree.
+    command.env("KEEL_DATA_DIR", crate::helpers::scratch_root().join("keel-data"));
     for (key, value) in env {
         command.env(key, value);
     }

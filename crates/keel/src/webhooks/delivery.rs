@@ -1,0 +1,255 @@
+//! Delivering one event to one endpoint: sign, POST, and record what happened. A non-2xx answer, a
+//! timeout or a connection error is retried on the configured schedule (or when the endpoint's
+//! `Retry-After` says); 410 Gone disables the subscription; after the last retry the delivery is dead.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keel_outbox::{Job, JobError};
+use uuid::Uuid;
+
+use super::network::{refusal, NetworkPolicy, PolicyResolver};
+use super::signing;
+use crate::db::{Db, Sql};
+
+/// The longest an endpoint may take to answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` honoured; beyond it, the schedule's own wait applies.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// How much of an endpoint's error body is kept in the delivery record.
+const ERROR_EXCERPT: usize = 200;
+
+/// What the delivery worker needs: an HTTP client confined by the network policy, and the schedule.
+pub struct Deliverer {
+    http: reqwest::Client,
+    policy: NetworkPolicy,
+    schedule: Vec<Duration>,
+}
+
+/// The outcome of one attempt.
+#[derive(Debug)]
+enum Attempt {
+    Delivered(u16),
+    Gone,
+    /// The address is not allowed: retrying cannot help.
+    Refused(String),
+    Failed {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Deliverer {
+    pub fn new(policy: NetworkPolicy, schedule: Vec<Duration>) -> Deliverer {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            // A redirect could lead anywhere, past the policy: a receiver must give its final URL.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(PolicyResolver(policy)))
+            .user_agent(concat!("Keel-Webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the webhook HTTP client's settings are valid");
+        Deliverer { http, policy, schedule }
+    }
+
+    /// Runs before the delivery is dead: the first and one per wait of the schedule.
+    pub fn max_attempts(&self) -> i32 {
+        self.schedule.len() as i32 + 1
+    }
+
+    /// The wait before retry `attempt` (1-based), jittered by up to 10% either way so that
+    /// deliveries that failed together do not all return together.
+    fn wait_before_retry(&self, attempt: i32) -> Option<Duration> {
+        let wait = *self.schedule.get(usize::try_from(attempt - 1).ok()?)?;
+        let mut byte = [0u8; 1];
+        getrandom::fill(&mut byte).expect("the operating system's random source is available");
+        Some(wait.mul_f64(0.9 + 0.2 * f64::from(byte[0]) / 255.0))
+    }
+
+    async fn attempt(&self, url: &str, secret: &str, event_id: Uuid, body: &str) -> Attempt {
+        if let Some(reason) = literal_refusal(self.policy, url) {
+            return Attempt::Refused(reason);
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        let id = event_id.to_string();
+        let signature = match signing::sign(secret, &id, now, body) {
+            Ok(signature) => signature,
+            Err(e) => return Attempt::Refused(e),
+        };
+        let sent = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", now.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_owned())
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) if error_chain(&e).contains("refused to call") => return Attempt::Refused(error_chain(&e)),
+            Err(e) => return Attempt::Failed { status: None, error: error_chain(&e), retry_after: None },
+        };
+        let status = response.status().as_u16();
+        if response.status().is_success() {
+            return Attempt::Delivered(status);
+        }
+        if status == 410 {
+            return Attempt::Gone;
+        }
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(retry_after);
+        let excerpt: String = response.text().await.unwrap_or_default().chars().take(ERROR_EXCERPT).collect();
+        Attempt::Failed { status: Some(status), error: format!("HTTP {status}: {excerpt}"), retry_after }
+    }
+}
+
+/// An IP address in the URL itself never reaches the resolver, so it is checked here.
+fn literal_refusal(policy: NetworkPolicy, url: &str) -> Option<String> {
+    let host = reqwest::Url::parse(url).ok()?.host_str()?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let ip: IpAddr = host.parse().ok()?;
+    refusal(policy, ip).map(|reason| format!("refused to call {host}: {reason}"))
+}
+
+/// The error and its causes: reqwest's own message alone says only "error sending request".
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let wait = match value.trim().parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value.trim()).ok()?.duration_since(SystemTime::now()).unwrap_or_default(),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// The handler of [`super::DELIVER`] jobs; the job id is the delivery id.
+pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), JobError> {
+    let err = |e: tokio_postgres::Error| JobError::from(e.to_string());
+    let client = catalog.client().await.map_err(|e| JobError::from(e.to_string()))?;
+    let Some(row) = client
+        .maybe_row(
+            "SELECT d.event_id, d.body, d.status, s.id AS subscription, s.url, s.secret, s.enabled
+             FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id WHERE d.id = $1",
+            &[&job.id],
+        )
+        .await
+        .map_err(err)?
+    else {
+        tracing::info!("the webhook was deleted; nothing to deliver");
+        return Ok(());
+    };
+    let status: String = row.get("status");
+    if status == "succeeded" {
+        return Ok(());
+    }
+    let (event_id, subscription): (Uuid, Uuid) = (row.get("event_id"), row.get("subscription"));
+    if !row.get::<_, bool>("enabled") {
+        record(&client, job.id, "dead", None, Some("the subscription is disabled"), None).await.map_err(err)?;
+        return Ok(());
+    }
+    let url: String = row.get("url");
+    let outcome = deliverer.attempt(&url, row.get("secret"), event_id, row.get("body")).await;
+    match outcome {
+        Attempt::Delivered(code) => {
+            tracing::info!(%url, status = code, "webhook delivered");
+            record(&client, job.id, "succeeded", Some(code), None, None).await.map_err(err)
+        }
+        Attempt::Gone => {
+            tracing::warn!(%url, "webhook endpoint answered 410 Gone; disabling the subscription");
+            client
+                .exec(
+                    "UPDATE webhook_subscriptions SET enabled = false, disabled_reason = 'the endpoint answered 410 Gone'
+                     WHERE id = $1",
+                    &[&subscription],
+                )
+                .await
+                .map_err(err)?;
+            record(&client, job.id, "dead", Some(410), Some("410 Gone: subscription disabled"), None).await.map_err(err)
+        }
+        Attempt::Refused(reason) => {
+            tracing::warn!(%url, %reason, "webhook refused by the network policy");
+            record(&client, job.id, "dead", None, Some(&reason), None).await.map_err(err)
+        }
+        Attempt::Failed { status, error, retry_after } => {
+            let wait = deliverer.wait_before_retry(job.attempt).map(|w| retry_after.unwrap_or(w));
+            let state = if wait.is_some() { "retrying" } else { "dead" };
+            tracing::warn!(%url, status, %error, attempt = job.attempt, retry_in = ?wait, "webhook delivery failed");
+            record(&client, job.id, state, status, Some(&error), wait).await.map_err(err)?;
+            Err(match wait {
+                Some(wait) => JobError::retry_in(error, wait),
+                None => JobError::from(error),
+            })
+        }
+    }
+}
+
+async fn record(
+    client: &impl Sql,
+    delivery: Uuid,
+    status: &str,
+    code: Option<u16>,
+    error: Option<&str>,
+    retry_in: Option<Duration>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .exec(
+            "UPDATE webhook_deliveries
+             SET status = $2, attempts = attempts + 1, last_status_code = $3, last_error = $4,
+                 next_attempt_at = now() + $5 * interval '1 second', updated_at = now()
+             WHERE id = $1",
+            &[&delivery, &status, &code.map(i32::from), &error, &retry_in.map(|d| d.as_secs_f64())],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_capped() {
+        assert_eq!(retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after("99999999"), Some(MAX_RETRY_AFTER));
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        let wait = retry_after(&soon).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon"), None);
+    }
+
+    #[test]
+    fn the_schedule_is_jittered_and_ends() {
+        let policy = NetworkPolicy { allow_loopback: false, allow_private: false };
+        let deliverer = Deliverer::new(policy, vec![Duration::from_secs(10), Duration::from_secs(100)]);
+        assert_eq!(deliverer.max_attempts(), 3);
+        for _ in 0..100 {
+            let first = deliverer.wait_before_retry(1).unwrap();
+            assert!(first >= Duration::from_secs(9) && first <= Duration::from_secs(11), "{first:?}");
+        }
+        assert!(deliverer.wait_before_retry(2).unwrap() >= Duration::from_secs(90));
+        assert_eq!(deliverer.wait_before_retry(3), None);
+    }
+
+    #[test]
+    fn literal_addresses_are_checked_before_sending() {
+        let policy = NetworkPolicy { allow_loopback: false, allow_private: false };
+        assert!(literal_refusal(policy, "http://127.0.0.1:8080/hook").is_some());
+        assert!(literal_refusal(policy, "http://[::1]:8080/hook").is_some());
+        assert!(literal_refusal(policy, "https://example.org/hook").is_none());
+    }
+}

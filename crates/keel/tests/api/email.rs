@@ -1,0 +1,123 @@
+//! E-mail from events: a real SMTP server that is down when the order is confirmed and up later
+//! gets exactly one receipt; with no SMTP server, messages are files in the data directory.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{expect_json, scratch_root, TestApp};
+use crate::peers::{free_port, SmtpServer};
+
+#[tokio::test]
+async fn a_receipt_sent_while_smtp_is_down_arrives_exactly_once_when_it_is_back() {
+    let port = free_port();
+    let app = TestApp::spawn_with(|config| config.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
+    let workers = app.start_workers();
+    let (_, token) = app.create_user("Rita Receipt").await;
+    expect_json(Ok(app.deposit(&token, "d", 10_000).await), 201).await;
+    let product = app.create_product("MAIL-1", 1234, 5).await;
+    let item = json!({ "quantity": 2 });
+    expect_json(app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&item).send().await, 200).await;
+    let response = app.post("/v1/checkout").bearer_auth(&token).header("idempotency-key", "k").send().await.unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let order = app.wait_for_order(&token, &location).await;
+    assert_eq!(order["status"], "confirmed");
+    let order_id = order["id"].as_str().unwrap().to_owned();
+
+    // The receipt fails while the server is down, and is retried.
+    let started = Instant::now();
+    loop {
+        let mut failures = 0;
+        for i in 0..crate::helpers::SHARDS {
+            let shard = app.dbs.shard(i).await;
+            let row = shard
+                .query_opt("SELECT attempts, last_error FROM keel_jobs WHERE kind = 'order.confirmed'", &[])
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                let error: Option<String> = row.get(1);
+                if error.is_some_and(|e| e.contains("SMTP")) {
+                    failures += row.get::<_, i32>(0);
+                }
+            }
+        }
+        if failures >= 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "the receipt never failed against a closed port");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let smtp = SmtpServer::start(port, &scratch_root().join(format!("maildir-{port}"))).await;
+    let started = Instant::now();
+    let receipts = loop {
+        let receipts: Vec<String> =
+            smtp.messages().into_iter().filter(|m| m.contains(&format!("Receipt for order {order_id}"))).collect();
+        if !receipts.is_empty() {
+            break receipts;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let mut jobs = Vec::new();
+            for i in 0..crate::helpers::SHARDS {
+                for row in app
+                    .dbs
+                    .shard(i)
+                    .await
+                    .query("SELECT kind, state, attempts, run_at::text, last_error FROM keel_jobs", &[])
+                    .await
+                    .unwrap()
+                {
+                    jobs.push(format!(
+                        "{} {} {} {} {:?}",
+                        row.get::<_, String>(0),
+                        row.get::<_, String>(1),
+                        row.get::<_, i32>(2),
+                        row.get::<_, String>(3),
+                        row.get::<_, Option<String>>(4)
+                    ));
+                }
+            }
+            panic!("no receipt arrived; messages {:?}; jobs {jobs:#?}", smtp.messages());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    app.check_queues_drained().await;
+    workers.stop().await;
+    // Whatever was retried, one receipt: and it names the order, its items and total.
+    let all = smtp.messages();
+    let receipts_now = all.iter().filter(|m| m.contains(&format!("Receipt for order {order_id}"))).count();
+    assert_eq!((receipts.len(), receipts_now), (1, 1), "{all:#?}");
+    let receipt = &receipts[0];
+    assert!(receipt.contains("Product MAIL-1") && receipt.contains("12.34"), "{receipt}");
+    assert!(receipt.contains("Total: 24.68"), "{receipt}");
+    assert!(receipt.contains("Message-ID: <"), "{receipt}");
+    let welcomes = all.iter().filter(|m| m.contains("Subject: Welcome to Keel")).count();
+    assert_eq!(welcomes, 1, "the welcome e-mail also waited for the server, and came once");
+}
+
+#[tokio::test]
+async fn without_smtp_messages_are_files_in_the_data_directory() {
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    let (_, token) = app.create_user("Frida File").await;
+    let product = app.create_product("MAIL-2", 500, 5).await;
+    let item = json!({ "quantity": 1 });
+    expect_json(app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&item).send().await, 200).await;
+    let response = app.post("/v1/checkout").bearer_auth(&token).header("idempotency-key", "k").send().await.unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let order = app.wait_for_order(&token, &location).await;
+    assert_eq!(
+        (order["status"].as_str(), order["failure_reason"].as_str()),
+        (Some("failed"), Some("insufficient_funds"))
+    );
+    app.check_queues_drained().await;
+    workers.stop().await;
+    let dir = app.config.data_dir.join("mail");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "a welcome and a failure notice: {files:#?}");
+    assert!(files.iter().any(|m| m.contains("Subject: Welcome to Keel") && m.contains("Frida File")));
+    let notice = files.iter().find(|m| m.contains("was not placed")).expect("a failure notice");
+    assert!(notice.contains("wallet balance"), "{notice}");
+}

@@ -1,0 +1,203 @@
+//! Real protocol peers for the side-effect tests: an SMTP server (aiosmtpd, a separate process), an
+//! HTTP webhook receiver that answers as a test scripts it, and signature verification by the
+//! Standard Webhooks reference library — an implementation independent of Keel's.
+//! The Python tools live in `target/python`, made by `scripts/install-deps.sh` (`make test`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/install-deps.sh (make test does)", python.display());
+    python
+}
+
+/// An SMTP server that stores every message it accepts in a maildir.
+pub struct SmtpServer {
+    child: Child,
+    pub maildir: PathBuf,
+}
+
+impl SmtpServer {
+    /// Starts on `port` and waits until it accepts connections.
+    pub async fn start(port: u16, maildir: &Path) -> SmtpServer {
+        // aiosmtpd makes the maildir (cur, new, tmp) only when the directory does not exist yet.
+        std::fs::create_dir_all(maildir.parent().unwrap()).unwrap();
+        let child = Command::new(python())
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting aiosmtpd");
+        let server = SmtpServer { child, maildir: maildir.to_owned() };
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "the SMTP server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    /// Every message received so far, as text.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else { return Vec::new() };
+        entries.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or_default()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// How a receiver answers one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub status: u16,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply { status, delay: Duration::ZERO }
+    }
+}
+
+struct ReceiverState {
+    received: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<Reply>>,
+    otherwise: Reply,
+}
+
+/// A webhook endpoint: answers with the scripted replies in turn, then with `otherwise`.
+pub struct Receiver {
+    pub url: String,
+    state: Arc<ReceiverState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(script: Vec<Reply>, otherwise: Reply) -> Receiver {
+        Receiver::start_on(0, script, otherwise).await
+    }
+
+    pub async fn start_on(port: u16, script: Vec<Reply>, otherwise: Reply) -> Receiver {
+        let state =
+            Arc::new(ReceiverState { received: Mutex::default(), script: Mutex::new(script.into()), otherwise });
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let handler_state = state.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let state = handler_state.clone();
+                async move {
+                    state.received.lock().unwrap().push(Received { headers, body });
+                    let reply = state.script.lock().unwrap().pop_front().unwrap_or(state.otherwise);
+                    tokio::time::sleep(reply.delay).await;
+                    StatusCode::from_u16(reply.status).unwrap().into_response()
+                }
+            }),
+        );
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Receiver { url, state, server }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived; returns them.
+    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
+        let started = Instant::now();
+        loop {
+            let received = self.received();
+            if received.len() >= n {
+                return received;
+            }
+            assert!(started.elapsed() < within, "{} of {n} requests within {within:?}", received.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Verifies every request's signature with the `standardwebhooks` reference library; panics with
+/// the library's complaint if one does not verify.
+pub fn verify_with_reference_library(secret: &str, requests: &[Received]) {
+    let attempts: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "headers": {
+                    "webhook-id": r.header("webhook-id"),
+                    "webhook-timestamp": r.header("webhook-timestamp"),
+                    "webhook-signature": r.header("webhook-signature"),
+                },
+                "body": r.body,
+            })
+        })
+        .collect();
+    let script = "import json, sys\n\
+                  from standardwebhooks.webhooks import Webhook\n\
+                  given = json.load(sys.stdin)\n\
+                  hook = Webhook(given['secret'])\n\
+                  for attempt in given['attempts']:\n\
+                  \x20   hook.verify(attempt['body'], attempt['headers'])\n\
+                  print(len(given['attempts']), 'verified')\n";
+    let mut child = Command::new(python())
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::json!({ "secret": secret, "attempts": attempts }).to_string();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the reference library rejected a signature:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.trim(), format!("{} verified", requests.len()));
+}

@@ -1,0 +1,109 @@
+//! Product search, kept by the workers from product events: renames, prefixes, typos, stock, paging.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{expect_json, expect_problem, TestApp};
+
+async fn search(app: &TestApp, query: &str) -> Value {
+    expect_json(app.get("/v1/search").query(&[("q", query)]).send().await, 200).await
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Polls until `query` does (or does not) find `product`; returns how long that took.
+async fn until_found(app: &TestApp, query: &str, product: &str, found: bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if ids(&search(app, query).await).contains(&product.to_owned()) == found {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{query:?} found={found} never held for {product}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn create(app: &TestApp, sku: &str, name: &str, description: &str) -> String {
+    let body = json!({ "sku": sku, "name": name, "description": description, "price_cents": 500, "stock": 3 });
+    expect_json(app.admin(app.post("/v1/products")).json(&body).send().await, 201).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_renamed_product_is_found_by_its_new_name_and_not_its_old_one() {
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    let product = create(&app, "LAMP-1", "Quokka Lantern", "A lantern for night walks").await;
+    until_found(&app, "quokka", &product, true).await;
+
+    let rename = app.admin(app.patch(&format!("/v1/products/{product}"))).json(&json!({ "name": "Wombat Kettle" }));
+    expect_json(rename.send().await, 200).await;
+    let lag = until_found(&app, "wombat", &product, true).await;
+    assert!(lag < Duration::from_secs(2), "searchable {lag:?} after the rename");
+    assert!(!ids(&search(&app, "quokka").await).contains(&product), "the old name no longer finds it");
+    // Prefixes, the description, and a one-letter typo all find it.
+    for query in ["womb", "kett", "WOMBAT", "night walks", "wonbat", "kettel", "wombat kettle"] {
+        assert!(ids(&search(&app, query).await).contains(&product), "{query:?} should find it");
+    }
+    let hit = &search(&app, "wombat").await["items"][0];
+    assert_eq!(
+        (hit["name"].as_str(), hit["price_cents"].as_i64(), hit["in_stock"].as_bool()),
+        (Some("Wombat Kettle"), Some(500), Some(true))
+    );
+
+    // Sold out: search says so.
+    let stock = app.admin(app.put(&format!("/v1/products/{product}/inventory"))).json(&json!({ "stock": 0 }));
+    expect_json(stock.send().await, 200).await;
+    let started = Instant::now();
+    while search(&app, "wombat").await["items"][0]["in_stock"] != false {
+        assert!(started.elapsed() < Duration::from_secs(10), "in_stock never became false");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keel_search_index_lag_seconds_bucket"), "the index lag is measured");
+    workers.stop().await;
+    app.check_queues_drained().await;
+}
+
+#[tokio::test]
+async fn results_rank_exact_matches_first_and_page() {
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    let in_name = create(&app, "R-1", "Copper Kettle", "").await;
+    let in_description = create(&app, "R-2", "Tea pot", "Pairs well with a copper cup").await;
+    let typo = create(&app, "R-3", "Coper wire", "").await;
+    until_found(&app, "copper", &in_description, true).await;
+    until_found(&app, "wire", &typo, true).await;
+    let page = search(&app, "copper").await;
+    assert_eq!(ids(&page), [in_name.clone(), in_description.clone(), typo.clone()], "name, description, then typo");
+
+    let first = expect_json(app.get("/v1/search?q=copper&limit=2").send().await, 200).await;
+    assert_eq!(ids(&first), [in_name, in_description]);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let second = expect_json(app.get(&format!("/v1/search?q=copper&limit=2&cursor={cursor}")).send().await, 200).await;
+    assert_eq!(ids(&second), [typo]);
+    assert!(second["next_cursor"].is_null());
+    assert!(ids(&search(&app, "zebra").await).is_empty());
+    workers.stop().await;
+}
+
+#[tokio::test]
+async fn bad_search_queries_are_4xx() {
+    let app = TestApp::spawn().await;
+    expect_problem(app.get("/v1/search").send().await, 422, "q").await;
+    expect_problem(app.get("/v1/search?q=%26%7C%21").send().await, 422, "at least one word").await;
+    expect_problem(app.get(&format!("/v1/search?q={}", "a".repeat(201))).send().await, 422, "200").await;
+    expect_problem(app.get("/v1/search?q=x&limit=0").send().await, 400, "limit").await;
+    expect_problem(app.get("/v1/search?q=x&cursor=abc").send().await, 400, "cursor").await;
+    expect_problem(app.get("/v1/search?q=x&limit=many").send().await, 400, "limit").await;
+    // Text search syntax in a query is only text.
+    for hostile in ["a:* | b", "!x & (y", "'quoted'", "a\\b", "日本語"] {
+        let response = app.get("/v1/search").query(&[("q", hostile)]).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{hostile:?}");
+    }
+}
