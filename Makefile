@@ -2,17 +2,19 @@
 .PHONY: run test deps build lint clean bench bench-smoke
 
 deps:
-	@scripts/install-deps.sh
+	@scripts/install-deps.sh nats-server
 
 # Build release and run everything in one process over a private PostgreSQL cluster in ./.keel.
 run: deps
 	cargo build --release --bin keel
 	./target/release/keel up
 
-# Formatting, lints, the benchmark smoke run, then every test: unit tests and the API suite against real PostgreSQL.
+# Formatting, lints, the benchmark smoke run, then every test: unit tests and the API suite against real PostgreSQL,
+# SMTP, HTTP receivers and NATS; then the checkout and webhook tests again with events carried by NATS JetStream.
 # The bench smoke run goes first so that cargo test's summary closes the output.
 test: deps lint bench-smoke
 	cargo test --workspace --all-targets
+	KEEL_TEST_NATS=1 cargo test -p keel --test api -- checkout:: webhooks::
 
 # Every scenario against a release build, with same-run baselines: writes BENCHMARKS.md and .json.
 bench: deps

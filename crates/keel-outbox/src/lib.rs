@@ -11,15 +11,19 @@
 //! - A failed job is retried with exponential backoff and full jitter; after its last attempt it is
 //!   `dead`, kept, and can be replayed ([`replay`]).
 //!
+//! - Scaled out, [`Runner::relay`] moves chosen kinds to NATS JetStream and a [`StreamRunner`] runs
+//!   them from there, with the same handlers and guarantees (see the `stream` module).
 //! - A [`Scheduler`] runs periodic tasks on one node of a fleet at a time, with jittered starts.
 //!
 //! The crate knows nothing of what the jobs do: handlers are closures over a context of the caller's.
 
 mod runner;
 mod schedule;
+mod stream;
 
-pub use runner::{Job, JobError, KindOptions, Runner};
+pub use runner::{Job, JobError, KindOptions, Registry, Runner};
 pub use schedule::{Scheduler, SCHEDULE_SCHEMA};
+pub use stream::{JetStream, StreamRunner};
 
 use std::time::Duration;
 

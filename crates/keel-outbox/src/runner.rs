@@ -89,7 +89,7 @@ impl Default for KindOptions {
 
 /// How long a claimed job is reserved for its runner: its timeout and half as much again, so it
 /// is only claimed again once its runner must have given up on it (or died).
-fn lease(timeout: Duration) -> Duration {
+pub(crate) fn lease(timeout: Duration) -> Duration {
     timeout + (timeout / 2).max(Duration::from_secs(1))
 }
 
@@ -120,13 +120,46 @@ impl From<&str> for JobError {
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), JobError>> + Send>>;
-type Handler<C> = Arc<dyn Fn(Arc<C>, Job) -> HandlerFuture + Send + Sync>;
+pub(crate) type Handler<C> = Arc<dyn Fn(Arc<C>, Job) -> HandlerFuture + Send + Sync>;
 
-struct Kind<C> {
-    name: String,
-    options: KindOptions,
-    handler: Handler<C>,
+pub(crate) struct Kind<C> {
+    pub(crate) name: String,
+    pub(crate) options: KindOptions,
+    pub(crate) handler: Handler<C>,
     wake: Notify,
+}
+
+impl<C> Kind<C> {
+    pub(crate) fn new(name: &str, options: KindOptions, handler: Handler<C>) -> Kind<C> {
+        Kind { name: name.to_owned(), options, handler, wake: Notify::new() }
+    }
+}
+
+/// Wraps a handler closure into the runners' handler type.
+pub(crate) fn handler<C, F, Fut, E>(handler: F) -> Handler<C>
+where
+    C: Send + Sync + 'static,
+    F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<JobError> + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |ctx, job| {
+        let handler = handler.clone();
+        Box::pin(async move { handler(ctx, job).await.map_err(Into::into) })
+    })
+}
+
+/// Where job handlers are registered: a [`Runner`] on a database's queue, or a
+/// [`crate::StreamRunner`] on JetStream. Register with a function generic over this trait and the
+/// same handlers serve both.
+pub trait Registry<C>: Sized {
+    /// Registers the handler of a kind. An `Err` (or a panic, or a timeout) is a failed attempt.
+    fn register<F, Fut, E>(self, kind: &str, options: KindOptions, handler: F) -> Self
+    where
+        F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError> + 'static;
 }
 
 struct Shared<C> {
@@ -165,18 +198,17 @@ impl<C: Send + Sync + 'static> Runner<C> {
     }
 
     /// Registers the handler of a kind. An `Err` (or a panic, or a timeout) is a failed attempt.
-    pub fn register<F, Fut, E>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
+    pub fn register<F, Fut, E>(self, kind: &str, options: KindOptions, handler: F) -> Self
     where
         F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<JobError> + 'static,
     {
-        let handler = Arc::new(handler);
-        let handler: Handler<C> = Arc::new(move |ctx, job| {
-            let handler = handler.clone();
-            Box::pin(async move { handler(ctx, job).await.map_err(Into::into) })
-        });
-        self.kinds.push(Arc::new(Kind { name: kind.to_owned(), options, handler, wake: Notify::new() }));
+        self.register_handler(kind, options, self::handler(handler))
+    }
+
+    pub(crate) fn register_handler(mut self, kind: &str, options: KindOptions, handler: Handler<C>) -> Self {
+        self.kinds.push(Arc::new(Kind::new(kind, options, handler)));
         self
     }
 
@@ -194,6 +226,17 @@ impl<C: Send + Sync + 'static> Runner<C> {
         shutdown.await;
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+impl<C: Send + Sync + 'static> Registry<C> for Runner<C> {
+    fn register<F, Fut, E>(self, kind: &str, options: KindOptions, handler: F) -> Self
+    where
+        F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError> + 'static,
+    {
+        Runner::register(self, kind, options, handler)
     }
 }
 
@@ -399,6 +442,57 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Runs `kind`'s handler on `job` within its timeout, as its own task so that a panic is a failed
+/// attempt rather than a dead runner, and records the run's metrics. Returns the outcome and the
+/// job's span (its fields: job id, kind, attempt, trace id). Shared with the JetStream consumer.
+pub(crate) async fn invoke<C: Send + Sync + 'static>(
+    ctx: Arc<C>,
+    kind: &Kind<C>,
+    job: Job,
+) -> (Result<(), JobError>, tracing::Span) {
+    let kind_label = kind.name.clone();
+    metrics::counter!("keel_jobs_started_total", "kind" => kind_label.clone()).increment(1);
+    let waited = SystemTime::now().duration_since(job.ready_at).unwrap_or_default();
+    metrics::histogram!("keel_job_pickup_seconds", "kind" => kind_label.clone()).record(waited.as_secs_f64());
+    let span = tracing::info_span!("job", job_id = %job.id, kind = %kind.name, attempt = job.attempt,
+        trace_id = job.trace_id().unwrap_or(""));
+    let attempt = job.attempt;
+    let started = std::time::Instant::now();
+    let mut run = AbortOnDrop(tokio::spawn((kind.handler)(ctx, job).instrument(span.clone())));
+    let outcome = match tokio::time::timeout(kind.options.timeout, &mut run.0).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join_error)) => Err(JobError::from(format!("handler panicked: {join_error}"))),
+        Err(_) => Err(JobError::from(format!("handler ran longer than {:?}", kind.options.timeout))),
+    };
+    metrics::histogram!("keel_job_duration_seconds", "kind" => kind_label.clone())
+        .record(started.elapsed().as_secs_f64());
+    match &outcome {
+        Ok(()) => metrics::counter!("keel_jobs_succeeded_total", "kind" => kind_label).increment(1),
+        Err(error) => {
+            let dead = attempt >= kind.options.max_attempts;
+            metrics::counter!("keel_jobs_failed_total", "kind" => kind_label.clone()).increment(1);
+            if dead {
+                metrics::counter!("keel_jobs_dead_total", "kind" => kind_label).increment(1);
+            }
+            span.in_scope(|| tracing::warn!(error = %error.message, dead, "job failed"));
+        }
+    }
+    (outcome, span)
+}
+
+impl KindOptions {
+    /// The wait before retrying after failed attempt `attempt`: the handler's own, or the backoff.
+    pub(crate) fn retry_delay(&self, attempt: i32, error: &JobError) -> Duration {
+        if let Some(delay) = error.retry_in {
+            delay
+        } else if self.jitter {
+            backoff(attempt, self.backoff_base, self.backoff_max)
+        } else {
+            backoff_ceiling(attempt, self.backoff_base, self.backoff_max)
+        }
+    }
+}
+
 async fn execute<C: Send + Sync + 'static>(
     shared: Arc<Shared<C>>,
     kind: Arc<Kind<C>>,
@@ -409,43 +503,13 @@ async fn execute<C: Send + Sync + 'static>(
     done: tokio::sync::mpsc::UnboundedSender<Uuid>,
 ) {
     let group = kind.options.group_concurrency.map(|_| job.aggregate_id.clone());
-    let kind_label = kind.name.clone();
-    metrics::counter!("keel_jobs_started_total", "kind" => kind_label.clone()).increment(1);
-    let waited = SystemTime::now().duration_since(job.ready_at).unwrap_or_default();
-    metrics::histogram!("keel_job_pickup_seconds", "kind" => kind_label.clone()).record(waited.as_secs_f64());
-    let span = tracing::info_span!("job", job_id = %job.id, kind = %kind.name, attempt = job.attempt,
-        trace_id = job.trace_id().unwrap_or(""));
     let (id, attempt) = (job.id, job.attempt);
-    let started = std::time::Instant::now();
-    // The handler runs as its own task so that a panic is a failed attempt, not a dead runner.
-    let mut run = AbortOnDrop(tokio::spawn((kind.handler)(shared.ctx.clone(), job).instrument(span.clone())));
-    let outcome = match tokio::time::timeout(kind.options.timeout, &mut run.0).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join_error)) => Err(JobError::from(format!("handler panicked: {join_error}"))),
-        Err(_) => Err(JobError::from(format!("handler ran longer than {:?}", kind.options.timeout))),
-    };
-    metrics::histogram!("keel_job_duration_seconds", "kind" => kind_label.clone())
-        .record(started.elapsed().as_secs_f64());
+    let (outcome, span) = invoke(shared.ctx.clone(), &kind, job).await;
     let recorded = match &outcome {
-        Ok(()) => {
-            metrics::counter!("keel_jobs_succeeded_total", "kind" => kind_label).increment(1);
-            done.send(id).map_err(|_| "the completer has stopped".to_owned())
-        }
+        Ok(()) => done.send(id).map_err(|_| "the completer has stopped".to_owned()),
         Err(error) => {
             let dead = attempt >= kind.options.max_attempts;
-            metrics::counter!("keel_jobs_failed_total", "kind" => kind_label.clone()).increment(1);
-            if dead {
-                metrics::counter!("keel_jobs_dead_total", "kind" => kind_label).increment(1);
-            }
-            span.in_scope(|| tracing::warn!(error = %error.message, dead, "job failed"));
-            let options = &kind.options;
-            let delay = if let Some(delay) = error.retry_in {
-                delay
-            } else if options.jitter {
-                backoff(attempt, options.backoff_base, options.backoff_max)
-            } else {
-                backoff_ceiling(attempt, options.backoff_base, options.backoff_max)
-            };
+            let delay = kind.options.retry_delay(attempt, error);
             let failed = fail(&shared.pool, id, &error.message, dead, delay).await;
             if !dead && failed.is_ok() {
                 // Notifications only announce new jobs: wake this kind when the retry is due, so

@@ -47,6 +47,12 @@ pub struct Config {
     /// link-local addresses (10/8, 192.168/16, 169.254/16, fc00::/7, …)? Default no: an integrator's
     /// URL must not reach the inside of the network (SSRF).
     pub webhook_allow_private: bool,
+    /// `KEEL_NATS_URL` / `nats_url`: NATS with JetStream, e.g. `nats://127.0.0.1:4222`. Set, events
+    /// travel from the outbox through JetStream to the workers; unset, the Postgres queue carries them.
+    pub nats_url: Option<String>,
+    /// `KEEL_NATS_PREFIX` / `nats_prefix`: the subject prefix (`<prefix>.events.<type>`) and stream
+    /// name (`<PREFIX>_EVENTS`), so several deployments can share a NATS server.
+    pub nats_prefix: String,
 }
 
 impl Default for Config {
@@ -68,6 +74,8 @@ impl Default for Config {
             webhook_retry_schedule: [5, 300, 1800, 7200, 18000, 36000, 36000].map(Duration::from_secs).to_vec(),
             webhook_allow_loopback: None,
             webhook_allow_private: false,
+            nats_url: None,
+            nats_prefix: "keel".to_owned(),
         }
     }
 }
@@ -106,6 +114,8 @@ const SETTINGS: &[&str] = &[
     "webhook_retry_schedule",
     "webhook_allow_loopback",
     "webhook_allow_private",
+    "nats_url",
+    "nats_prefix",
 ];
 
 impl Config {
@@ -154,6 +164,8 @@ impl Config {
                     self.webhook_allow_loopback = Some(parse_bool(raw).map_err(|m| fail(key, m))?)
                 }
                 "webhook_allow_private" => self.webhook_allow_private = parse_bool(raw).map_err(|m| fail(key, m))?,
+                "nats_url" => self.nats_url = Some(non_empty(raw).map_err(|m| fail(key, m))?),
+                "nats_prefix" => self.nats_prefix = parse_prefix(raw).map_err(|m| fail(key, m))?,
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
         }
@@ -263,6 +275,13 @@ fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
     Ok(schedule)
 }
 
+fn parse_prefix(raw: &str) -> Result<String, String> {
+    if raw.is_empty() || raw.len() > 32 || !raw.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("{raw:?} is not 1 to 32 letters, digits, '-' or '_'"));
+    }
+    Ok(raw.to_owned())
+}
+
 fn parse_bool(raw: &str) -> Result<bool, String> {
     match raw.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -310,6 +329,8 @@ mod tests {
         assert_eq!(err.setting, "KEEL_WEBHOOK_RETRY_SCHEDULE");
         let err = Config::default().apply(&env(&[("KEEL_MAIL_FROM", "not an address")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_MAIL_FROM");
+        let err = Config::default().apply(&env(&[("KEEL_NATS_PREFIX", "keel.events")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_NATS_PREFIX");
     }
 
     #[test]

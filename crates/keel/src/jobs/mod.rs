@@ -7,6 +7,9 @@
 //! | shard     | `user.registered`, `order.confirmed`, `order.failed` | webhooks fan-out, e-mail ([`reactions`]) |
 //! | catalogue | `product.created`, `.updated`, `.stock_changed` | search index, webhooks fan-out    |
 //! | catalogue | `webhook.deliver`                          | one delivery ([`crate::webhooks::delivery`]) |
+//!
+//! With `KEEL_NATS_URL` set, the event kinds are relayed from these queues to JetStream and run by
+//! its consumers instead, with the same handlers; webhook deliveries stay on the catalogue's queue.
 
 pub mod checkout;
 pub mod emails;
@@ -17,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_outbox::{KindOptions, Runner};
+use keel_outbox::{JetStream, KindOptions, Registry, Runner, StreamRunner};
 use lettre::message::Mailbox;
 
 use crate::config::Config;
@@ -95,8 +98,33 @@ fn delivery_options(deliverer: &Deliverer) -> KindOptions {
     }
 }
 
+/// The events written on a shard, and on the catalogue. Scaled out, these travel through JetStream.
+const SHARD_EVENTS: &[&str] = &[ORDER_PLACED, USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED];
+const CATALOG_EVENTS: &[&str] = &[PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOCK_CHANGED];
+
+/// The handlers of every event, on whichever transport carries them.
+fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Duration) -> R {
+    let mut registry = registry
+        .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move { checkout::run(&ctx, &job).await });
+    for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
+        registry = registry.register(kind, user_event_options(timeout), |ctx, job| async move {
+            reactions::on_user_event(&ctx, &job).await
+        });
+    }
+    for kind in CATALOG_EVENTS {
+        registry = registry.register(kind, product_event_options(timeout), |ctx, job| async move {
+            reactions::on_catalog_event(&ctx, &job).await
+        });
+    }
+    registry
+}
+
 /// Runs every job kind on every database until `shutdown` completes; running jobs then get the
 /// runners' shutdown timeout to finish before they are released to another worker.
+///
+/// Events run from their database's queue, or, with `KEEL_NATS_URL`, are relayed from it to
+/// JetStream and run from there. Webhook deliveries always run from the catalogue's queue: they
+/// are per-endpoint work with their own schedule, not events.
 pub async fn run_workers(
     db: Arc<Databases>,
     config: Arc<Config>,
@@ -105,42 +133,54 @@ pub async fn run_workers(
     let stop = Stop::new();
     let context = Arc::new(JobContext::new(db.clone(), &config)?);
     let timeout = config.job_timeout;
-    let mut runners = tokio::task::JoinSet::new();
-    for (index, shard) in db.shards.all() {
-        let mut runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), context.clone()).register(
-            ORDER_PLACED,
-            saga_options(timeout),
-            |ctx, job| async move { checkout::run(&ctx, &job).await },
-        );
-        for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
-            runner = runner.register(kind, user_event_options(timeout), |ctx, job| async move {
-                reactions::on_user_event(&ctx, &job).await
-            });
+    let jetstream = match &config.nats_url {
+        Some(url) => {
+            Some(JetStream::connect(url, &config.nats_prefix).await.map_err(|e| format!("KEEL_NATS_URL: {e}"))?)
         }
-        let stopped = stop.stopped();
+        None => None,
+    };
+    let mut runners = tokio::task::JoinSet::new();
+    let mut spawn_runner = |db: &crate::db::Db, build: &dyn Fn(Runner<JobContext>) -> Runner<JobContext>| {
+        let runner = build(Runner::new(db.pool().clone(), Some(db.url().to_owned()), context.clone()));
+        let (stopped, name) = (stop.stopped(), db.name().to_owned());
         runners.spawn(async move {
-            tracing::info!(shard = index, "worker started");
+            tracing::info!(db = %name, "worker started");
             runner.run(stopped).await;
         });
+    };
+    let deliveries = |runner: Runner<JobContext>| {
+        runner.register(webhooks::DELIVER, delivery_options(&context.deliverer), |ctx, job| async move {
+            webhooks::delivery::run(&ctx.db.catalog, &ctx.deliverer, &job).await
+        })
+    };
+    match &jetstream {
+        None => {
+            for (_, shard) in db.shards.all() {
+                spawn_runner(shard, &|runner| register_event_handlers(runner, timeout));
+            }
+            spawn_runner(&db.catalog, &|runner| register_event_handlers(deliveries(runner), timeout));
+        }
+        Some(js) => {
+            for (_, shard) in db.shards.all() {
+                spawn_runner(shard, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS));
+            }
+            spawn_runner(&db.catalog, &|runner| deliveries(runner).relay(js, db.catalog.name(), CATALOG_EVENTS));
+            let mut consumer = StreamRunner::new(js.clone(), context.clone());
+            for source in db.all() {
+                consumer = consumer.source(source.name(), source.pool().clone());
+            }
+            let consumer = register_event_handlers(consumer, timeout);
+            let stopped = stop.stopped();
+            runners.spawn(async move {
+                tracing::info!("JetStream consumers started");
+                consumer.run(stopped).await;
+            });
+        }
+    }
+    for (_, shard) in db.shards.all() {
         runners.spawn(maintenance::scheduler(shard, context.clone()).run(stop.stopped()));
     }
-    let catalog = &db.catalog;
-    let mut runner = Runner::new(catalog.pool().clone(), Some(catalog.url().to_owned()), context.clone()).register(
-        webhooks::DELIVER,
-        delivery_options(&context.deliverer),
-        |ctx, job| async move { webhooks::delivery::run(&ctx.db.catalog, &ctx.deliverer, &job).await },
-    );
-    for kind in [PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOCK_CHANGED] {
-        runner = runner.register(kind, product_event_options(timeout), |ctx, job| async move {
-            reactions::on_catalog_event(&ctx, &job).await
-        });
-    }
-    let stopped = stop.stopped();
-    runners.spawn(async move {
-        tracing::info!("catalogue worker started");
-        runner.run(stopped).await;
-    });
-    runners.spawn(maintenance::catalog_scheduler(catalog, context.clone()).run(stop.stopped()));
+    runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone()).run(stop.stopped()));
     shutdown.await;
     stop.trigger();
     while runners.join_next().await.is_some() {}

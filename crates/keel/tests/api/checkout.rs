@@ -75,8 +75,8 @@ async fn a_checkout_is_accepted_then_confirmed_by_the_saga() {
     // Another user cannot see it.
     let (_, other) = app.create_user("Other").await;
     expect_problem(app.get(&location).bearer_auth(&other).send().await, 404, "order").await;
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
     app.check_invariants().await;
 }
 
@@ -110,8 +110,8 @@ async fn refusals_fail_the_order_with_a_reason_and_give_the_stock_back() {
     expect_problem(response, 422, "cart is empty").await;
     let no_key = app.post("/v1/checkout").bearer_auth(&rich).send().await;
     expect_problem(no_key, 400, "Idempotency-Key").await;
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
     app.check_invariants().await;
 }
 
@@ -130,8 +130,8 @@ async fn with_the_workers_paused_a_checkout_is_still_accepted_and_pending() {
 
     let workers = app.start_workers();
     assert_eq!(app.wait_for_order(&token, &location).await["status"], "confirmed");
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
     app.check_invariants().await;
 }
 
@@ -171,9 +171,9 @@ async fn no_oversell_when_forty_buyers_race_for_ten_units() {
     assert_eq!(outcomes.get("confirmed"), Some(&10), "{outcomes:?}");
     assert_eq!(outcomes.get("out_of_stock"), Some(&30), "{outcomes:?}");
     assert_eq!(stock(&app, &product).await, 0);
+    app.check_queues_drained().await;
     for w in workers {
         w.stop().await;
     }
-    app.check_queues_drained().await;
     app.check_invariants().await;
 }

@@ -199,6 +199,11 @@ impl TestApp {
             debug_headers: true,
             ..Config::default()
         };
+        if crate::peers::nats_enabled() {
+            config.nats_url = Some(crate::peers::nats_url().to_owned());
+            // A stream of this test's own: tests share the server, not their events.
+            config.nats_prefix = unique_name("n");
+        }
         configure(&mut config);
         let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, config.db_pool_size).await.unwrap();
         let app = Application::build(config.clone(), databases, ADMIN_TOKEN).await.unwrap();
@@ -331,6 +336,13 @@ impl TestApp {
                         r.get::<_, Option<String>>(2)
                     )
                 }));
+            }
+            if let Some(url) = &self.config.nats_url {
+                let stream = keel_outbox::JetStream::connect(url, &self.config.nats_prefix).await.unwrap();
+                let backlog = stream.backlog().await.unwrap();
+                if backlog > 0 {
+                    left.push(format!("{backlog} events in {}", stream.stream_name()));
+                }
             }
             if left.is_empty() {
                 break;

@@ -13,6 +13,52 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 
+/// The NATS server (with JetStream) shared by this test binary, started on first use from a thread
+/// that lives as long as the binary; the kernel kills the server when the binary exits.
+pub fn nats_url() -> &'static str {
+    static NATS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NATS.get_or_init(|| {
+        let port = free_port();
+        let store = crate::helpers::scratch_root().join("nats");
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut command = Command::new(binary);
+            command
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(&store)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = command.spawn().expect("starting nats-server (scripts/install-deps.sh installs it)");
+            started_tx.send(()).unwrap();
+            let _ = child.wait();
+        });
+        started_rx.recv().unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("nats://127.0.0.1:{port}")
+    })
+}
+
+/// `KEEL_TEST_NATS=1` runs the suite with events carried by JetStream (`make test` runs the checkout
+/// and webhook tests both ways).
+pub fn nats_enabled() -> bool {
+    std::env::var_os("KEEL_TEST_NATS").is_some_and(|v| v == "1")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -411,3 +411,53 @@ async fn no_order_is_lost_when_a_worker_process_is_killed() {
     }
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// The trace of a request follows its event into a separate `keel worker` process: every log line
+/// the worker writes while handling the event or its webhook delivery carries the request's trace id.
+#[tokio::test]
+async fn a_request_trace_id_is_on_every_worker_log_line_for_its_events() {
+    let dbs = TestDatabases::create(true).await;
+    let scratch = scratch_dir("traced-worker");
+    let env = vec![
+        ("KEEL_CATALOG_URL", dbs.catalog_url.clone()),
+        ("KEEL_SHARD_URLS", dbs.shard_urls.join(",")),
+        ("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("KEEL_WEBHOOK_ALLOW_LOOPBACK", "true".to_owned()),
+        ("KEEL_WEBHOOK_RETRY_SCHEDULE", "100ms".to_owned()),
+    ];
+    let mut api = Keel::start(&["serve"], &env, &scratch.join("api.log"));
+    api.wait_ready(Duration::from_secs(30)).await;
+    let mut worker = Keel::start(&["worker"], &env, &scratch.join("worker.log"));
+    let receiver =
+        crate::peers::Receiver::start(vec![crate::peers::Reply::status(503)], crate::peers::Reply::status(200)).await;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", api.address);
+    let subscription = json!({ "url": receiver.url, "events": ["product.created"] });
+    expect_json(client.post(url("/v1/webhooks")).bearer_auth(ADMIN_TOKEN).json(&subscription).send().await, 201).await;
+
+    let trace_id = "5e1b1c2d3e4f50617283940a1b2c3d4e";
+    let created = client
+        .post(url("/v1/products"))
+        .bearer_auth(ADMIN_TOKEN)
+        .header("traceparent", format!("00-{trace_id}-1a2b3c4d5e6f7081-01"))
+        .json(&json!({ "sku": "TRACED", "name": "Traced", "price_cents": 1, "stock": 1 }))
+        .send()
+        .await;
+    expect_json(created, 201).await;
+    // A failed attempt, then the delivery: both are logged by the worker.
+    receiver.wait_for(2, Duration::from_secs(30)).await;
+    worker.signal(libc::SIGTERM);
+    assert!(worker.wait_exit(Duration::from_secs(30)).await.success());
+
+    let log = worker.log_text();
+    let for_the_event: Vec<Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| matches!(line["span"]["kind"].as_str(), Some("product.created" | "webhook.deliver")))
+        .collect();
+    let messages: Vec<&str> = for_the_event.iter().filter_map(|l| l["message"].as_str()).collect();
+    assert!(messages.contains(&"webhook delivery failed") && messages.contains(&"webhook delivered"), "{log}");
+    for line in &for_the_event {
+        assert_eq!(line["span"]["trace_id"], trace_id, "a worker line without the request's trace: {line}");
+    }
+}

@@ -66,8 +66,8 @@ async fn a_renamed_product_is_found_by_its_new_name_and_not_its_old_one() {
     }
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("keel_search_index_lag_seconds_bucket"), "the index lag is measured");
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
 }
 
 #[tokio::test]

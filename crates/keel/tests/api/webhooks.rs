@@ -79,8 +79,8 @@ async fn an_endpoint_failing_twice_gets_the_event_three_times_with_one_id_and_va
     assert_eq!(delivery["event_id"], id.as_str());
     assert_eq!(delivery["event_type"], "product.created");
     assert_eq!(delivery["trace_id"], trace_id, "the delivery record names the request's trace");
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
 }
 
 #[tokio::test]
@@ -123,8 +123,8 @@ async fn an_endpoint_down_for_the_whole_schedule_ends_dead_and_a_replay_delivers
     expect_problem(app.admin(app.post(&unknown)).send().await, 404, "delivery").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.received().len(), 1);
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
 }
 
 #[tokio::test]
@@ -145,8 +145,8 @@ async fn gone_disables_the_subscription() {
     // Later events make no deliveries to a disabled subscription.
     let rename = app.admin(app.patch(&format!("/v1/products/{product}"))).json(&json!({ "name": "Renamed" }));
     expect_json(rename.send().await, 200).await;
-    workers.stop().await;
     app.check_queues_drained().await;
+    workers.stop().await;
     assert_eq!(deliveries(&app, webhook_id).await.len(), 1);
     assert_eq!(receiver.received().len(), 1);
 }
