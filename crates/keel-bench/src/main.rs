@@ -8,6 +8,7 @@ mod load;
 mod report;
 mod scenarios;
 mod setup;
+mod side_effects;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -92,6 +93,18 @@ async fn run(args: &[String]) -> ExitCode {
     results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await));
     results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await));
     results.push(report_line_owned(scenarios::s5_not_yet()));
+    eprintln!("keel-bench: side effects …");
+    let effects = side_effects::measure(&keel, &seed, &plan, &keel_binary, &work).await;
+    eprintln!(
+        "side effects: webhooks {:.0}/s; index lag p50 {:.1} ms p99 {:.1} ms ({} samples); JetStream {}",
+        effects.webhook_deliveries_per_second,
+        effects.index_lag_p50_ms,
+        effects.index_lag_p99_ms,
+        effects.index_lag_samples,
+        effects
+            .jetstream_events_per_second
+            .map_or("not measured (no nats-server)".into(), |r| format!("{r:.0} events/s"))
+    );
     let probe = scenarios::open_loop_probe(&baseline, &plan).await;
     eprintln!(
         "open-loop probe: {:.0}/s sent at 200/s, p99 {:.2} ms, {} errors",
@@ -101,8 +114,9 @@ async fn run(args: &[String]) -> ExitCode {
     let command = if smoke { "make bench-smoke" } else { "make bench" };
     let machine = report::machine(&scenarios_pg());
     std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("BENCHMARKS.md"), report::markdown(&machine, &results, command, smoke)).unwrap();
-    let raw = serde_json::json!({ "machine": machine, "scenarios": results, "open_loop_probe": probe, "smoke": smoke });
+    std::fs::write(out.join("BENCHMARKS.md"), report::markdown(&machine, &results, &effects, command, smoke)).unwrap();
+    let raw = serde_json::json!({ "machine": machine, "scenarios": results, "side_effects": effects,
+        "open_loop_probe": probe, "smoke": smoke });
     std::fs::write(out.join("BENCHMARKS.json"), serde_json::to_string_pretty(&raw).unwrap()).unwrap();
     eprintln!("keel-bench: wrote {}", out.join("BENCHMARKS.md").display());
     drop(keel);

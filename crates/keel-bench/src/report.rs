@@ -6,6 +6,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use crate::scenarios::ScenarioResult;
+use crate::side_effects::SideEffects;
 
 #[derive(Debug, Serialize)]
 pub struct Machine {
@@ -51,7 +52,13 @@ fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "—".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
-pub fn markdown(machine: &Machine, results: &[ScenarioResult], command: &str, smoke: bool) -> String {
+pub fn markdown(
+    machine: &Machine,
+    results: &[ScenarioResult],
+    effects: &SideEffects,
+    command: &str,
+    smoke: bool,
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Keel benchmarks\n");
     if smoke {
@@ -107,6 +114,36 @@ pub fn markdown(machine: &Machine, results: &[ScenarioResult], command: &str, sm
             if r.command.is_empty() { String::new() } else { format!("Command: {}. ", r.command) },
             r.notes
         );
+    }
+    let _ = writeln!(md, "\n## Side effects\n");
+    let _ = writeln!(md, "| measure | figure |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "| webhook deliveries to a fast local receiver | {:.0} /s ({} deliveries) |",
+        effects.webhook_deliveries_per_second, effects.webhook_deliveries
+    );
+    let lag_met = if smoke {
+        "smoke: not judged"
+    } else if effects.index_lag_p99_ms < 2000.0 {
+        "met"
+    } else {
+        "**not met**"
+    };
+    let _ = writeln!(
+        md,
+        "| search index lag (event → searchable), target p99 < 2 s | p50 {:.1} ms, p99 {:.1} ms over {} updates ({lag_met}) |",
+        effects.index_lag_p50_ms, effects.index_lag_p99_ms, effects.index_lag_samples
+    );
+    let _ = writeln!(
+        md,
+        "| events through NATS JetStream (outbox → stream → consumer → ack) | {} |\n",
+        effects.jetstream_events_per_second.map_or("not measured: no nats-server".into(), |r| format!(
+            "{r:.0} events/s ({} events)",
+            effects.jetstream_events
+        ))
+    );
+    for command in &effects.commands {
+        let _ = writeln!(md, "- {command}");
     }
     md
 }

@@ -48,7 +48,7 @@ fn pg_bin(program: &str) -> String {
         .map_or_else(|| program.to_owned(), |p| p.display().to_string())
 }
 
-async fn connect(url: &str) -> tokio_postgres::Client {
+pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connecting to keel's cluster");
     tokio::spawn(connection);
     client
@@ -240,7 +240,7 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
     // Maximum: a batch inserted at once, timed until all are done.
     let n = plan.jobs as i64;
     let started = Instant::now();
-    shard.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) SELECT gen_random_uuid(), 'order.confirmed', 's4-max', '{}' FROM generate_series(1, $1::bigint)", &[&n]).await.unwrap();
+    shard.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) SELECT gen_random_uuid(), 'keel.ping', 's4-max', '{}' FROM generate_series(1, $1::bigint)", &[&n]).await.unwrap();
     while count_done("s4-max").await < n {
         assert!(started.elapsed() < Duration::from_secs(300), "no-op jobs did not finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -267,7 +267,7 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
         tokio::time::sleep_until(at).await;
         let client = clients[i as usize % clients.len()].clone();
         inserts.spawn(async move {
-            client.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'order.confirmed', 's4-rate', '{}')", &[]).await
+            client.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'keel.ping', 's4-rate', '{}')", &[]).await
         });
         while inserts.try_join_next().is_some() {}
     }

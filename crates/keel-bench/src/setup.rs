@@ -41,10 +41,16 @@ pub struct Keel {
 
 impl Keel {
     pub async fn start(binary: &Path, data_dir: &Path) -> Keel {
+        Keel::start_with(binary, data_dir, &[]).await
+    }
+
+    /// With extra environment, e.g. `KEEL_NATS_URL`.
+    pub async fn start_with(binary: &Path, data_dir: &Path, env: &[(&str, String)]) -> Keel {
         let _ = std::fs::remove_dir_all(data_dir);
         std::fs::create_dir_all(data_dir).unwrap();
         let port = free_port();
         let child = Command::new(binary)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["up", "--data-dir"])
             .arg(data_dir.join("data"))
             .args(["--listen", &format!("127.0.0.1:{port}")])

@@ -13,6 +13,8 @@ pub const PRODUCT_STOCK_CHANGED: &str = "product.stock_changed";
 pub const ORDER_PLACED: &str = "order.placed";
 pub const ORDER_CONFIRMED: &str = "order.confirmed";
 pub const ORDER_FAILED: &str = "order.failed";
+/// Does nothing: measures the queue (or JetStream) itself, end to end (`make bench`, S4).
+pub const PING: &str = "keel.ping";
 
 /// The events a webhook may subscribe to. The others are internal steps.
 pub const SUBSCRIBABLE: &[&str] = &[USER_REGISTERED, PRODUCT_CREATED, PRODUCT_UPDATED, ORDER_CONFIRMED, ORDER_FAILED];

@@ -99,13 +99,14 @@ fn delivery_options(deliverer: &Deliverer) -> KindOptions {
 }
 
 /// The events written on a shard, and on the catalogue. Scaled out, these travel through JetStream.
-const SHARD_EVENTS: &[&str] = &[ORDER_PLACED, USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED];
+const SHARD_EVENTS: &[&str] = &[ORDER_PLACED, USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED, PING];
 const CATALOG_EVENTS: &[&str] = &[PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOCK_CHANGED];
 
 /// The handlers of every event, on whichever transport carries them.
 fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Duration) -> R {
     let mut registry = registry
-        .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move { checkout::run(&ctx, &job).await });
+        .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move { checkout::run(&ctx, &job).await })
+        .register(PING, KindOptions::default(), |_, _| async { Ok::<(), String>(()) });
     for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
         registry = registry.register(kind, user_event_options(timeout), |ctx, job| async move {
             reactions::on_user_event(&ctx, &job).await
