@@ -179,6 +179,17 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
         self
     }
 
+    /// Registers the handler of a kind, as [`Runner::register`] does.
+    pub fn register<F, Fut, E>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
+    where
+        F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError> + 'static,
+    {
+        self.kinds.push(Arc::new(Kind::new(kind, options, self::handler(handler))));
+        self
+    }
+
     /// Consumes every registered kind until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -202,14 +213,13 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
 }
 
 impl<C: Send + Sync + 'static> Registry<C> for StreamRunner<C> {
-    fn register<F, Fut, E>(mut self, kind: &str, options: KindOptions, handler: F) -> Self
+    fn register<F, Fut, E>(self, kind: &str, options: KindOptions, handler: F) -> Self
     where
         F: Fn(Arc<C>, Job) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: Into<JobError> + 'static,
     {
-        self.kinds.push(Arc::new(Kind::new(kind, options, self::handler(handler))));
-        self
+        StreamRunner::register(self, kind, options, handler)
     }
 }
 

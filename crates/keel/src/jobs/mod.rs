@@ -87,13 +87,13 @@ fn product_event_options(timeout: Duration) -> KindOptions {
     }
 }
 
-/// Webhook deliveries: the schedule is the handler's; at most 4 at once per endpoint, so a slow
-/// endpoint holds 4 of the 64 slots and the others keep flowing.
+/// Webhook deliveries: the schedule is the handler's; at most 16 at once per endpoint, so a slow
+/// endpoint holds 16 of the 64 slots and the others keep flowing.
 fn delivery_options(deliverer: &Deliverer) -> KindOptions {
     KindOptions {
         timeout: webhooks::delivery::REQUEST_TIMEOUT + Duration::from_secs(5),
         max_attempts: deliverer.max_attempts(),
-        group_concurrency: Some(4),
+        group_concurrency: Some(webhooks::PER_ENDPOINT_CONCURRENCY),
         ..KindOptions::default()
     }
 }

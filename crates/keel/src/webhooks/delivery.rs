@@ -161,8 +161,19 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), J
         record(&client, job.id, "dead", None, Some("the subscription is disabled"), None).await.map_err(err)?;
         return Ok(());
     }
-    let url: String = row.get("url");
-    let outcome = deliverer.attempt(&url, row.get("secret"), event_id, row.get("body")).await;
+    let (url, secret, body): (String, String, String) = (row.get("url"), row.get("secret"), row.get("body"));
+    // The connection goes back to the pool while the endpoint answers (up to 10 s): deliveries
+    // must not hold connections the API needs.
+    drop(client);
+    let outcome = deliverer.attempt(&url, &secret, event_id, &body).await;
+    let client = catalog.client().await.map_err(|e| JobError::from(e.to_string()))?;
+    let label = match &outcome {
+        Attempt::Delivered(_) => "delivered",
+        Attempt::Gone => "gone",
+        Attempt::Refused(_) => "refused",
+        Attempt::Failed { .. } => "failed",
+    };
+    metrics::counter!("keel_webhook_attempts_total", "outcome" => label).increment(1);
     match outcome {
         Attempt::Delivered(code) => {
             tracing::info!(%url, status = code, "webhook delivered");

@@ -29,6 +29,8 @@ use network::NetworkPolicy;
 /// The job that delivers one event to one endpoint; its group is the subscription, so a slow or
 /// dead endpoint holds only its own few slots.
 pub const DELIVER: &str = "webhook.deliver";
+/// Deliveries to one subscription running at once in one worker (of 64 delivery slots).
+pub const PER_ENDPOINT_CONCURRENCY: usize = 16;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

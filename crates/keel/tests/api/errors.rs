@@ -72,6 +72,7 @@ async fn no_input_produces_a_server_error() {
         ("PUT", format!("/v1/products/{product}/inventory")),
         ("PUT", format!("/v1/cart/items/{product}")),
         ("POST", "/v1/wallet/deposits".to_owned()),
+        ("POST", "/v1/webhooks".to_owned()),
     ];
     let bodies: Vec<Vec<u8>> = vec![
         b"".to_vec(),
@@ -112,7 +113,11 @@ async fn no_input_produces_a_server_error() {
         }
     }
     for query in ["limit=99999999999999999999", "limit=1&limit=2", "cursor=%00", "limit=%ff"] {
-        let status = app.get(&format!("/v1/products?{query}")).send().await.unwrap().status().as_u16();
-        assert_eq!(status, 400, "{query}");
+        for path in ["/v1/products?", "/v1/search?q=x&"] {
+            let status = app.get(&format!("{path}{query}")).send().await.unwrap().status().as_u16();
+            assert_eq!(status, 400, "{path}{query}");
+        }
+        let webhooks = app.admin(app.get(&format!("/v1/webhooks?{query}"))).send().await.unwrap();
+        assert_eq!(webhooks.status(), 400, "/v1/webhooks?{query}");
     }
 }

@@ -115,6 +115,7 @@ impl Drop for SmtpServer {
 pub struct Received {
     pub headers: HeaderMap,
     pub body: String,
+    pub at: Instant,
 }
 
 impl Received {
@@ -132,11 +133,13 @@ impl Received {
 pub struct Reply {
     pub status: u16,
     pub delay: Duration,
+    /// A `Retry-After` header, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
-        Reply { status, delay: Duration::ZERO }
+        Reply { status, delay: Duration::ZERO, retry_after: None }
     }
 }
 
@@ -169,10 +172,14 @@ impl Receiver {
             axum::routing::post(move |headers: HeaderMap, body: String| {
                 let state = handler_state.clone();
                 async move {
-                    state.received.lock().unwrap().push(Received { headers, body });
+                    state.received.lock().unwrap().push(Received { headers, body, at: Instant::now() });
                     let reply = state.script.lock().unwrap().pop_front().unwrap_or(state.otherwise);
                     tokio::time::sleep(reply.delay).await;
-                    StatusCode::from_u16(reply.status).unwrap().into_response()
+                    let mut response = StatusCode::from_u16(reply.status).unwrap().into_response();
+                    if let Some(seconds) = reply.retry_after {
+                        response.headers_mut().insert("retry-after", seconds.into());
+                    }
+                    response
                 }
             }),
         );

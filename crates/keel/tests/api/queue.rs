@@ -300,3 +300,58 @@ async fn a_processed_event_is_recorded_once_and_only_when_committed() {
     assert!(!keel_outbox::mark_processed(&client, event, "test.handler").await.unwrap(), "a redelivery is seen");
     assert!(keel_outbox::mark_processed(&client, event, "other.handler").await.unwrap(), "records are per handler");
 }
+
+/// Over NATS JetStream the guarantees are the same: a job relayed from the outbox is retried with
+/// backoff, is recorded dead in its own database after its last attempt (where the queue
+/// statistics see it), and a replay relays it again and runs it.
+#[tokio::test]
+async fn over_jetstream_a_failing_job_is_retried_dead_lettered_and_replayed() {
+    let app = TestApp::spawn().await;
+    let shard = app.databases.shards.all().next().unwrap().1;
+    let prefix = format!("q{}", uuid::Uuid::now_v7().simple());
+    let js = keel_outbox::JetStream::connect(crate::peers::nats_url(), &prefix).await.unwrap();
+    let probe = Probe::new(usize::MAX);
+    let options = KindOptions { max_attempts: 3, backoff_base: Duration::from_millis(50), ..KindOptions::default() };
+    let stop = keel::startup::Stop::new();
+    let relay = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), probe.clone())
+        .poll_interval(Duration::from_millis(200))
+        .relay(&js, shard.name(), &["test.doomed"]);
+    let consumer = keel_outbox::StreamRunner::new(js.clone(), probe.clone())
+        .source(shard.name(), shard.pool().clone())
+        .register("test.doomed", options, |probe, _job| async move { probe.run() });
+    let tasks = [tokio::spawn(relay.run(stop.stopped())), tokio::spawn(consumer.run(stop.stopped()))];
+
+    let id = enqueue(&app, "test.doomed").await;
+    let client = shard.client().await.unwrap();
+    let state = || async {
+        let row = client.query_one("SELECT state, attempts FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+        (row.get::<_, String>(0), row.get::<_, i32>(1))
+    };
+    let started = Instant::now();
+    while state().await.0 != "dead" {
+        assert!(started.elapsed() < Duration::from_secs(20), "never dead: {:?}", state().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state().await, ("dead".to_owned(), 3));
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 3, "three attempts, then no more");
+    let stats = keel_outbox::stats(&client).await.unwrap();
+    assert!(stats.iter().any(|s| s.kind == "test.doomed" && s.dead == 1), "{stats:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 3, "a dead job is not delivered again by itself");
+    assert_eq!(js.backlog().await.unwrap(), 0, "the dead message left the stream");
+
+    // Replayed: relayed again (a new message, not dropped as a duplicate) and run to success.
+    probe.healed.store(true, Ordering::SeqCst);
+    assert!(keel_outbox::replay(&client, id).await.unwrap());
+    wait_until("the replayed run", || probe.runs.load(Ordering::SeqCst) == 4).await;
+    let started = Instant::now();
+    while js.backlog().await.unwrap() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the replayed event was never acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state().await.0, "done");
+    stop.trigger();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
