@@ -16,6 +16,8 @@ pub struct Machine {
     pub postgres: String,
     pub keel: String,
     pub commit: String,
+    pub rustc: String,
+    pub nats_server: String,
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {
@@ -45,6 +47,11 @@ pub fn machine(postgres: &str) -> Machine {
         postgres: first_line(postgres, &["--version"]),
         keel: env!("CARGO_PKG_VERSION").to_owned(),
         commit: first_line("git", &["rev-parse", "--short", "HEAD"]),
+        rustc: first_line("rustc", &["--version"]),
+        nats_server: ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .map_or_else(|| "no nats-server".into(), |p| first_line(p, &["--version"])),
     }
 }
 
@@ -72,8 +79,15 @@ pub fn markdown(
     let _ = writeln!(md, "`crates/keel-bench/src/load.rs` for why not wrk), which shares the machine with Keel.\n");
     let _ = writeln!(
         md,
-        "Machine: {} cores, {}, {} RAM; {}; keel {} at {}.\n",
-        machine.cores, machine.cpu, machine.memory, machine.postgres, machine.keel, machine.commit
+        "Machine: {} cores, {}, {} RAM; {}; {}; built by {}; keel {} at {}.\n",
+        machine.cores,
+        machine.cpu,
+        machine.memory,
+        machine.postgres,
+        machine.nats_server,
+        machine.rustc,
+        machine.keel,
+        machine.commit
     );
     let _ = writeln!(
         md,
