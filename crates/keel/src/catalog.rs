@@ -15,6 +15,7 @@ use crate::http::error::{unique_violation, ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::trace::TraceContext;
 use crate::http::{number, text, timestamp, Page, PageParams};
+use crate::likes::{self, LikeCounter};
 use crate::startup::AppState;
 
 /// The largest price and stock accepted: far beyond any real shop, far below overflow.
@@ -58,17 +59,21 @@ pub struct Product {
     pub updated_at: String,
 }
 
-const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, like_count, created_at, updated_at";
+const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_at, updated_at";
 
 impl Product {
-    fn from_row(row: &Row) -> Product {
+    /// `like_count` merges the other nodes' flushed components (`others_likes`, when the query
+    /// selected it: see [`likes::others_sql`]) with this node's own, flushed or not.
+    fn from_row(row: &Row, likes: &LikeCounter) -> Product {
+        let id: Uuid = row.get("id");
+        let others: i64 = row.try_get("others_likes").unwrap_or(0);
         Product {
-            id: row.get::<_, Uuid>("id").to_string(),
+            id: id.to_string(),
             sku: row.get("sku"),
             name: row.get("name"),
             description: row.get("description"),
             price_cents: row.get("price_cents"),
-            like_count: row.get("like_count"),
+            like_count: others + likes.local_net(id),
             created_at: timestamp(row.get("created_at")),
             updated_at: timestamp(row.get("updated_at")),
         }
@@ -140,7 +145,7 @@ pub async fn create_product(
         )
         .await
         .map_err(|e| sku_taken(e, Some(&sku)))?;
-    let product = Product::from_row(&row);
+    let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
@@ -190,14 +195,15 @@ pub async fn update_product(
                 "UPDATE products SET sku = coalesce($2, sku), name = coalesce($3, name),
                      description = coalesce($4, description), price_cents = coalesce($5, price_cents),
                      updated_at = now()
-                 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
+                 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}, {}",
+                likes::others_sql(6)
             ),
-            &[&id, &sku, &name, &description, &price],
+            &[&id, &sku, &name, &description, &price, &state.likes.node()],
         )
         .await
         .map_err(|e| sku_taken(e, sku.as_deref()))?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    let product = Product::from_row(&row);
+    let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
     tx.commit().await?;
     Ok(Json(product))
@@ -210,10 +216,13 @@ pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) 
     let id = parse_id("product", &id)?;
     let client = state.db.catalog.client().await?;
     let row = client
-        .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
+        .maybe_row(
+            &format!("SELECT {PRODUCT_COLUMNS}, {} FROM products WHERE id = $1", likes::others_sql(2)),
+            &[&id, &state.likes.node()],
+        )
         .await?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    Ok(Json(Product::from_row(&row)))
+    Ok(Json(Product::from_row(&row, &state.likes)))
 }
 
 #[utoipa::path(get, path = "/v1/products", tag = "catalog",
@@ -231,11 +240,14 @@ pub async fn list_products(
     // Keyset pagination on the primary key: each page is one index range scan, however deep.
     let rows = client
         .rows(
-            &format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"),
-            &[&after, &(limit + 1)],
+            &format!(
+                "SELECT {PRODUCT_COLUMNS}, {} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2",
+                likes::others_sql(3)
+            ),
+            &[&after, &(limit + 1), &state.likes.node()],
         )
         .await?;
-    Ok(Json(Page::from_rows(rows, limit, Product::from_row, |p| p.id.clone())))
+    Ok(Json(Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone())))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",

@@ -12,6 +12,7 @@ pub mod events;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod likes;
 pub mod mail;
 pub mod orders;
 pub mod search;

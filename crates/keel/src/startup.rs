@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::db::Databases;
 use crate::http::auth::{digest, Digest32};
+use crate::likes::LikeCounter;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct AppState {
     pub db: Arc<Databases>,
     pub admin_token_digest: Digest32,
     pub config: Arc<Config>,
+    /// This node's like counts, flushed by [`Application::run_until_stopped`].
+    pub likes: Arc<LikeCounter>,
 }
 
 pub struct Application {
@@ -30,6 +33,7 @@ pub struct Application {
     router: Router,
     shutdown_timeout: Duration,
     config: Arc<Config>,
+    likes: Arc<LikeCounter>,
 }
 
 impl Application {
@@ -41,8 +45,15 @@ impl Application {
         let shutdown_timeout = config.shutdown_timeout;
         let databases = Arc::new(db);
         let config = Arc::new(config);
-        let state = AppState { db: databases.clone(), admin_token_digest: digest(admin_token), config: config.clone() };
-        Ok(Application { databases, listener, router: crate::http::router(state), shutdown_timeout, config })
+        let likes = Arc::new(LikeCounter::new());
+        let state = AppState {
+            db: databases.clone(),
+            admin_token_digest: digest(admin_token),
+            config: config.clone(),
+            likes: likes.clone(),
+        };
+        let router = crate::http::router(state);
+        Ok(Application { databases, listener, router, shutdown_timeout, config, likes })
     }
 
     /// The databases this application serves, for workers running beside it.
@@ -55,8 +66,19 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish for
-    /// up to the shutdown timeout, and returns.
+    /// up to the shutdown timeout, flushes the like counts, and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let (served_tx, mut served_rx) = watch::channel(false);
+        let flusher = tokio::spawn(self.likes.clone().run_flusher(self.databases.catalog.clone(), async move {
+            let _ = served_rx.wait_for(|served| *served).await;
+        }));
+        let served = self.serve(shutdown).await;
+        let _ = served_tx.send(true);
+        let _ = flusher.await;
+        served
+    }
+
+    async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let (stopping_tx, mut stopping_rx) = watch::channel(false);
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;

@@ -27,6 +27,7 @@ const CATALOG: &[Migration] = &[
         sql: include_str!("../../migrations/catalog/0004_search_and_webhooks.sql"),
     },
     Migration { version: 5, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
+    Migration { version: 6, name: "like counts", sql: include_str!("../../migrations/catalog/0006_like_counts.sql") },
 ];
 
 const SHARD: &[Migration] = &[
@@ -35,6 +36,7 @@ const SHARD: &[Migration] = &[
     Migration { version: 2, name: "jobs", sql: keel_outbox::SCHEMA },
     Migration { version: 3, name: "orders", sql: include_str!("../../migrations/shard/0003_orders.sql") },
     Migration { version: 4, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
+    Migration { version: 5, name: "likes", sql: include_str!("../../migrations/shard/0005_likes.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

@@ -166,6 +166,21 @@ pub struct TestApp {
     pub config: std::sync::Arc<Config>,
 }
 
+/// A second API node over a test app's databases.
+pub struct Node {
+    pub address: String,
+    stop: keel::startup::Stop,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Node {
+    /// A graceful stop: drains requests and flushes what the node holds in memory.
+    pub async fn stop(self) {
+        self.stop.trigger();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 /// Workers running in the test's process (as `keel up` runs them), until stopped.
 pub struct Workers {
     stop: keel::startup::Stop,
@@ -211,6 +226,19 @@ impl TestApp {
         let databases = app.databases();
         tokio::spawn(app.run_until_stopped(std::future::pending()));
         TestApp { address, client: reqwest::Client::new(), dbs, databases, config: std::sync::Arc::new(config) }
+    }
+
+    /// Another node serving the same databases (as a second `keel serve` behind a load balancer
+    /// would), in this process; stop it with [`Node::stop`].
+    pub async fn second_node(&self) -> Node {
+        let config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..(*self.config).clone() };
+        let databases =
+            Databases::open(&self.dbs.catalog_url, &self.dbs.shard_urls, config.db_pool_size).await.unwrap();
+        let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
+        let address = format!("http://{}", app.local_addr());
+        let stop = keel::startup::Stop::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.stopped()));
+        Node { address, stop, task }
     }
 
     /// Starts a set of workers over this app's databases; call more than once for competing workers.

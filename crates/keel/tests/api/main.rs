@@ -7,6 +7,7 @@ mod checkout;
 mod email;
 mod errors;
 mod helpers;
+mod likes;
 mod ops;
 mod peers;
 mod processes;

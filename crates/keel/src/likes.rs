@@ -1,0 +1,189 @@
+//! Likes. A like is recorded per user on the user's shard (the primary key makes it idempotent and
+//! decides races); the count per product is a PN-counter (`keel-crdt`): each node counts the likes
+//! and unlikes it accepted in memory and flushes its own component to the catalogue at most
+//! [`FLUSH_INTERVAL`] later (write-back), and a read merges every node's component. No node ever
+//! waits for another to count a like. The price, declared: a node killed without warning loses the
+//! counts it had not flushed, at most one interval's worth; a graceful stop flushes first.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use uuid::Uuid;
+
+use crate::db::{Db, DbError, Sql};
+use crate::http::auth::AuthUser;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::{parse_id, Path};
+use crate::startup::AppState;
+
+/// How long a counted like may wait in memory: the loss window of a crash.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// This node's component of every product's like counter.
+pub struct LikeCounter {
+    /// A fresh name per process: a component only ever grows, so a restarted node must not reuse
+    /// its old name and start again from zero.
+    node: String,
+    local: Mutex<Local>,
+}
+
+#[derive(Default)]
+struct Local {
+    /// Cumulative (likes, unlikes) this node accepted, per product.
+    counts: HashMap<Uuid, (i64, i64)>,
+    /// Products whose component changed since the last flush.
+    dirty: HashSet<Uuid>,
+}
+
+impl Default for LikeCounter {
+    fn default() -> Self {
+        LikeCounter::new()
+    }
+}
+
+impl LikeCounter {
+    pub fn new() -> LikeCounter {
+        LikeCounter { node: Uuid::now_v7().to_string(), local: Mutex::default() }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn count(&self, product: Uuid, like: bool) {
+        let mut local = self.local.lock().unwrap();
+        let (likes, unlikes) = local.counts.entry(product).or_default();
+        if like {
+            *likes += 1;
+        } else {
+            *unlikes += 1;
+        }
+        local.dirty.insert(product);
+    }
+
+    /// This node's net contribution to `product`'s count, flushed or not.
+    pub fn local_net(&self, product: Uuid) -> i64 {
+        self.local.lock().unwrap().counts.get(&product).map_or(0, |(likes, unlikes)| likes - unlikes)
+    }
+
+    /// Writes the changed components. Components are cumulative, so a write is idempotent and an
+    /// older one never lowers a newer (`greatest`): the merge of a G-counter, in SQL.
+    pub async fn flush(&self, catalog: &Db) -> Result<usize, DbError> {
+        let (products, likes, unlikes): (Vec<Uuid>, Vec<i64>, Vec<i64>) = {
+            let mut local = self.local.lock().unwrap();
+            let dirty: Vec<Uuid> = local.dirty.drain().collect();
+            let rows = dirty.iter().map(|p| (*p, local.counts[p].0, local.counts[p].1));
+            let mut columns = (Vec::new(), Vec::new(), Vec::new());
+            for (product, likes, unlikes) in rows {
+                columns.0.push(product);
+                columns.1.push(likes);
+                columns.2.push(unlikes);
+            }
+            columns
+        };
+        if products.is_empty() {
+            return Ok(0);
+        }
+        let written = async {
+            catalog
+                .client()
+                .await?
+                .exec(
+                    "INSERT INTO like_counts (product_id, node, likes, unlikes)
+                     SELECT p, $2, l, u FROM unnest($1::uuid[], $3::bigint[], $4::bigint[]) AS c(p, l, u)
+                     ON CONFLICT (product_id, node) DO UPDATE
+                     SET likes = greatest(like_counts.likes, EXCLUDED.likes),
+                         unlikes = greatest(like_counts.unlikes, EXCLUDED.unlikes), updated_at = now()",
+                    &[&products, &self.node, &likes, &unlikes],
+                )
+                .await?;
+            Ok::<(), DbError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            // Still counted in memory: the next flush writes them.
+            self.local.lock().unwrap().dirty.extend(products);
+            return Err(e);
+        }
+        metrics::counter!("keel_like_flushes_total").increment(1);
+        Ok(products.len())
+    }
+
+    /// Flushes every interval until `stop` completes, then once more.
+    pub async fn run_flusher(self: Arc<Self>, catalog: Db, stop: impl Future<Output = ()> + Send) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
+                () = &mut stop => break,
+            }
+            if let Err(e) = self.flush(&catalog).await {
+                tracing::warn!(error = %e, "could not flush like counts; keeping them in memory");
+            }
+        }
+        match self.flush(&catalog).await {
+            Ok(n) => tracing::info!(products = n, "like counts flushed at shutdown"),
+            Err(e) => tracing::error!(error = %e, "like counts could not be flushed at shutdown; they are lost"),
+        }
+    }
+}
+
+/// SQL for the other nodes' share of `products.id`'s count; `$node` is this node's parameter.
+pub fn others_sql(node_param: usize) -> String {
+    format!(
+        "(SELECT coalesce(sum(c.likes - c.unlikes), 0)::bigint FROM like_counts c
+          WHERE c.product_id = products.id AND c.node <> ${node_param}) AS others_likes"
+    )
+}
+
+async fn product_exists(state: &AppState, product: Uuid) -> Result<(), ApiError> {
+    let client = state.db.catalog.client().await?;
+    match client.maybe_row("SELECT 1 FROM products WHERE id = $1", &[&product]).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found("product", &product.to_string())),
+    }
+}
+
+#[utoipa::path(put, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Liked (again: no change)"), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn like(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let product = parse_id("product", &id)?;
+    product_exists(&state, product).await?;
+    let client = state.db.shard_of(user).client().await?;
+    let inserted = client
+        .exec("INSERT INTO likes (user_id, product_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&user, &product])
+        .await?;
+    if inserted == 1 {
+        state.likes.count(product, true);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
+    security(("bearer" = [])),
+    responses((status = 204, description = "Not liked (any more)"), (status = 401, body = Problem),
+        (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn unlike(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let product = parse_id("product", &id)?;
+    product_exists(&state, product).await?;
+    let client = state.db.shard_of(user).client().await?;
+    let deleted = client.exec("DELETE FROM likes WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
+    if deleted == 1 {
+        state.likes.count(product, false);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
