@@ -92,7 +92,7 @@ async fn run(args: &[String]) -> ExitCode {
     results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await));
     results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await));
     results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await));
-    results.push(report_line_owned(scenarios::s5_not_yet()));
+    results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await));
     eprintln!("keel-bench: side effects …");
     let effects = side_effects::measure(&keel, &seed, &plan, &keel_binary, &work).await;
     eprintln!(
