@@ -2,8 +2,11 @@
 //! from product events (so search is eventually consistent, by design: see the consistency table).
 //!
 //! A query matches a product when every word of it is a prefix of a word of the product's name or
-//! description (stemmed, English), or, for typos, when it is similar enough to a word of the name
-//! (trigrams). Full-text matches rank first, by weight (name over description); typo matches after.
+//! description (stemmed, English), ranked by weight (name over description). Only when nothing
+//! matches so does the query fall back to typo tolerance: names with a word similar enough to it
+//! (trigrams), most similar first. Not both at once: a common word ("product") is similar to
+//! every name, and ranking the whole catalogue by similarity cost 39 ms a query over 10,000
+//! products, against 3 ms for the full-text query alone (EXPLAIN ANALYZE on this machine).
 
 use std::time::SystemTime;
 
@@ -102,17 +105,26 @@ pub async fn search(
     let (limit, _) = PageParams { limit: params.limit, cursor: None }.validate()?;
     let offset = offset(params.cursor.as_deref())?;
     let client = state.db.catalog.client().await?;
-    let rows = client
+    let mut rows = client
         .rows(
             "SELECT product_id, name, description, price_cents, in_stock
              FROM product_search, to_tsquery('english', $1) AS query
-             WHERE document @@ query OR $2 <% name
-             ORDER BY document @@ query DESC, ts_rank(document, query) DESC, word_similarity($2, name) DESC,
-                      product_id
-             LIMIT $3 OFFSET $4",
-            &[&prefix_query(&terms), &terms.join(" "), &(limit + 1), &offset],
+             WHERE document @@ query
+             ORDER BY ts_rank(document, query) DESC, product_id
+             LIMIT $2 OFFSET $3",
+            &[&prefix_query(&terms), &(limit + 1), &offset],
         )
         .await?;
+    if rows.is_empty() && offset == 0 {
+        // No exact match at all: perhaps a typo.
+        rows = client
+            .rows(
+                "SELECT product_id, name, description, price_cents, in_stock FROM product_search
+                 WHERE $1 <% name ORDER BY word_similarity($1, name) DESC, product_id LIMIT $2",
+                &[&terms.join(" "), &(limit + 1)],
+            )
+            .await?;
+    }
     let mut page = Page::from_rows(rows, limit, SearchHit::from_row, |_| String::new());
     page.next_cursor =
         page.next_cursor.map(|_| offset + limit).filter(|next| *next <= MAX_OFFSET).map(|next| next.to_string());

@@ -71,23 +71,26 @@ async fn a_renamed_product_is_found_by_its_new_name_and_not_its_old_one() {
 }
 
 #[tokio::test]
-async fn results_rank_exact_matches_first_and_page() {
+async fn results_rank_names_over_descriptions_page_and_fall_back_to_typos() {
     let app = TestApp::spawn().await;
     let workers = app.start_workers();
     let in_name = create(&app, "R-1", "Copper Kettle", "").await;
     let in_description = create(&app, "R-2", "Tea pot", "Pairs well with a copper cup").await;
-    let typo = create(&app, "R-3", "Coper wire", "").await;
+    let near = create(&app, "R-3", "Coper wire", "").await;
     until_found(&app, "copper", &in_description, true).await;
-    until_found(&app, "wire", &typo, true).await;
+    until_found(&app, "wire", &near, true).await;
     let page = search(&app, "copper").await;
-    assert_eq!(ids(&page), [in_name.clone(), in_description.clone(), typo.clone()], "name, description, then typo");
+    assert_eq!(ids(&page), [in_name.clone(), in_description.clone()], "the name's match first; exact matches only");
 
-    let first = expect_json(app.get("/v1/search?q=copper&limit=2").send().await, 200).await;
-    assert_eq!(ids(&first), [in_name, in_description]);
+    let first = expect_json(app.get("/v1/search?q=copper&limit=1").send().await, 200).await;
+    assert_eq!(ids(&first), std::slice::from_ref(&in_name));
     let cursor = first["next_cursor"].as_str().unwrap();
-    let second = expect_json(app.get(&format!("/v1/search?q=copper&limit=2&cursor={cursor}")).send().await, 200).await;
-    assert_eq!(ids(&second), [typo]);
+    let second = expect_json(app.get(&format!("/v1/search?q=copper&limit=1&cursor={cursor}")).send().await, 200).await;
+    assert_eq!(ids(&second), [in_description]);
     assert!(second["next_cursor"].is_null());
+    // Nothing matches "coppr" exactly: the names most like it do.
+    let typos = ids(&search(&app, "coppr").await);
+    assert!(typos.contains(&in_name) && typos.contains(&near), "{typos:?}");
     assert!(ids(&search(&app, "zebra").await).is_empty());
     workers.stop().await;
 }
