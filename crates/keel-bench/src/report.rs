@@ -159,5 +159,7 @@ pub fn markdown(
     for command in &effects.commands {
         let _ = writeln!(md, "- {command}");
     }
+    // Written by hand from profiles (see the file for how they were taken); kept beside the harness.
+    let _ = writeln!(md, "\n{}", include_str!("../PROFILES.md").trim_end());
     md
 }
