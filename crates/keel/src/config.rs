@@ -53,6 +53,9 @@ pub struct Config {
     /// `KEEL_NATS_PREFIX` / `nats_prefix`: the subject prefix (`<prefix>.events.<type>`) and stream
     /// name (`<PREFIX>_EVENTS`), so several deployments can share a NATS server.
     pub nats_prefix: String,
+    /// `KEEL_CONSISTENCY_BUDGETS` / `consistency_budgets`: staleness budgets that differ from the
+    /// consistency table's defaults, e.g. `profile=60s,product=10s`.
+    pub consistency_budgets: Vec<(String, Duration)>,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             webhook_allow_private: false,
             nats_url: None,
             nats_prefix: "keel".to_owned(),
+            consistency_budgets: Vec::new(),
         }
     }
 }
@@ -116,6 +120,7 @@ const SETTINGS: &[&str] = &[
     "webhook_allow_private",
     "nats_url",
     "nats_prefix",
+    "consistency_budgets",
 ];
 
 impl Config {
@@ -166,6 +171,7 @@ impl Config {
                 "webhook_allow_private" => self.webhook_allow_private = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "nats_url" => self.nats_url = Some(non_empty(raw).map_err(|m| fail(key, m))?),
                 "nats_prefix" => self.nats_prefix = parse_prefix(raw).map_err(|m| fail(key, m))?,
+                "consistency_budgets" => self.consistency_budgets = parse_budgets(raw).map_err(|m| fail(key, m))?,
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
         }
@@ -275,6 +281,18 @@ fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
     Ok(schedule)
 }
 
+fn parse_budgets(raw: &str) -> Result<Vec<(String, Duration)>, String> {
+    parse_list(raw)?
+        .iter()
+        .map(|item| {
+            let (kind, budget) = item.split_once('=').ok_or_else(|| format!("{item:?} is not kind=duration"))?;
+            let budget = parse_duration(budget.trim())?;
+            crate::consistency::check_override(kind.trim(), budget)?;
+            Ok((kind.trim().to_owned(), budget))
+        })
+        .collect()
+}
+
 fn parse_prefix(raw: &str) -> Result<String, String> {
     if raw.is_empty() || raw.len() > 32 || !raw.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("{raw:?} is not 1 to 32 letters, digits, '-' or '_'"));
@@ -331,6 +349,14 @@ mod tests {
         assert_eq!(err.setting, "KEEL_MAIL_FROM");
         let err = Config::default().apply(&env(&[("KEEL_NATS_PREFIX", "keel.events")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_NATS_PREFIX");
+        for bad in ["wallet=5s", "profiles=5s", "profile"] {
+            let err = Config::default().apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", bad)])).unwrap_err();
+            assert_eq!(err.setting, "KEEL_CONSISTENCY_BUDGETS", "{bad}");
+        }
+        let mut config = Config::default();
+        config.apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", "profile=60s, product=0s")])).unwrap();
+        assert_eq!(crate::consistency::budget(&config, "profile"), Duration::from_secs(60));
+        assert_eq!(crate::consistency::budget(&config, "cart"), Duration::from_secs(10));
     }
 
     #[test]

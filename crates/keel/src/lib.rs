@@ -6,6 +6,7 @@ pub mod carts;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod consistency;
 pub mod db;
 pub mod embedded;
 pub mod events;

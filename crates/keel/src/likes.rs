@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use keel_crdt::PnCounter;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError, Sql};
@@ -33,8 +34,8 @@ pub struct LikeCounter {
 
 #[derive(Default)]
 struct Local {
-    /// Cumulative (likes, unlikes) this node accepted, per product.
-    counts: HashMap<Uuid, (i64, i64)>,
+    /// Per product, a PN-counter holding this node's component: the likes and unlikes it accepted.
+    counts: HashMap<Uuid, PnCounter<String>>,
     /// Products whose component changed since the last flush.
     dirty: HashSet<Uuid>,
 }
@@ -56,18 +57,18 @@ impl LikeCounter {
 
     fn count(&self, product: Uuid, like: bool) {
         let mut local = self.local.lock().unwrap();
-        let (likes, unlikes) = local.counts.entry(product).or_default();
+        let counter = local.counts.entry(product).or_default();
         if like {
-            *likes += 1;
+            counter.increment(&self.node, 1);
         } else {
-            *unlikes += 1;
+            counter.decrement(&self.node, 1);
         }
         local.dirty.insert(product);
     }
 
     /// This node's net contribution to `product`'s count, flushed or not.
     pub fn local_net(&self, product: Uuid) -> i64 {
-        self.local.lock().unwrap().counts.get(&product).map_or(0, |(likes, unlikes)| likes - unlikes)
+        self.local.lock().unwrap().counts.get(&product).map_or(0, PnCounter::value)
     }
 
     /// Writes the changed components. Components are cumulative, so a write is idempotent and an
@@ -76,12 +77,12 @@ impl LikeCounter {
         let (products, likes, unlikes): (Vec<Uuid>, Vec<i64>, Vec<i64>) = {
             let mut local = self.local.lock().unwrap();
             let dirty: Vec<Uuid> = local.dirty.drain().collect();
-            let rows = dirty.iter().map(|p| (*p, local.counts[p].0, local.counts[p].1));
             let mut columns = (Vec::new(), Vec::new(), Vec::new());
-            for (product, likes, unlikes) in rows {
+            for product in dirty {
+                let (likes, unlikes) = local.counts[&product].component(&self.node);
                 columns.0.push(product);
-                columns.1.push(likes);
-                columns.2.push(unlikes);
+                columns.1.push(likes as i64);
+                columns.2.push(unlikes as i64);
             }
             columns
         };

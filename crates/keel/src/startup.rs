@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::consistency::Caches;
 use crate::db::Databases;
 use crate::http::auth::{digest, Digest32};
 use crate::likes::LikeCounter;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// This node's like counts, flushed by [`Application::run_until_stopped`].
     pub likes: Arc<LikeCounter>,
+    /// This node's caches, one per cached kind of data.
+    pub caches: Arc<Caches>,
 }
 
 pub struct Application {
@@ -51,6 +54,7 @@ impl Application {
             admin_token_digest: digest(admin_token),
             config: config.clone(),
             likes: likes.clone(),
+            caches: Arc::new(Caches::new(&config)),
         };
         let router = crate::http::router(state);
         Ok(Application { databases, listener, router, shutdown_timeout, config, likes })

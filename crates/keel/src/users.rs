@@ -1,6 +1,7 @@
 //! Users and their profiles. A user lives on the shard of its id; its e-mail address is claimed in
 //! the catalogue database's lookup table first, which keeps addresses unique across shards.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::State;
@@ -11,6 +12,7 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::consistency;
 use crate::db::{bucket_of, Sql};
 use crate::events;
 use crate::http::auth::{new_user_token, AuthUser, Caller};
@@ -55,7 +57,7 @@ pub struct CreatedUser {
 }
 
 /// A profile. `email` is present only when the owner asks.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Profile {
     pub id: String,
     pub name: String,
@@ -215,21 +217,36 @@ async fn user_exists(state: &AppState, user: Uuid) -> Result<bool, ApiError> {
 #[utoipa::path(get, path = "/v1/users/{id}", tag = "users",
     params(("id" = String, Path, description = "The user's id")),
     responses(
-        (status = 200, description = "The profile; `email` only for its owner", body = Profile),
+        (status = 200, description = "The profile; `email` only for its owner, who always reads their own writes. \
+            Others may see it up to the profile budget (5 min) late: see `Cache-Status` and `Age`.", body = Profile),
         (status = 404, description = "No such user", body = Problem),
     ))]
 pub async fn get_user(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Profile>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id("user", &id)?;
+    if caller.user() == Some(id) {
+        // The owner reads their own writes on any node: from the shard, around the cache.
+        let profile = load_profile(&state, id, true).await?;
+        return Ok((consistency::bypass_headers("owner"), Json(profile)));
+    }
+    let (profile, served) = state
+        .caches
+        .profiles
+        .get_or_load(&id, || async { load_profile(&state, id, false).await.map(Arc::new) })
+        .await?;
+    Ok((consistency::cache_headers(served), Json((*profile).clone())))
+}
+
+async fn load_profile(state: &AppState, id: Uuid, show_email: bool) -> Result<Profile, ApiError> {
     let client = state.db.shard_of(id).client().await?;
     let row = client
         .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
-    Ok(Json(Profile::from_row(&row, caller.user() == Some(id))))
+    Ok(Profile::from_row(&row, show_email))
 }
 
 #[utoipa::path(patch, path = "/v1/users/{id}", tag = "users", request_body = UpdateUser,
@@ -267,6 +284,8 @@ pub async fn update_user(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
+    // Cache-aside: the write is committed; others' next read loads it.
+    state.caches.profiles.invalidate(&id);
     Ok(Json(Profile::from_row(&row, true)))
 }
 

@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::startup::AppState;
-use crate::{admin, carts, catalog, likes, orders, search, users, wallet, webhooks};
+use crate::{admin, carts, catalog, consistency, likes, orders, search, users, wallet, webhooks};
 use error::ApiError;
 
 /// The largest request body accepted.
@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(orders::list_orders))
         .routes(routes!(admin::queues))
         .routes(routes!(admin::retry_job))
+        .routes(routes!(consistency::table))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))
         .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))

@@ -4,6 +4,7 @@
 mod carts;
 mod catalog;
 mod checkout;
+mod consistency;
 mod email;
 mod errors;
 mod helpers;

@@ -1,0 +1,153 @@
+//! The consistency table (DESIGN §1), in one place: how stale each kind of data may be when read,
+//! the cache policy that honours it, and where reads come from. Budgets are configuration
+//! (`KEEL_CONSISTENCY_BUDGETS`); the strong kinds' budget is zero and cannot be changed.
+//! `GET /v1/admin/consistency` serves the table with live counters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue};
+use keel_cache::{Cache, Served};
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::http::auth::Admin;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::Json;
+use crate::startup::AppState;
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    pub name: &'static str,
+    /// The default staleness budget; zero for strong kinds.
+    pub budget: Duration,
+    pub policy: &'static str,
+    pub source: &'static str,
+}
+
+pub const KINDS: &[Kind] = &[
+    Kind { name: "profile", budget: Duration::from_secs(300), policy: "cache-aside", source: "cache → shard" },
+    Kind { name: "product", budget: Duration::from_secs(60), policy: "write-through", source: "catalogue" },
+    Kind { name: "cart", budget: Duration::from_secs(10), policy: "write-through", source: "shard primary" },
+    Kind { name: "like_count", budget: Duration::from_secs(2), policy: "write-back", source: "CRDT counter" },
+    Kind { name: "feed", budget: Duration::from_secs(30), policy: "cache-aside", source: "not built yet" },
+    Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: "search index" },
+    Kind { name: "inventory", budget: Duration::ZERO, policy: "never cached", source: "catalogue primary" },
+    Kind { name: "wallet", budget: Duration::ZERO, policy: "never cached", source: "shard primary" },
+    Kind { name: "order", budget: Duration::ZERO, policy: "never cached", source: "shard primary" },
+];
+
+/// The budget of `kind` after configuration.
+pub fn budget(config: &crate::config::Config, kind: &str) -> Duration {
+    config
+        .consistency_budgets
+        .iter()
+        .find(|(k, _)| k == kind)
+        .map(|(_, b)| *b)
+        .or_else(|| KINDS.iter().find(|k| k.name == kind).map(|k| k.budget))
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Checks `kind=duration` overrides: known, cacheable kinds only.
+pub fn check_override(kind: &str, budget: Duration) -> Result<(), String> {
+    let Some(known) = KINDS.iter().find(|k| k.name == kind) else {
+        let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+        return Err(format!("{kind:?} is not a kind of data; kinds are {}", names.join(", ")));
+    };
+    if known.budget.is_zero() && !budget.is_zero() {
+        return Err(format!("{kind} is strongly consistent: its budget is 0"));
+    }
+    Ok(())
+}
+
+/// The caches of this node, one per cached kind.
+pub struct Caches {
+    /// Public profiles (no e-mail), by user id.
+    pub profiles: Cache<Uuid, Arc<crate::users::Profile>>,
+}
+
+impl Caches {
+    pub fn new(config: &crate::config::Config) -> Caches {
+        Caches { profiles: Cache::new("profile", budget(config, "profile"), 100_000) }
+    }
+
+    fn of(&self, kind: &str) -> Option<keel_cache::Stats> {
+        match kind {
+            "profile" => Some(self.profiles.stats()),
+            _ => None,
+        }
+    }
+}
+
+/// `Cache-Status` (RFC 9211) and `Age` (RFC 9111) for a response of a cacheable kind.
+pub fn cache_headers(served: Served) -> [(HeaderName, HeaderValue); 2] {
+    let (status, age) = match served {
+        Served::Hit { age, ttl_left } => (format!("keel; hit; ttl={}", ttl_left.as_secs()), age.as_secs()),
+        Served::Miss => ("keel; fwd=miss; stored".to_owned(), 0),
+        Served::Coalesced => ("keel; fwd=miss; collapsed".to_owned(), 0),
+    };
+    [
+        (HeaderName::from_static("cache-status"), HeaderValue::from_str(&status).expect("ASCII")),
+        (axum::http::header::AGE, HeaderValue::from(age)),
+    ]
+}
+
+/// What a read that went around the cache says about it (the owner reading their own profile).
+pub fn bypass_headers(detail: &'static str) -> [(HeaderName, HeaderValue); 2] {
+    [
+        (
+            HeaderName::from_static("cache-status"),
+            HeaderValue::from_str(&format!("keel; fwd=bypass; detail={detail}")).expect("ASCII"),
+        ),
+        (axum::http::header::AGE, HeaderValue::from(0u64)),
+    ]
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KindReport {
+    pub kind: &'static str,
+    pub budget_s: f64,
+    pub policy: &'static str,
+    pub source: &'static str,
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+    pub evictions: u64,
+    pub served_age_p99_ms: f64,
+    /// For write-back kinds: how much a crash can lose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_window_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Table {
+    pub kinds: Vec<KindReport>,
+}
+
+#[utoipa::path(get, path = "/v1/admin/consistency", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "The consistency table with this node's live counters", body = Table),
+        (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table>, ApiError> {
+    let kinds = KINDS
+        .iter()
+        .map(|k| {
+            let stats = state.caches.of(k.name).unwrap_or_default();
+            KindReport {
+                kind: k.name,
+                budget_s: budget(&state.config, k.name).as_secs_f64(),
+                policy: k.policy,
+                source: k.source,
+                hits: stats.hits,
+                misses: stats.misses,
+                coalesced: stats.coalesced,
+                evictions: stats.evictions,
+                served_age_p99_ms: stats.served_age_p99_ms,
+                loss_window_ms: (k.policy == "write-back").then(|| crate::likes::FLUSH_INTERVAL.as_millis() as u64),
+            }
+        })
+        .collect();
+    Ok(Json(Table { kinds }))
+}

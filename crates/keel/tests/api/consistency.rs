@@ -1,0 +1,111 @@
+//! The read path honours the consistency table: profiles cached (cache-aside, coalesced misses,
+//! invalidated on write, the owner around the cache), every cacheable response saying what it
+//! served, strong kinds never cached, and the table served with live counters.
+
+use serde_json::json;
+
+use crate::helpers::{db_queries, expect_json, expect_problem, TestApp};
+
+fn cache_status(response: &reqwest::Response) -> String {
+    response.headers().get("cache-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_reads_of_a_cold_profile_cost_one_database_read() {
+    let app = TestApp::spawn().await;
+    let (id, _) = app.create_user("Popular").await;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1000).build().unwrap();
+    let url = app.url(&format!("/v1/users/{id}"));
+    let mut requests = tokio::task::JoinSet::new();
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
+    for _ in 0..1000 {
+        let (client, url, start) = (client.clone(), url.clone(), start.clone());
+        requests.spawn(async move {
+            start.wait().await;
+            let response = client.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            (db_queries(&response), cache_status(&response))
+        });
+    }
+    let (mut queries, mut stored) = (0, 0);
+    while let Some(result) = requests.join_next().await {
+        let (q, status) = result.unwrap();
+        queries += q;
+        stored += usize::from(status.contains("fwd=miss; stored"));
+        assert!(status.starts_with("keel; "), "{status:?}");
+    }
+    assert_eq!(queries, 1, "one database read for 1,000 concurrent requests");
+    assert_eq!(stored, 1);
+}
+
+#[tokio::test]
+async fn cached_profiles_say_what_they_served_and_writes_invalidate_them() {
+    let app = TestApp::spawn().await;
+    let (id, token) = app.create_user("Cached").await;
+    let path = format!("/v1/users/{id}");
+    let first = app.get(&path).send().await.unwrap();
+    assert_eq!((cache_status(&first).as_str(), db_queries(&first)), ("keel; fwd=miss; stored", 1));
+    assert_eq!(first.headers()["age"], "0");
+    let second = app.get(&path).send().await.unwrap();
+    let status = cache_status(&second);
+    assert!(status.starts_with("keel; hit; ttl="), "{status}");
+    let ttl: u64 = status.rsplit('=').next().unwrap().parse().unwrap();
+    assert!((260..=300).contains(&ttl), "ttl {ttl} within the jittered 5 min budget");
+    assert_eq!(db_queries(&second), 0);
+    assert!(second.headers().contains_key("age"));
+    let body: serde_json::Value = second.json().await.unwrap();
+    assert!(body.get("email").is_none(), "a cached profile is the public one");
+
+    // The owner changes it and reads their own write at once, around the cache.
+    let renamed = app.patch(&path).bearer_auth(&token).json(&json!({ "name": "Renamed" })).send().await;
+    expect_json(renamed, 200).await;
+    let own = app.get(&path).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(cache_status(&own), "keel; fwd=bypass; detail=owner");
+    let own: serde_json::Value = own.json().await.unwrap();
+    assert_eq!((own["name"].as_str(), own["email"].is_string()), (Some("Renamed"), true));
+    // Everyone else: the write invalidated the cached copy on this node.
+    let other = app.get(&path).send().await.unwrap();
+    assert_eq!(cache_status(&other), "keel; fwd=miss; stored");
+    assert_eq!(other.json::<serde_json::Value>().await.unwrap()["name"], "Renamed");
+}
+
+#[tokio::test]
+async fn strong_kinds_are_never_served_from_a_cache() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.create_user("Strong").await;
+    let product = app.create_product("STRONG", 100, 3).await;
+    for _ in 0..3 {
+        for response in [
+            app.get(&format!("/v1/products/{product}/inventory")).send().await.unwrap(),
+            app.get("/v1/wallet").bearer_auth(&token).send().await.unwrap(),
+            app.get("/v1/orders").bearer_auth(&token).send().await.unwrap(),
+        ] {
+            assert_eq!(response.status(), 200);
+            assert!(!cache_status(&response).contains("hit"), "{}", cache_status(&response));
+            assert!(db_queries(&response) >= 1, "a strong read goes to the database");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_consistency_table_is_served_with_live_counters() {
+    let app = TestApp::spawn().await;
+    let (id, token) = app.create_user("Counted").await;
+    for _ in 0..3 {
+        app.get(&format!("/v1/users/{id}")).send().await.unwrap();
+    }
+    let table = expect_json(app.admin(app.get("/v1/admin/consistency")).send().await, 200).await;
+    let kinds = table["kinds"].as_array().unwrap();
+    let names: Vec<&str> = kinds.iter().map(|k| k["kind"].as_str().unwrap()).collect();
+    assert_eq!(names, ["profile", "product", "cart", "like_count", "feed", "search", "inventory", "wallet", "order"]);
+    let kind = |name: &str| kinds.iter().find(|k| k["kind"] == name).unwrap().clone();
+    let profile = kind("profile");
+    assert_eq!((profile["budget_s"].as_f64(), profile["policy"].as_str()), (Some(300.0), Some("cache-aside")));
+    assert_eq!((profile["misses"].as_u64(), profile["hits"].as_u64()), (Some(1), Some(2)), "{profile}");
+    for strong in ["inventory", "wallet", "order"] {
+        assert_eq!(kind(strong)["budget_s"], 0.0);
+    }
+    assert_eq!(kind("like_count")["loss_window_ms"], 1000);
+    assert!(kind("profile").get("loss_window_ms").is_none());
+    expect_problem(app.get("/v1/admin/consistency").bearer_auth(&token).send().await, 403, "admin").await;
+}
