@@ -165,7 +165,7 @@ pub async fn s1_cached_read(keel: &Keel, baseline: &str, seed: &Seed, plan: &Pla
         baseline_per_second: Some(ceiling.per_second),
         target: "≥ 0.85× the HTTP ceiling".into(),
         command: format!("keel-bench: closed loop, {CONNECTIONS} connections, half users half products"),
-        notes: "Profiles are cached in process (cache-aside, 5 min budget); products are not cached yet (issue 5), so half the reads go to PostgreSQL.".into(),
+        notes: "Profiles (cache-aside, 5 min) and products (write-through, 60 s) are cached in process; a product read still merges its like count, whose other-node share is cached for 250 ms. No Redis tier yet.".into(),
         keel: Some(ours.clone()),
         ..Default::default()
     };

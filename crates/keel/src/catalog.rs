@@ -1,5 +1,7 @@
 //! The product catalogue and its inventory, in the catalogue database.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -8,6 +10,7 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::consistency;
 use crate::db::Sql;
 use crate::events;
 use crate::http::auth::Admin;
@@ -47,7 +50,7 @@ pub struct UpdateProduct {
     pub price_cents: Option<i64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Product {
     pub id: String,
     pub sku: String,
@@ -148,6 +151,7 @@ pub async fn create_product(
     let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
     tx.commit().await?;
+    state.caches.products.put(id, Arc::new(product.clone()));
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
 }
 
@@ -206,23 +210,32 @@ pub async fn update_product(
     let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
     tx.commit().await?;
+    // Write-through: this node serves the committed product at once.
+    state.caches.products.put(id, Arc::new(product.clone()));
     Ok(Json(product))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}", tag = "catalog",
     params(("id" = String, Path)),
-    responses((status = 200, body = Product), (status = 404, body = Problem)))]
-pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Product>, ApiError> {
+    responses((status = 200, description = "Up to the product budget (60 s) old, see `Cache-Status` and `Age`; \
+        `like_count` converges within 2 s", body = Product), (status = 404, body = Problem)))]
+pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id("product", &id)?;
-    let client = state.db.catalog.client().await?;
-    let row = client
-        .maybe_row(
-            &format!("SELECT {PRODUCT_COLUMNS}, {} FROM products WHERE id = $1", likes::others_sql(2)),
-            &[&id, &state.likes.node()],
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    Ok(Json(Product::from_row(&row, &state.likes)))
+    let (product, served) = state
+        .caches
+        .products
+        .get_or_load(&id, || async {
+            let client = state.db.catalog.client().await?;
+            let row = client
+                .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
+                .await?
+                .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+            Ok::<_, ApiError>(Arc::new(Product::from_row(&row, &state.likes)))
+        })
+        .await?;
+    let mut product = (*product).clone();
+    product.like_count = likes::count(&state, id).await?;
+    Ok((consistency::cache_headers(served), Json(product)))
 }
 
 #[utoipa::path(get, path = "/v1/products", tag = "catalog",

@@ -67,16 +67,30 @@ pub fn check_override(kind: &str, budget: Duration) -> Result<(), String> {
 pub struct Caches {
     /// Public profiles (no e-mail), by user id.
     pub profiles: Cache<Uuid, Arc<crate::users::Profile>>,
+    /// Products without their like count, by id (write-through).
+    pub products: Cache<Uuid, Arc<crate::catalog::Product>>,
+    /// The other nodes' share of a product's like count. Flushes lag up to 1 s and this adds up to
+    /// [`LIKES_OF_OTHERS_TTL`]: within the like count's 2 s budget.
+    pub likes_of_others: Cache<Uuid, i64>,
 }
+
+pub const LIKES_OF_OTHERS_TTL: Duration = Duration::from_millis(250);
 
 impl Caches {
     pub fn new(config: &crate::config::Config) -> Caches {
-        Caches { profiles: Cache::new("profile", budget(config, "profile"), 100_000) }
+        let like_budget = budget(config, "like_count").saturating_sub(crate::likes::FLUSH_INTERVAL);
+        Caches {
+            profiles: Cache::new("profile", budget(config, "profile"), 100_000),
+            products: Cache::new("product", budget(config, "product"), 100_000),
+            likes_of_others: Cache::new("like_count", LIKES_OF_OTHERS_TTL.min(like_budget), 100_000),
+        }
     }
 
     fn of(&self, kind: &str) -> Option<keel_cache::Stats> {
         match kind {
             "profile" => Some(self.profiles.stats()),
+            "product" => Some(self.products.stats()),
+            "like_count" => Some(self.likes_of_others.stats()),
             _ => None,
         }
     }

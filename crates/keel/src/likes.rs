@@ -141,6 +141,27 @@ pub fn others_sql(node_param: usize) -> String {
     )
 }
 
+/// A product's like count as this node sees it: the other nodes' flushed components (cached for a
+/// moment) merged with its own.
+pub async fn count(state: &AppState, product: Uuid) -> Result<i64, ApiError> {
+    let (others, _) = state
+        .caches
+        .likes_of_others
+        .get_or_load(&product, || async {
+            let client = state.db.catalog.client().await?;
+            let row = client
+                .row(
+                    "SELECT coalesce(sum(likes - unlikes), 0)::bigint FROM like_counts
+                     WHERE product_id = $1 AND node <> $2",
+                    &[&product, &state.likes.node()],
+                )
+                .await?;
+            Ok::<i64, ApiError>(row.get(0))
+        })
+        .await?;
+    Ok(others + state.likes.local_net(product))
+}
+
 async fn product_exists(state: &AppState, product: Uuid) -> Result<(), ApiError> {
     let client = state.db.catalog.client().await?;
     match client.maybe_row("SELECT 1 FROM products WHERE id = $1", &[&product]).await? {

@@ -109,3 +109,24 @@ async fn the_consistency_table_is_served_with_live_counters() {
     assert!(kind("profile").get("loss_window_ms").is_none());
     expect_problem(app.get("/v1/admin/consistency").bearer_auth(&token).send().await, 403, "admin").await;
 }
+
+#[tokio::test]
+async fn products_are_written_through_and_read_from_the_cache() {
+    let app = TestApp::spawn().await;
+    let product = app.create_product("THROUGH", 100, 1).await;
+    let path = format!("/v1/products/{product}");
+    // Created through this node: cached already.
+    let first = app.get(&path).send().await.unwrap();
+    let status = cache_status(&first);
+    assert!(status.starts_with("keel; hit; ttl="), "{status}");
+    let ttl: u64 = status.rsplit('=').next().unwrap().parse().unwrap();
+    assert!((50..=60).contains(&ttl), "ttl {ttl} within the jittered 60 s budget");
+    let renamed = app.admin(app.patch(&path)).json(&json!({ "name": "Through, renamed" })).send().await;
+    expect_json(renamed, 200).await;
+    let after = app.get(&path).send().await.unwrap();
+    assert!(cache_status(&after).contains("hit"), "the write went through the cache");
+    assert_eq!(after.json::<serde_json::Value>().await.unwrap()["name"], "Through, renamed");
+    // Repeated reads cost no product query; the like count's other-node share is cached briefly.
+    let again = app.get(&path).send().await.unwrap();
+    assert!(db_queries(&again) <= 1, "{}", db_queries(&again));
+}
