@@ -5,6 +5,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
+use keel_cache::Served;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
@@ -221,7 +222,15 @@ pub async fn update_product(
         `like_count` converges within 2 s", body = Product), (status = 404, body = Problem)))]
 pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id("product", &id)?;
-    let (product, served) = state
+    let (product, served) = cached_product(&state, id).await?;
+    let mut product = (*product).clone();
+    product.like_count = likes::count(&state, id).await?;
+    Ok((consistency::cache_headers(served), Json(product)))
+}
+
+/// A product from this node's cache (loaded on a miss), without its like count; 404 if none.
+pub async fn cached_product(state: &AppState, id: Uuid) -> Result<(Arc<Product>, Served), ApiError> {
+    state
         .caches
         .products
         .get_or_load(&id, || async {
@@ -230,12 +239,9 @@ pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) 
                 .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
                 .await?
                 .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-            Ok::<_, ApiError>(Arc::new(Product::from_row(&row, &state.likes)))
+            Ok(Arc::new(Product::from_row(&row, &state.likes)))
         })
-        .await?;
-    let mut product = (*product).clone();
-    product.like_count = likes::count(&state, id).await?;
-    Ok((consistency::cache_headers(served), Json(product)))
+        .await
 }
 
 #[utoipa::path(get, path = "/v1/products", tag = "catalog",

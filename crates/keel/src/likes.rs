@@ -162,12 +162,21 @@ pub async fn count(state: &AppState, product: Uuid) -> Result<i64, ApiError> {
     Ok(others + state.likes.local_net(product))
 }
 
-async fn product_exists(state: &AppState, product: Uuid) -> Result<(), ApiError> {
-    let client = state.db.catalog.client().await?;
-    match client.maybe_row("SELECT 1 FROM products WHERE id = $1", &[&product]).await? {
-        Some(_) => Ok(()),
-        None => Err(ApiError::not_found("product", &product.to_string())),
+/// Records that `user` likes (or no longer likes) the product, and counts the change if there was
+/// one. The product must exist; that is checked against the product cache, not the database.
+async fn set_like(state: &AppState, user: Uuid, id: &str, like: bool) -> Result<StatusCode, ApiError> {
+    let product = parse_id("product", id)?;
+    crate::catalog::cached_product(state, product).await?;
+    let client = state.db.shard_of(user).client().await?;
+    let sql = if like {
+        "INSERT INTO likes (user_id, product_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+    } else {
+        "DELETE FROM likes WHERE user_id = $1 AND product_id = $2"
+    };
+    if client.exec(sql, &[&user, &product]).await? == 1 {
+        state.likes.count(product, like);
     }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(put, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
@@ -179,16 +188,7 @@ pub async fn like(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let product = parse_id("product", &id)?;
-    product_exists(&state, product).await?;
-    let client = state.db.shard_of(user).client().await?;
-    let inserted = client
-        .exec("INSERT INTO likes (user_id, product_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&user, &product])
-        .await?;
-    if inserted == 1 {
-        state.likes.count(product, true);
-    }
-    Ok(StatusCode::NO_CONTENT)
+    set_like(&state, user, &id, true).await
 }
 
 #[utoipa::path(delete, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
@@ -200,12 +200,5 @@ pub async fn unlike(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let product = parse_id("product", &id)?;
-    product_exists(&state, product).await?;
-    let client = state.db.shard_of(user).client().await?;
-    let deleted = client.exec("DELETE FROM likes WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
-    if deleted == 1 {
-        state.likes.count(product, false);
-    }
-    Ok(StatusCode::NO_CONTENT)
+    set_like(&state, user, &id, false).await
 }
