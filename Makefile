@@ -2,7 +2,7 @@
 .PHONY: run test deps build lint clean bench bench-smoke
 
 deps:
-	@scripts/install-deps.sh nats-server
+	@scripts/install-deps.sh nats-server redis-server
 
 # Build release and run everything in one process over a private PostgreSQL cluster in ./.keel.
 run: deps
@@ -10,7 +10,7 @@ run: deps
 	./target/release/keel up
 
 # Formatting, lints, the benchmark smoke run, then every test: unit tests and the API suite against real PostgreSQL,
-# SMTP, HTTP receivers and NATS; then the checkout and webhook tests again with events carried by NATS JetStream.
+# SMTP, HTTP receivers, Redis and NATS; then the checkout and webhook tests again with events carried by NATS JetStream.
 # The bench smoke run goes first so that cargo test's summary closes the output.
 test: deps lint bench-smoke
 	cargo test --workspace --all-targets

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Keel needs and the machine lacks: PostgreSQL's server binaries (Keel runs its own
-# private clusters from them; it never uses a system-wide cluster). Idempotent and quiet when all is there.
+# private clusters from them; it never uses a system-wide cluster), and the programs named as arguments
+# (the Makefile names nats-server and redis-server, which the tests start on private ports).
+# Idempotent and quiet when all is there.
 set -euo pipefail
 
 have_postgres() {

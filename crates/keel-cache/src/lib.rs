@@ -17,29 +17,44 @@
 //! - Per-cache counters (hits, misses, coalesced, evictions) and the age of what was served, also
 //!   exported as metrics labelled with the cache's kind.
 
+mod shared;
+
+pub use shared::{Shared, SharedStats};
+
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::future::Future;
 use std::hash::Hash;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::OnceCell;
+
+use shared::Stored;
 
 /// How a value was served.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Served {
-    /// From the cache: how old the value is and how long it may still be served.
-    Hit { age: Duration, ttl_left: Duration },
+    /// From a cache: how old the value is, how long it may still be served, and whether it came
+    /// from the shared tier (this node did not have it).
+    Hit { age: Duration, ttl_left: Duration, shared: bool },
     /// Loaded from the source by this caller.
     Miss,
-    /// Loaded from the source by a concurrent caller this one waited for.
+    /// Loaded from the source (or the shared tier) by a concurrent caller this one waited for.
     Coalesced,
+    /// Read from the source around the cache: the kind is kept only in the shared tier, which is
+    /// absent or down (a stronger source, never a staler one).
+    Bypass,
 }
 
 #[derive(Debug, Clone)]
 struct Entry<V> {
     value: V,
+    /// When the value was read from the source (or written).
     stored_at: Instant,
     expires_at: Instant,
     /// How long the load that produced it took (XFetch's cost estimate).
@@ -49,7 +64,10 @@ struct Entry<V> {
 /// Counters since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Stats {
+    /// Served from this node's memory.
     pub hits: u64,
+    /// Served from the shared tier (Redis).
+    pub shared_hits: u64,
     pub misses: u64,
     pub coalesced: u64,
     pub evictions: u64,
@@ -60,6 +78,7 @@ pub struct Stats {
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,
+    shared_hits: AtomicU64,
     misses: AtomicU64,
     coalesced: AtomicU64,
     evictions: Arc<AtomicU64>,
@@ -72,16 +91,79 @@ const AGE_SAMPLES: usize = 1024;
 /// XFetch's β: above 1 favours refreshing earlier.
 const XFETCH_BETA: f64 = 1.0;
 
-type Flight<V> = Arc<OnceCell<(V, Duration)>>;
+/// What a load produced: the value, when it was read from the source, how long that took.
+#[derive(Clone)]
+struct Loaded<V> {
+    value: V,
+    loaded_at: Instant,
+    load_time: Duration,
+    from_shared: bool,
+}
+
+type Flight<V> = Arc<OnceCell<Loaded<V>>>;
+
+/// This node's memory of one kind: shared with the invalidation listener of the shared tier.
+struct Local<K, V> {
+    entries: moka::sync::Cache<K, Entry<V>>,
+    /// The generation of each key's last invalidation, kept longer than any load may take.
+    invalidated: moka::sync::Cache<K, u64>,
+    /// The generation at which every key was invalidated (a reconnect to the shared tier).
+    cleared: AtomicU64,
+    generation: AtomicU64,
+    flights: Mutex<HashMap<K, Flight<V>>>,
+}
+
+impl<K, V> Local<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn invalidate(&self, key: &K) -> u64 {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.invalidated.insert(key.clone(), generation);
+        // Callers from now on must not join a load that began before the write.
+        self.flights.lock().unwrap().remove(key);
+        self.entries.invalidate(key);
+        generation
+    }
+
+    fn clear(&self) {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.cleared.store(generation, Ordering::SeqCst);
+        self.flights.lock().unwrap().clear();
+        self.entries.invalidate_all();
+    }
+
+    /// Whether a load that took `ticket` before reading may be installed.
+    fn still_current(&self, key: &K, ticket: u64) -> bool {
+        self.cleared.load(Ordering::SeqCst) <= ticket && self.invalidated.get(key).is_none_or(|g| g <= ticket)
+    }
+}
+
+/// The shared tier as one cache uses it.
+struct Tier2<K, V> {
+    shared: Arc<Shared>,
+    key_text: fn(&K) -> String,
+    encode: fn(&V) -> Option<Vec<u8>>,
+    decode: fn(&[u8]) -> Option<V>,
+}
+
+/// Where a kind's values are kept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Tiers {
+    /// In this node's memory and in the shared tier.
+    Both,
+    /// Only in the shared tier: for data whose reader may come back through any node and must see
+    /// its own writes at once (a node's memory could be a write behind).
+    SharedOnly,
+}
 
 pub struct Cache<K, V> {
     kind: &'static str,
     ttl: Duration,
-    entries: moka::sync::Cache<K, Entry<V>>,
-    /// The generation of each key's last invalidation, kept longer than any load may take.
-    invalidated: moka::sync::Cache<K, u64>,
-    generation: AtomicU64,
-    flights: Mutex<HashMap<K, Flight<V>>>,
+    local: Arc<Local<K, V>>,
+    keep_local: bool,
+    tier2: Option<Tier2<K, V>>,
     counters: Counters,
 }
 
@@ -108,7 +190,21 @@ where
             .build();
         let invalidated =
             moka::sync::Cache::builder().max_capacity(capacity).time_to_live(Duration::from_secs(120)).build();
-        Cache { kind, ttl, entries, invalidated, generation: AtomicU64::new(0), flights: Mutex::default(), counters }
+        let local = Local {
+            entries,
+            invalidated,
+            cleared: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            flights: Mutex::default(),
+        };
+        Cache { kind, ttl, local: Arc::new(local), keep_local: true, tier2: None, counters }
+    }
+
+    /// Where values are kept (default [`Tiers::Both`]). A [`Tiers::SharedOnly`] cache without a
+    /// shared tier, or while it is down, reads every value from the source.
+    pub fn tiers(mut self, tiers: Tiers) -> Cache<K, V> {
+        self.keep_local = tiers == Tiers::Both;
+        self
     }
 
     pub fn kind(&self) -> &'static str {
@@ -127,15 +223,21 @@ where
         Fut: Future<Output = Result<V, E>>,
     {
         let now = Instant::now();
-        if let Some(entry) = self.entries.get(key) {
-            if now < entry.expires_at && !refresh_early(&entry, now) {
-                let age = now - entry.stored_at;
-                self.hit(age);
-                return Ok((entry.value, Served::Hit { age, ttl_left: entry.expires_at - now }));
+        if self.keep_local {
+            if let Some(entry) = self.local.entries.get(key) {
+                if now < entry.expires_at && !refresh_early(&entry, now) {
+                    let age = now - entry.stored_at;
+                    self.hit(age, false);
+                    return Ok((entry.value, Served::Hit { age, ttl_left: entry.expires_at - now, shared: false }));
+                }
             }
+        } else if !self.tier2.as_ref().is_some_and(|t| t.shared.is_up()) {
+            let value = load().await?;
+            self.count("bypass", &self.counters.misses);
+            return Ok((value, Served::Bypass));
         }
         let (flight, leader) = {
-            let mut flights = self.flights.lock().unwrap();
+            let mut flights = self.local.flights.lock().unwrap();
             match flights.get(key) {
                 Some(flight) => (flight.clone(), false),
                 None => {
@@ -145,71 +247,124 @@ where
                 }
             }
         };
-        let ticket = self.generation.load(Ordering::SeqCst);
+        let ticket = self.local.generation.load(Ordering::SeqCst);
         let mut loaded_here = false;
         let result = flight
-            .get_or_try_init(|| async {
+            .get_or_try_init(|| {
                 loaded_here = true;
-                let started = Instant::now();
-                let value = load().await?;
-                Ok::<_, E>((value, started.elapsed()))
+                self.load_through_tiers(key, load)
             })
             .await
             .cloned();
         if leader {
-            let mut flights = self.flights.lock().unwrap();
+            let mut flights = self.local.flights.lock().unwrap();
             if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
                 flights.remove(key);
             }
         }
-        let (value, load_time) = result?;
-        if loaded_here {
-            self.install(key, value.clone(), load_time, ticket);
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("keel_cache_requests_total", "kind" => self.kind, "result" => "miss").increment(1);
-            Ok((value, Served::Miss))
+        let loaded = result?;
+        if !loaded_here {
+            self.count("coalesced", &self.counters.coalesced);
+            return Ok((loaded.value, Served::Coalesced));
+        }
+        let expires_at = loaded.loaded_at + self.jittered_ttl();
+        if self.keep_local && self.local.still_current(key, ticket) && Instant::now() < expires_at {
+            let entry = Entry {
+                value: loaded.value.clone(),
+                stored_at: loaded.loaded_at,
+                expires_at,
+                load_time: loaded.load_time,
+            };
+            self.local.entries.insert(key.clone(), entry);
+        }
+        if loaded.from_shared {
+            let now = Instant::now();
+            let age = now.saturating_duration_since(loaded.loaded_at);
+            self.hit(age, true);
+            Ok((loaded.value, Served::Hit { age, ttl_left: self.ttl.saturating_sub(age), shared: true }))
         } else {
-            self.counters.coalesced.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("keel_cache_requests_total", "kind" => self.kind, "result" => "coalesced").increment(1);
-            Ok((value, Served::Coalesced))
+            self.count("miss", &self.counters.misses);
+            Ok((loaded.value, Served::Miss))
         }
     }
 
-    /// Write-through: installs a value just committed. Loads in flight may hold an older one, so
-    /// this also invalidates them.
-    pub fn put(&self, key: K, value: V) {
-        let generation = self.invalidate_generation(&key);
-        self.install(&key, value, Duration::ZERO, generation);
-    }
-
-    /// Cache-aside: drops the key after its source changed. A load already in flight will not
-    /// install what it read.
-    pub fn invalidate(&self, key: &K) {
-        self.invalidate_generation(key);
-        self.entries.invalidate(key);
-    }
-
-    fn invalidate_generation(&self, key: &K) -> u64 {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.invalidated.insert(key.clone(), generation);
-        // Callers from now on must not join a load that began before the write.
-        self.flights.lock().unwrap().remove(key);
-        generation
-    }
-
-    fn install(&self, key: &K, value: V, load_time: Duration, ticket: u64) {
-        if self.invalidated.get(key).is_some_and(|invalidated| invalidated > ticket) {
-            // Read before a write that was acknowledged since: serve it once, never cache it.
-            return;
+    /// A miss of this node: the shared tier if it has the key, else the source (and then the shared
+    /// tier is given what was read, unless the key was written meanwhile).
+    async fn load_through_tiers<F, Fut, E>(&self, key: &K, load: F) -> Result<Loaded<V>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let mut install_with = None;
+        if let Some(tier2) = &self.tier2 {
+            let text = (tier2.key_text)(key);
+            if let Some((stored, counter)) = tier2.shared.lookup(self.kind, &text).await {
+                let found = stored.and_then(|s| Some((s.age(), s.load_time, (tier2.decode)(&s.bytes)?)));
+                if let Some((age, load_time, value)) = found.filter(|(age, ..)| *age < self.ttl) {
+                    let loaded_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                    return Ok(Loaded { value, loaded_at, load_time, from_shared: true });
+                }
+                install_with = Some((text, counter));
+            }
         }
-        let now = Instant::now();
-        let ttl = self.ttl.mul_f64(0.9 + 0.1 * random_fraction());
-        self.entries.insert(key.clone(), Entry { value, stored_at: now, expires_at: now + ttl, load_time });
+        let (started, started_us) = (Instant::now(), shared::unix_us());
+        let value = load().await?;
+        let load_time = started.elapsed();
+        if let (Some(tier2), Some((text, counter))) = (&self.tier2, install_with) {
+            if let Some(bytes) = (tier2.encode)(&value) {
+                let stored = Stored { loaded_at_us: started_us, load_time, bytes };
+                let ttl = self.jittered_ttl().saturating_sub(load_time);
+                tier2.shared.install(self.kind, &text, &counter, &stored, ttl).await;
+            }
+        }
+        Ok(Loaded { value, loaded_at: started, load_time, from_shared: false })
     }
 
-    fn hit(&self, age: Duration) {
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("keel_cache_requests_total", "kind" => self.kind, "result" => "hit").increment(1);
+    /// Write-through: installs a value just committed, here and in the shared tier (telling the
+    /// other nodes). Loads in flight may hold an older value, so this also invalidates them.
+    pub async fn put(&self, key: K, value: V) {
+        self.local.invalidate(&key);
+        if self.keep_local {
+            let now = Instant::now();
+            let entry = Entry {
+                value: value.clone(),
+                stored_at: now,
+                expires_at: now + self.jittered_ttl(),
+                load_time: Duration::ZERO,
+            };
+            self.local.entries.insert(key.clone(), entry);
+        }
+        if let Some(tier2) = &self.tier2 {
+            let bytes = (tier2.encode)(&value);
+            let ttl = self.jittered_ttl();
+            tier2.shared.write(self.kind, &(tier2.key_text)(&key), bytes.as_deref().map(|b| (b, ttl))).await;
+        }
+    }
+
+    /// Cache-aside: drops the key after its source changed, here, in the shared tier and on the
+    /// other nodes. A load already in flight will not install what it read.
+    pub async fn invalidate(&self, key: &K) {
+        self.local.invalidate(key);
+        if let Some(tier2) = &self.tier2 {
+            tier2.shared.write(self.kind, &(tier2.key_text)(key), None).await;
+        }
+    }
+
+    fn jittered_ttl(&self) -> Duration {
+        self.ttl.mul_f64(0.9 + 0.1 * random_fraction())
+    }
+
+    fn count(&self, result: &'static str, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keel_cache_requests_total", "kind" => self.kind, "result" => result).increment(1);
+    }
+
+    fn hit(&self, age: Duration, shared: bool) {
+        if shared {
+            self.count("shared_hit", &self.counters.shared_hits);
+        } else {
+            self.count("hit", &self.counters.hits);
+        }
         metrics::histogram!("keel_cache_served_age_seconds", "kind" => self.kind).record(age.as_secs_f64());
         let slot = self.counters.next_age.fetch_add(1, Ordering::Relaxed) as usize % AGE_SAMPLES;
         let mut ages = self.counters.ages.lock().unwrap();
@@ -227,11 +382,42 @@ where
         let p99 = ages.get((ages.len() * 99 / 100).min(ages.len().saturating_sub(1))).copied().unwrap_or(0);
         Stats {
             hits: self.counters.hits.load(Ordering::Relaxed),
+            shared_hits: self.counters.shared_hits.load(Ordering::Relaxed),
             misses: self.counters.misses.load(Ordering::Relaxed),
             coalesced: self.counters.coalesced.load(Ordering::Relaxed),
             evictions: self.counters.evictions.load(Ordering::Relaxed),
             served_age_p99_ms: p99 as f64,
         }
+    }
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + Display + FromStr + 'static,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    /// Keeps this kind in the shared tier too (values as JSON), and applies the other nodes'
+    /// invalidations to this node's memory.
+    pub fn shared(mut self, shared: &Arc<Shared>) -> Cache<K, V> {
+        let local = self.local.clone();
+        shared.listen(
+            self.kind,
+            Arc::new(move |key: Option<&str>| match key {
+                Some(key) => {
+                    if let Ok(key) = key.parse::<K>() {
+                        local.invalidate(&key);
+                    }
+                }
+                None => local.clear(),
+            }),
+        );
+        self.tier2 = Some(Tier2 {
+            shared: shared.clone(),
+            key_text: |k| k.to_string(),
+            encode: |v| serde_json::to_vec(v).ok(),
+            decode: |b| serde_json::from_slice(b).ok(),
+        });
+        self
     }
 }
 
@@ -319,7 +505,7 @@ mod tests {
         };
         read_done_rx.await.unwrap();
         // The writer: commits v2 at the source, then invalidates.
-        cache.invalidate(&key);
+        cache.invalidate(&key).await;
         release_tx.send(()).unwrap();
         let (served, how) = reader.await.unwrap();
         assert_eq!((served, how), (1, Served::Miss), "the reader itself gets what it read");
@@ -331,7 +517,7 @@ mod tests {
     async fn put_installs_and_beats_loads_in_flight() {
         let cache = cache();
         let key = "p".to_owned();
-        cache.put(key.clone(), 5);
+        cache.put(key.clone(), 5).await;
         let (v, served) = cache.get_or_load(&key, || async { Ok::<_, ()>(0) }).await.unwrap();
         assert_eq!(v, 5);
         assert!(matches!(served, Served::Hit { .. }));

@@ -1,10 +1,18 @@
 //! Shopping carts: rows on the owner's shard, priced from the catalogue at read time.
+//!
+//! Cached write-through for the cart budget (10 s) in the shared tier only: an owner may come back
+//! through any node and must see their own writes at once, which a node's own memory could not
+//! promise. Without Redis (or while it is down) carts are read from the shard.
+
+use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::consistency;
 use crate::db::Sql;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
@@ -22,7 +30,7 @@ pub struct SetQuantity {
     pub quantity: i64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CartItem {
     pub product_id: String,
     pub quantity: i64,
@@ -30,7 +38,7 @@ pub struct CartItem {
     pub price_cents: i64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Cart {
     pub items: Vec<CartItem>,
     pub total_cents: i64,
@@ -70,10 +78,29 @@ pub(crate) async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiE
 }
 
 #[utoipa::path(get, path = "/v1/cart", tag = "carts", security(("bearer" = [])),
-    responses((status = 200, body = Cart), (status = 401, body = Problem)))]
-pub async fn get_cart(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<Cart>, ApiError> {
-    Ok(Json(load_cart(&state, user).await?))
+    responses((status = 200, description = "The cart, with the owner's own writes; other changes (prices, a \
+        confirmed order) up to the cart budget (10 s) late: see `Cache-Status` and `Age`", body = Cart),
+        (status = 401, body = Problem)))]
+pub async fn get_cart(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<impl IntoResponse, ApiError> {
+    let (cart, served) =
+        state.caches.carts.get_or_load(&user, || async { load_cart(&state, user).await.map(Arc::new) }).await?;
+    Ok((consistency::cache_headers(served), Json(cart)))
 }
+
+/// Write-through: the cart as committed, read back and put in the cache before the owner hears of it.
+async fn committed(state: &AppState, user: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
+    let cart = Arc::new(load_cart(state, user).await?);
+    state.caches.carts.put(user, cart.clone()).await;
+    Ok(Json(cart))
+}
+
+/// Drops a cart from the shared tier after a change made elsewhere (the checkout saga).
+pub async fn forget_cached(shared: &keel_cache::Shared, user: Uuid) {
+    shared.write(CART_KIND, &user.to_string(), None).await;
+}
+
+/// The cart's name in the consistency table and the cache.
+pub const CART_KIND: &str = "cart";
 
 #[utoipa::path(put, path = "/v1/cart/items/{product_id}", tag = "carts", request_body = SetQuantity,
     params(("product_id" = String, Path)),
@@ -86,7 +113,7 @@ pub async fn set_item(
     AuthUser(user): AuthUser,
     Path(product): Path<String>,
     Json(input): Json<SetQuantity>,
-) -> Result<Json<Cart>, ApiError> {
+) -> Result<Json<Arc<Cart>>, ApiError> {
     let product = parse_id("product", &product)?;
     let quantity = number("quantity", input.quantity, 0, MAX_QUANTITY)? as i32;
     if quantity == 0 {
@@ -106,7 +133,7 @@ pub async fn set_item(
         )
         .await?;
     drop(shard);
-    Ok(Json(load_cart(&state, user).await?))
+    committed(&state, user).await
 }
 
 #[utoipa::path(delete, path = "/v1/cart/items/{product_id}", tag = "carts",
@@ -118,15 +145,15 @@ pub async fn delete_item(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(product): Path<String>,
-) -> Result<Json<Cart>, ApiError> {
+) -> Result<Json<Arc<Cart>>, ApiError> {
     let product = parse_id("product", &product)?;
     remove(&state, user, product).await
 }
 
 /// Removing what is not there is not an error: the cart simply does not hold it afterwards.
-async fn remove(state: &AppState, user: Uuid, product: Uuid) -> Result<Json<Cart>, ApiError> {
+async fn remove(state: &AppState, user: Uuid, product: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
     let shard = state.db.shard_of(user).client().await?;
     shard.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
     drop(shard);
-    Ok(Json(load_cart(state, user).await?))
+    committed(state, user).await
 }

@@ -51,7 +51,7 @@ pub struct UpdateProduct {
     pub price_cents: Option<i64>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Product {
     pub id: String,
     pub sku: String,
@@ -152,7 +152,7 @@ pub async fn create_product(
     let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
     tx.commit().await?;
-    state.caches.products.put(id, Arc::new(product.clone()));
+    state.caches.products.put(id, Arc::new(product.clone())).await;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
 }
 
@@ -212,7 +212,7 @@ pub async fn update_product(
     announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
     tx.commit().await?;
     // Write-through: this node serves the committed product at once.
-    state.caches.products.put(id, Arc::new(product.clone()));
+    state.caches.products.put(id, Arc::new(product.clone())).await;
     Ok(Json(product))
 }
 

@@ -53,6 +53,12 @@ pub struct Config {
     /// `KEEL_NATS_PREFIX` / `nats_prefix`: the subject prefix (`<prefix>.events.<type>`) and stream
     /// name (`<PREFIX>_EVENTS`), so several deployments can share a NATS server.
     pub nats_prefix: String,
+    /// `KEEL_REDIS_URL` / `redis_url`: Redis shared by all nodes, e.g. `redis://127.0.0.1:6379`, as
+    /// the second cache tier and the channel of cross-node invalidations. Optional: unset or down,
+    /// each node caches in its own memory within the budgets.
+    pub redis_url: Option<String>,
+    /// `KEEL_REDIS_NAMESPACE` / `redis_namespace`: the prefix of Keel's keys and channel in Redis.
+    pub redis_namespace: String,
     /// `KEEL_CONSISTENCY_BUDGETS` / `consistency_budgets`: staleness budgets that differ from the
     /// consistency table's defaults, e.g. `profile=60s,product=10s`.
     pub consistency_budgets: Vec<(String, Duration)>,
@@ -79,6 +85,8 @@ impl Default for Config {
             webhook_allow_private: false,
             nats_url: None,
             nats_prefix: "keel".to_owned(),
+            redis_url: None,
+            redis_namespace: "keel".to_owned(),
             consistency_budgets: Vec::new(),
         }
     }
@@ -120,6 +128,8 @@ const SETTINGS: &[&str] = &[
     "webhook_allow_private",
     "nats_url",
     "nats_prefix",
+    "redis_url",
+    "redis_namespace",
     "consistency_budgets",
 ];
 
@@ -171,6 +181,8 @@ impl Config {
                 "webhook_allow_private" => self.webhook_allow_private = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "nats_url" => self.nats_url = Some(non_empty(raw).map_err(|m| fail(key, m))?),
                 "nats_prefix" => self.nats_prefix = parse_prefix(raw).map_err(|m| fail(key, m))?,
+                "redis_url" => self.redis_url = Some(parse_redis_url(raw).map_err(|m| fail(key, m))?),
+                "redis_namespace" => self.redis_namespace = parse_prefix(raw).map_err(|m| fail(key, m))?,
                 "consistency_budgets" => self.consistency_budgets = parse_budgets(raw).map_err(|m| fail(key, m))?,
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
@@ -300,6 +312,13 @@ fn parse_prefix(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
+fn parse_redis_url(raw: &str) -> Result<String, String> {
+    match raw.strip_prefix("redis://") {
+        Some(rest) if !rest.is_empty() => Ok(raw.to_owned()),
+        _ => Err(format!("{raw:?} is not a redis://host:port URL")),
+    }
+}
+
 fn parse_bool(raw: &str) -> Result<bool, String> {
     match raw.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -349,6 +368,8 @@ mod tests {
         assert_eq!(err.setting, "KEEL_MAIL_FROM");
         let err = Config::default().apply(&env(&[("KEEL_NATS_PREFIX", "keel.events")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_NATS_PREFIX");
+        let err = Config::default().apply(&env(&[("KEEL_REDIS_URL", "127.0.0.1:6379")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_REDIS_URL");
         for bad in ["wallet=5s", "profiles=5s", "profile"] {
             let err = Config::default().apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", bad)])).unwrap_err();
             assert_eq!(err.setting, "KEEL_CONSISTENCY_BUDGETS", "{bad}");

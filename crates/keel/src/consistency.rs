@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue};
-use keel_cache::{Cache, Served};
+use keel_cache::{Cache, Served, Shared, Tiers};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -29,9 +29,16 @@ pub struct Kind {
 }
 
 pub const KINDS: &[Kind] = &[
-    Kind { name: "profile", budget: Duration::from_secs(300), policy: "cache-aside", source: "cache → shard" },
-    Kind { name: "product", budget: Duration::from_secs(60), policy: "write-through", source: "catalogue" },
-    Kind { name: "cart", budget: Duration::from_secs(10), policy: "write-through", source: "shard primary" },
+    Kind {
+        name: "profile", budget: Duration::from_secs(300), policy: "cache-aside", source: "memory → Redis → shard"
+    },
+    Kind {
+        name: "product",
+        budget: Duration::from_secs(60),
+        policy: "write-through",
+        source: "memory → Redis → catalogue",
+    },
+    Kind { name: "cart", budget: Duration::from_secs(10), policy: "write-through", source: "Redis → shard primary" },
     Kind { name: "like_count", budget: Duration::from_secs(2), policy: "write-back", source: "CRDT counter" },
     Kind { name: "feed", budget: Duration::from_secs(30), policy: "cache-aside", source: "not built yet" },
     Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: "search index" },
@@ -63,7 +70,7 @@ pub fn check_override(kind: &str, budget: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// The caches of this node, one per cached kind.
+/// The caches of this node, one per cached kind, and the shared tier (Redis) if configured.
 pub struct Caches {
     /// Public profiles (no e-mail), by user id.
     pub profiles: Cache<Uuid, Arc<crate::users::Profile>>,
@@ -72,18 +79,44 @@ pub struct Caches {
     /// The other nodes' share of a product's like count. Flushes lag up to 1 s and this adds up to
     /// [`LIKES_OF_OTHERS_TTL`]: within the like count's 2 s budget.
     pub likes_of_others: Cache<Uuid, i64>,
+    /// Carts by owner, only in the shared tier (see [`crate::carts`]).
+    pub carts: Cache<Uuid, Arc<crate::carts::Cart>>,
+    pub shared: Option<Arc<Shared>>,
 }
 
 pub const LIKES_OF_OTHERS_TTL: Duration = Duration::from_millis(250);
 
 impl Caches {
-    pub fn new(config: &crate::config::Config) -> Caches {
+    /// The caches; with `shared`, profiles, products and carts also live in Redis and this node
+    /// hears of the other nodes' writes. The like count's share of other nodes stays local: it is
+    /// already a merge of what every node flushed.
+    pub fn new(config: &crate::config::Config, shared: Option<Arc<Shared>>) -> Caches {
         let like_budget = budget(config, "like_count").saturating_sub(crate::likes::FLUSH_INTERVAL);
-        Caches {
-            profiles: Cache::new("profile", budget(config, "profile"), 100_000),
-            products: Cache::new("product", budget(config, "product"), 100_000),
-            likes_of_others: Cache::new("like_count", LIKES_OF_OTHERS_TTL.min(like_budget), 100_000),
+        let mut profiles = Cache::new("profile", budget(config, "profile"), 100_000);
+        let mut products = Cache::new("product", budget(config, "product"), 100_000);
+        let mut carts = Cache::new(crate::carts::CART_KIND, budget(config, crate::carts::CART_KIND), 100_000)
+            .tiers(Tiers::SharedOnly);
+        if let Some(shared) = &shared {
+            profiles = profiles.shared(shared);
+            products = products.shared(shared);
+            carts = carts.shared(shared);
         }
+        Caches {
+            profiles,
+            products,
+            likes_of_others: Cache::new("like_count", LIKES_OF_OTHERS_TTL.min(like_budget), 100_000),
+            carts,
+            shared,
+        }
+    }
+
+    /// The shared tier configured by `KEEL_REDIS_URL`, if any (it is connected lazily).
+    pub fn shared_tier(config: &crate::config::Config) -> Result<Option<Arc<Shared>>, String> {
+        config
+            .redis_url
+            .as_deref()
+            .map(|url| Shared::connect(url, &config.redis_namespace).map_err(|e| format!("KEEL_REDIS_URL: {e}")))
+            .transpose()
     }
 
     fn of(&self, kind: &str) -> Option<keel_cache::Stats> {
@@ -91,6 +124,7 @@ impl Caches {
             "profile" => Some(self.profiles.stats()),
             "product" => Some(self.products.stats()),
             "like_count" => Some(self.likes_of_others.stats()),
+            "cart" => Some(self.carts.stats()),
             _ => None,
         }
     }
@@ -99,9 +133,15 @@ impl Caches {
 /// `Cache-Status` (RFC 9211) and `Age` (RFC 9111) for a response of a cacheable kind.
 pub fn cache_headers(served: Served) -> [(HeaderName, HeaderValue); 2] {
     let (status, age) = match served {
-        Served::Hit { age, ttl_left } => (format!("keel; hit; ttl={}", ttl_left.as_secs()), age.as_secs()),
+        Served::Hit { age, ttl_left, shared: false } => {
+            (format!("keel; hit; ttl={}", ttl_left.as_secs()), age.as_secs())
+        }
+        Served::Hit { age, ttl_left, shared: true } => {
+            (format!("keel; hit; ttl={}; detail=shared", ttl_left.as_secs()), age.as_secs())
+        }
         Served::Miss => ("keel; fwd=miss; stored".to_owned(), 0),
         Served::Coalesced => ("keel; fwd=miss; collapsed".to_owned(), 0),
+        Served::Bypass => ("keel; fwd=bypass; detail=no-shared-tier".to_owned(), 0),
     };
     [
         (HeaderName::from_static("cache-status"), HeaderValue::from_str(&status).expect("ASCII")),
@@ -126,7 +166,10 @@ pub struct KindReport {
     pub budget_s: f64,
     pub policy: &'static str,
     pub source: &'static str,
+    /// Served from this node's memory.
     pub hits: u64,
+    /// Served from the shared tier (Redis).
+    pub shared_hits: u64,
     pub misses: u64,
     pub coalesced: u64,
     pub evictions: u64,
@@ -139,6 +182,17 @@ pub struct KindReport {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Table {
     pub kinds: Vec<KindReport>,
+    /// The shared tier (Redis), absent when not configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_tier: Option<SharedTier>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SharedTier {
+    /// False while an outage is noticed: reads use this node's memory and the databases.
+    pub up: bool,
+    /// Failed or timed-out calls since start.
+    pub errors: u64,
 }
 
 #[utoipa::path(get, path = "/v1/admin/consistency", tag = "admin", security(("bearer" = [])),
@@ -155,6 +209,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 policy: k.policy,
                 source: k.source,
                 hits: stats.hits,
+                shared_hits: stats.shared_hits,
                 misses: stats.misses,
                 coalesced: stats.coalesced,
                 evictions: stats.evictions,
@@ -163,5 +218,9 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
             }
         })
         .collect();
-    Ok(Json(Table { kinds }))
+    let shared_tier = state.caches.shared.as_ref().map(|s| {
+        let stats = s.stats();
+        SharedTier { up: stats.up, errors: stats.errors }
+    });
+    Ok(Json(Table { kinds, shared_tier }))
 }

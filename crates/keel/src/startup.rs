@@ -49,12 +49,13 @@ impl Application {
         let databases = Arc::new(db);
         let config = Arc::new(config);
         let likes = Arc::new(LikeCounter::new());
+        let shared = Caches::shared_tier(&config).map_err(io::Error::other)?;
         let state = AppState {
             db: databases.clone(),
             admin_token_digest: digest(admin_token),
             config: config.clone(),
             likes: likes.clone(),
-            caches: Arc::new(Caches::new(&config)),
+            caches: Arc::new(Caches::new(&config, shared)),
         };
         let router = crate::http::router(state);
         Ok(Application { databases, listener, router, shutdown_timeout, config, likes })

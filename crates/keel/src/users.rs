@@ -57,7 +57,7 @@ pub struct CreatedUser {
 }
 
 /// A profile. `email` is present only when the owner asks.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Profile {
     pub id: String,
     pub name: String,
@@ -285,7 +285,7 @@ pub async fn update_user(
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
     // Cache-aside: the write is committed; others' next read loads it.
-    state.caches.profiles.invalidate(&id);
+    state.caches.profiles.invalidate(&id).await;
     Ok(Json(Profile::from_row(&row, true)))
 }
 

@@ -56,6 +56,10 @@ pub async fn run(ctx: &JobContext, job: &Job) -> Result<(), String> {
         return release(&ctx.db.catalog, order.id, job).await;
     }
     tracing::info!(order = %order.id, "order confirmed");
+    if let Some(shared) = &ctx.shared_cache {
+        // The bought items left the cart: its owner should not see them there for the budget.
+        crate::carts::forget_cached(shared, order.user).await;
+    }
     Ok(())
 }
 

@@ -36,6 +36,8 @@ pub struct JobContext {
     pub mailer: Mailer,
     pub mail_from: Mailbox,
     pub deliverer: Deliverer,
+    /// The shared cache tier, to drop what the handlers change (a cart emptied by a checkout).
+    pub shared_cache: Option<Arc<keel_cache::Shared>>,
 }
 
 impl JobContext {
@@ -45,6 +47,7 @@ impl JobContext {
             mailer: Mailer::from_config(config)?,
             mail_from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
+            shared_cache: crate::consistency::Caches::shared_tier(config)?,
         })
     }
 }

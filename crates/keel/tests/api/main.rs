@@ -14,6 +14,7 @@ mod peers;
 mod processes;
 mod queue;
 mod search;
+mod two_nodes;
 mod users;
 mod wallet;
 mod webhooks;

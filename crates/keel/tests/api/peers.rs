@@ -1,6 +1,7 @@
 //! Real protocol peers for the side-effect tests: an SMTP server (aiosmtpd, a separate process), an
 //! HTTP webhook receiver that answers as a test scripts it, and signature verification by the
-//! Standard Webhooks reference library — an implementation independent of Keel's.
+//! Standard Webhooks reference library — an implementation independent of Keel's — and a
+//! redis-server of a test's own.
 //! The Python tools live in `target/python`, made by `scripts/install-deps.sh` (`make test`).
 
 use std::collections::VecDeque;
@@ -32,13 +33,7 @@ pub fn nats_url() -> &'static str {
                 .arg(&store)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut command);
             let mut child = command.spawn().expect("starting nats-server (scripts/install-deps.sh installs it)");
             started_tx.send(()).unwrap();
             let _ = child.wait();
@@ -57,6 +52,64 @@ pub fn nats_url() -> &'static str {
 /// and webhook tests both ways).
 pub fn nats_enabled() -> bool {
     std::env::var_os("KEEL_TEST_NATS").is_some_and(|v| v == "1")
+}
+
+/// A redis-server of one test's own on a private port (no persistence): the test can kill it and
+/// start it again on the same port.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        RedisServer::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> RedisServer {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("starting redis-server (scripts/install-deps.sh installs it)");
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start on {port}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        RedisServer { port, child: Some(child) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the server and everything it held are gone at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The kernel kills the child when the test binary exits, however it exits.
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 pub fn free_port() -> u16 {

@@ -461,3 +461,78 @@ async fn a_request_trace_id_is_on_every_worker_log_line_for_its_events() {
         assert_eq!(line["span"]["trace_id"], trace_id, "a worker line without the request's trace: {line}");
     }
 }
+
+/// Write-back's promise: SIGKILL of a `keel serve` node loses at most the like counts it gathered
+/// since its last flush (one flush interval), never older ones. The likes themselves are rows on
+/// the users' shards and survive; only the killed node's unflushed share of the counter is gone.
+#[tokio::test]
+async fn a_killed_node_loses_at_most_its_unflushed_likes() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let env = [
+        ("KEEL_CATALOG_URL", app.dbs.catalog_url.clone()),
+        ("KEEL_SHARD_URLS", app.dbs.shard_urls.join(",")),
+        ("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+    ];
+    let scratch = scratch_dir("likes-kill");
+    let mut b = Keel::start(&["serve"], &env, &scratch.join("b.log"));
+    b.wait_ready(Duration::from_secs(30)).await;
+    let mut users = Vec::new();
+    for i in 0..100 {
+        users.push(app.create_user(&format!("kill{i}")).await.1);
+    }
+    let mut products = Vec::new();
+    for i in 0..10 {
+        products.push(app.create_product(&format!("KILL-{i}"), 100, 1).await);
+    }
+    // Likes through node B, each a new (user, product) pair, four at a time, paced, for 4 s.
+    let client = reqwest::Client::new();
+    let pairs: Vec<(String, String)> =
+        users.iter().flat_map(|u| products.iter().map(move |p| (u.clone(), p.clone()))).collect();
+    let pairs = std::sync::Arc::new(std::sync::Mutex::new(pairs.into_iter()));
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut likers = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, pairs, base) = (client.clone(), pairs.clone(), b.address.clone());
+        likers.spawn(async move {
+            let mut acknowledged = Vec::new();
+            while Instant::now() < deadline {
+                let Some((user, product)) = pairs.lock().unwrap().next() else { break };
+                let like = client.put(format!("{base}/v1/products/{product}/like")).bearer_auth(&user);
+                assert_eq!(like.send().await.unwrap().status(), 204);
+                acknowledged.push(Instant::now());
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            acknowledged
+        });
+    }
+    let mut acknowledged = Vec::new();
+    while let Some(done) = likers.join_next().await {
+        acknowledged.extend(done.unwrap());
+    }
+    b.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    assert!(!b.wait_exit(Duration::from_secs(10)).await.success());
+
+    let mut in_database = 0;
+    for i in 0..crate::helpers::SHARDS {
+        in_database +=
+            app.dbs.shard(i).await.query_one("SELECT count(*) FROM likes", &[]).await.unwrap().get::<_, i64>(0);
+    }
+    assert_eq!(in_database, acknowledged.len() as i64, "every acknowledged like is recorded");
+    // Node A's view: what B flushed (A's cache of other nodes' shares lasts 250 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut counted = 0;
+    for product in &products {
+        counted += expect_json(app.get(&format!("/v1/products/{product}")).send().await, 200).await["like_count"]
+            .as_i64()
+            .unwrap();
+    }
+    let lost = in_database - counted;
+    // The last flush that completed began at most one interval (plus the flush itself) before the kill.
+    let window = keel::likes::FLUSH_INTERVAL + Duration::from_millis(250);
+    let unflushed = acknowledged.iter().filter(|at| killed.duration_since(**at) <= window).count() as i64;
+    eprintln!("likes: {in_database} acknowledged, {counted} counted after SIGKILL, {lost} lost; {unflushed} in the last {window:?}");
+    assert!((0..=unflushed).contains(&lost), "lost {lost} likes, more than the {unflushed} of the unflushed window");
+    assert!(in_database > 2 * unflushed, "the run outlasted the window, so the bound means something");
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -1,0 +1,370 @@
+//! The shared tier (L2): one Redis seen by every node, and the channel their invalidations travel on.
+//!
+//! - **Values** live under `<namespace>:<kind>:v:<key>`, stamped with the time they were read from
+//!   the source, and expire when their budget runs out (so a node installing one in its L1 keeps the
+//!   original age).
+//! - **The stale-install race across nodes** is closed the same way as in one process: every write
+//!   bumps a per-key invalidation counter (`<namespace>:<kind>:i:<key>`) in the same script that
+//!   changes the value; a reader notes the counter when it misses and installs what it loaded only if
+//!   the counter has not moved since.
+//! - **Cross-node invalidation**: the write's script also publishes `<node> <kind> <key>` on
+//!   `<namespace>:invalidate`; every other node drops the key from its L1. A node that was cut off
+//!   from the channel clears its shared kinds' L1 when it reconnects, since it may have missed some.
+//! - **Redis is optional and may fail.** Every call has a short timeout; the first failure opens a
+//!   breaker (a log line, `keel_cache_l2_up` 0, `keel_cache_l2_errors_total`) and calls skip Redis
+//!   (reads fall back to L1 and the source) until one probe a second succeeds again. Writes are
+//!   always tried: one that is skipped would leave an older value in Redis for other nodes to find
+//!   when it answers again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+
+/// How long one Redis call may take before the tier is considered down.
+const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often a down tier is probed.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long an invalidation counter outlives its last write: longer than any load may take.
+const COUNTER_TTL_MS: u64 = 120_000;
+
+/// Reads a value and its key's invalidation counter in one round trip.
+const LOOKUP: &str = "return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) or '0'}";
+/// Installs a loaded value unless the key was written since the reader noted the counter (ARGV[1]).
+const INSTALL: &str = "if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] then \
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
+/// A write: bump the counter, set (ARGV[3] non-empty) or drop the value, tell the other nodes.
+const WRITE: &str = "redis.call('INCR', KEYS[2]) redis.call('PEXPIRE', KEYS[2], ARGV[1]) \
+    if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) else redis.call('DEL', KEYS[1]) end \
+    redis.call('PUBLISH', ARGV[2], ARGV[5]) return 1";
+
+/// What a node does when another node says a key changed (`None`: any key may have).
+pub(crate) type OnRemoteWrite = Arc<dyn Fn(Option<&str>) + Send + Sync>;
+
+/// A value as stored in Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stored {
+    /// When it was read from the source (Unix microseconds: the age of a value read from Redis must
+    /// not round down, or a node could keep it a little past its budget).
+    pub loaded_at_us: u64,
+    /// How long that read took, for early refresh.
+    pub load_time: Duration,
+    pub bytes: Vec<u8>,
+}
+
+impl Stored {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.bytes.len());
+        out.extend_from_slice(&self.loaded_at_us.to_le_bytes());
+        out.extend_from_slice(&(self.load_time.as_micros() as u64).to_le_bytes());
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    fn decode(raw: &[u8]) -> Option<Stored> {
+        let loaded_at_us = u64::from_le_bytes(raw.get(..8)?.try_into().ok()?);
+        let load_time = Duration::from_micros(u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?));
+        Some(Stored { loaded_at_us, load_time, bytes: raw[16..].to_vec() })
+    }
+
+    /// How old the value is now.
+    pub fn age(&self) -> Duration {
+        Duration::from_micros(unix_us().saturating_sub(self.loaded_at_us))
+    }
+}
+
+pub(crate) fn unix_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+#[derive(Debug)]
+struct Health {
+    up: bool,
+    /// While down: when the next call may probe Redis.
+    retry_at: Instant,
+}
+
+/// The shared tier, one per process; caches opt in with [`crate::Cache::shared`].
+pub struct Shared {
+    client: redis::Client,
+    namespace: String,
+    /// This process's name on the invalidation channel (its own messages are ignored).
+    node: String,
+    connection: Mutex<Option<MultiplexedConnection>>,
+    health: Mutex<Health>,
+    errors: AtomicU64,
+    listeners: Mutex<HashMap<&'static str, OnRemoteWrite>>,
+    subscriber: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    lookup: redis::Script,
+    install: redis::Script,
+    write: redis::Script,
+}
+
+/// The state of the shared tier, for reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedStats {
+    pub up: bool,
+    /// Failed or timed-out calls since start.
+    pub errors: u64,
+}
+
+impl Shared {
+    /// A shared tier at `url` (`redis://host:port[/db]`), keys under `namespace`. Does not connect:
+    /// Redis may come up after the node does. Must be called within a Tokio runtime, which runs the
+    /// subscription to the invalidation channel until the tier is dropped.
+    pub fn connect(url: &str, namespace: &str) -> Result<Arc<Shared>, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("not a Redis URL: {e}"))?;
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| e.to_string())?;
+        let shared = Arc::new(Shared {
+            client,
+            namespace: namespace.to_owned(),
+            node: id.iter().map(|b| format!("{b:02x}")).collect(),
+            connection: Mutex::new(None),
+            health: Mutex::new(Health { up: true, retry_at: Instant::now() }),
+            errors: AtomicU64::new(0),
+            listeners: Mutex::default(),
+            subscriber: Mutex::new(None),
+            lookup: redis::Script::new(LOOKUP),
+            install: redis::Script::new(INSTALL),
+            write: redis::Script::new(WRITE),
+        });
+        let task = tokio::spawn(subscribe(Arc::downgrade(&shared)));
+        *shared.subscriber.lock().unwrap() = Some(task);
+        metrics::gauge!("keel_cache_l2_up").set(1.0);
+        Ok(shared)
+    }
+
+    pub fn stats(&self) -> SharedStats {
+        SharedStats { up: self.health.lock().unwrap().up, errors: self.errors.load(Ordering::Relaxed) }
+    }
+
+    /// Whether a call may go to Redis now: always while up; while down, once per retry interval.
+    pub(crate) fn available(&self) -> bool {
+        let mut health = self.health.lock().unwrap();
+        if health.up {
+            return true;
+        }
+        let now = Instant::now();
+        if now < health.retry_at {
+            return false;
+        }
+        health.retry_at = now + RETRY_EVERY;
+        true
+    }
+
+    /// Whether reads can count on the tier right now (no outage noticed).
+    pub fn is_up(&self) -> bool {
+        self.health.lock().unwrap().up
+    }
+
+    pub(crate) fn listen(&self, kind: &'static str, on_remote_write: OnRemoteWrite) {
+        self.listeners.lock().unwrap().insert(kind, on_remote_write);
+    }
+
+    fn keys(&self, kind: &str, key: &str) -> (String, String) {
+        (format!("{}:{kind}:v:{key}", self.namespace), format!("{}:{kind}:i:{key}", self.namespace))
+    }
+
+    /// The stored value of a key, if any, and the key's invalidation counter to install with.
+    pub(crate) async fn lookup(&self, kind: &'static str, key: &str) -> Option<(Option<Stored>, String)> {
+        let (value_key, counter_key) = self.keys(kind, key);
+        let (raw, counter): (Option<Vec<u8>>, String) = self
+            .call(kind, "lookup", false, |mut c| async move {
+                self.lookup.key(value_key).key(counter_key).invoke_async(&mut c).await
+            })
+            .await?;
+        Some((raw.as_deref().and_then(Stored::decode), counter))
+    }
+
+    /// Stores what a reader loaded, unless the key was written since `counter` was read.
+    pub(crate) async fn install(&self, kind: &'static str, key: &str, counter: &str, value: &Stored, ttl: Duration) {
+        let (value_key, counter_key) = self.keys(kind, key);
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let _: Option<i64> = self
+            .call(kind, "install", false, |mut c| async move {
+                self.install
+                    .key(value_key)
+                    .key(counter_key)
+                    .arg(counter)
+                    .arg(value.encode())
+                    .arg(ttl_ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// A write committed at the source: stores its value (write-through) or drops the key
+    /// (cache-aside), and tells the other nodes. Returns whether Redis took it.
+    pub async fn write(&self, kind: &'static str, key: &str, value: Option<(&[u8], Duration)>) -> bool {
+        let (value_key, counter_key) = self.keys(kind, key);
+        let (stored, ttl_ms) = match value {
+            Some((bytes, ttl)) => (
+                Stored { loaded_at_us: unix_us(), load_time: Duration::ZERO, bytes: bytes.to_vec() }.encode(),
+                ttl.as_millis().max(1) as u64,
+            ),
+            None => (Vec::new(), 0),
+        };
+        let message = format!("{} {kind} {key}", self.node);
+        let channel = self.channel();
+        let done: Option<i64> = self
+            .call(kind, "write", true, |mut c| async move {
+                self.write
+                    .key(value_key)
+                    .key(counter_key)
+                    .arg(COUNTER_TTL_MS)
+                    .arg(channel)
+                    .arg(stored)
+                    .arg(ttl_ms)
+                    .arg(message)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await;
+        done.is_some()
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:invalidate", self.namespace)
+    }
+
+    /// Runs one call with the timeout, keeping the breaker: `None` when the tier is down (unless
+    /// `even_if_down`) or fails.
+    async fn call<T, F, Fut>(&self, kind: &'static str, op: &'static str, even_if_down: bool, call: F) -> Option<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if !even_if_down && !self.available() {
+            return None;
+        }
+        let result = tokio::time::timeout(CALL_TIMEOUT, async {
+            let connection = self.connection().await?;
+            call(connection).await
+        })
+        .await
+        .map_err(|_| format!("no answer within {CALL_TIMEOUT:?}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match result {
+            Ok(value) => {
+                self.mark_up();
+                Some(value)
+            }
+            Err(error) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("keel_cache_l2_errors_total", "kind" => kind, "op" => op).increment(1);
+                *self.connection.lock().unwrap() = None;
+                self.mark_down(&error);
+                None
+            }
+        }
+    }
+
+    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
+        if let Some(connection) = self.connection.lock().unwrap().clone() {
+            return Ok(connection);
+        }
+        let connection = self.client.get_multiplexed_async_connection().await?;
+        *self.connection.lock().unwrap() = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn mark_up(&self) {
+        let mut health = self.health.lock().unwrap();
+        if !health.up {
+            health.up = true;
+            metrics::gauge!("keel_cache_l2_up").set(1.0);
+            tracing::info!("the shared cache (Redis) answers again: using it");
+        }
+    }
+
+    fn mark_down(&self, error: &str) {
+        let mut health = self.health.lock().unwrap();
+        health.retry_at = Instant::now() + RETRY_EVERY;
+        if health.up {
+            health.up = false;
+            metrics::gauge!("keel_cache_l2_up").set(0.0);
+            tracing::warn!(%error, "the shared cache (Redis) is unavailable: serving from this node's cache and the database");
+        }
+    }
+
+    fn remote_write(&self, message: &[u8]) {
+        let Ok(message) = std::str::from_utf8(message) else { return };
+        let mut parts = message.splitn(3, ' ');
+        let (Some(node), Some(kind), Some(key)) = (parts.next(), parts.next(), parts.next()) else { return };
+        if node == self.node {
+            return;
+        }
+        let listener = self.listeners.lock().unwrap().get(kind).cloned();
+        if let Some(listener) = listener {
+            listener(Some(key));
+        }
+    }
+
+    fn forget_everything(&self) {
+        let listeners: Vec<OnRemoteWrite> = self.listeners.lock().unwrap().values().cloned().collect();
+        for listener in listeners {
+            listener(None);
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.subscriber.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+}
+
+/// Listens on the invalidation channel for as long as the tier exists, reconnecting after a loss.
+async fn subscribe(shared: Weak<Shared>) {
+    let mut connected_before = false;
+    loop {
+        let Some((client, channel)) = shared.upgrade().map(|s| (s.client.clone(), s.channel())) else { return };
+        let subscription = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        if let Ok(Ok(mut pubsub)) = tokio::time::timeout(CALL_TIMEOUT * 4, subscription).await {
+            if let Some(shared) = shared.upgrade() {
+                // Whatever was published while this node was not listening is lost.
+                shared.forget_everything();
+                if connected_before {
+                    tracing::info!("listening to cache invalidations again; this node's shared kinds were cleared");
+                }
+            }
+            connected_before = true;
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let Some(shared) = shared.upgrade() else { return };
+                shared.remote_write(message.get_payload_bytes());
+            }
+            tracing::warn!(
+                "lost the cache invalidation channel: this node's cache may serve values up to their budget old"
+            );
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_value_round_trips() {
+        let stored = Stored {
+            loaded_at_us: 1_700_000_000_123_456,
+            load_time: Duration::from_micros(1500),
+            bytes: b"{}".to_vec(),
+        };
+        assert_eq!(Stored::decode(&stored.encode()), Some(stored));
+        assert_eq!(Stored::decode(b"short"), None);
+    }
+}
