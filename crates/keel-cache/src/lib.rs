@@ -1,4 +1,5 @@
-//! An in-process cache that honours a staleness budget, with no knowledge of what it caches.
+//! A cache that honours a staleness budget — in process, optionally shared by all nodes through
+//! Redis — with no knowledge of what it caches.
 //!
 //! - **Cache-aside without the stale-install race.** A reader that missed loads from the source and
 //!   installs what it read. If a writer committed and invalidated the key *while* that load was in
@@ -16,10 +17,16 @@
 //!   key is reloaded before it expires instead of by a burst of callers after.
 //! - Per-cache counters (hits, misses, coalesced, evictions) and the age of what was served, also
 //!   exported as metrics labelled with the cache's kind.
+//! - **A shared tier** ([`Shared`], Redis, optional): values every node can read, and the channel
+//!   on which a node's writes invalidate the others' memory. See `shared.rs`.
+//! - **Write-back** ([`WriteBack`]): changes kept in memory and written in batches at most one
+//!   interval later and at shutdown; the interval is the declared loss window of a crash.
 
 mod shared;
+mod write_back;
 
 pub use shared::{Shared, SharedStats};
+pub use write_back::WriteBack;
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -223,13 +230,17 @@ where
         Fut: Future<Output = Result<V, E>>,
     {
         let now = Instant::now();
+        // When refreshing a held value early, the shared tier's copy is worth taking only if it is
+        // newer than this one (it is often the very same value, loaded by another node).
+        let mut refreshing_age = None;
         if self.keep_local {
             if let Some(entry) = self.local.entries.get(key) {
+                let age = now - entry.stored_at;
                 if now < entry.expires_at && !refresh_early(&entry, now) {
-                    let age = now - entry.stored_at;
                     self.hit(age, false);
                     return Ok((entry.value, Served::Hit { age, ttl_left: entry.expires_at - now, shared: false }));
                 }
+                refreshing_age = Some(age);
             }
         } else if !self.tier2.as_ref().is_some_and(|t| t.shared.is_up()) {
             let value = load().await?;
@@ -252,7 +263,7 @@ where
         let result = flight
             .get_or_try_init(|| {
                 loaded_here = true;
-                self.load_through_tiers(key, load)
+                self.load_through_tiers(key, load, refreshing_age.unwrap_or(self.ttl))
             })
             .await
             .cloned();
@@ -288,9 +299,9 @@ where
         }
     }
 
-    /// A miss of this node: the shared tier if it has the key, else the source (and then the shared
-    /// tier is given what was read, unless the key was written meanwhile).
-    async fn load_through_tiers<F, Fut, E>(&self, key: &K, load: F) -> Result<Loaded<V>, E>
+    /// A miss of this node: the shared tier if it has the key younger than `younger_than`, else the
+    /// source (and then the shared tier is given what was read, unless the key was written meanwhile).
+    async fn load_through_tiers<F, Fut, E>(&self, key: &K, load: F, younger_than: Duration) -> Result<Loaded<V>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
@@ -300,7 +311,7 @@ where
             let text = (tier2.key_text)(key);
             if let Some((stored, counter)) = tier2.shared.lookup(self.kind, &text).await {
                 let found = stored.and_then(|s| Some((s.age(), s.load_time, (tier2.decode)(&s.bytes)?)));
-                if let Some((age, load_time, value)) = found.filter(|(age, ..)| *age < self.ttl) {
+                if let Some((age, load_time, value)) = found.filter(|(age, ..)| *age < younger_than.min(self.ttl)) {
                     let loaded_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
                     return Ok(Loaded { value, loaded_at, load_time, from_shared: true });
                 }

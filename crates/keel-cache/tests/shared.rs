@@ -34,7 +34,7 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        redis_url(self.port)
     }
 
     fn kill(&mut self) {
@@ -160,4 +160,29 @@ async fn without_redis_reads_go_on_and_resume_the_shared_tier_when_it_is_back() 
     let (v, served) = shared_only.get_or_load(&"probe".to_owned(), load).await.unwrap();
     assert_eq!(v, 1);
     assert!(matches!(served, Served::Hit { shared: true, .. }), "{served:?}");
+
+    // Invalidations flow again: another node's writes reach this node's memory.
+    let other: Cache<String, u32> =
+        Cache::new("both", Duration::from_secs(60), 100).shared(&Shared::connect(&redis_url(port), "t3").unwrap());
+    let key = "after".to_owned();
+    assert_eq!(both.get_or_load(&key, load).await.unwrap().0, 7);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for version in 100.. {
+        other.put(key.clone(), version).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if both.get_or_load(&key, load).await.unwrap().0 == version {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node did not hear from Redis again");
+    }
+    other.put(key.clone(), 1).await;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while both.get_or_load(&key, load).await.unwrap().0 != 1 {
+        assert!(Instant::now() < deadline, "invalidations did not resume after Redis came back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn redis_url(port: u16) -> String {
+    format!("redis://127.0.0.1:{port}")
 }

@@ -247,13 +247,14 @@ pub async fn cached_product(state: &AppState, id: Uuid) -> Result<(Arc<Product>,
 #[utoipa::path(get, path = "/v1/products", tag = "catalog",
     params(PageParams),
     responses(
-        (status = 200, description = "Products in creation order", body = Page<Product>),
+        (status = 200, description = "Products in creation order, read from the catalogue (not cached: \
+            `Cache-Status: keel; fwd=bypass; detail=list`)", body = Page<Product>),
         (status = 400, description = "A bad limit or cursor", body = Problem),
     ))]
 pub async fn list_products(
     State(state): State<AppState>,
     Query(params): Query<PageParams>,
-) -> Result<Json<Page<Product>>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let (limit, after) = params.validate()?;
     let client = state.db.catalog.client().await?;
     // Keyset pagination on the primary key: each page is one index range scan, however deep.
@@ -266,7 +267,8 @@ pub async fn list_products(
             &[&after, &(limit + 1), &state.likes.node()],
         )
         .await?;
-    Ok(Json(Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone())))
+    let page = Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone());
+    Ok((consistency::bypass_headers("list"), Json(page)))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",

@@ -149,7 +149,8 @@ pub fn cache_headers(served: Served) -> [(HeaderName, HeaderValue); 2] {
     ]
 }
 
-/// What a read that went around the cache says about it (the owner reading their own profile).
+/// What a read that went around the cache says about it (the owner reading their own profile, a
+/// product list).
 pub fn bypass_headers(detail: &'static str) -> [(HeaderName, HeaderValue); 2] {
     [
         (
@@ -214,7 +215,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 coalesced: stats.coalesced,
                 evictions: stats.evictions,
                 served_age_p99_ms: stats.served_age_p99_ms,
-                loss_window_ms: (k.policy == "write-back").then(|| crate::likes::FLUSH_INTERVAL.as_millis() as u64),
+                loss_window_ms: (k.policy == "write-back").then(|| state.likes.loss_window().as_millis() as u64),
             }
         })
         .collect();

@@ -5,13 +5,13 @@
 //! waits for another to count a like. The price, declared: a node killed without warning loses the
 //! counts it had not flushed, at most one interval's worth; a graceful stop flushes first.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use keel_cache::WriteBack;
 use keel_crdt::PnCounter;
 use uuid::Uuid;
 
@@ -24,20 +24,13 @@ use crate::startup::AppState;
 /// How long a counted like may wait in memory: the loss window of a crash.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// This node's component of every product's like counter.
+/// This node's component of every product's like counter, written back to `like_counts`.
 pub struct LikeCounter {
     /// A fresh name per process: a component only ever grows, so a restarted node must not reuse
     /// its old name and start again from zero.
     node: String,
-    local: Mutex<Local>,
-}
-
-#[derive(Default)]
-struct Local {
     /// Per product, a PN-counter holding this node's component: the likes and unlikes it accepted.
-    counts: HashMap<Uuid, PnCounter<String>>,
-    /// Products whose component changed since the last flush.
-    dirty: HashSet<Uuid>,
+    counts: WriteBack<Uuid, PnCounter<String>>,
 }
 
 impl Default for LikeCounter {
@@ -48,88 +41,61 @@ impl Default for LikeCounter {
 
 impl LikeCounter {
     pub fn new() -> LikeCounter {
-        LikeCounter { node: Uuid::now_v7().to_string(), local: Mutex::default() }
+        LikeCounter { node: Uuid::now_v7().to_string(), counts: WriteBack::new("like_count", FLUSH_INTERVAL) }
     }
 
     pub fn node(&self) -> &str {
         &self.node
     }
 
+    /// How much a crash of this node can lose.
+    pub fn loss_window(&self) -> Duration {
+        self.counts.loss_window()
+    }
+
     fn count(&self, product: Uuid, like: bool) {
-        let mut local = self.local.lock().unwrap();
-        let counter = local.counts.entry(product).or_default();
-        if like {
-            counter.increment(&self.node, 1);
-        } else {
-            counter.decrement(&self.node, 1);
-        }
-        local.dirty.insert(product);
+        self.counts.update(product, |counter| {
+            if like {
+                counter.increment(&self.node, 1);
+            } else {
+                counter.decrement(&self.node, 1);
+            }
+        });
     }
 
     /// This node's net contribution to `product`'s count, flushed or not.
     pub fn local_net(&self, product: Uuid) -> i64 {
-        self.local.lock().unwrap().counts.get(&product).map_or(0, PnCounter::value)
+        self.counts.read(&product, |counter| counter.map_or(0, PnCounter::value))
     }
 
     /// Writes the changed components. Components are cumulative, so a write is idempotent and an
     /// older one never lowers a newer (`greatest`): the merge of a G-counter, in SQL.
-    pub async fn flush(&self, catalog: &Db) -> Result<usize, DbError> {
-        let (products, likes, unlikes): (Vec<Uuid>, Vec<i64>, Vec<i64>) = {
-            let mut local = self.local.lock().unwrap();
-            let dirty: Vec<Uuid> = local.dirty.drain().collect();
-            let mut columns = (Vec::new(), Vec::new(), Vec::new());
-            for product in dirty {
-                let (likes, unlikes) = local.counts[&product].component(&self.node);
-                columns.0.push(product);
-                columns.1.push(likes as i64);
-                columns.2.push(unlikes as i64);
-            }
-            columns
-        };
-        if products.is_empty() {
-            return Ok(0);
+    async fn write(&self, catalog: &Db, batch: Vec<(Uuid, PnCounter<String>)>) -> Result<(), DbError> {
+        let mut columns: (Vec<Uuid>, Vec<i64>, Vec<i64>) = Default::default();
+        for (product, counter) in batch {
+            let (likes, unlikes) = counter.component(&self.node);
+            columns.0.push(product);
+            columns.1.push(likes as i64);
+            columns.2.push(unlikes as i64);
         }
-        let written = async {
-            catalog
-                .client()
-                .await?
-                .exec(
-                    "INSERT INTO like_counts (product_id, node, likes, unlikes)
-                     SELECT p, $2, l, u FROM unnest($1::uuid[], $3::bigint[], $4::bigint[]) AS c(p, l, u)
-                     ON CONFLICT (product_id, node) DO UPDATE
-                     SET likes = greatest(like_counts.likes, EXCLUDED.likes),
-                         unlikes = greatest(like_counts.unlikes, EXCLUDED.unlikes), updated_at = now()",
-                    &[&products, &self.node, &likes, &unlikes],
-                )
-                .await?;
-            Ok::<(), DbError>(())
-        }
-        .await;
-        if let Err(e) = written {
-            // Still counted in memory: the next flush writes them.
-            self.local.lock().unwrap().dirty.extend(products);
-            return Err(e);
-        }
-        metrics::counter!("keel_like_flushes_total").increment(1);
-        Ok(products.len())
+        catalog
+            .client()
+            .await?
+            .exec(
+                "INSERT INTO like_counts (product_id, node, likes, unlikes)
+                 SELECT p, $2, l, u FROM unnest($1::uuid[], $3::bigint[], $4::bigint[]) AS c(p, l, u)
+                 ON CONFLICT (product_id, node) DO UPDATE
+                 SET likes = greatest(like_counts.likes, EXCLUDED.likes),
+                     unlikes = greatest(like_counts.unlikes, EXCLUDED.unlikes), updated_at = now()",
+                &[&columns.0, &self.node, &columns.1, &columns.2],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Flushes every interval until `stop` completes, then once more.
     pub async fn run_flusher(self: Arc<Self>, catalog: Db, stop: impl Future<Output = ()> + Send) {
-        let mut stop = std::pin::pin!(stop);
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(FLUSH_INTERVAL) => {}
-                () = &mut stop => break,
-            }
-            if let Err(e) = self.flush(&catalog).await {
-                tracing::warn!(error = %e, "could not flush like counts; keeping them in memory");
-            }
-        }
-        match self.flush(&catalog).await {
-            Ok(n) => tracing::info!(products = n, "like counts flushed at shutdown"),
-            Err(e) => tracing::error!(error = %e, "like counts could not be flushed at shutdown; they are lost"),
-        }
+        self.counts.run(|batch| self.write(&catalog, batch), stop).await;
     }
 }
 

@@ -130,3 +130,22 @@ async fn products_are_written_through_and_read_from_the_cache() {
     let again = app.get(&path).send().await.unwrap();
     assert!(db_queries(&again) <= 1, "{}", db_queries(&again));
 }
+
+/// Every response of a cacheable kind says how it was served, also when it went around the cache:
+/// product lists are not cached, and carts live only in the shared tier, absent here.
+#[tokio::test]
+async fn responses_that_went_around_the_cache_say_so() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.create_user("Around").await;
+    let product = app.create_product("AROUND", 100, 3).await;
+    let list = app.get("/v1/products").send().await.unwrap();
+    assert_eq!(
+        (cache_status(&list).as_str(), list.headers()["age"].to_str().unwrap()),
+        ("keel; fwd=bypass; detail=list", "0")
+    );
+    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&json!({ "quantity": 2 }));
+    expect_json(put.send().await, 200).await;
+    let cart = app.get("/v1/cart").bearer_auth(&token).send().await.unwrap();
+    assert_eq!(cache_status(&cart), "keel; fwd=bypass; detail=no-shared-tier");
+    assert_eq!(expect_json(Ok(cart), 200).await["items"][0]["quantity"], 2);
+}
