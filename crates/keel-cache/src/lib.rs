@@ -440,10 +440,25 @@ fn refresh_early<V>(entry: &Entry<V>, now: Instant) -> bool {
     now + head_start >= entry.expires_at
 }
 
+/// Uniform in [0, 1). Jitter and XFetch need no secrecy, and run on every hit: a per-thread
+/// xorshift64* generator seeded once from the OS, rather than a system call per draw.
 fn random_fraction() -> f64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
-    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let mut seed = [0u8; 8];
+            getrandom::fill(&mut seed).expect("the operating system's random source is available");
+            u64::from_le_bytes(seed) | 1
+        });
+    }
+    let x = STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    });
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

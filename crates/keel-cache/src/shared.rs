@@ -112,10 +112,10 @@ pub struct SharedStats {
 }
 
 impl Shared {
-    /// A shared tier at `url` (`redis://host:port[/db]`), keys under `namespace`. Does not connect:
-    /// Redis may come up after the node does. Must be called within a Tokio runtime, which runs the
-    /// subscription to the invalidation channel until the tier is dropped.
-    pub fn connect(url: &str, namespace: &str) -> Result<Arc<Shared>, String> {
+    /// A shared tier at `url` (`redis://host:port[/db]`), keys under `namespace`. Waits briefly for
+    /// the subscription to the invalidation channel (which then runs until the tier is dropped), so
+    /// that caches start out listening; Redis may also be down, or come up after the node does.
+    pub async fn connect(url: &str, namespace: &str) -> Result<Arc<Shared>, String> {
         let client = redis::Client::open(url).map_err(|e| format!("not a Redis URL: {e}"))?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| e.to_string())?;
@@ -132,9 +132,11 @@ impl Shared {
             install: redis::Script::new(INSTALL),
             write: redis::Script::new(WRITE),
         });
-        let task = tokio::spawn(subscribe(Arc::downgrade(&shared)));
+        let (first_attempt_tx, first_attempt_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(subscribe(Arc::downgrade(&shared), first_attempt_tx));
         *shared.subscriber.lock().unwrap() = Some(task);
         metrics::gauge!("keel_cache_l2_up").set(1.0);
+        let _ = first_attempt_rx.await;
         Ok(shared)
     }
 
@@ -322,7 +324,9 @@ impl Drop for Shared {
 }
 
 /// Listens on the invalidation channel for as long as the tier exists, reconnecting after a loss.
-async fn subscribe(shared: Weak<Shared>) {
+/// `first_attempt` hears when the first subscription is made or has failed.
+async fn subscribe(shared: Weak<Shared>, first_attempt: tokio::sync::oneshot::Sender<()>) {
+    let mut first_attempt = Some(first_attempt);
     let mut connected_before = false;
     loop {
         let Some((client, channel)) = shared.upgrade().map(|s| (s.client.clone(), s.channel())) else { return };
@@ -331,7 +335,11 @@ async fn subscribe(shared: Weak<Shared>) {
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
-        if let Ok(Ok(mut pubsub)) = tokio::time::timeout(CALL_TIMEOUT * 4, subscription).await {
+        let subscribed = tokio::time::timeout(CALL_TIMEOUT * 4, subscription).await;
+        if let Some(first_attempt) = first_attempt.take() {
+            let _ = first_attempt.send(());
+        }
+        if let Ok(Ok(mut pubsub)) = subscribed {
             if let Some(shared) = shared.upgrade() {
                 // Whatever was published while this node was not listening is lost.
                 shared.forget_everything();

@@ -49,8 +49,8 @@ impl Drop for Redis {
     }
 }
 
-fn node(redis: &Redis, namespace: &str, tiers: Tiers) -> Cache<String, u32> {
-    let shared = Shared::connect(&redis.url(), namespace).unwrap();
+async fn node(redis: &Redis, namespace: &str, tiers: Tiers) -> Cache<String, u32> {
+    let shared = Shared::connect(&redis.url(), namespace).await.unwrap();
     Cache::new("thing", Duration::from_secs(60), 1000).tiers(tiers).shared(&shared)
 }
 
@@ -65,7 +65,7 @@ async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 #[tokio::test]
 async fn a_write_on_one_node_reaches_the_other_within_a_second() {
     let redis = Redis::start();
-    let (a, b) = (node(&redis, "t1", Tiers::Both), node(&redis, "t1", Tiers::Both));
+    let (a, b) = (node(&redis, "t1", Tiers::Both).await, node(&redis, "t1", Tiers::Both).await);
     let key = "k".to_owned();
     // Both nodes hold v1 in memory.
     assert_eq!(b.get_or_load(&key, || async { Ok::<_, ()>(1) }).await.unwrap(), (1, Served::Miss));
@@ -91,7 +91,7 @@ async fn a_write_on_one_node_reaches_the_other_within_a_second() {
 #[tokio::test]
 async fn a_load_older_than_another_nodes_write_is_not_installed_anywhere() {
     let redis = Redis::start();
-    let (a, b) = (node(&redis, "t2", Tiers::Both), Arc::new(node(&redis, "t2", Tiers::Both)));
+    let (a, b) = (node(&redis, "t2", Tiers::Both).await, Arc::new(node(&redis, "t2", Tiers::Both).await));
     let key = "race".to_owned();
     let (read_tx, read_rx) = tokio::sync::oneshot::channel();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
@@ -112,7 +112,7 @@ async fn a_load_older_than_another_nodes_write_is_not_installed_anywhere() {
     tokio::time::sleep(Duration::from_millis(100)).await; // B has heard of it
     release_tx.send(()).unwrap();
     assert_eq!(reader.await.unwrap(), (1, Served::Miss), "the reader itself gets what it read");
-    let fresh = node(&redis, "t2", Tiers::Both);
+    let fresh = node(&redis, "t2", Tiers::Both).await;
     assert_eq!(fresh.get_or_load(&key, || async { Ok::<_, ()>(2) }).await.unwrap(), (2, Served::Miss));
     assert_eq!(b.get_or_load(&key, || async { Ok::<_, ()>(2) }).await.unwrap().0, 2);
 }
@@ -123,7 +123,7 @@ async fn a_load_older_than_another_nodes_write_is_not_installed_anywhere() {
 async fn without_redis_reads_go_on_and_resume_the_shared_tier_when_it_is_back() {
     let mut redis = Redis::start();
     let port = redis.port;
-    let shared = Shared::connect(&redis.url(), "t3").unwrap();
+    let shared = Shared::connect(&redis.url(), "t3").await.unwrap();
     let both: Cache<String, u32> = Cache::new("both", Duration::from_secs(60), 100).shared(&shared);
     let shared_only: Cache<String, u32> =
         Cache::new("only", Duration::from_secs(60), 100).tiers(Tiers::SharedOnly).shared(&shared);
@@ -162,8 +162,8 @@ async fn without_redis_reads_go_on_and_resume_the_shared_tier_when_it_is_back() 
     assert!(matches!(served, Served::Hit { shared: true, .. }), "{served:?}");
 
     // Invalidations flow again: another node's writes reach this node's memory.
-    let other: Cache<String, u32> =
-        Cache::new("both", Duration::from_secs(60), 100).shared(&Shared::connect(&redis_url(port), "t3").unwrap());
+    let other: Cache<String, u32> = Cache::new("both", Duration::from_secs(60), 100)
+        .shared(&Shared::connect(&redis_url(port), "t3").await.unwrap());
     let key = "after".to_owned();
     assert_eq!(both.get_or_load(&key, load).await.unwrap().0, 7);
     let deadline = Instant::now() + Duration::from_secs(5);

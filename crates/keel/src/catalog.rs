@@ -19,7 +19,7 @@ use crate::http::error::{unique_violation, ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::trace::TraceContext;
 use crate::http::{number, text, timestamp, Page, PageParams};
-use crate::likes::{self, LikeCounter};
+use crate::likes::LikeCounter;
 use crate::startup::AppState;
 
 /// The largest price and stock accepted: far beyond any real shop, far below overflow.
@@ -66,18 +66,16 @@ pub struct Product {
 const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_at, updated_at";
 
 impl Product {
-    /// `like_count` merges the other nodes' flushed components (`others_likes`, when the query
-    /// selected it: see [`likes::others_sql`]) with this node's own, flushed or not.
+    /// `like_count` is this node's view of the product's counter (see [`likes`]).
     fn from_row(row: &Row, likes: &LikeCounter) -> Product {
         let id: Uuid = row.get("id");
-        let others: i64 = row.try_get("others_likes").unwrap_or(0);
         Product {
             id: id.to_string(),
             sku: row.get("sku"),
             name: row.get("name"),
             description: row.get("description"),
             price_cents: row.get("price_cents"),
-            like_count: others + likes.local_net(id),
+            like_count: likes.count(id),
             created_at: timestamp(row.get("created_at")),
             updated_at: timestamp(row.get("updated_at")),
         }
@@ -200,10 +198,9 @@ pub async fn update_product(
                 "UPDATE products SET sku = coalesce($2, sku), name = coalesce($3, name),
                      description = coalesce($4, description), price_cents = coalesce($5, price_cents),
                      updated_at = now()
-                 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}, {}",
-                likes::others_sql(6)
+                 WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
             ),
-            &[&id, &sku, &name, &description, &price, &state.likes.node()],
+            &[&id, &sku, &name, &description, &price],
         )
         .await
         .map_err(|e| sku_taken(e, sku.as_deref()))?
@@ -224,7 +221,7 @@ pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) 
     let id = parse_id("product", &id)?;
     let (product, served) = cached_product(&state, id).await?;
     let mut product = (*product).clone();
-    product.like_count = likes::count(&state, id).await?;
+    product.like_count = state.likes.count(id);
     Ok((consistency::cache_headers(served), Json(product)))
 }
 
@@ -260,11 +257,8 @@ pub async fn list_products(
     // Keyset pagination on the primary key: each page is one index range scan, however deep.
     let rows = client
         .rows(
-            &format!(
-                "SELECT {PRODUCT_COLUMNS}, {} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2",
-                likes::others_sql(3)
-            ),
-            &[&after, &(limit + 1), &state.likes.node()],
+            &format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"),
+            &[&after, &(limit + 1)],
         )
         .await?;
     let page = Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone());

@@ -39,7 +39,12 @@ pub const KINDS: &[Kind] = &[
         source: "memory → Redis → catalogue",
     },
     Kind { name: "cart", budget: Duration::from_secs(10), policy: "write-through", source: "Redis → shard primary" },
-    Kind { name: "like_count", budget: Duration::from_secs(2), policy: "write-back", source: "CRDT counter" },
+    Kind {
+        name: "like_count",
+        budget: Duration::from_secs(2),
+        policy: "write-back",
+        source: "CRDT counter: own component + others merged every 250 ms",
+    },
     Kind { name: "feed", budget: Duration::from_secs(30), policy: "cache-aside", source: "not built yet" },
     Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: "search index" },
     Kind { name: "inventory", budget: Duration::ZERO, policy: "never cached", source: "catalogue primary" },
@@ -76,22 +81,16 @@ pub struct Caches {
     pub profiles: Cache<Uuid, Arc<crate::users::Profile>>,
     /// Products without their like count, by id (write-through).
     pub products: Cache<Uuid, Arc<crate::catalog::Product>>,
-    /// The other nodes' share of a product's like count. Flushes lag up to 1 s and this adds up to
-    /// [`LIKES_OF_OTHERS_TTL`]: within the like count's 2 s budget.
-    pub likes_of_others: Cache<Uuid, i64>,
     /// Carts by owner, only in the shared tier (see [`crate::carts`]).
     pub carts: Cache<Uuid, Arc<crate::carts::Cart>>,
     pub shared: Option<Arc<Shared>>,
 }
 
-pub const LIKES_OF_OTHERS_TTL: Duration = Duration::from_millis(250);
-
 impl Caches {
     /// The caches; with `shared`, profiles, products and carts also live in Redis and this node
-    /// hears of the other nodes' writes. The like count's share of other nodes stays local: it is
-    /// already a merge of what every node flushed.
+    /// hears of the other nodes' writes. (Like counts are not cached: each node holds a merged copy
+    /// of every counter, see [`crate::likes`].)
     pub fn new(config: &crate::config::Config, shared: Option<Arc<Shared>>) -> Caches {
-        let like_budget = budget(config, "like_count").saturating_sub(crate::likes::FLUSH_INTERVAL);
         let mut profiles = Cache::new("profile", budget(config, "profile"), 100_000);
         let mut products = Cache::new("product", budget(config, "product"), 100_000);
         let mut carts = Cache::new(crate::carts::CART_KIND, budget(config, crate::carts::CART_KIND), 100_000)
@@ -101,29 +100,24 @@ impl Caches {
             products = products.shared(shared);
             carts = carts.shared(shared);
         }
-        Caches {
-            profiles,
-            products,
-            likes_of_others: Cache::new("like_count", LIKES_OF_OTHERS_TTL.min(like_budget), 100_000),
-            carts,
-            shared,
-        }
+        Caches { profiles, products, carts, shared }
     }
 
     /// The shared tier configured by `KEEL_REDIS_URL`, if any (it is connected lazily).
-    pub fn shared_tier(config: &crate::config::Config) -> Result<Option<Arc<Shared>>, String> {
-        config
-            .redis_url
-            .as_deref()
-            .map(|url| Shared::connect(url, &config.redis_namespace).map_err(|e| format!("KEEL_REDIS_URL: {e}")))
-            .transpose()
+    pub async fn shared_tier(config: &crate::config::Config) -> Result<Option<Arc<Shared>>, String> {
+        match &config.redis_url {
+            Some(url) => Shared::connect(url, &config.redis_namespace)
+                .await
+                .map(Some)
+                .map_err(|e| format!("KEEL_REDIS_URL: {e}")),
+            None => Ok(None),
+        }
     }
 
     fn of(&self, kind: &str) -> Option<keel_cache::Stats> {
         match kind {
             "profile" => Some(self.profiles.stats()),
             "product" => Some(self.products.stats()),
-            "like_count" => Some(self.likes_of_others.stats()),
             "cart" => Some(self.carts.stats()),
             _ => None,
         }
@@ -178,6 +172,10 @@ pub struct KindReport {
     /// For write-back kinds: how much a crash can lose.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_window_ms: Option<u64>,
+    /// For the like count: how long ago this node merged the other nodes' flushed components (every
+    /// read is served from the merged copy, counted in `hits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merged_ms_ago: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -203,7 +201,13 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
     let kinds = KINDS
         .iter()
         .map(|k| {
-            let stats = state.caches.of(k.name).unwrap_or_default();
+            let mut stats = state.caches.of(k.name).unwrap_or_default();
+            let mut merged_ms_ago = None;
+            if k.name == "like_count" {
+                let (reads, merged_ago) = state.likes.read_stats();
+                stats.hits = reads;
+                merged_ms_ago = merged_ago.map(|ago| ago.as_millis() as u64);
+            }
             KindReport {
                 kind: k.name,
                 budget_s: budget(&state.config, k.name).as_secs_f64(),
@@ -216,6 +220,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 evictions: stats.evictions,
                 served_age_p99_ms: stats.served_age_p99_ms,
                 loss_window_ms: (k.policy == "write-back").then(|| state.likes.loss_window().as_millis() as u64),
+                merged_ms_ago,
             }
         })
         .collect();

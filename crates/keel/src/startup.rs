@@ -49,7 +49,11 @@ impl Application {
         let databases = Arc::new(db);
         let config = Arc::new(config);
         let likes = Arc::new(LikeCounter::new());
-        let shared = Caches::shared_tier(&config).map_err(io::Error::other)?;
+        // The first merge before serving: a new node's first reads count the other nodes' likes.
+        if let Err(e) = likes.merge_others(&databases.catalog).await {
+            tracing::warn!(error = %e, "could not read the other nodes' like counts; the merger will retry");
+        }
+        let shared = Caches::shared_tier(&config).await.map_err(io::Error::other)?;
         let state = AppState {
             db: databases.clone(),
             admin_token_digest: digest(admin_token),
@@ -73,13 +77,20 @@ impl Application {
     /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish for
     /// up to the shutdown timeout, flushes the like counts, and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let (served_tx, mut served_rx) = watch::channel(false);
-        let flusher = tokio::spawn(self.likes.clone().run_flusher(self.databases.catalog.clone(), async move {
-            let _ = served_rx.wait_for(|served| *served).await;
-        }));
+        let (served_tx, served_rx) = watch::channel(false);
+        let served_signal = move || {
+            let mut served_rx = served_rx.clone();
+            async move {
+                let _ = served_rx.wait_for(|served| *served).await;
+            }
+        };
+        let catalog = self.databases.catalog.clone();
+        let flusher = tokio::spawn(self.likes.clone().run_flusher(catalog.clone(), served_signal()));
+        let merger = tokio::spawn(self.likes.clone().run_merger(catalog, served_signal()));
         let served = self.serve(shutdown).await;
         let _ = served_tx.send(true);
         let _ = flusher.await;
+        let _ = merger.await;
         served
     }
 

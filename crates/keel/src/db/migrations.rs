@@ -28,6 +28,11 @@ const CATALOG: &[Migration] = &[
     },
     Migration { version: 5, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
     Migration { version: 6, name: "like counts", sql: include_str!("../../migrations/catalog/0006_like_counts.sql") },
+    Migration {
+        version: 7,
+        name: "like counts by update",
+        sql: include_str!("../../migrations/catalog/0007_like_counts_by_update.sql"),
+    },
 ];
 
 const SHARD: &[Migration] = &[

@@ -51,9 +51,30 @@ fn parse(value: &str) -> Option<(String, String)> {
     valid.then(|| (trace_id.to_string(), flags.to_string()))
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).expect("the operating system's random source is available");
+/// `bytes` random bytes as hex, for ids that must be unique but need not be secret (trace, span and
+/// request ids): a per-thread xorshift64* generator seeded once from the OS, so the request path
+/// makes no system call for them. Secrets (tokens, webhook keys) use the OS generator directly.
+pub fn random_hex(bytes: usize) -> String {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let mut seed = [0u8; 8];
+            getrandom::fill(&mut seed).expect("the operating system's random source is available");
+            u64::from_le_bytes(seed) | 1
+        });
+    }
+    let mut buf = Vec::with_capacity(bytes + 8);
+    while buf.len() < bytes {
+        let word = STATE.with(|state| {
+            let mut x = state.get();
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            state.set(x);
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        });
+        buf.extend_from_slice(&word.to_le_bytes());
+    }
+    buf.truncate(bytes);
     super::auth::hex(&buf)
 }
 

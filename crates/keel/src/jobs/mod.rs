@@ -41,13 +41,13 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    pub fn new(db: Arc<Databases>, config: &Config) -> Result<JobContext, String> {
+    pub async fn new(db: Arc<Databases>, config: &Config) -> Result<JobContext, String> {
         Ok(JobContext {
             db,
             mailer: Mailer::from_config(config)?,
             mail_from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
-            shared_cache: crate::consistency::Caches::shared_tier(config)?,
+            shared_cache: crate::consistency::Caches::shared_tier(config).await?,
         })
     }
 }
@@ -135,7 +135,7 @@ pub async fn run_workers(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let stop = Stop::new();
-    let context = Arc::new(JobContext::new(db.clone(), &config)?);
+    let context = Arc::new(JobContext::new(db.clone(), &config).await?);
     let timeout = config.job_timeout;
     let jetstream = match &config.nats_url {
         Some(url) => {
