@@ -197,8 +197,9 @@ pub async fn s1_cached_read(keel: &Keel, baseline: &str, seed: &Seed, plan: &Pla
             "Cache hit ratio over this run (warm-up included), from Keel's counters: {:.2}% ({hits} hits, {loads} \
              database loads, profiles and products; the seeded products were written through at creation). \
              Profiles (cache-aside, 5 min) and products (write-through, 60 s) are cached in process; a product read \
-             still merges its like count, whose other-node share is cached for 250 ms. One node, no Redis: the \
-             shared tier serves what a node's own memory misses, which a single node's Zipf run rarely does.",
+             adds its like count from memory (the other nodes' components are merged every 250 ms, not per read). \
+             One node, no Redis: the shared tier serves what a node's own memory misses, which a single node's \
+             Zipf run rarely does.",
             hit_ratio * 100.0
         ),
         keel: Some(ours.clone()),
