@@ -103,7 +103,8 @@ impl Caches {
         Caches { profiles, products, carts, shared }
     }
 
-    /// The shared tier configured by `KEEL_REDIS_URL`, if any (it is connected lazily).
+    /// The shared tier configured by `KEEL_REDIS_URL`, if any: subscribed to the invalidation channel
+    /// when this returns (or given up on within a second, if Redis is down); values connect on use.
     pub async fn shared_tier(config: &crate::config::Config) -> Result<Option<Arc<Shared>>, String> {
         match &config.redis_url {
             Some(url) => Shared::connect(url, &config.redis_namespace)
