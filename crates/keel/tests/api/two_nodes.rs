@@ -45,11 +45,16 @@ async fn a_change_on_node_a_is_served_by_node_b_within_a_second() {
     let client = &app.client;
     let product = app.create_product("SHARED", 100, 5).await;
     let on_b = format!("{}/v1/products/{product}", node_b.address);
-    // Node A wrote it through to Redis: node B's first read is a shared hit, its second a local one.
+    // Node A wrote it through to Redis: node B's first read is a shared hit, and B then serves it from
+    // memory. (Not always from the second read: if A's invalidation message for the creation reaches
+    // B after B read Redis, B does not keep what it read — the safe side of that race.)
     let first = client.get(&on_b).send().await.unwrap();
     assert!(cache_status(&first).contains("hit") && cache_status(&first).contains("detail=shared"), "{first:?}");
-    let second = client.get(&on_b).send().await.unwrap();
-    assert!(cache_status(&second).starts_with("keel; hit;") && !cache_status(&second).contains("shared"));
+    served_within(Duration::from_secs(1), async || {
+        let status = cache_status(&client.get(&on_b).send().await.unwrap());
+        status.starts_with("keel; hit;") && !status.contains("shared")
+    })
+    .await;
 
     let renamed = app.admin(app.patch(&format!("/v1/products/{product}"))).json(&json!({ "name": "Renamed on A" }));
     expect_json(renamed.send().await, 200).await;
