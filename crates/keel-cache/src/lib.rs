@@ -82,16 +82,60 @@ pub struct Stats {
     pub served_age_p99_ms: f64,
 }
 
-#[derive(Default)]
+/// One outcome of a read, counted here (for [`Cache::stats`]) and as a metric.
+struct Tally {
+    count: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Tally {
+    fn new(kind: &'static str, result: &'static str) -> Tally {
+        Tally {
+            count: AtomicU64::new(0),
+            metric: metrics::counter!("keel_cache_requests_total", "kind" => kind, "result" => result),
+        }
+    }
+
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Every read updates these, so they hold their metric handles (looked up once, at construction:
+/// the metrics recorder must be installed before a cache is made) and no lock.
 struct Counters {
-    hits: AtomicU64,
-    shared_hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
+    hits: Tally,
+    shared_hits: Tally,
+    misses: Tally,
+    /// Reads of a shared-only kind while the shared tier is absent or down (reported as misses).
+    bypassed: Tally,
+    coalesced: Tally,
     evictions: Arc<AtomicU64>,
-    /// The ages of the last served hits, in milliseconds (a ring).
-    ages: Mutex<Vec<u64>>,
+    served_age: metrics::Histogram,
+    /// The ages of the last served hits, in milliseconds (a ring written at `next_age`).
+    ages: Box<[AtomicU64]>,
     next_age: AtomicU64,
+}
+
+impl Counters {
+    fn new(kind: &'static str) -> Counters {
+        Counters {
+            hits: Tally::new(kind, "hit"),
+            shared_hits: Tally::new(kind, "shared_hit"),
+            misses: Tally::new(kind, "miss"),
+            bypassed: Tally::new(kind, "bypass"),
+            coalesced: Tally::new(kind, "coalesced"),
+            evictions: Arc::default(),
+            served_age: metrics::histogram!("keel_cache_served_age_seconds", "kind" => kind),
+            ages: (0..AGE_SAMPLES).map(|_| AtomicU64::new(0)).collect(),
+            next_age: AtomicU64::new(0),
+        }
+    }
 }
 
 const AGE_SAMPLES: usize = 1024;
@@ -182,7 +226,7 @@ where
     /// A cache of at most `capacity` entries whose values are served for at most `ttl` (the kind's
     /// staleness budget). `kind` labels its metrics.
     pub fn new(kind: &'static str, ttl: Duration, capacity: u64) -> Cache<K, V> {
-        let counters = Counters::default();
+        let counters = Counters::new(kind);
         let evictions = counters.evictions.clone();
         let entries = moka::sync::Cache::builder()
             .max_capacity(capacity)
@@ -214,14 +258,6 @@ where
         self
     }
 
-    pub fn kind(&self) -> &'static str {
-        self.kind
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// The cached value, or the one `load` returns (shared with concurrent callers of the same key).
     /// Errors are not cached.
     pub async fn get_or_load<F, Fut, E>(&self, key: &K, load: F) -> Result<(V, Served), E>
@@ -244,7 +280,7 @@ where
             }
         } else if !self.tier2.as_ref().is_some_and(|t| t.shared.is_up()) {
             let value = load().await?;
-            self.count("bypass", &self.counters.misses);
+            self.counters.bypassed.add();
             return Ok((value, Served::Bypass));
         }
         let (flight, leader) = {
@@ -275,7 +311,7 @@ where
         }
         let loaded = result?;
         if !loaded_here {
-            self.count("coalesced", &self.counters.coalesced);
+            self.counters.coalesced.add();
             return Ok((loaded.value, Served::Coalesced));
         }
         let expires_at = loaded.loaded_at + self.jittered_ttl();
@@ -294,7 +330,7 @@ where
             self.hit(age, true);
             Ok((loaded.value, Served::Hit { age, ttl_left: self.ttl.saturating_sub(age), shared: true }))
         } else {
-            self.count("miss", &self.counters.misses);
+            self.counters.misses.add();
             Ok((loaded.value, Served::Miss))
         }
     }
@@ -365,38 +401,26 @@ where
         self.ttl.mul_f64(0.9 + 0.1 * random_fraction())
     }
 
-    fn count(&self, result: &'static str, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("keel_cache_requests_total", "kind" => self.kind, "result" => result).increment(1);
-    }
-
     fn hit(&self, age: Duration, shared: bool) {
-        if shared {
-            self.count("shared_hit", &self.counters.shared_hits);
-        } else {
-            self.count("hit", &self.counters.hits);
-        }
-        metrics::histogram!("keel_cache_served_age_seconds", "kind" => self.kind).record(age.as_secs_f64());
-        let slot = self.counters.next_age.fetch_add(1, Ordering::Relaxed) as usize % AGE_SAMPLES;
-        let mut ages = self.counters.ages.lock().unwrap();
-        let millis = age.as_millis() as u64;
-        if ages.len() < AGE_SAMPLES {
-            ages.push(millis);
-        } else {
-            ages[slot] = millis;
-        }
+        let counters = &self.counters;
+        if shared { &counters.shared_hits } else { &counters.hits }.add();
+        counters.served_age.record(age.as_secs_f64());
+        let slot = counters.next_age.fetch_add(1, Ordering::Relaxed) as usize % AGE_SAMPLES;
+        counters.ages[slot].store(age.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> Stats {
-        let mut ages = self.counters.ages.lock().unwrap().clone();
+        let counters = &self.counters;
+        let filled = (counters.next_age.load(Ordering::Relaxed) as usize).min(AGE_SAMPLES);
+        let mut ages: Vec<u64> = counters.ages[..filled].iter().map(|a| a.load(Ordering::Relaxed)).collect();
         ages.sort_unstable();
         let p99 = ages.get((ages.len() * 99 / 100).min(ages.len().saturating_sub(1))).copied().unwrap_or(0);
         Stats {
-            hits: self.counters.hits.load(Ordering::Relaxed),
-            shared_hits: self.counters.shared_hits.load(Ordering::Relaxed),
-            misses: self.counters.misses.load(Ordering::Relaxed),
-            coalesced: self.counters.coalesced.load(Ordering::Relaxed),
-            evictions: self.counters.evictions.load(Ordering::Relaxed),
+            hits: counters.hits.get(),
+            shared_hits: counters.shared_hits.get(),
+            misses: counters.misses.get() + counters.bypassed.get(),
+            coalesced: counters.coalesced.get(),
+            evictions: counters.evictions.load(Ordering::Relaxed),
             served_age_p99_ms: p99 as f64,
         }
     }

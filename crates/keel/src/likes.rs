@@ -72,10 +72,6 @@ impl LikeCounter {
         }
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// How much a crash of this node can lose.
     pub fn loss_window(&self) -> Duration {
         self.counts.loss_window()
