@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::jetstream::{self, consumer, context, stream, AckKind, ErrorCode};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -53,19 +53,76 @@ impl JetStream {
         let client = async_nats::connect(url).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
         let context = jetstream::new(client);
         let js = JetStream { context, prefix: prefix.to_owned() };
-        js.context
-            .get_or_create_stream(stream::Config {
-                name: js.stream_name(),
-                subjects: vec![format!("{prefix}.events.>")],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                // Long enough to cover a relay that published, died, and had its lease lapse.
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create the JetStream stream {}: {e}", js.stream_name()))?;
+        js.ensure_stream().await.map_err(|e| format!("JetStream stream {}: {e}", js.stream_name()))?;
         Ok(js)
+    }
+
+    /// The stream as this version of Keel configures it.
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream_name(),
+            subjects: vec![format!("{}.events.>", self.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            // Long enough to cover a relay that published, died, and had its lease lapse.
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    /// Finds the stream or creates it, safely when many processes start at once against a server
+    /// that has none: the server lets one create win and refuses the others ("name already in use"
+    /// or, on 2.9, "subjects overlap" with the stream the winner just made), so a refused create looks
+    /// again and uses the winner's stream. A stream made by an older Keel with other settings is
+    /// updated where JetStream allows it in place, and named clearly where it does not.
+    async fn ensure_stream(&self) -> Result<(), String> {
+        let wanted = self.stream_config();
+        for _ in 0..5 {
+            match self.context.get_stream(&wanted.name).await {
+                Ok(mut found) => {
+                    let info = found.info().await.map_err(|e| format!("cannot read its configuration: {e}"))?;
+                    return self.reconcile_stream(&info.config, &wanted).await;
+                }
+                Err(e) if !is_jetstream_error(&e, &[ErrorCode::STREAM_NOT_FOUND]) => {
+                    return Err(format!("cannot look it up: {e}"));
+                }
+                Err(_) => {}
+            }
+            match self.context.create_stream(wanted.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if is_jetstream_error(&e, &[ErrorCode::STREAM_NAME_EXIST, ErrorCode::STREAM_SUBJECT_OVERLAP]) =>
+                {
+                    // Another process created it between our look-up and our create: look again.
+                    tracing::debug!(error = %e, "lost the race to create the stream; using the winner's");
+                }
+                Err(e) => return Err(format!("cannot create it: {e}")),
+            }
+        }
+        Err("it was created and removed again while this process started; is another deployment using the same prefix?"
+            .to_owned())
+    }
+
+    async fn reconcile_stream(&self, found: &stream::Config, wanted: &stream::Config) -> Result<(), String> {
+        if found.retention != wanted.retention || found.storage != wanted.storage {
+            // JetStream cannot change either in place: the operator must decide what happens to
+            // the messages in it.
+            return Err(format!(
+                "it exists with retention {:?} and storage {:?}, where Keel needs {:?} and {:?}; \
+                 neither can be changed in place: drain and delete the stream (nats stream rm {}), or choose \
+                 another KEEL_NATS_PREFIX",
+                found.retention, found.storage, wanted.retention, wanted.storage, wanted.name
+            ));
+        }
+        if found.subjects == wanted.subjects && found.duplicate_window == wanted.duplicate_window {
+            return Ok(());
+        }
+        let mut updated = found.clone();
+        updated.subjects = wanted.subjects.clone();
+        updated.duplicate_window = wanted.duplicate_window;
+        self.context.update_stream(&updated).await.map_err(|e| format!("cannot update its configuration: {e}"))?;
+        tracing::info!(stream = %wanted.name, "updated the JetStream stream's subjects and duplicate window");
+        Ok(())
     }
 
     pub fn stream_name(&self) -> String {
@@ -96,6 +153,37 @@ impl JetStream {
         let ack = self.context.send_publish(self.subject(&job.kind), message).await.map_err(|e| e.to_string())?;
         ack.await.map_err(|e| format!("JetStream did not acknowledge the event: {e}"))?;
         Ok(())
+    }
+}
+
+/// Whether `error` is the JetStream API's answer with one of `codes`.
+fn is_jetstream_error<K>(error: &async_nats::error::Error<K>, codes: &[ErrorCode]) -> bool
+where
+    K: JetStreamErrorKind + Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    error.kind().jetstream_error().is_some_and(|e| codes.contains(&e.error_code()))
+}
+
+/// The error kinds of stream look-ups and creates that can carry the JetStream API's own error.
+trait JetStreamErrorKind {
+    fn jetstream_error(&self) -> Option<&async_nats::jetstream::Error>;
+}
+
+impl JetStreamErrorKind for context::CreateStreamErrorKind {
+    fn jetstream_error(&self) -> Option<&async_nats::jetstream::Error> {
+        match self {
+            context::CreateStreamErrorKind::JetStream(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl JetStreamErrorKind for context::GetStreamErrorKind {
+    fn jetstream_error(&self) -> Option<&async_nats::jetstream::Error> {
+        match self {
+            context::GetStreamErrorKind::JetStream(e) => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -294,8 +382,10 @@ async fn subscribe<C>(js: &JetStream, kind: &Kind<C>) -> Result<consumer::pull::
         max_ack_pending: (kind.options.concurrency * 8) as i64,
         ..Default::default()
     };
-    let consumer: consumer::PullConsumer =
-        stream.get_or_create_consumer(&name, config).await.map_err(|e| e.to_string())?;
+    // Create-or-update is idempotent on the server: processes starting together all get the same
+    // durable consumer, and one made by an older Keel takes the settings above where JetStream
+    // allows updating them (it refuses, and says so, where it does not).
+    let consumer: consumer::PullConsumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
     consumer.stream().max_messages_per_batch(kind.options.concurrency).messages().await.map_err(|e| e.to_string())
 }
 
