@@ -242,7 +242,8 @@ pub async fn s3_accepted_write(keel: &Keel, seed: &Seed, plan: &Plan) -> Scenari
         }
     });
     // The baseline first, on a quiet machine: Keel's run leaves a backlog of sagas behind it.
-    let script = std::env::temp_dir().join(format!("keel-bench-checkout-{}.sql", std::process::id()));
+    // In the run's work directory, which goes with the run.
+    let script = keel.data_dir.join("checkout.sql");
     std::fs::write(&script, CHECKOUT_SCRIPT).unwrap();
     let (tps, command) = pgbench(keel, plan, &["-f", script.to_str().unwrap()]);
     let ours = closed_loop(&keel.base, make, CONNECTIONS / 2, plan.warmup, plan.measure).await;
@@ -331,8 +332,8 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
         target: "≥ 10,000 jobs/s; enqueue-to-start p99 ≤ 50 ms at half that rate".into(),
         met: Some(met),
         command: format!(
-            "{n} jobs inserted at once on shard 0, timed to done; then {rate:.0} jobs/s enqueued one by one for {:?}",
-            plan.measure
+            "{n} jobs inserted at once on shard 0, timed to done; then {rate:.0} jobs/s enqueued one by one for {} s",
+            plan.measure.as_secs_f64()
         ),
         notes: format!("percentiles are enqueue-to-start of the {started_jobs} jobs of the half-rate phase"),
         keel: Some(outcome),
@@ -395,10 +396,10 @@ pub async fn s5_shop_day(keel: &Keel, seed: &Seed, plan: &Plan) -> ScenarioResul
         target: "p99 ≤ 10 ms at 50% of maximum, no errors".into(),
         met: Some(met),
         command: format!(
-            "keel-bench: closed loop {CONNECTIONS} connections for the maximum; open loop at {:.0}/s and {:.0}/s, {:?} each",
+            "keel-bench: closed loop {CONNECTIONS} connections for the maximum; open loop at {:.0}/s and {:.0}/s, {} s each",
             max.per_second * 0.5,
             max.per_second * 0.8,
-            plan.measure
+            plan.measure.as_secs_f64()
         ),
         notes: format!(
             "the row shows the 50% run; at 80% ({:.0}/s sent): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} errors. Workers ran the sagas, e-mail, search and webhook fan-out on the same cores and needed {:.1} s more afterwards.",

@@ -3,7 +3,8 @@
 //! [`Cluster::start`] finds the machine's PostgreSQL server binaries, creates the cluster on first use
 //! (`initdb`), and runs `postgres` as a child of a supervisor thread. The child is told by the kernel
 //! to shut down fast if this process dies (`PR_SET_PDEATHSIG`), so a crashed or killed owner never
-//! leaves an orphaned server holding the data directory. [`Cluster::stop`] asks for a fast shutdown
+//! leaves an orphaned server holding the data directory. It runs in a process group of its own, so a
+//! terminal's Ctrl-C reaches only the owner, which stops the server when it is done with it. [`Cluster::stop`] asks for a fast shutdown
 //! (SIGINT: clients disconnected, a checkpoint written), so the next start needs no crash recovery.
 //!
 //! PostgreSQL refuses to run as root; as root, the cluster runs as an unprivileged OS user
@@ -224,7 +225,7 @@ impl Cluster {
         clear_stale_pid_file(&spec.data_dir)?;
         let (pid, exited) = spawn_supervised(&binaries, &spec, user.as_ref())?;
         let cluster = Cluster { spec, pid, exited: Mutex::new(exited) };
-        cluster.wait_until_ready(&binaries)?;
+        cluster.wait_until_ready()?;
         tracing::info!(pid, data_dir = %cluster.spec.data_dir.display(), "PostgreSQL started");
         Ok(cluster)
     }
@@ -245,23 +246,17 @@ impl Cluster {
         self.exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn wait_until_ready(&self, binaries: &Binaries) -> Result<(), Error> {
+    fn wait_until_ready(&self) -> Result<(), Error> {
         let deadline = Instant::now() + self.spec.start_timeout;
         loop {
             if self.exited().try_recv().is_ok() {
                 return Err(Error::ExitedDuringStart(self.spec.log_file.clone()));
             }
-            let ready = Command::new(binaries.path("pg_isready"))
-                .arg("-q")
-                .arg("-U")
-                .arg(&self.spec.superuser)
-                .arg("-h")
-                .arg(&self.spec.socket_dir)
-                .arg("-p")
-                .arg(self.spec.port.to_string())
-                .status()
-                .map_err(io_err("running pg_isready"))?;
-            if ready.success() {
+            // The server's own word, as `pg_ctl start -w` reads it: the last line of postmaster.pid
+            // says "ready" once it accepts connections. (Probing with a connection, as pg_isready
+            // does, logs a FATAL "the database system is starting up" for every early probe.)
+            let ready = postmaster_status(&self.spec.data_dir).is_some_and(|status| status == "ready");
+            if ready {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -425,6 +420,11 @@ fn spawn_supervised(
         command.arg("-c").arg(format!("{name}={value}"));
     }
     as_user(&mut command, user);
+    // A process group of its own: a terminal's Ctrl-C (SIGINT to the whole foreground group) then
+    // reaches the owner only, which drains its clients and flushes what it holds in memory before it
+    // stops the server itself. In the owner's group, the server would begin a fast shutdown at once
+    // and cut the owner's connections while they were still in use.
+    command.process_group(0);
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid, _exit).
     unsafe {
         let parent = libc::getpid();
@@ -459,6 +459,13 @@ fn spawn_supervised(
         .map_err(|_| Error::ExitedDuringStart(spec.log_file.clone()))?
         .map_err(io_err("starting postgres"))?;
     Ok((pid, exited_rx))
+}
+
+/// The server's status line in `postmaster.pid` (its eighth line: "starting", "ready", "stopping"),
+/// once written.
+fn postmaster_status(data_dir: &Path) -> Option<String> {
+    let pid_file = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    pid_file.lines().nth(7).map(|line| line.trim().to_owned())
 }
 
 /// Picks a socket directory: `preferred` if the socket path fits the kernel's limit, otherwise a

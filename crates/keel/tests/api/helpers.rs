@@ -1,10 +1,14 @@
 //! The test harness: one private PostgreSQL cluster per test binary, started on first use and
-//! stopped by the kernel when the binary exits; migrated template databases; and a [`TestApp`] per
-//! test with its own catalogue and two shard databases cloned from the templates, dropped afterwards.
+//! stopped when the binary exits; migrated template databases; and a [`TestApp`] per test with its
+//! own catalogue and two shard databases cloned from the templates, dropped afterwards.
+//!
+//! Everything a run writes (the cluster, NATS's store, mail, `keel` processes' data and logs) lives
+//! under one directory of this binary's, [`scratch_root`], removed when the binary exits, whether
+//! its tests passed or failed. A binary killed outright leaves it behind; the next run removes it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use keel::config::Config;
 use keel::db::{self, Databases};
@@ -38,7 +42,7 @@ pub fn cluster() -> &'static TestCluster {
     static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         remove_stale_test_dirs();
-        let base = test_dir(std::process::id());
+        let base = scratch_root();
         let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
             .setting("listen_addresses", "")
             .setting("max_connections", 500)
@@ -49,6 +53,7 @@ pub fn cluster() -> &'static TestCluster {
         spec.fast_initdb = true;
         spec.log_file = base.join("postgres.log");
         let cluster = Cluster::start(spec).expect("starting the test PostgreSQL cluster");
+        CLUSTER_PID.store(cluster.pid(), Ordering::SeqCst);
         let test_cluster = TestCluster { cluster };
         let maintenance = test_cluster.maintenance_url();
         let catalog = test_cluster.url(CATALOG_TEMPLATE);
@@ -68,9 +73,47 @@ pub fn cluster() -> &'static TestCluster {
     })
 }
 
-/// A directory of this test binary's, removed by the next run once this process is gone.
+/// A directory of this test binary's, removed when it exits (see the module's comment).
 pub fn scratch_root() -> PathBuf {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function with no arguments; it runs once, at exit.
+    AT_EXIT.call_once(|| unsafe {
+        libc::atexit(remove_scratch_root_at_exit);
+    });
     test_dir(std::process::id())
+}
+
+static CLUSTER_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Servers started by this binary that write under [`scratch_root`]: stopped before it is removed,
+/// so that none of them writes into it again while it goes (their parent-death signal would only
+/// come after this process is gone).
+static SERVER_PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Registers a server child to stop at exit; its own thread waits for it (and so reaps it).
+pub fn stop_at_exit(pid: i32) {
+    SERVER_PIDS.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+/// Runs when the test binary exits, passing or failing: libtest returns from `main` or calls
+/// `exit`, and both run `atexit` handlers.
+extern "C" fn remove_scratch_root_at_exit() {
+    let servers = SERVER_PIDS.lock().map(|p| p.clone()).unwrap_or_default();
+    let cluster = CLUSTER_PID.load(Ordering::SeqCst);
+    // PostgreSQL's fast shutdown (SIGINT) writes a checkpoint; the others just stop.
+    let stops = servers.iter().map(|&pid| (pid, libc::SIGTERM)).chain((cluster > 0).then_some((cluster, libc::SIGINT)));
+    let stops: Vec<(i32, i32)> = stops.collect();
+    for &(pid, signal) in &stops {
+        // SAFETY: kill has no memory-safety preconditions; the pids are our own children.
+        unsafe { libc::kill(pid, signal) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stops.iter().any(|(pid, _)| PathBuf::from(format!("/proc/{pid}")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(scratch_root());
 }
 
 fn test_dir(pid: u32) -> PathBuf {

@@ -15,36 +15,47 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 
 /// The NATS server (with JetStream) shared by this test binary, started on first use from a thread
-/// that lives as long as the binary; the kernel kills the server when the binary exits.
+/// that lives as long as the binary; stopped when the binary exits.
 pub fn nats_url() -> &'static str {
     static NATS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NATS.get_or_init(|| {
-        let port = free_port();
-        let store = crate::helpers::scratch_root().join("nats");
+        let dir = crate::helpers::scratch_root().join("nats");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("nats.log");
         let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("nats-server");
         let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (store, log_file) = (dir.join("store"), log.clone());
         std::thread::spawn(move || {
             let mut command = Command::new(binary);
+            // `-p -1`: the server binds a port of its own choosing and logs it, so no other process
+            // can take it between our choosing and its binding.
             command
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
                 .arg(&store)
+                .arg("-l")
+                .arg(&log_file)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             die_with_parent(&mut command);
             let mut child = command.spawn().expect("starting nats-server (scripts/install-deps.sh installs it)");
+            crate::helpers::stop_at_exit(child.id() as i32);
             started_tx.send(()).unwrap();
             let _ = child.wait();
         });
         started_rx.recv().unwrap();
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let listening = text.lines().find_map(|l| l.split("Listening for client connections on ").nth(1));
+            if let Some(address) = listening {
+                break format!("nats://{}", address.trim());
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "nats-server did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        format!("nats://127.0.0.1:{port}")
     })
 }
 

@@ -11,12 +11,11 @@ use crate::helpers::{expect_json, TestDatabases, ADMIN_TOKEN};
 
 struct Keel {
     child: Child,
+    /// `http://127.0.0.1:PORT`, known once [`Keel::wait_ready`] has read it from the log.
     address: String,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    /// Where this process's lines begin in a log file that earlier processes may have written to.
+    log_start: usize,
 }
 
 fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
@@ -35,13 +34,28 @@ fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
 }
 
 impl Keel {
+    /// Starts `keel` listening on a port the kernel picks (port 0), so that no other process can take
+    /// the port between its choice and keel's bind; keel logs the address it got.
     fn start(args: &[&str], env: &[(&str, String)], log: &Path) -> Keel {
-        let port = free_port();
-        let mut env = env.to_vec();
-        env.push(("KEEL_LISTEN", format!("127.0.0.1:{port}")));
+        Keel::spawn(keel_command(args, env).env("KEEL_LISTEN", "127.0.0.1:0"), log)
+    }
+
+    fn spawn(command: &mut Command, log: &Path) -> Keel {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = keel_command(args, &env).stdout(Stdio::null()).stderr(log_file).spawn().unwrap();
-        Keel { child, address: format!("http://127.0.0.1:{port}"), log: log.to_owned() }
+        let log_start = log_file.metadata().unwrap().len() as usize;
+        let child = command.stdout(Stdio::null()).stderr(log_file).spawn().unwrap();
+        Keel { child, address: String::new(), log: log.to_owned(), log_start }
+    }
+
+    /// The address from this process's "serving" or "keel is up" log line, once written.
+    fn logged_address(&self) -> Option<String> {
+        let text = self.log_text();
+        text.get(self.log_start..)?.lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            let message = line["fields"]["message"].as_str().or(line["message"].as_str())?;
+            let address = line["fields"]["address"].as_str().or(line["address"].as_str())?;
+            ["serving", "keel is up"].contains(&message).then(|| format!("http://{address}"))
+        })
     }
 
     /// Polls `/readyz` until 200; returns how long that took.
@@ -49,7 +63,12 @@ impl Keel {
         let started = Instant::now();
         let client = reqwest::Client::new();
         loop {
-            if let Ok(response) = client.get(format!("{}/readyz", self.address)).send().await {
+            if self.address.is_empty() {
+                self.address = self.logged_address().unwrap_or_default();
+            }
+            if self.address.is_empty() {
+                // Not listening yet.
+            } else if let Ok(response) = client.get(format!("{}/readyz", self.address)).send().await {
                 if response.status() == 200 {
                     return started.elapsed();
                 }
@@ -90,11 +109,31 @@ impl Drop for Keel {
     }
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keel-test-{}-{name}", std::process::id()));
+/// A directory of one test's own under the binary's scratch root, removed when the test ends,
+/// passing or failing (the root itself goes when the binary exits).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch_dir(name: &str) -> Scratch {
+    let dir = crate::helpers::scratch_root().join(format!("process-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    // As root, `keel up` runs PostgreSQL as an unprivileged user, who must be able to reach it.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    Scratch(dir)
 }
 
 fn postgres_log(data_dir: &Path) -> String {
@@ -164,7 +203,6 @@ async fn keel_up_keeps_its_data_across_a_clean_restart() {
     // Ctrl-C stops it as cleanly as SIGTERM.
     keel.signal(libc::SIGINT);
     assert!(keel.wait_exit(Duration::from_secs(60)).await.success());
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 #[tokio::test]
@@ -195,7 +233,6 @@ async fn keel_up_recovers_from_being_killed() {
     keel.wait_ready(Duration::from_secs(30)).await;
     keel.signal(libc::SIGTERM);
     assert!(keel.wait_exit(Duration::from_secs(60)).await.success());
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 #[tokio::test]
@@ -245,7 +282,6 @@ async fn migrate_then_two_serve_nodes_share_the_databases() {
         node.signal(libc::SIGTERM);
         assert!(node.wait_exit(Duration::from_secs(30)).await.success());
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 #[tokio::test]
@@ -265,7 +301,6 @@ async fn a_bad_setting_stops_start_up_and_is_named() {
     let output = keel_command(&["serve"], &[]).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("KEEL_CATALOG_URL"));
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 /// As root, the cluster runs as an unprivileged user, who must be able to reach the data directory.
@@ -290,7 +325,6 @@ async fn an_unreachable_data_directory_is_named_with_the_fix() {
         keel.signal(libc::SIGTERM);
         assert!(keel.wait_exit(Duration::from_secs(60)).await.success());
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 /// A `keel worker` process killed with SIGKILL in the middle of sagas loses nothing: after another
@@ -409,7 +443,6 @@ async fn no_order_is_lost_when_a_worker_process_is_killed() {
         node.signal(libc::SIGTERM);
         assert!(node.wait_exit(Duration::from_secs(30)).await.success());
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 /// The trace of a request follows its event into a separate `keel worker` process: every log line
@@ -534,5 +567,106 @@ async fn a_killed_node_loses_at_most_its_unflushed_likes() {
     eprintln!("likes: {in_database} acknowledged, {counted} counted after SIGKILL, {lost} lost; {unflushed} in the last {window:?}");
     assert!((0..=unflushed).contains(&lost), "lost {lost} likes, more than the {unflushed} of the unflushed window");
     assert!(in_database > 2 * unflushed, "the run outlasted the window, so the bound means something");
-    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A terminal's Ctrl-C sends SIGINT to the whole foreground process group. Only `keel up` may act
+/// on it: it drains its requests and workers, flushes the like counts it holds in memory, and then
+/// stops PostgreSQL, which must not have started shutting down under it (no connection cut while in
+/// use, no `FATAL` in PostgreSQL's log), and exits 0.
+#[tokio::test]
+async fn ctrl_c_to_the_process_group_reaches_keel_up_only() {
+    let scratch = scratch_dir("ctrl-c");
+    let data_dir = scratch.join("data");
+    let data_arg = data_dir.to_str().unwrap().to_owned();
+    let log = scratch.join("keel.log");
+    let env = [("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()), ("KEEL_LISTEN", "127.0.0.1:0".to_owned())];
+    let mut command = keel_command(&["up", "--data-dir", &data_arg], &env);
+    // A group of its own, as a shell makes for a foreground job.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut keel = Keel::spawn(&mut command, &log);
+    keel.wait_ready(Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", keel.address);
+
+    let postgres_pid: i32 = std::fs::read_to_string(data_dir.join("postgres/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let keel_group = process_group(keel.child.id() as i32);
+    assert_eq!(keel_group, keel.child.id() as i32);
+    assert_ne!(process_group(postgres_pid), keel_group, "PostgreSQL shares keel's process group");
+
+    let product = client
+        .post(url("/v1/products"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({ "sku": "CTRL-C", "name": "Interrupted", "price_cents": 1, "stock": 1 }))
+        .send()
+        .await;
+    let product = expect_json(product, 201).await["id"].as_str().unwrap().to_owned();
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        let user = client.post(url("/v1/users")).json(&json!({ "name": "C", "email": format!("ctrl{i}@example.org") }));
+        let token = expect_json(user.send().await, 201).await["token"].as_str().unwrap().to_owned();
+        let like = client.put(url(&format!("/v1/products/{product}/like"))).bearer_auth(&token).send().await;
+        assert_eq!(like.unwrap().status(), 204);
+        tokens.push(token);
+    }
+
+    // Requests that use the database are in flight when the signal comes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = tokio::task::JoinSet::new();
+    for token in tokens.clone() {
+        let (client, stop, base) = (client.clone(), stop.clone(), keel.address.clone());
+        readers.spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(format!("{base}/v1/wallet")).bearer_auth(&token).send().await {
+                    Ok(response) => statuses.push(response.status().as_u16()),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            statuses
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill has no memory-safety preconditions; a negative pid names a process group.
+    unsafe { libc::kill(-keel_group, libc::SIGINT) };
+    let status = keel.wait_exit(Duration::from_secs(60)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    while let Some(done) = readers.join_next().await {
+        statuses.extend(done.unwrap());
+    }
+    let text = keel.log_text();
+    assert_eq!(status.code(), Some(0), "log:\n{text}");
+    assert!(statuses.iter().all(|s| *s == 200), "reads answered during the stop: {statuses:?}");
+    assert!(!statuses.is_empty());
+    for bad in ["db error", "Connection error", "\"level\":\"ERROR\""] {
+        assert!(!text.contains(bad), "keel logged {bad:?} while stopping:\n{text}");
+    }
+    let postgres = postgres_log(&data_dir);
+    assert!(!postgres.contains("FATAL"), "PostgreSQL log:\n{postgres}");
+    assert!(postgres.contains("database system is shut down"), "{postgres}");
+    // PostgreSQL was asked to stop by keel, after keel was done with it.
+    let stopping = text.find("stopping PostgreSQL").expect("keel stops PostgreSQL itself");
+    let drained = text.find("draining in-flight requests").expect("keel drains on Ctrl-C");
+    assert!(drained < stopping, "{text}");
+
+    // The five likes were flushed at the stop: a restart counts them.
+    let mut keel = Keel::start(&["up", "--data-dir", &data_arg], &[("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned())], &log);
+    keel.wait_ready(Duration::from_secs(60)).await;
+    let read = client.get(format!("{}/v1/products/{product}", keel.address)).send().await;
+    assert_eq!(expect_json(read, 200).await["like_count"], 5);
+    keel.signal(libc::SIGTERM);
+    assert!(keel.wait_exit(Duration::from_secs(60)).await.success());
+}
+
+/// The process group of `pid`: the fifth field of `/proc/PID/stat`, after the command in parentheses.
+fn process_group(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_command = &stat[stat.rfind(')').unwrap() + 2..];
+    after_command.split(' ').nth(2).unwrap().parse().unwrap()
 }
