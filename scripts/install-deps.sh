@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Installs what Keel needs and the machine lacks: PostgreSQL's server binaries (Keel runs its own
-# private clusters from them; it never uses a system-wide cluster), and the programs named as arguments
-# (the Makefile names nats-server and redis-server, which the tests start on private ports).
-# Idempotent and quiet when all is there.
+# Installs what Keel needs and the machine lacks. Idempotent, and quiet when all is there.
+#
+#   scripts/install-deps.sh          what `keel up` runs on: PostgreSQL's server binaries (Keel runs its
+#                                     own private clusters from them; it never uses a system-wide one)
+#   scripts/install-deps.sh --test   also the test suite's peers: nats-server and redis-server (the tests
+#                                     start their own on private ports), a Python virtualenv in
+#                                     target/python with an SMTP server and the Standard Webhooks library,
+#                                     and curl and jq for README's example flow
+#
+# Servers installed only for the tests are never left running or enabled as system services: apt is
+# told not to start them while installing, and they are disabled for boot afterwards.
 set -euo pipefail
+
+test_peers=false
+case "${1:-}" in
+    "") ;;
+    --test) test_peers=true ;;
+    *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+esac
 
 have_postgres() {
     for dir in /usr/lib/postgresql/*/bin /usr/local/pgsql/bin; do
@@ -16,10 +30,31 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# Debian's maintainer scripts start (and enable) a packaged server as they install it. A
+# policy-rc.d that answers 101 ("action forbidden") keeps them from starting anything during this
+# install; an existing policy of the machine's own is left as it was.
 apt_install() {
     export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update -qq
-    as_root apt-get install -y -qq --no-install-recommends "$@"
+    local policy=/usr/sbin/policy-rc.d ours=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+        ours=true
+    fi
+    local status=0
+    { as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends "$@"; } || status=$?
+    if $ours; then as_root rm -f "$policy"; fi
+    return $status
+}
+
+# A server the tests start on their own ports must not also run as a system service at boot.
+disable_service() {
+    local unit=$1
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    elif command -v update-rc.d >/dev/null 2>&1 && [ -e "/etc/init.d/$unit" ]; then
+        as_root update-rc.d "$unit" disable >/dev/null 2>&1 || true
+    fi
 }
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -29,13 +64,27 @@ fi
 
 missing=()
 have_postgres || missing+=(postgresql)
-for extra in "$@"; do
-    command -v "$extra" >/dev/null 2>&1 || missing+=("$extra")
-done
+if $test_peers; then
+    for server in nats-server redis-server; do
+        command -v "$server" >/dev/null 2>&1 || missing+=("$server")
+    done
+    # README's example flow, which make test runs, is written with curl and jq.
+    for tool in curl jq python3; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     apt_install "${missing[@]}"
+    # Every server installed here runs only as Keel's child; none is left as a boot-time service
+    # (Debian's postgresql package also makes a system-wide cluster, which Keel never uses).
+    for package in "${missing[@]}"; do
+        case "$package" in nats-server|redis-server|postgresql) disable_service "$package" ;; esac
+    done
 fi
+
+$test_peers || exit 0
 
 # The test suite's real protocol peers that Debian does not package: an SMTP server (aiosmtpd) and the
 # Standard Webhooks reference library (to verify signatures independently), in a virtualenv under target/.
