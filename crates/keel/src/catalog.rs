@@ -246,7 +246,9 @@ pub async fn cached_product(state: &AppState, id: Uuid) -> Result<(Arc<Product>,
     responses(
         (status = 200, description = "Products in creation order, read from the catalogue (not cached: \
             `Cache-Status: keel; fwd=bypass; detail=list`)", body = Page<Product>),
-        (status = 400, description = "A bad limit or cursor", body = Problem),
+        (status = 400, description = "A parameter that cannot be read (`limit=ten`) or a cursor this API did not \
+            issue", body = Problem),
+        (status = 422, description = "A limit out of 1 to 100", body = Problem),
     ))]
 pub async fn list_products(
     State(state): State<AppState>,

@@ -169,7 +169,9 @@ pub async fn get_order(
     params(PageParams),
     security(("bearer" = [])),
     responses((status = 200, description = "The caller's orders, newest first", body = Page<Order>),
-        (status = 400, body = Problem), (status = 401, body = Problem)))]
+        (status = 400, description = "A cursor this API did not issue, or a limit that is not a number", body = Problem),
+        (status = 401, body = Problem),
+        (status = 422, description = "A limit out of range", body = Problem)))]
 pub async fn list_orders(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -7,6 +7,12 @@
 //! (trigrams), most similar first. Not both at once: a common word ("product") is similar to
 //! every name, and ranking the whole catalogue by similarity cost 39 ms a query over 10,000
 //! products, against 3 ms for the full-text query alone (EXPLAIN ANALYZE on this machine).
+//!
+//! Results page by keyset on the ranking order, (score descending, product id ascending), not by
+//! offset: a page starts after the last hit of the previous one, so products indexed meanwhile do
+//! not shift the pages, and a deep page costs no more than the first. The score is `ts_rank` (or, for
+//! typos, `word_similarity`), a `real`: the cursor carries its exact bits, and the same function of
+//! the same document and query gives the same bits again, so comparing with `=` is sound.
 
 use std::time::SystemTime;
 
@@ -16,26 +22,31 @@ use tokio_postgres::Row;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use sha2::{Digest, Sha256};
+
 use crate::db::Sql;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{Json, Query};
-use crate::http::{Page, PageParams};
+use crate::http::{cursor, Page, PageParams};
 use crate::startup::AppState;
 
 /// The longest query accepted, in characters, and the most words of it that count.
 const MAX_QUERY_CHARS: usize = 200;
 const MAX_TERMS: usize = 8;
-/// How deep results can be paged: ranked results page by offset, and deep offsets cost a scan.
-const MAX_OFFSET: i64 = 1000;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchParams {
     /// What to look for: words, prefixes of words, or a word with a typo.
     pub q: Option<String>,
-    /// 1 to 100; default 20.
+    /// 1 to 100; default 20. Out of that range: 422; not a whole number: 400.
     pub limit: Option<i64>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page, for the same `q`, passed back as it was given: it is
+    /// opaque and does not expire. The next page starts after the last hit of the previous one in the
+    /// ranking (best match first, ties by id), not at an offset: products added or removed meanwhile
+    /// shift nothing, and a product whose name and description stay the same while paging is returned
+    /// at most once over all the pages. A product edited while paging may move in the ranking, so it
+    /// may be missed or returned twice. A cursor this API did not issue for this `q`: 400.
     pub cursor: Option<String>,
 }
 
@@ -74,11 +85,60 @@ fn prefix_query(terms: &[String]) -> String {
     terms.iter().map(|t| format!("{t}:*")).collect::<Vec<_>>().join(" & ")
 }
 
-fn offset(cursor: Option<&str>) -> Result<i64, ApiError> {
-    let Some(cursor) = cursor else { return Ok(0) };
-    match cursor.parse::<i64>() {
-        Ok(n) if (1..=MAX_OFFSET).contains(&n) => Ok(n),
-        _ => Err(ApiError::BadRequest(format!("cursor {cursor:?} is not one this API returned"))),
+/// How results are ranked: by full-text rank, or (when nothing matches exactly) by similarity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    FullText = 1,
+    Typos = 2,
+}
+
+/// Where a page of results starts: after the hit with this score and id, in this mode, for the query
+/// with this fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct After {
+    mode: Mode,
+    query: [u8; 8],
+    score: f32,
+    id: Uuid,
+}
+
+/// Identifies a query's terms, so that a cursor is not used with another query.
+fn fingerprint(terms: &[String]) -> [u8; 8] {
+    let digest = Sha256::digest(terms.join(" ").as_bytes());
+    let mut fingerprint = [0; 8];
+    fingerprint.copy_from_slice(&digest[..8]);
+    fingerprint
+}
+
+impl After {
+    /// The mode, the query's fingerprint, the score's bits and the id: 29 bytes.
+    fn encode(&self) -> String {
+        let mut payload = Vec::with_capacity(29);
+        payload.push(self.mode as u8);
+        payload.extend_from_slice(&self.query);
+        payload.extend_from_slice(&self.score.to_bits().to_be_bytes());
+        payload.extend_from_slice(self.id.as_bytes());
+        cursor::encode(cursor::SEARCH, &payload)
+    }
+
+    fn decode(raw: &str) -> Result<After, ApiError> {
+        let payload =
+            cursor::decode(cursor::SEARCH, raw).filter(|p| p.len() == 29).ok_or_else(|| cursor::not_ours(raw))?;
+        let mode = match payload[0] {
+            1 => Mode::FullText,
+            2 => Mode::Typos,
+            _ => return Err(cursor::not_ours(raw)),
+        };
+        let score = f32::from_bits(u32::from_be_bytes(payload[9..13].try_into().expect("4 bytes")));
+        if !score.is_finite() {
+            return Err(cursor::not_ours(raw));
+        }
+        Ok(After {
+            mode,
+            query: payload[1..9].try_into().expect("8 bytes"),
+            score,
+            id: Uuid::from_slice(&payload[13..]).map_err(|_| cursor::not_ours(raw))?,
+        })
     }
 }
 
@@ -87,13 +147,17 @@ fn offset(cursor: Option<&str>) -> Result<i64, ApiError> {
     responses(
         (status = 200, description = "Products, best match first; the index lags the catalogue by up to its budget",
             body = Page<SearchHit>),
-        (status = 400, description = "A bad limit or cursor", body = Problem),
-        (status = 422, description = "No query, or one without a letter or digit", body = Problem),
+        (status = 400, description = "A parameter that cannot be read (`limit=ten`), or a cursor this API did not \
+            issue for this query", body = Problem),
+        (status = 422, description = "No query, one without a letter or digit, one over 200 characters, or a \
+            limit out of 1 to 100", body = Problem),
     ))]
 pub async fn search(
     State(state): State<AppState>,
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Page<SearchHit>>, ApiError> {
+    // A cursor that cannot be read is a 400 whatever else is wrong; values out of range are 422.
+    let after = params.cursor.as_deref().map(After::decode).transpose()?;
     let q = params.q.as_deref().map(str::trim).unwrap_or_default();
     if q.chars().count() > MAX_QUERY_CHARS {
         return Err(ApiError::invalid("q", &format!("must be at most {MAX_QUERY_CHARS} characters")));
@@ -102,33 +166,56 @@ pub async fn search(
     if terms.is_empty() {
         return Err(ApiError::invalid("q", "give at least one word (letters or digits)"));
     }
-    let (limit, _) = PageParams { limit: params.limit, cursor: None }.validate()?;
-    let offset = offset(params.cursor.as_deref())?;
+    let limit = PageParams::page_size(params.limit)?;
+    let query = fingerprint(&terms);
+    if after.is_some_and(|a| a.query != query) {
+        return Err(ApiError::BadRequest("cursor was returned for another query: give the same q".into()));
+    }
     let client = state.db.catalog.client().await?;
-    let mut rows = client
-        .rows(
-            "SELECT product_id, name, description, price_cents, in_stock
-             FROM product_search, to_tsquery('english', $1) AS query
-             WHERE document @@ query
-             ORDER BY ts_rank(document, query) DESC, product_id
-             LIMIT $2 OFFSET $3",
-            &[&prefix_query(&terms), &(limit + 1), &offset],
-        )
-        .await?;
-    if rows.is_empty() && offset == 0 {
-        // No exact match at all: perhaps a typo.
+    let (score, id) = (after.map(|a| a.score), after.map(|a| a.id));
+    let mut mode = after.map_or(Mode::FullText, |a| a.mode);
+    let mut rows = Vec::new();
+    if mode == Mode::FullText {
         rows = client
             .rows(
-                "SELECT product_id, name, description, price_cents, in_stock FROM product_search
-                 WHERE $1 <% name ORDER BY word_similarity($1, name) DESC, product_id LIMIT $2",
-                &[&terms.join(" "), &(limit + 1)],
+                "SELECT product_id, name, description, price_cents, in_stock, score FROM (
+                     SELECT product_id, name, description, price_cents, in_stock, ts_rank(document, query) AS score
+                     FROM product_search, to_tsquery('english', $1) AS query
+                     WHERE document @@ query
+                 ) AS hits
+                 WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
+                 ORDER BY score DESC, product_id
+                 LIMIT $2",
+                &[&prefix_query(&terms), &(limit + 1), &score, &id],
+            )
+            .await?;
+        if rows.is_empty() && after.is_none() {
+            // No exact match at all: perhaps a typo.
+            mode = Mode::Typos;
+        }
+    }
+    if mode == Mode::Typos {
+        rows = client
+            .rows(
+                "SELECT product_id, name, description, price_cents, in_stock, score FROM (
+                     SELECT product_id, name, description, price_cents, in_stock, word_similarity($1, name) AS score
+                     FROM product_search WHERE $1 <% name
+                 ) AS hits
+                 WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
+                 ORDER BY score DESC, product_id
+                 LIMIT $2",
+                &[&terms.join(" "), &(limit + 1), &score, &id],
             )
             .await?;
     }
-    let mut page = Page::from_rows(rows, limit, SearchHit::from_row, |_| String::new());
-    page.next_cursor =
-        page.next_cursor.map(|_| offset + limit).filter(|next| *next <= MAX_OFFSET).map(|next| next.to_string());
-    Ok(Json(page))
+    let items = rows.iter().take(limit as usize).map(SearchHit::from_row).collect();
+    let next_cursor = match rows.get(limit as usize - 1) {
+        Some(last) if rows.len() as i64 > limit => {
+            Some(After { mode, query, score: last.get("score"), id: last.get("product_id") }.encode())
+        }
+        _ => None,
+    };
+    Ok(Json(Page { items, next_cursor }))
 }
 
 /// Brings a product's search document up to date with the product and its stock, as committed now.
@@ -172,11 +259,24 @@ mod tests {
     }
 
     #[test]
-    fn cursors_are_bounded_offsets() {
-        assert_eq!(offset(None).unwrap(), 0);
-        assert_eq!(offset(Some("20")).unwrap(), 20);
-        assert!(offset(Some("-1")).is_err());
-        assert!(offset(Some("1001")).is_err());
-        assert!(offset(Some("abc")).is_err());
+    fn cursors_are_opaque_and_round_trip_exactly() {
+        let query = fingerprint(&terms("red shoes"));
+        let after = After { mode: Mode::Typos, query, score: 0.060_792_71, id: Uuid::now_v7() };
+        let encoded = after.encode();
+        assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{encoded}");
+        let decoded = After::decode(&encoded).unwrap();
+        assert_eq!(decoded, after);
+        assert_eq!(decoded.score.to_bits(), after.score.to_bits());
+        assert_eq!(fingerprint(&terms("RED  shoes!")), query, "the same terms, the same query");
+        assert_ne!(fingerprint(&terms("red shoe")), query);
+        let list = crate::http::cursor::encode(crate::http::cursor::LIST, b"x");
+        let nan = {
+            let mut nan = after;
+            nan.score = f32::NAN;
+            nan.encode()
+        };
+        for bad in ["20", "abc", "", &list, &encoded[..encoded.len() - 2], &nan] {
+            assert_eq!(After::decode(bad).unwrap_err().status(), 400, "{bad:?}");
+        }
     }
 }

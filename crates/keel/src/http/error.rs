@@ -13,7 +13,9 @@ use crate::db::DbError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// 400: the request is malformed (bad JSON syntax, a bad query parameter or header).
+    /// 400: the request cannot be read at all: a body that is not JSON, a query value that is not of
+    /// the type wanted (`limit=ten`, a number beyond 64 bits, a parameter given twice), a cursor this
+    /// API did not issue, a missing or malformed header.
     #[error("{0}")]
     BadRequest(String),
     /// 401: no valid credentials.
@@ -37,8 +39,9 @@ pub enum ApiError {
     /// 415: the body is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// 422: well-formed, but a value is wrong (a type, a range, an e-mail address, a reused
-    /// idempotency key with another body).
+    /// 422: the request can be read, but a value is wrong: out of range (`limit=0`, an empty `q`), a
+    /// body field of the wrong JSON type, missing or unknown, an invalid e-mail address, a reused
+    /// idempotency key with another body.
     #[error("{0}")]
     Unprocessable(String),
     /// 503: a database cannot be reached or the request ran out of time; worth retrying.

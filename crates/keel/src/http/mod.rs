@@ -116,21 +116,24 @@ pub fn number(field: &str, value: i64, min: i64, max: i64) -> Result<i64, ApiErr
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
-    /// Pass as `cursor` to get the next page; null on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page. Opaque: pass it back as it is.
     pub next_cursor: Option<String>,
 }
 
 impl<T> Page<T> {
     /// Builds a page from up to `limit + 1` rows: the extra row only says there is a next page.
+    /// `key_of` gives an item's key (its id), which the next page continues after: the page encodes it
+    /// into an opaque cursor, read back by [`PageParams::validate`].
     pub fn from_rows(
         rows: Vec<Row>,
         limit: i64,
         to_item: impl FnMut(&Row) -> T,
-        cursor_of: impl Fn(&T) -> String,
+        key_of: impl Fn(&T) -> String,
     ) -> Page<T> {
         let more = rows.len() as i64 > limit;
         let items: Vec<T> = rows.iter().take(limit as usize).map(to_item).collect();
-        let next_cursor = if more { items.last().map(cursor_of) } else { None };
+        let next_cursor =
+            if more { items.last().map(|item| cursor::encode(cursor::LIST, key_of(item).as_bytes())) } else { None };
         Page { items, next_cursor }
     }
 }
@@ -138,9 +141,11 @@ impl<T> Page<T> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// 1 to 100; default 20.
+    /// 1 to 100; default 20. Out of that range: 422; not a whole number: 400.
     pub limit: Option<i64>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page of the same list, as it was given: it is opaque, and
+    /// does not expire. The next page continues after the last item of the previous one, so items
+    /// added or removed meanwhile shift nothing. A cursor this API did not issue: 400.
     pub cursor: Option<String>,
 }
 
@@ -148,19 +153,98 @@ impl PageParams {
     pub const DEFAULT_LIMIT: i64 = 20;
     pub const MAX_LIMIT: i64 = 100;
 
-    /// The page size and the id to continue after.
+    /// The page size and the id to continue after (or before, for lists newest first): 400 for a
+    /// cursor that cannot be read, 422 for a limit out of range.
     pub fn validate(&self) -> Result<(i64, Option<uuid::Uuid>), ApiError> {
-        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
+        let after = self.cursor.as_deref().map(list_cursor).transpose()?;
+        Ok((Self::page_size(self.limit)?, after))
+    }
+
+    /// A page size from `limit`: the default when absent, 422 when out of range.
+    pub fn page_size(limit: Option<i64>) -> Result<i64, ApiError> {
+        let limit = limit.unwrap_or(Self::DEFAULT_LIMIT);
         if !(1..=Self::MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::BadRequest(format!("limit must be from 1 to {}, got {limit}", Self::MAX_LIMIT)));
+            return Err(ApiError::invalid("limit", &format!("must be from 1 to {}, got {limit}", Self::MAX_LIMIT)));
         }
-        let after = match &self.cursor {
-            None => None,
-            Some(c) => Some(
-                uuid::Uuid::try_parse(c)
-                    .map_err(|_| ApiError::BadRequest(format!("cursor {c:?} is not one this API returned")))?,
-            ),
-        };
-        Ok((limit, after))
+        Ok(limit)
+    }
+}
+
+/// The id a list cursor continues after.
+fn list_cursor(raw: &str) -> Result<uuid::Uuid, ApiError> {
+    let key = cursor::decode(cursor::LIST, raw).and_then(|key| String::from_utf8(key).ok());
+    match key.as_deref().map(uuid::Uuid::try_parse) {
+        Some(Ok(id)) => Ok(id),
+        // Cursors used to be the bare id: ones issued before they became opaque still work.
+        _ => uuid::Uuid::try_parse(raw).map_err(|_| cursor::not_ours(raw)),
+    }
+}
+
+/// Opaque cursors: a tag byte naming the kind of cursor, then what it continues after, all in
+/// URL-safe base64 without padding (so a cursor goes into a query string as it is). Clients are
+/// told to pass them back unchanged; the tag lets a cursor of one kind be refused by another.
+pub mod cursor {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    use super::error::ApiError;
+
+    /// A list in id order: the key of the last item (its id, as text).
+    pub const LIST: u8 = 1;
+    /// A page of search results: see `search`.
+    pub const SEARCH: u8 = 2;
+
+    pub fn encode(kind: u8, payload: &[u8]) -> String {
+        let mut bytes = Vec::with_capacity(payload.len() + 1);
+        bytes.push(kind);
+        bytes.extend_from_slice(payload);
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The payload of a cursor of `kind`, if `raw` is one.
+    pub fn decode(kind: u8, raw: &str) -> Option<Vec<u8>> {
+        let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+        match bytes.split_first() {
+            Some((tag, payload)) if *tag == kind => Some(payload.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// 400: a cursor that cannot be read is a request that cannot be parsed.
+    pub fn not_ours(raw: &str) -> ApiError {
+        let shown: String = raw.chars().take(100).collect();
+        ApiError::BadRequest(format!("cursor {shown:?} is not one this API returned"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_cursors_are_opaque_and_round_trip() {
+        let id = uuid::Uuid::now_v7();
+        let encoded = cursor::encode(cursor::LIST, id.to_string().as_bytes());
+        assert!(!encoded.contains(&id.simple().to_string()[..8]), "{encoded}");
+        assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{encoded}");
+        let params = |cursor: &str| PageParams { limit: None, cursor: Some(cursor.to_owned()) };
+        assert_eq!(params(&encoded).validate().unwrap(), (PageParams::DEFAULT_LIMIT, Some(id)));
+        // A bare id, as cursors were before, still works.
+        assert_eq!(params(&id.to_string()).validate().unwrap().1, Some(id));
+        let search = cursor::encode(cursor::SEARCH, id.to_string().as_bytes());
+        for bad in ["nonsense", "", "%00", "AQ", &search] {
+            assert_eq!(params(bad).validate().unwrap_err().status(), 400, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn limits_out_of_range_are_unprocessable() {
+        for limit in [0, -1, 101, 1000] {
+            let error = PageParams { limit: Some(limit), cursor: None }.validate().unwrap_err();
+            assert_eq!(error.status(), 422, "{limit}");
+            assert!(error.to_string().starts_with("limit: "), "{error}");
+        }
+        assert_eq!(PageParams::page_size(Some(100)).unwrap(), 100);
+        assert_eq!(PageParams::page_size(None).unwrap(), 20);
     }
 }

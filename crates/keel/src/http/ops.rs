@@ -1,13 +1,17 @@
-//! Operational endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
+//! Operational endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document, which
+//! describes these too.
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use serde::Serialize;
 use std::time::Duration;
+use utoipa::{OpenApi, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, Problem};
 use super::extract::Json;
 use crate::db::migrations::{self, Schema};
 use crate::startup::AppState;
@@ -16,16 +20,45 @@ use crate::telemetry;
 /// How long readiness waits for each database before calling it unreachable.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn router(doc: utoipa::openapi::OpenApi) -> Router<AppState> {
-    let doc = std::sync::Arc::new(doc);
+#[derive(OpenApi)]
+#[openapi(paths(healthz, readyz, metrics, openapi_json), components(schemas(Status)))]
+struct OpsDoc;
+
+/// The operational routes, with `doc` (the API's document) completed by their own description and
+/// served at `/openapi.json`.
+pub fn router(mut doc: utoipa::openapi::OpenApi) -> Router<AppState> {
+    doc.merge(OpsDoc::openapi());
+    let doc = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "alive" })) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(move || async move { Json(serde_json::to_value(&*doc).unwrap_or_default()) }))
+        .route("/openapi.json", get(move || openapi_json(doc.clone())))
+}
+
+/// How a process sees itself.
+#[derive(Debug, Serialize, ToSchema)]
+struct Status {
+    /// `alive` or `ready`.
+    #[schema(example = "ready")]
+    status: &'static str,
+}
+
+/// Liveness: the process answers requests. Checks nothing else.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "The process is up: `{\"status\": \"alive\"}`", body = Status)))]
+async fn healthz() -> Json<Status> {
+    Json(Status { status: "alive" })
 }
 
 /// Ready when every database answers and is at the schema version this binary expects.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Every database answers and is at this binary's schema version: \
+            `{\"status\": \"ready\"}`", body = Status),
+        (status = 503, description = "Not ready: the detail names each database that is unreachable or at another \
+            schema version", body = Problem, content_type = "application/problem+json"),
+    ))]
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut problems = Vec::new();
     for (db, schema) in state.db.all().zip(std::iter::once(Schema::Catalog).chain(std::iter::repeat(Schema::Shard))) {
@@ -43,9 +76,13 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
     if !problems.is_empty() {
         return Err(ApiError::Unavailable(problems.join("; ")));
     }
-    Ok((StatusCode::OK, Json(serde_json::json!({ "status": "ready" }))))
+    Ok((StatusCode::OK, Json(Status { status: "ready" })))
 }
 
+/// Prometheus metrics: requests by route and status, database pools, queues, caches, search lag.
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "The Prometheus text exposition format, version 0.0.4", body = String,
+        content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for db in state.db.all() {
         telemetry::record_pool(db.name(), db.pool_status());
@@ -54,4 +91,12 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         tracing::warn!(error = %e, "queue gauges not refreshed");
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::render_metrics())
+}
+
+/// This document: every route of the API, generated from the same list as the routes themselves.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object,
+        content_type = "application/json")))]
+async fn openapi_json(doc: Bytes) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc)
 }

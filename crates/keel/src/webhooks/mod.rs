@@ -186,7 +186,10 @@ pub async fn create_subscription(
 #[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks", params(PageParams),
     security(("bearer" = [])),
     responses((status = 200, description = "Subscriptions, oldest first", body = Page<Subscription>),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem)))]
+        (status = 400, description = "A parameter that cannot be read (`limit=ten`) or a cursor this API did not \
+            issue", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 422, description = "A limit out of 1 to 100", body = Problem)))]
 pub async fn list_subscriptions(
     State(state): State<AppState>,
     _: Admin,
@@ -234,8 +237,10 @@ async fn subscription_exists(client: &impl Sql, id: Uuid) -> Result<(), ApiError
     params(("id" = String, Path), PageParams),
     security(("bearer" = [])),
     responses((status = 200, description = "Deliveries, newest first", body = Page<Delivery>),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem)))]
+        (status = 400, description = "A parameter that cannot be read (`limit=ten`) or a cursor this API did not \
+            issue", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 422, description = "A limit out of 1 to 100", body = Problem)))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     _: Admin,

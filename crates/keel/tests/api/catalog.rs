@@ -73,7 +73,10 @@ async fn products_are_listed_in_stable_keyset_pages() {
         pages += 1;
         seen.extend(page["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()));
         match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
+            Some(next) => {
+                assert!(!next.contains(seen.last().unwrap().as_str()), "the cursor is opaque: {next}");
+                cursor = Some(next.to_owned());
+            }
             None => break,
         }
     }
@@ -83,9 +86,17 @@ async fn products_are_listed_in_stable_keyset_pages() {
     let default_page = expect_json(app.get("/v1/products").send().await, 200).await;
     assert_eq!(default_page["items"].as_array().unwrap().len(), 20);
 
-    for bad in ["limit=0", "limit=101", "limit=-1", "limit=ten", "cursor=nonsense"] {
-        expect_problem(app.get(&format!("/v1/products?{bad}")).send().await, 400, bad.split('=').next().unwrap()).await;
+    // Out of range: 422. Not readable at all (not a number, a cursor this API did not issue): 400.
+    for (bad, status) in
+        [("limit=0", 422), ("limit=101", 422), ("limit=-1", 422), ("limit=ten", 400), ("cursor=nonsense", 400)]
+    {
+        let response = app.get(&format!("/v1/products?{bad}")).send().await;
+        expect_problem(response, status, bad.split('=').next().unwrap()).await;
     }
+    // A bare id, as cursors were before they became opaque, still continues after that id.
+    let after_tenth =
+        expect_json(app.get(&format!("/v1/products?limit=1&cursor={}", created[9])).send().await, 200).await;
+    assert_eq!(after_tenth["items"][0]["id"], created[10].as_str());
 }
 
 #[tokio::test]

@@ -101,12 +101,100 @@ async fn bad_search_queries_are_4xx() {
     expect_problem(app.get("/v1/search").send().await, 422, "q").await;
     expect_problem(app.get("/v1/search?q=%26%7C%21").send().await, 422, "at least one word").await;
     expect_problem(app.get(&format!("/v1/search?q={}", "a".repeat(201))).send().await, 422, "200").await;
-    expect_problem(app.get("/v1/search?q=x&limit=0").send().await, 400, "limit").await;
+    expect_problem(app.get("/v1/search?q=").send().await, 422, "q").await;
+    // Values out of range: 422. What cannot be read at all (not a number, a cursor not ours): 400.
+    expect_problem(app.get("/v1/search?q=x&limit=0").send().await, 422, "limit").await;
+    expect_problem(app.get("/v1/search?q=x&limit=1000").send().await, 422, "limit").await;
     expect_problem(app.get("/v1/search?q=x&cursor=abc").send().await, 400, "cursor").await;
+    expect_problem(app.get("/v1/search?q=x&cursor=20").send().await, 400, "cursor").await;
     expect_problem(app.get("/v1/search?q=x&limit=many").send().await, 400, "limit").await;
     // Text search syntax in a query is only text.
     for hostile in ["a:* | b", "!x & (y", "'quoted'", "a\\b", "日本語"] {
         let response = app.get("/v1/search").query(&[("q", hostile)]).send().await.unwrap();
         assert_eq!(response.status(), 200, "{hostile:?}");
     }
+}
+
+/// Pages through `q` `limit` hits at a time; `between` runs after each page with its number.
+async fn page_through(app: &TestApp, q: &str, limit: usize, mut between: impl AsyncFnMut(usize)) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_number in 1.. {
+        let limit = limit.to_string();
+        let mut request = app.get("/v1/search").query(&[("q", q), ("limit", &limit)]);
+        if let Some(cursor) = &cursor {
+            request = request.query(&[("cursor", cursor)]);
+        }
+        let page = expect_json(request.send().await, 200).await;
+        seen.extend(ids(&page));
+        between(page_number).await;
+        match page["next_cursor"].as_str() {
+            Some(next) => {
+                assert!(!next.contains(seen.last().unwrap().as_str()), "the cursor is opaque: {next}");
+                cursor = Some(next.to_owned());
+            }
+            None => break,
+        }
+        assert!(page_number < 50, "paging {q:?} does not end");
+    }
+    seen
+}
+
+#[tokio::test]
+async fn paging_returns_every_hit_once_even_as_products_are_added() {
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    // Ranked: the name said twice and the description once first, then five ties on the name (in id
+    // order), then three with it in the description only.
+    let top = create(&app, "MX", "Marmot marmot", "marmot").await;
+    let mut created = vec![top.clone()];
+    for i in 0..5 {
+        created.push(create(&app, &format!("MP-{i}"), "Marmot plush", "").await);
+    }
+    for i in 0..3 {
+        created.push(create(&app, &format!("MD-{i}"), &format!("Gift {i}"), "With a marmot on it").await);
+    }
+    for id in &created {
+        until_found(&app, "marmot", id, true).await;
+    }
+    let ranked = ids(&search(&app, "marmot").await);
+    assert_eq!(ranked.len(), created.len());
+    assert_eq!(ranked[0], top);
+    assert_eq!(ranked[1..6], created[1..6], "ties in id order");
+
+    // Two at a time, adding products after two pages: one ranked before the pages read (as good as
+    // the first, newer, so second), which an offset would turn into a repeat; one after them.
+    let mut added = Vec::new();
+    let seen = page_through(&app, "marmot", 2, async |page| {
+        if page == 2 {
+            let before = create(&app, "MX-2", "Marmot marmot", "marmot").await;
+            let after = create(&app, "MP-5", "Marmot plush", "").await;
+            until_found(&app, "marmot", &before, true).await;
+            until_found(&app, "marmot", &after, true).await;
+            added = vec![before, after];
+        }
+    })
+    .await;
+    let originals: Vec<String> = seen.iter().filter(|id| ranked.contains(id)).cloned().collect();
+    assert_eq!(originals, ranked, "every product once, in rank order");
+    assert!(!seen.contains(&added[0]), "ranked before the pages already read: {seen:?}");
+    assert!(seen.contains(&added[1]), "ranked after the pages already read: {seen:?}");
+    assert_eq!(seen.len(), ranked.len() + 1, "nothing twice: {seen:?}");
+
+    // One at a time, nothing changing: the same as one page. Typo matches page the same way.
+    assert_eq!(page_through(&app, "marmot", 1, async |_| {}).await, ids(&search(&app, "marmot").await));
+    let typos = ids(&search(&app, "marmut").await);
+    assert!(typos.len() >= 8, "{typos:?}");
+    assert_eq!(page_through(&app, "marmut", 1, async |_| {}).await, typos);
+
+    // A cursor belongs to its query.
+    let first = expect_json(app.get("/v1/search?q=marmot&limit=1").send().await, 200).await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let other = app.get("/v1/search").query(&[("q", "plush"), ("cursor", cursor)]).send().await;
+    expect_problem(other, 400, "cursor").await;
+    let list = expect_json(app.get("/v1/products?limit=1").send().await, 200).await;
+    let list_cursor = list["next_cursor"].as_str().unwrap();
+    let mixed = app.get("/v1/search").query(&[("q", "marmot"), ("cursor", list_cursor)]).send().await;
+    expect_problem(mixed, 400, "cursor").await;
+    workers.stop().await;
 }
