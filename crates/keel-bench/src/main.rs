@@ -87,12 +87,12 @@ async fn run(args: &[String]) -> ExitCode {
 
     let mut results: Vec<ScenarioResult> = Vec::new();
     let (s1, http_ceiling) = scenarios::s1_cached_read(&keel, &baseline, &seed, &plan).await;
-    report_line(&s1);
+    report_line(&s1, smoke);
     results.push(s1);
-    results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await));
-    results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await));
-    results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await));
-    results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await));
+    results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await, smoke));
+    results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await, smoke));
+    results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await, smoke));
+    results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
     eprintln!("keel-bench: side effects …");
     let effects = side_effects::measure(&keel, &seed, &plan, &keel_binary, &work).await;
     eprintln!(
@@ -131,8 +131,10 @@ async fn run(args: &[String]) -> ExitCode {
         .collect();
     if !broken.is_empty() || probe.requests == 0 || probe.errors > 0 {
         eprintln!(
-            "keel-bench: broken scenarios: {broken:?} (open-loop probe: {} requests, {} errors)",
-            probe.requests, probe.errors
+            "keel-bench: broken scenarios: {} (open-loop probe: {} requests, {} errors)",
+            if broken.is_empty() { "none".to_owned() } else { broken.join(", ") },
+            probe.requests,
+            probe.errors
         );
         return ExitCode::FAILURE;
     }
@@ -146,24 +148,11 @@ fn scenarios_pg() -> String {
     dirs.last().map_or_else(|| "postgres".into(), |d| d.join("bin/postgres").display().to_string())
 }
 
-fn report_line(r: &ScenarioResult) {
-    match &r.keel {
-        Some(k) => eprintln!(
-            "{}: {:.0}/s p50 {:.2} ms p99 {:.2} ms errors {} | baseline {} /s | ratio {} | met {:?}",
-            r.id,
-            k.per_second,
-            k.p50_ms,
-            k.p99_ms,
-            k.errors,
-            r.baseline_per_second.map_or("—".into(), |b| format!("{b:.0}")),
-            r.ratio.map_or("—".into(), |x| format!("{x:.2}")),
-            r.met
-        ),
-        None => eprintln!("{}: not yet", r.id),
-    }
+fn report_line(r: &ScenarioResult, smoke: bool) {
+    eprintln!("{}", report::console_line(r, smoke));
 }
 
-fn report_line_owned(r: ScenarioResult) -> ScenarioResult {
-    report_line(&r);
+fn report_line_owned(r: ScenarioResult, smoke: bool) -> ScenarioResult {
+    report_line(&r, smoke);
     r
 }

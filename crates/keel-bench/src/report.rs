@@ -55,6 +55,53 @@ pub fn machine(postgres: &str) -> Machine {
     }
 }
 
+/// Whether a scenario met its target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// A smoke run measures briefly and small: its figures prove the harness, not Keel.
+    Smoke,
+    Met,
+    NotMet,
+    /// Measured, but not judged against the target.
+    Unjudged,
+    /// The feature the scenario measures does not exist yet.
+    NotYet,
+}
+
+pub fn verdict(r: &ScenarioResult, smoke: bool) -> Verdict {
+    match (&r.keel, r.met) {
+        (None, _) => Verdict::NotYet,
+        (Some(_), _) if smoke => Verdict::Smoke,
+        (Some(_), Some(true)) => Verdict::Met,
+        (Some(_), Some(false)) => Verdict::NotMet,
+        (Some(_), None) => Verdict::Unjudged,
+    }
+}
+
+/// One scenario's line on the console, as the run goes.
+pub fn console_line(r: &ScenarioResult, smoke: bool) -> String {
+    let Some(k) = &r.keel else {
+        return format!("{}: not yet", r.id);
+    };
+    let target = match verdict(r, smoke) {
+        Verdict::Smoke => "not judged (smoke run)",
+        Verdict::Met => "met",
+        Verdict::NotMet => "NOT met",
+        Verdict::Unjudged | Verdict::NotYet => "not judged",
+    };
+    format!(
+        "{}: {:.0}/s p50 {:.2} ms p99 {:.2} ms errors {} | baseline {} /s | ratio {} | target {}",
+        r.id,
+        k.per_second,
+        k.p50_ms,
+        k.p99_ms,
+        k.errors,
+        cell(r.baseline_per_second, 0),
+        cell(r.ratio, 2),
+        target
+    )
+}
+
 fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "—".to_owned(), |v| format!("{v:.decimals$}"))
 }
@@ -96,11 +143,12 @@ pub fn markdown(
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let keel = r.keel.as_ref();
-        let met = match r.met {
-            _ if smoke && r.keel.is_some() => "smoke: not judged",
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "not yet",
+        let met = match verdict(r, smoke) {
+            Verdict::Smoke => "smoke: not judged",
+            Verdict::Met => "yes",
+            Verdict::NotMet => "**no**",
+            Verdict::Unjudged => "not judged",
+            Verdict::NotYet => "not yet",
         };
         let _ = writeln!(
             md,
@@ -162,4 +210,72 @@ pub fn markdown(
     // Written by hand from profiles (see the file for how they were taken); kept beside the harness.
     let _ = writeln!(md, "\n{}", include_str!("../PROFILES.md").trim_end());
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Outcome;
+
+    fn result(id: &'static str, measured: bool, met: Option<bool>) -> ScenarioResult {
+        ScenarioResult {
+            id,
+            name: "a scenario",
+            keel: measured.then(|| Outcome { requests: 10, per_second: 5.0, ..Outcome::default() }),
+            baseline_per_second: Some(10.0),
+            ratio: Some(0.5),
+            target: "≥ 0.8× its baseline".into(),
+            met,
+            ..ScenarioResult::default()
+        }
+    }
+
+    fn machine() -> Machine {
+        Machine {
+            cores: 2,
+            cpu: "cpu".into(),
+            memory: "1 kB".into(),
+            postgres: "postgres".into(),
+            keel: "0".into(),
+            commit: "abc".into(),
+            rustc: "rustc".into(),
+            nats_server: "no nats-server".into(),
+        }
+    }
+
+    /// No Rust value formatting (`Some(…)`, `None`, `true`/`false`) in what people read.
+    fn assert_plain(text: &str) {
+        for debug in ["Some(", "None", "true", "false"] {
+            assert!(!text.contains(debug), "{debug} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_smoke_run_judges_no_target() {
+        let results = [result("S1", true, Some(false)), result("S2", true, Some(true)), result("S3", false, None)];
+        let lines: Vec<String> = results.iter().map(|r| console_line(r, true)).collect();
+        assert!(lines[0].ends_with("| target not judged (smoke run)"), "{}", lines[0]);
+        assert!(lines[1].ends_with("| target not judged (smoke run)"), "{}", lines[1]);
+        assert_eq!(lines[2], "S3: not yet");
+        let md = markdown(&machine(), &results, &SideEffects::default(), "make bench-smoke", true);
+        assert!(md.contains("| smoke: not judged |"), "{md}");
+        assert!(!md.contains("**no**") && !md.contains("| yes |"), "{md}");
+        for text in lines.iter().chain([&md]) {
+            assert_plain(text);
+        }
+    }
+
+    #[test]
+    fn a_full_run_says_whether_each_target_was_met() {
+        let results = [result("S1", true, Some(false)), result("S2", true, Some(true)), result("S3", false, None)];
+        let lines: Vec<String> = results.iter().map(|r| console_line(r, false)).collect();
+        assert_eq!(lines[0], "S1: 5/s p50 0.00 ms p99 0.00 ms errors 0 | baseline 10 /s | ratio 0.50 | target NOT met");
+        assert!(lines[1].ends_with("| target met"), "{}", lines[1]);
+        assert_eq!(console_line(&result("S4", true, None), false).rsplit("| ").next(), Some("target not judged"));
+        let md = markdown(&machine(), &results, &SideEffects::default(), "make bench", false);
+        assert!(md.contains("| **no** |") && md.contains("| yes |") && md.contains("| not yet |"), "{md}");
+        for text in lines.iter().chain([&md]) {
+            assert_plain(text);
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Administration of the job queues: what is waiting, running and dead across every database (the
 //! catalogue's queue and every shard's), and replaying a dead job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use axum::extract::State;
 use serde::Serialize;
@@ -34,9 +35,16 @@ pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queu
 }
 
 /// Every kind's queue over all databases; also refreshes the queue gauges of `/metrics`.
+///
+/// Every kind with a handler ([`crate::jobs::kinds`]) is reported, at zero while none of its jobs
+/// is waiting, so dashboards and alerts see a series from the start rather than none; so is any
+/// other kind found in a queue (jobs of a kind this build no longer handles).
 pub async fn queue_stats(state: &AppState) -> Result<Vec<QueueStats>, ApiError> {
+    let mut merged: BTreeMap<String, QueueStats> = crate::jobs::kinds()
+        .iter()
+        .map(|kind| (kind.clone(), QueueStats { kind: kind.clone(), ..Default::default() }))
+        .collect();
     // Scatter-gather: each database's queue counted there, merged here.
-    let mut merged: BTreeMap<String, QueueStats> = BTreeMap::new();
     for db in state.db.all() {
         let client = db.client().await?;
         for stats in keel_outbox::stats(&client).await? {
@@ -49,13 +57,28 @@ pub async fn queue_stats(state: &AppState) -> Result<Vec<QueueStats>, ApiError> 
             entry.oldest_pending_age_s = entry.oldest_pending_age_s.max(stats.oldest_pending_age_s);
         }
     }
-    for stats in merged.values() {
+    set_gauges(&merged);
+    Ok(merged.into_values().collect())
+}
+
+/// Sets the queue gauges; a kind gauged before and gone from the queues since (its last jobs done
+/// and pruned) is set to zero rather than left at its last value.
+fn set_gauges(merged: &BTreeMap<String, QueueStats>) {
+    // The recorder is the process's, so is the memory of what it was given.
+    static GAUGED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut gauged = GAUGED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let gone: Vec<QueueStats> = gauged
+        .iter()
+        .filter(|kind| !merged.contains_key(*kind))
+        .map(|kind| QueueStats { kind: kind.clone(), ..Default::default() })
+        .collect();
+    for stats in merged.values().chain(&gone) {
         let kind = stats.kind.clone();
         metrics::gauge!("keel_queue_depth", "kind" => kind.clone(), "state" => "pending").set(stats.pending as f64);
         metrics::gauge!("keel_queue_depth", "kind" => kind.clone(), "state" => "dead").set(stats.dead as f64);
         metrics::gauge!("keel_queue_oldest_pending_seconds", "kind" => kind).set(stats.oldest_pending_age_s);
     }
-    Ok(merged.into_values().collect())
+    gauged.extend(merged.keys().cloned());
 }
 
 #[utoipa::path(post, path = "/v1/admin/jobs/{id}/retry", tag = "admin", security(("bearer" = [])),

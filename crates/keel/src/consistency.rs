@@ -25,32 +25,85 @@ pub struct Kind {
     /// The default staleness budget; zero for strong kinds.
     pub budget: Duration,
     pub policy: &'static str,
-    pub source: &'static str,
+    pub source: Source,
+}
+
+/// Where reads of a kind come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    /// Through this node's cache, kept in `tiers`, in front of `origin`. The shared tier (Redis)
+    /// is optional: without it a [`Tiers::Both`] kind is cached in memory only, and a
+    /// [`Tiers::SharedOnly`] kind is not cached at all.
+    Cached { tiers: Tiers, origin: &'static str },
+    /// Not through the caches.
+    Direct(&'static str),
+}
+
+impl Source {
+    /// What a node reads, in order, when it has the shared tier or not.
+    pub fn describe(self, shared_tier: bool) -> String {
+        match self {
+            Source::Direct(origin) => origin.to_owned(),
+            Source::Cached { tiers, origin } => {
+                let memory = (tiers == Tiers::Both).then_some("memory");
+                let redis = shared_tier.then_some("Redis");
+                let path: Vec<&str> = memory.into_iter().chain(redis).chain([origin]).collect();
+                path.join(" → ")
+            }
+        }
+    }
 }
 
 pub const KINDS: &[Kind] = &[
     Kind {
-        name: "profile", budget: Duration::from_secs(300), policy: "cache-aside", source: "memory → Redis → shard"
+        name: "profile",
+        budget: Duration::from_secs(300),
+        policy: "cache-aside",
+        source: Source::Cached { tiers: Tiers::Both, origin: "shard" },
     },
     Kind {
         name: "product",
         budget: Duration::from_secs(60),
         policy: "write-through",
-        source: "memory → Redis → catalogue",
+        source: Source::Cached { tiers: Tiers::Both, origin: "catalogue" },
     },
-    Kind { name: "cart", budget: Duration::from_secs(10), policy: "write-through", source: "Redis → shard primary" },
+    // Only in the shared tier: a cart's owner may come back through any node (see `crate::carts`).
+    Kind {
+        name: crate::carts::CART_KIND,
+        budget: Duration::from_secs(10),
+        policy: "write-through",
+        source: Source::Cached { tiers: Tiers::SharedOnly, origin: "shard primary" },
+    },
     Kind {
         name: "like_count",
         budget: Duration::from_secs(2),
         policy: "write-back",
-        source: "CRDT counter: own component + others merged every 250 ms",
+        source: Source::Direct("CRDT counter: own component + others merged every 250 ms"),
     },
-    Kind { name: "feed", budget: Duration::from_secs(30), policy: "cache-aside", source: "not built yet" },
-    Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: "search index" },
-    Kind { name: "inventory", budget: Duration::ZERO, policy: "never cached", source: "catalogue primary" },
-    Kind { name: "wallet", budget: Duration::ZERO, policy: "never cached", source: "shard primary" },
-    Kind { name: "order", budget: Duration::ZERO, policy: "never cached", source: "shard primary" },
+    Kind {
+        name: "feed",
+        budget: Duration::from_secs(30),
+        policy: "cache-aside",
+        source: Source::Direct("not built yet"),
+    },
+    Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: Source::Direct("search index") },
+    Kind {
+        name: "inventory",
+        budget: Duration::ZERO,
+        policy: "never cached",
+        source: Source::Direct("catalogue primary"),
+    },
+    Kind { name: "wallet", budget: Duration::ZERO, policy: "never cached", source: Source::Direct("shard primary") },
+    Kind { name: "order", budget: Duration::ZERO, policy: "never cached", source: Source::Direct("shard primary") },
 ];
+
+/// The tiers a cached kind is kept in, as the table says.
+fn tiers(kind: &str) -> Tiers {
+    match KINDS.iter().find(|k| k.name == kind).map(|k| k.source) {
+        Some(Source::Cached { tiers, .. }) => tiers,
+        _ => panic!("{kind} is not a cached kind of the consistency table"),
+    }
+}
 
 /// The budget of `kind` after configuration.
 pub fn budget(config: &crate::config::Config, kind: &str) -> Duration {
@@ -91,10 +144,10 @@ impl Caches {
     /// hears of the other nodes' writes. (Like counts are not cached: each node holds a merged copy
     /// of every counter, see [`crate::likes`].)
     pub fn new(config: &crate::config::Config, shared: Option<Arc<Shared>>) -> Caches {
-        let mut profiles = Cache::new("profile", budget(config, "profile"), 100_000);
-        let mut products = Cache::new("product", budget(config, "product"), 100_000);
-        let mut carts = Cache::new(crate::carts::CART_KIND, budget(config, crate::carts::CART_KIND), 100_000)
-            .tiers(Tiers::SharedOnly);
+        let cart = crate::carts::CART_KIND;
+        let mut profiles = Cache::new("profile", budget(config, "profile"), 100_000).tiers(tiers("profile"));
+        let mut products = Cache::new("product", budget(config, "product"), 100_000).tiers(tiers("product"));
+        let mut carts = Cache::new(cart, budget(config, cart), 100_000).tiers(tiers(cart));
         if let Some(shared) = &shared {
             profiles = profiles.shared(shared);
             products = products.shared(shared);
@@ -161,7 +214,9 @@ pub struct KindReport {
     pub kind: &'static str,
     pub budget_s: f64,
     pub policy: &'static str,
-    pub source: &'static str,
+    /// Where this node reads the kind from, in order: the shared tier (Redis) appears only when
+    /// this node is configured with one (`KEEL_REDIS_URL`).
+    pub source: String,
     /// Served from this node's memory.
     pub hits: u64,
     /// Served from the shared tier (Redis).
@@ -199,6 +254,7 @@ pub struct SharedTier {
     responses((status = 200, description = "The consistency table with this node's live counters", body = Table),
         (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table>, ApiError> {
+    let shared_tier = state.caches.shared.is_some();
     let kinds = KINDS
         .iter()
         .map(|k| {
@@ -213,7 +269,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 kind: k.name,
                 budget_s: budget(&state.config, k.name).as_secs_f64(),
                 policy: k.policy,
-                source: k.source,
+                source: k.source.describe(shared_tier),
                 hits: stats.hits,
                 shared_hits: stats.shared_hits,
                 misses: stats.misses,
@@ -230,4 +286,26 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
         SharedTier { up: stats.up, errors: stats.errors }
     });
     Ok(Json(Table { kinds, shared_tier }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(kind: &str, shared_tier: bool) -> String {
+        KINDS.iter().find(|k| k.name == kind).unwrap().source.describe(shared_tier)
+    }
+
+    #[test]
+    fn the_shared_tier_is_a_source_only_where_there_is_one() {
+        assert_eq!(source("profile", true), "memory → Redis → shard");
+        assert_eq!(source("profile", false), "memory → shard");
+        assert_eq!(source("product", false), "memory → catalogue");
+        assert_eq!(source("cart", true), "Redis → shard primary");
+        assert_eq!(source("cart", false), "shard primary");
+        assert_eq!(source("wallet", true), "shard primary");
+        for kind in KINDS {
+            assert!(!kind.source.describe(false).contains("Redis"), "{kind:?}");
+        }
+    }
 }

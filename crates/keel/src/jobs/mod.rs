@@ -17,10 +17,10 @@ pub mod maintenance;
 pub mod reactions;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use keel_outbox::{JetStream, KindOptions, Registry, Runner, StreamRunner};
+use keel_outbox::{JetStream, Job, JobError, KindOptions, Registry, Runner, StreamRunner};
 use lettre::message::Mailbox;
 
 use crate::config::Config;
@@ -123,6 +123,43 @@ fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Durati
     registry
 }
 
+/// The handler of webhook deliveries, which always run from the catalogue's queue.
+fn register_deliveries<R: Registry<JobContext>>(registry: R, options: KindOptions) -> R {
+    registry.register(webhooks::DELIVER, options, |ctx, job| async move {
+        webhooks::delivery::run(&ctx.db.catalog, &ctx.deliverer, &job).await
+    })
+}
+
+/// A registry that keeps only the names of the kinds registered on it: the list of every kind is
+/// taken from the registration itself, so it cannot drift from it.
+#[derive(Default)]
+struct KindNames(Vec<String>);
+
+impl Registry<JobContext> for KindNames {
+    fn register<F, Fut, E>(mut self, kind: &str, _: KindOptions, _: F) -> Self
+    where
+        F: Fn(Arc<JobContext>, Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<JobError> + 'static,
+    {
+        self.0.push(kind.to_owned());
+        self
+    }
+}
+
+/// Every job kind this application has a handler for, on any database and transport, sorted: the
+/// kinds the queue statistics and gauges report from the start, at zero until a job of theirs waits.
+pub fn kinds() -> &'static [String] {
+    static KINDS: OnceLock<Vec<String>> = OnceLock::new();
+    KINDS.get_or_init(|| {
+        let registry = register_event_handlers(KindNames::default(), Duration::ZERO);
+        let KindNames(mut names) = register_deliveries(registry, KindOptions::default());
+        names.sort();
+        names.dedup();
+        names
+    })
+}
+
 /// Runs every job kind on every database until `shutdown` completes; running jobs then get the
 /// runners' shutdown timeout to finish before they are released to another worker.
 ///
@@ -152,11 +189,7 @@ pub async fn run_workers(
             runner.run(stopped).await;
         });
     };
-    let deliveries = |runner: Runner<JobContext>| {
-        runner.register(webhooks::DELIVER, delivery_options(&context.deliverer), |ctx, job| async move {
-            webhooks::delivery::run(&ctx.db.catalog, &ctx.deliverer, &job).await
-        })
-    };
+    let deliveries = |runner: Runner<JobContext>| register_deliveries(runner, delivery_options(&context.deliverer));
     match &jetstream {
         None => {
             for (_, shard) in db.shards.all() {
@@ -190,4 +223,19 @@ pub async fn run_workers(
     while runners.join_next().await.is_some() {}
     tracing::info!("workers stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_with_a_handler_is_listed_once_and_every_relayed_kind_has_one() {
+        let kinds = kinds();
+        assert!(kinds.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates: {kinds:?}");
+        for kind in SHARD_EVENTS.iter().chain(CATALOG_EVENTS).chain([&webhooks::DELIVER]) {
+            assert!(kinds.iter().any(|k| k == kind), "{kind} is not listed in {kinds:?}");
+        }
+        assert_eq!(kinds.len(), SHARD_EVENTS.len() + CATALOG_EVENTS.len() + 1, "{kinds:?}");
+    }
 }

@@ -107,6 +107,16 @@ async fn the_consistency_table_is_served_with_live_counters() {
     }
     assert_eq!(kind("like_count")["loss_window_ms"], 1000);
     assert!(kind("profile").get("loss_window_ms").is_none());
+    // This node has no shared tier: the table says what it reads, with no Redis in it.
+    assert!(table.get("shared_tier").is_none(), "{table}");
+    let source = |name: &str| kind(name)["source"].as_str().unwrap().to_owned();
+    assert_eq!(source("profile"), "memory → shard");
+    assert_eq!(source("product"), "memory → catalogue");
+    assert_eq!(source("cart"), "shard primary", "carts are cached only in the shared tier");
+    assert_eq!(source("wallet"), "shard primary");
+    for kind in kinds {
+        assert!(!kind["source"].as_str().unwrap().contains("Redis"), "{kind}");
+    }
     expect_problem(app.get("/v1/admin/consistency").bearer_auth(&token).send().await, 403, "admin").await;
 }
 
@@ -148,4 +158,23 @@ async fn responses_that_went_around_the_cache_say_so() {
     let cart = app.get("/v1/cart").bearer_auth(&token).send().await.unwrap();
     assert_eq!(cache_status(&cart), "keel; fwd=bypass; detail=no-shared-tier");
     assert_eq!(expect_json(Ok(cart), 200).await["items"][0]["quantity"], 2);
+}
+
+/// With a shared tier the table names it among the sources of the kinds it holds.
+#[tokio::test]
+async fn with_redis_the_consistency_table_names_the_shared_tier() {
+    let redis = crate::peers::RedisServer::start().await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(move |config| config.redis_url = Some(url)).await;
+    let table = expect_json(app.admin(app.get("/v1/admin/consistency")).send().await, 200).await;
+    assert_eq!(table["shared_tier"]["up"], true, "{table}");
+    let kinds = table["kinds"].as_array().unwrap();
+    let source = |name: &str| {
+        let kind = kinds.iter().find(|k| k["kind"] == name).unwrap();
+        kind["source"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(source("profile"), "memory → Redis → shard");
+    assert_eq!(source("product"), "memory → Redis → catalogue");
+    assert_eq!(source("cart"), "Redis → shard primary");
+    assert_eq!(source("wallet"), "shard primary", "strong kinds are never cached, with Redis or not");
 }

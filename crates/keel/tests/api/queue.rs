@@ -361,3 +361,59 @@ async fn over_jetstream_a_failing_job_is_retried_dead_lettered_and_replayed() {
         task.await.unwrap();
     }
 }
+
+/// The value of the sample `series` (name and labels, as rendered) in a `/metrics` text.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// On an idle system every kind with a handler has its queue series, at zero, before any job of
+/// it was ever enqueued: a dashboard or an alert sees 0, not nothing.
+#[tokio::test]
+async fn every_known_kind_reports_an_empty_queue_before_its_first_job() {
+    let app = TestApp::spawn().await;
+    let kinds = keel::jobs::kinds();
+    for kind in ["order.placed", "user.registered", "product.created", "webhook.deliver"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} is a known kind: {kinds:?}");
+    }
+
+    // The series exist. Their values are asserted through this app's own /v1/admin/queues below:
+    // the metrics registry is shared by every app in this test binary, and another test's scrape
+    // may set a kind's gauge from its own databases at any moment.
+    let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    for kind in kinds {
+        for state in ["pending", "dead"] {
+            let series = format!(r#"keel_queue_depth{{kind="{kind}",state="{state}"}}"#);
+            assert!(sample(&metrics, &series).is_some(), "{series} missing from\n{metrics}");
+        }
+        let series = format!(r#"keel_queue_oldest_pending_seconds{{kind="{kind}"}}"#);
+        assert!(sample(&metrics, &series).is_some(), "{series} missing from\n{metrics}");
+    }
+
+    let queues = expect_json(app.admin(app.get("/v1/admin/queues")).send().await, 200).await;
+    let listed = queues["kinds"].as_array().unwrap();
+    let names: Vec<&str> = listed.iter().map(|k| k["kind"].as_str().unwrap()).collect();
+    assert_eq!(names, *kinds, "{queues}");
+    for kind in listed {
+        assert_eq!(
+            (&kind["pending"], &kind["running"], &kind["dead"], kind["oldest_pending_age_s"].as_f64()),
+            (&json!(0), &json!(0), &json!(0), Some(0.0)),
+            "{kind}"
+        );
+    }
+}
+
+/// A kind's gauge follows its queue down to zero once its jobs are gone, rather than keeping the
+/// last depth it had.
+#[tokio::test]
+async fn a_queue_gauge_returns_to_zero_when_its_jobs_are_gone() {
+    let app = TestApp::spawn().await;
+    let series = r#"keel_queue_depth{kind="test.gauged",state="pending"}"#;
+    let id = enqueue(&app, "test.gauged").await;
+    let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&metrics, series), Some(1.0), "{metrics}");
+    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    client.execute("DELETE FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+    let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&metrics, series), Some(0.0), "{metrics}");
+}
