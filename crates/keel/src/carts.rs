@@ -12,13 +12,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::consistency;
-use crate::db::Sql;
+use crate::db::{Databases, Sql};
 use crate::http::auth::AuthUser;
+use crate::http::cache_headers::cache_headers;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::number;
-use crate::startup::AppState;
 
 /// The most of one product a cart may hold.
 const MAX_QUANTITY: i64 = 1_000;
@@ -44,9 +43,20 @@ pub struct Cart {
     pub total_cents: i64,
 }
 
+/// Carts by owner, in the shared tier only. A change made elsewhere (the checkout saga emptying a
+/// cart) drops the owner's entry with [`keel_cache::Cache::invalidate`].
+pub type CartCache = keel_cache::Cache<Uuid, Arc<Cart>>;
+
+/// What the carts' handlers reach (a part of [`crate::state::AppState`]).
+#[derive(Clone)]
+pub struct CartsState {
+    pub db: Arc<Databases>,
+    pub carts: Arc<CartCache>,
+}
+
 /// Reads a cart and prices it: two queries whatever its size, one per database.
-pub(crate) async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiError> {
-    let shard = state.db.shard_of(user).client().await?;
+pub(crate) async fn load_cart(db: &Databases, user: Uuid) -> Result<Cart, ApiError> {
+    let shard = db.shard_of(user).client().await?;
     let rows = shard
         .rows("SELECT product_id, quantity FROM cart_items WHERE user_id = $1 ORDER BY added_at, product_id", &[&user])
         .await?;
@@ -54,7 +64,7 @@ pub(crate) async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiE
         return Ok(Cart { items: Vec::new(), total_cents: 0 });
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-    let catalog = state.db.catalog.client().await?;
+    let catalog = db.catalog.client().await?;
     let prices: std::collections::HashMap<Uuid, i64> = catalog
         .rows("SELECT id, price_cents FROM products WHERE id = ANY($1)", &[&ids])
         .await?
@@ -81,26 +91,21 @@ pub(crate) async fn load_cart(state: &AppState, user: Uuid) -> Result<Cart, ApiE
     responses((status = 200, description = "The cart, with the owner's own writes; other changes (prices, a \
         confirmed order) up to the cart budget (10 s) late: see `Cache-Status` and `Age`", body = Cart),
         (status = 401, body = Problem)))]
-pub async fn get_cart(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<impl IntoResponse, ApiError> {
+pub async fn get_cart(
+    State(state): State<CartsState>,
+    AuthUser(user): AuthUser,
+) -> Result<impl IntoResponse, ApiError> {
     let (cart, served) =
-        state.caches.carts.get_or_load(&user, || async { load_cart(&state, user).await.map(Arc::new) }).await?;
-    Ok((consistency::cache_headers(served), Json(cart)))
+        state.carts.get_or_load(&user, || async { load_cart(&state.db, user).await.map(Arc::new) }).await?;
+    Ok((cache_headers(served), Json(cart)))
 }
 
 /// Write-through: the cart as committed, read back and put in the cache before the owner hears of it.
-async fn committed(state: &AppState, user: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
-    let cart = Arc::new(load_cart(state, user).await?);
-    state.caches.carts.put(user, cart.clone()).await;
+async fn committed(state: &CartsState, user: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
+    let cart = Arc::new(load_cart(&state.db, user).await?);
+    state.carts.put(user, cart.clone()).await;
     Ok(Json(cart))
 }
-
-/// Drops a cart from the shared tier after a change made elsewhere (the checkout saga).
-pub async fn forget_cached(shared: &keel_cache::Shared, user: Uuid) {
-    shared.write(CART_KIND, &user.to_string(), None).await;
-}
-
-/// The cart's name in the consistency table and the cache.
-pub const CART_KIND: &str = "cart";
 
 #[utoipa::path(put, path = "/v1/cart/items/{product_id}", tag = "carts", request_body = SetQuantity,
     params(("product_id" = String, Path)),
@@ -109,7 +114,7 @@ pub const CART_KIND: &str = "cart";
         (status = 401, body = Problem), (status = 404, description = "No such product", body = Problem),
         (status = 422, body = Problem)))]
 pub async fn set_item(
-    State(state): State<AppState>,
+    State(state): State<CartsState>,
     AuthUser(user): AuthUser,
     Path(product): Path<String>,
     Json(input): Json<SetQuantity>,
@@ -142,7 +147,7 @@ pub async fn set_item(
     responses((status = 200, description = "The whole cart after the change", body = Cart),
         (status = 401, body = Problem)))]
 pub async fn delete_item(
-    State(state): State<AppState>,
+    State(state): State<CartsState>,
     AuthUser(user): AuthUser,
     Path(product): Path<String>,
 ) -> Result<Json<Arc<Cart>>, ApiError> {
@@ -151,7 +156,7 @@ pub async fn delete_item(
 }
 
 /// Removing what is not there is not an error: the cart simply does not hold it afterwards.
-async fn remove(state: &AppState, user: Uuid, product: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
+async fn remove(state: &CartsState, user: Uuid, product: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
     let shard = state.db.shard_of(user).client().await?;
     shard.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
     drop(shard);

@@ -11,16 +11,15 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::consistency;
-use crate::db::Sql;
+use crate::db::{Databases, Sql};
 use crate::events;
 use crate::http::auth::Admin;
+use crate::http::cache_headers::{bypass_headers, cache_headers};
 use crate::http::error::{unique_violation, ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::trace::TraceContext;
 use crate::http::{number, text, timestamp, Page, PageParams};
-use crate::likes::LikeCounter;
-use crate::startup::AppState;
+use crate::likes::counter::LikeCounter;
 
 /// The largest price and stock accepted: far beyond any real shop, far below overflow.
 const MAX_PRICE_CENTS: i64 = 100_000_000_000;
@@ -49,6 +48,19 @@ pub struct UpdateProduct {
     pub name: Option<String>,
     pub description: Option<String>,
     pub price_cents: Option<i64>,
+}
+
+/// Products without their like count, by id: write-through, so a node that changes a product
+/// serves the change at once and the others hear of it.
+pub type ProductCache = keel_cache::Cache<Uuid, Arc<Product>>;
+
+/// What the catalogue's handlers reach (a part of [`crate::state::AppState`]): a product is shown
+/// with this node's like count.
+#[derive(Clone)]
+pub struct CatalogState {
+    pub db: Arc<Databases>,
+    pub products: Arc<ProductCache>,
+    pub likes: Arc<LikeCounter>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -119,7 +131,7 @@ fn sku_taken(e: tokio_postgres::Error, sku: Option<&str>) -> ApiError {
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn create_product(
-    State(state): State<AppState>,
+    State(state): State<CatalogState>,
     _: Admin,
     trace: TraceContext,
     Json(input): Json<CreateProduct>,
@@ -150,7 +162,7 @@ pub async fn create_product(
     let product = Product::from_row(&row, &state.likes);
     announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
     tx.commit().await?;
-    state.caches.products.put(id, Arc::new(product.clone())).await;
+    state.products.put(id, Arc::new(product.clone())).await;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
 }
 
@@ -176,7 +188,7 @@ async fn announce(
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn update_product(
-    State(state): State<AppState>,
+    State(state): State<CatalogState>,
     _: Admin,
     trace: TraceContext,
     Path(id): Path<String>,
@@ -209,7 +221,7 @@ pub async fn update_product(
     announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
     tx.commit().await?;
     // Write-through: this node serves the committed product at once.
-    state.caches.products.put(id, Arc::new(product.clone())).await;
+    state.products.put(id, Arc::new(product.clone())).await;
     Ok(Json(product))
 }
 
@@ -217,18 +229,20 @@ pub async fn update_product(
     params(("id" = String, Path)),
     responses((status = 200, description = "Up to the product budget (60 s) old, see `Cache-Status` and `Age`; \
         `like_count` converges within 2 s", body = Product), (status = 404, body = Problem)))]
-pub async fn get_product(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get_product(
+    State(state): State<CatalogState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id("product", &id)?;
     let (product, served) = cached_product(&state, id).await?;
     let mut product = (*product).clone();
     product.like_count = state.likes.count(id);
-    Ok((consistency::cache_headers(served), Json(product)))
+    Ok((cache_headers(served), Json(product)))
 }
 
 /// A product from this node's cache (loaded on a miss), without its like count; 404 if none.
-pub async fn cached_product(state: &AppState, id: Uuid) -> Result<(Arc<Product>, Served), ApiError> {
+pub async fn cached_product(state: &CatalogState, id: Uuid) -> Result<(Arc<Product>, Served), ApiError> {
     state
-        .caches
         .products
         .get_or_load(&id, || async {
             let client = state.db.catalog.client().await?;
@@ -251,7 +265,7 @@ pub async fn cached_product(state: &AppState, id: Uuid) -> Result<(Arc<Product>,
         (status = 422, description = "A limit out of 1 to 100", body = Problem),
     ))]
 pub async fn list_products(
-    State(state): State<AppState>,
+    State(state): State<CatalogState>,
     Query(params): Query<PageParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (limit, after) = params.validate()?;
@@ -264,14 +278,17 @@ pub async fn list_products(
         )
         .await?;
     let page = Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone());
-    Ok((consistency::bypass_headers("list"), Json(page)))
+    Ok((bypass_headers("list"), Json(page)))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",
     params(("id" = String, Path)),
     responses((status = 200, description = "Current stock, read from the primary", body = Inventory),
         (status = 404, body = Problem)))]
-pub async fn get_inventory(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Inventory>, ApiError> {
+pub async fn get_inventory(
+    State(state): State<CatalogState>,
+    Path(id): Path<String>,
+) -> Result<Json<Inventory>, ApiError> {
     let id = parse_id("product", &id)?;
     let client = state.db.catalog.client().await?;
     let row = client
@@ -287,7 +304,7 @@ pub async fn get_inventory(State(state): State<AppState>, Path(id): Path<String>
     responses((status = 200, body = Inventory), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn set_inventory(
-    State(state): State<AppState>,
+    State(state): State<CatalogState>,
     _: Admin,
     trace: TraceContext,
     Path(id): Path<String>,

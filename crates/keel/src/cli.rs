@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::app::Application;
 use crate::config::{parse_listen, Config};
 use crate::db::{self, Databases};
-use crate::startup::{shutdown_signal, Application};
+use crate::shutdown::shutdown_signal;
 
 #[derive(Parser)]
 #[command(name = "keel", version, about = "A high-throughput commerce backend on sharded PostgreSQL")]

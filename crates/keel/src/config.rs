@@ -134,6 +134,16 @@ const SETTINGS: &[&str] = &[
 ];
 
 impl Config {
+    /// The staleness budget of a kind of data ([`crate::consistency`]) after configuration.
+    pub fn budget(&self, kind: &str) -> Duration {
+        self.consistency_budgets
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, b)| *b)
+            .or_else(|| crate::consistency::KINDS.iter().find(|k| k.name == kind).map(|k| k.budget))
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// Defaults ← `keel.toml` (the file named by `KEEL_CONFIG`, else `./keel.toml` if present) ← `KEEL_*`.
     pub fn load() -> Result<Config, ConfigError> {
         let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("KEEL_")).collect();
@@ -376,8 +386,8 @@ mod tests {
         }
         let mut config = Config::default();
         config.apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", "profile=60s, product=0s")])).unwrap();
-        assert_eq!(crate::consistency::budget(&config, "profile"), Duration::from_secs(60));
-        assert_eq!(crate::consistency::budget(&config, "cart"), Duration::from_secs(10));
+        assert_eq!(config.budget("profile"), Duration::from_secs(60));
+        assert_eq!(config.budget("cart"), Duration::from_secs(10));
     }
 
     #[test]

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use keel_pg::{socket_dir_for, Cluster, ClusterSpec};
 
+use crate::app::{serve_with_workers, Application};
 use crate::config::Config;
 use crate::db::{self, Databases};
 use crate::http::auth::new_admin_token;
-use crate::startup::{serve_with_workers, Application};
 
 /// `keel up` creates this many user shards, so that sharding is exercised from the first run.
 pub const SHARDS: usize = 2;

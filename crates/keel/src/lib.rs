@@ -1,23 +1,36 @@
-//! Keel, the service: configuration, the databases, the HTTP API and the domain behind it.
-//! Mechanisms with no knowledge of the shop live in their own crates (`keel-shard`, `keel-pg`).
+//! Keel, the service. Mechanisms with no knowledge of the shop live in their own crates: `keel-pg`
+//! (private PostgreSQL clusters), `keel-shard` (buckets and the shard map), `keel-outbox` (the
+//! outbox, job queue and JetStream transport), `keel-cache` (the two-tier cache and write-back) and
+//! `keel-crdt` (convergent counters). This crate is the shop, in layers that only look down:
+//!
+//! - **foundations**: [`config`], [`consistency`] (the table of staleness budgets), [`db`],
+//!   [`events`], [`telemetry`], [`shutdown`];
+//! - **[`http`]**: the HTTP toolkit (errors, extractors, auth, trace, middleware, idempotency keys,
+//!   cache headers, pagination), which knows no domain;
+//! - **capabilities**, one home each: [`users`], [`catalog`], [`carts`], [`wallet`], [`orders`]
+//!   (with the checkout saga), [`likes`], [`search`], [`webhooks`], [`email`], and [`admin`];
+//! - **assembly**: [`state`] (what handlers reach), [`app`] (the route list, the OpenAPI document,
+//!   serving and draining), [`jobs`] (which handler runs which job kind, and the worker runtime),
+//!   [`embedded`] (`keel up`) and [`cli`].
 
 pub mod admin;
+pub mod app;
 pub mod carts;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod consistency;
 pub mod db;
+pub mod email;
 pub mod embedded;
 pub mod events;
 pub mod http;
-pub mod idempotency;
 pub mod jobs;
 pub mod likes;
-pub mod mail;
 pub mod orders;
 pub mod search;
-pub mod startup;
+pub mod shutdown;
+pub mod state;
 pub mod telemetry;
 pub mod users;
 pub mod wallet;

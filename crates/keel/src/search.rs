@@ -28,7 +28,7 @@ use crate::db::Sql;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{Json, Query};
 use crate::http::{cursor, Page, PageParams};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The longest query accepted, in characters, and the most words of it that count.
 const MAX_QUERY_CHARS: usize = 200;

@@ -12,15 +12,15 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::consistency;
+use crate::db::Databases;
 use crate::db::{bucket_of, Sql};
 use crate::events;
 use crate::http::auth::{new_user_token, AuthUser, Caller};
+use crate::http::cache_headers::{bypass_headers, cache_headers};
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::trace::TraceContext;
 use crate::http::{text, timestamp};
-use crate::startup::AppState;
 
 /// How long an e-mail claim may wait for its user row before another sign-up may take it over.
 /// Longer than any request can take, so a claim is only taken over when its request is gone.
@@ -54,6 +54,16 @@ pub struct CreatedUser {
     pub email: String,
     pub bio: String,
     pub created_at: String,
+}
+
+/// Public profiles (no e-mail), by user id: cache-aside, invalidated by the owner's changes.
+pub type ProfileCache = keel_cache::Cache<Uuid, Arc<Profile>>;
+
+/// What the users' handlers reach (a part of [`crate::state::AppState`]).
+#[derive(Clone)]
+pub struct UsersState {
+    pub db: Arc<Databases>,
+    pub profiles: Arc<ProfileCache>,
 }
 
 /// A profile. `email` is present only when the owner asks.
@@ -108,7 +118,7 @@ pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn create_user(
-    State(state): State<AppState>,
+    State(state): State<UsersState>,
     trace: TraceContext,
     Json(input): Json<CreateUser>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -154,7 +164,7 @@ pub async fn create_user(
 
 /// Claims `email` for `user` in the catalogue's lookup table. A claim whose user never appeared on its
 /// shard (the sign-up crashed between the two writes) is taken over once it is old enough.
-async fn claim_email(state: &AppState, email: &str, user: Uuid) -> Result<(), ApiError> {
+async fn claim_email(state: &UsersState, email: &str, user: Uuid) -> Result<(), ApiError> {
     let catalog = state.db.catalog.client().await?;
     let claimed = catalog
         .maybe_row(
@@ -197,7 +207,7 @@ async fn claim_email(state: &AppState, email: &str, user: Uuid) -> Result<(), Ap
 
 /// Undoes a claim after the user row could not be written. Best effort: a claim left behind is
 /// taken over later by [`claim_email`].
-async fn release_email(state: &AppState, email: &str, user: Uuid) {
+async fn release_email(state: &UsersState, email: &str, user: Uuid) {
     let result = async {
         let catalog = state.db.catalog.client().await?;
         catalog.exec("DELETE FROM user_emails WHERE email = $1 AND user_id = $2", &[&email, &user]).await?;
@@ -209,7 +219,7 @@ async fn release_email(state: &AppState, email: &str, user: Uuid) {
     }
 }
 
-async fn user_exists(state: &AppState, user: Uuid) -> Result<bool, ApiError> {
+async fn user_exists(state: &UsersState, user: Uuid) -> Result<bool, ApiError> {
     let client = state.db.shard_of(user).client().await?;
     Ok(client.maybe_row("SELECT 1 FROM users WHERE id = $1", &[&user]).await?.is_some())
 }
@@ -222,7 +232,7 @@ async fn user_exists(state: &AppState, user: Uuid) -> Result<bool, ApiError> {
         (status = 404, description = "No such user", body = Problem),
     ))]
 pub async fn get_user(
-    State(state): State<AppState>,
+    State(state): State<UsersState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -230,17 +240,14 @@ pub async fn get_user(
     if caller.user() == Some(id) {
         // The owner reads their own writes on any node: from the shard, around the cache.
         let profile = load_profile(&state, id, true).await?;
-        return Ok((consistency::bypass_headers("owner"), Json(profile)));
+        return Ok((bypass_headers("owner"), Json(profile)));
     }
-    let (profile, served) = state
-        .caches
-        .profiles
-        .get_or_load(&id, || async { load_profile(&state, id, false).await.map(Arc::new) })
-        .await?;
-    Ok((consistency::cache_headers(served), Json((*profile).clone())))
+    let (profile, served) =
+        state.profiles.get_or_load(&id, || async { load_profile(&state, id, false).await.map(Arc::new) }).await?;
+    Ok((cache_headers(served), Json((*profile).clone())))
 }
 
-async fn load_profile(state: &AppState, id: Uuid, show_email: bool) -> Result<Profile, ApiError> {
+async fn load_profile(state: &UsersState, id: Uuid, show_email: bool) -> Result<Profile, ApiError> {
     let client = state.db.shard_of(id).client().await?;
     let row = client
         .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
@@ -259,7 +266,7 @@ async fn load_profile(state: &AppState, id: Uuid, show_email: bool) -> Result<Pr
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn update_user(
-    State(state): State<AppState>,
+    State(state): State<UsersState>,
     AuthUser(caller): AuthUser,
     Path(id): Path<String>,
     Json(input): Json<UpdateUser>,
@@ -285,7 +292,7 @@ pub async fn update_user(
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
     // Cache-aside: the write is committed; others' next read loads it.
-    state.caches.profiles.invalidate(&id).await;
+    state.profiles.invalidate(&id).await;
     Ok(Json(Profile::from_row(&row, true)))
 }
 

@@ -11,9 +11,9 @@ use crate::db::Sql;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::Json;
+use crate::http::idempotency::{self, Claim, IdempotencyKey};
 use crate::http::number;
-use crate::idempotency::{self, Claim, IdempotencyKey};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The largest single deposit: 100 million in currency units.
 const MAX_DEPOSIT_CENTS: i64 = 10_000_000_000;

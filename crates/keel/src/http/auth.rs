@@ -4,18 +4,29 @@
 //! SHA-256 of the secret is stored. The admin token comes from configuration; only its digest is kept
 //! in memory.
 
-use axum::extract::FromRequestParts;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::db::Sql;
-use crate::startup::AppState;
+use crate::db::{Databases, Sql};
 
 /// A SHA-256 digest, compared instead of the secret it came from.
 pub type Digest32 = [u8; 32];
+
+/// The administrator's token, kept only as its digest.
+#[derive(Clone, Copy)]
+pub struct AdminToken(Digest32);
+
+impl AdminToken {
+    pub fn new(token: &str) -> AdminToken {
+        AdminToken(digest(token))
+    }
+}
 
 pub fn digest(secret: &str) -> Digest32 {
     Sha256::digest(secret.as_bytes()).into()
@@ -58,10 +69,16 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+/// The extractors ask the application's state for the admin token and the databases only.
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    AdminToken: FromRef<S>,
+    Arc<Databases>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let Some(value) = parts.headers.get(AUTHORIZATION) else { return Ok(Caller::Anonymous) };
         let token = value
             .to_str()
@@ -69,18 +86,18 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
-        if digest(token) == state.admin_token_digest {
+        if digest(token) == AdminToken::from_ref(state).0 {
             return Ok(Caller::Admin);
         }
-        verify_user_token(state, token).await.map(Caller::User)
+        verify_user_token(&Arc::<Databases>::from_ref(state), token).await.map(Caller::User)
     }
 }
 
-async fn verify_user_token(state: &AppState, token: &str) -> Result<Uuid, ApiError> {
+async fn verify_user_token(db: &Databases, token: &str) -> Result<Uuid, ApiError> {
     let invalid = || ApiError::Unauthorized("the bearer token is not valid".into());
     let (id, secret) = token.split_once('.').ok_or_else(invalid)?;
     let id = Uuid::try_parse(id).map_err(|_| invalid())?;
-    let client = state.db.shard_of(id).client().await?;
+    let client = db.shard_of(id).client().await?;
     let row = client.maybe_row("SELECT token_hash FROM users WHERE id = $1", &[&id]).await?;
     let stored: Vec<u8> = row.ok_or_else(invalid)?.get(0);
     if stored.as_slice() != digest(secret).as_slice() {
@@ -92,10 +109,15 @@ async fn verify_user_token(state: &AppState, token: &str) -> Result<Uuid, ApiErr
 /// A caller that must be the administrator.
 pub struct Admin;
 
-impl FromRequestParts<AppState> for Admin {
+impl<S> FromRequestParts<S> for Admin
+where
+    S: Send + Sync,
+    AdminToken: FromRef<S>,
+    Arc<Databases>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Caller::from_request_parts(parts, state).await? {
             Caller::Admin => Ok(Admin),
             Caller::Anonymous => Err(ApiError::Unauthorized("this needs the admin token".into())),
@@ -107,10 +129,15 @@ impl FromRequestParts<AppState> for Admin {
 /// A caller that must be a user: the id of the user.
 pub struct AuthUser(pub Uuid);
 
-impl FromRequestParts<AppState> for AuthUser {
+impl<S> FromRequestParts<S> for AuthUser
+where
+    S: Send + Sync,
+    AdminToken: FromRef<S>,
+    Arc<Databases>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         match Caller::from_request_parts(parts, state).await? {
             Caller::User(id) => Ok(AuthUser(id)),
             Caller::Anonymous => Err(ApiError::Unauthorized("this needs a user's bearer token".into())),

@@ -1,89 +1,23 @@
-//! The HTTP API: routes, the OpenAPI document generated from them, and what every route shares
-//! (validation helpers, pagination, the telemetry middleware).
+//! The HTTP toolkit every route shares, with no knowledge of the shop: the error type and its
+//! problem documents, extractors, authentication, trace context, the telemetry middleware,
+//! idempotency keys, cache headers, pagination and validation helpers. The routes themselves are
+//! listed in [`crate::app::routes`].
 
 pub mod auth;
+pub mod cache_headers;
 pub mod error;
 pub mod extract;
-mod middleware;
-mod ops;
+pub mod idempotency;
+pub mod middleware;
 pub mod trace;
 
 use std::time::SystemTime;
 
-use axum::extract::DefaultBodyLimit;
-use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
-use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::startup::AppState;
-use crate::{admin, carts, catalog, consistency, likes, orders, search, users, wallet, webhooks};
 use error::ApiError;
-
-/// The largest request body accepted.
-pub const BODY_LIMIT: usize = 1 << 20;
-
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Keel", description = "A high-throughput commerce backend."),
-    modifiers(&BearerAuth),
-    components(schemas(error::Problem))
-)]
-struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
-    }
-}
-
-/// Every route, and the OpenAPI document describing them. Both come from the same list, so a route
-/// cannot exist without being documented.
-pub fn router(state: AppState) -> Router {
-    let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(users::create_user))
-        .routes(routes!(users::get_user, users::update_user))
-        .routes(routes!(catalog::create_product, catalog::list_products))
-        .routes(routes!(catalog::get_product, catalog::update_product))
-        .routes(routes!(catalog::get_inventory, catalog::set_inventory))
-        .routes(routes!(carts::get_cart))
-        .routes(routes!(carts::set_item, carts::delete_item))
-        .routes(routes!(wallet::get_wallet))
-        .routes(routes!(wallet::deposit))
-        .routes(routes!(orders::checkout))
-        .routes(routes!(orders::get_order))
-        .routes(routes!(orders::list_orders))
-        .routes(routes!(admin::queues))
-        .routes(routes!(admin::retry_job))
-        .routes(routes!(consistency::table))
-        .routes(routes!(likes::like, likes::unlike))
-        .routes(routes!(search::search))
-        .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))
-        .routes(routes!(webhooks::delete_subscription))
-        .routes(routes!(webhooks::list_deliveries))
-        .routes(routes!(webhooks::retry_delivery))
-        .split_for_parts();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    let debug_headers = state.config.debug_headers;
-    let request_timeout = state.config.request_timeout;
-    api.merge(ops::router(doc))
-        .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError::MethodNotAllowed("this route does not accept that method".into())
-        })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            middleware::observe(req, next, debug_headers, request_timeout)
-        }))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(middleware::panic_response))
-        .with_state(state)
-}
 
 /// An RFC 3339 timestamp with microseconds, in UTC.
 pub fn timestamp(t: SystemTime) -> String {

@@ -3,7 +3,7 @@
 //!
 //! | database  | job kind                                   | handler                                |
 //! |-----------|--------------------------------------------|----------------------------------------|
-//! | shard     | `order.placed`                             | the checkout saga ([`checkout`])       |
+//! | shard     | `order.placed`                             | the checkout saga ([`saga`])           |
 //! | shard     | `user.registered`, `order.confirmed`, `order.failed` | webhooks fan-out, e-mail ([`reactions`]) |
 //! | catalogue | `product.created`, `.updated`, `.stock_changed` | search index, webhooks fan-out    |
 //! | catalogue | `webhook.deliver`                          | one delivery ([`crate::webhooks::delivery`]) |
@@ -11,8 +11,6 @@
 //! With `KEEL_NATS_URL` set, the event kinds are relayed from these queues to JetStream and run by
 //! its consumers instead, with the same handlers; webhook deliveries stay on the catalogue's queue.
 
-pub mod checkout;
-pub mod emails;
 pub mod maintenance;
 pub mod reactions;
 
@@ -20,34 +18,33 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use keel_outbox::{JetStream, Job, JobError, KindOptions, Registry, Runner, StreamRunner};
-use lettre::message::Mailbox;
-
+use crate::carts::CartCache;
 use crate::config::Config;
 use crate::db::Databases;
+use crate::email;
 use crate::events::*;
-use crate::mail::Mailer;
-use crate::startup::Stop;
+use crate::orders::saga;
+use crate::shutdown::Stop;
 use crate::webhooks::{self, delivery::Deliverer};
+use keel_outbox::{JetStream, Job, JobError, KindOptions, Registry, Runner, StreamRunner};
 
 /// What handlers can reach.
 pub struct JobContext {
     pub db: Arc<Databases>,
-    pub mailer: Mailer,
-    pub mail_from: Mailbox,
+    pub email: email::Sender,
     pub deliverer: Deliverer,
-    /// The shared cache tier, to drop what the handlers change (a cart emptied by a checkout).
-    pub shared_cache: Option<Arc<keel_cache::Shared>>,
+    /// The carts' cache, to drop a cart a confirmed order emptied (carts live in the shared tier).
+    pub carts: CartCache,
 }
 
 impl JobContext {
     pub async fn new(db: Arc<Databases>, config: &Config) -> Result<JobContext, String> {
+        let shared = crate::state::shared_tier(config).await?;
         Ok(JobContext {
             db,
-            mailer: Mailer::from_config(config)?,
-            mail_from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
+            email: email::Sender::from_config(config)?,
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
-            shared_cache: crate::consistency::Caches::shared_tier(config).await?,
+            carts: crate::state::cache(config, crate::consistency::CART, &shared),
         })
     }
 }
@@ -107,9 +104,12 @@ const CATALOG_EVENTS: &[&str] = &[PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOC
 
 /// The handlers of every event, on whichever transport carries them.
 fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Duration) -> R {
-    let mut registry = registry
-        .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move { checkout::run(&ctx, &job).await })
-        .register(PING, KindOptions::default(), |_, _| async { Ok::<(), String>(()) });
+    let mut registry =
+        registry
+            .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move {
+                saga::run(&ctx.db, &ctx.carts, &job).await
+            })
+            .register(PING, KindOptions::default(), |_, _| async { Ok::<(), String>(()) });
     for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
         registry = registry.register(kind, user_event_options(timeout), |ctx, job| async move {
             reactions::on_user_event(&ctx, &job).await

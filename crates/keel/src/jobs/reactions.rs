@@ -3,7 +3,8 @@
 use keel_outbox::{Job, JobError};
 use uuid::Uuid;
 
-use super::{emails, JobContext};
+use super::JobContext;
+use crate::email;
 use crate::{search, webhooks};
 
 fn db_err(e: impl std::fmt::Display) -> JobError {
@@ -34,5 +35,5 @@ pub async fn on_user_event(ctx: &JobContext, job: &Job) -> Result<(), JobError> 
         webhooks::fan_out(&tx, job).await.map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
     }
-    emails::send_for(ctx, job).await
+    email::send_for(&ctx.db, &ctx.email, job).await
 }

@@ -23,7 +23,7 @@ use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::{timestamp, Page, PageParams};
-use crate::startup::AppState;
+use crate::state::AppState;
 use network::NetworkPolicy;
 
 /// The job that delivers one event to one endpoint; its group is the subscription, so a slow or

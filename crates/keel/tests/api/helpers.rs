@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use keel::app::Application;
 use keel::config::Config;
 use keel::db::{self, Databases};
-use keel::startup::Application;
 use keel_pg::{Cluster, ClusterSpec};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
@@ -212,7 +212,7 @@ pub struct TestApp {
 /// A second API node over a test app's databases.
 pub struct Node {
     pub address: String,
-    stop: keel::startup::Stop,
+    stop: keel::shutdown::Stop,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -226,7 +226,7 @@ impl Node {
 
 /// Workers running in the test's process (as `keel up` runs them), until stopped.
 pub struct Workers {
-    stop: keel::startup::Stop,
+    stop: keel::shutdown::Stop,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
@@ -279,14 +279,14 @@ impl TestApp {
             Databases::open(&self.dbs.catalog_url, &self.dbs.shard_urls, config.db_pool_size).await.unwrap();
         let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
         let address = format!("http://{}", app.local_addr());
-        let stop = keel::startup::Stop::new();
+        let stop = keel::shutdown::Stop::new();
         let task = tokio::spawn(app.run_until_stopped(stop.stopped()));
         Node { address, stop, task }
     }
 
     /// Starts a set of workers over this app's databases; call more than once for competing workers.
     pub fn start_workers(&self) -> Workers {
-        let stop = keel::startup::Stop::new();
+        let stop = keel::shutdown::Stop::new();
         let task = tokio::spawn(keel::jobs::run_workers(self.databases.clone(), self.config.clone(), stop.stopped()));
         Workers { stop, task }
     }

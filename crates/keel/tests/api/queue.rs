@@ -68,7 +68,7 @@ async fn a_failing_job_is_retried_with_growing_delays_until_it_succeeds() {
         jitter: false, // so the growth is exact; with jitter each delay is only bounded by these
         ..KindOptions::default()
     };
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let run = tokio::spawn(runner(&app, probe.clone(), "test.flaky", options).run(stop.stopped()));
     enqueue(&app, "test.flaky").await;
     wait_until("the fourth run", || probe.runs.load(Ordering::SeqCst) == 4).await;
@@ -90,7 +90,7 @@ async fn a_job_that_always_fails_is_dead_listed_and_runs_again_when_replayed() {
     let app = TestApp::spawn().await;
     let probe = Probe::new(usize::MAX);
     let options = KindOptions { max_attempts: 3, backoff_base: Duration::from_millis(10), ..KindOptions::default() };
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let run = tokio::spawn(runner(&app, probe.clone(), "test.doomed", options).run(stop.stopped()));
     let id = enqueue(&app, "test.doomed").await;
     wait_until("three runs", || probe.runs.load(Ordering::SeqCst) == 3).await;
@@ -132,7 +132,7 @@ async fn the_job_of_a_worker_that_died_is_run_again_when_its_lease_lapses() {
         .await
         .unwrap();
     let probe = Probe::new(0);
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let run = tokio::spawn(runner(&app, probe.clone(), "test.orphan", KindOptions::default()).run(stop.stopped()));
     wait_until("the orphan runs", || probe.runs.load(Ordering::SeqCst) == 1).await;
     stop.trigger();
@@ -145,7 +145,7 @@ async fn the_job_of_a_worker_that_died_is_run_again_when_its_lease_lapses() {
 async fn an_enqueued_job_starts_within_milliseconds() {
     let app = TestApp::spawn().await;
     let probe = Probe::new(0);
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     // A poll interval far above the bound: only the notification can make the bound.
     let runner = runner(&app, probe.clone(), "test.noop", KindOptions::default()).poll_interval(Duration::from_secs(5));
     let run = tokio::spawn(runner.run(stop.stopped()));
@@ -186,7 +186,7 @@ async fn a_job_still_running_at_shutdown_is_released() {
             tokio::time::sleep(Duration::from_secs(30)).await;
             Ok::<(), String>(())
         });
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let run = tokio::spawn(runner.run(stop.stopped()));
     let id = enqueue(&app, "test.slow").await;
     wait_until("the slow job runs", || probe.runs.load(Ordering::SeqCst) == 1).await;
@@ -204,7 +204,7 @@ async fn a_scheduled_task_runs_once_per_period_across_nodes() {
     let app = TestApp::spawn().await;
     let shard = app.databases.shards.all().next().unwrap().1;
     let runs: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let mut nodes = Vec::new();
     for node in 0..2 {
         let runs = runs.clone();
@@ -312,7 +312,7 @@ async fn over_jetstream_a_failing_job_is_retried_dead_lettered_and_replayed() {
     let js = keel_outbox::JetStream::connect(crate::peers::nats_url(), &prefix).await.unwrap();
     let probe = Probe::new(usize::MAX);
     let options = KindOptions { max_attempts: 3, backoff_base: Duration::from_millis(50), ..KindOptions::default() };
-    let stop = keel::startup::Stop::new();
+    let stop = keel::shutdown::Stop::new();
     let relay = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), probe.clone())
         .poll_interval(Duration::from_millis(200))
         .relay(&js, shard.name(), &["test.doomed"]);

@@ -1,6 +1,8 @@
 //! Orders: `POST /v1/checkout` accepts an order and answers 202 at once; the checkout saga
-//! (`jobs::checkout`) then reserves stock, debits the wallet and confirms or fails it. Orders are
+//! ([`saga`]) then reserves stock, debits the wallet and confirms or fails it. Orders are
 //! strongly consistent: always read from the owner's shard primary, never cached.
+
+pub mod saga;
 
 use std::collections::HashMap;
 
@@ -18,10 +20,10 @@ use crate::events;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
+use crate::http::idempotency::{self, Claim, IdempotencyKey};
 use crate::http::trace::TraceContext;
 use crate::http::{timestamp, Page, PageParams};
-use crate::idempotency::{self, Claim, IdempotencyKey};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// The job kind that starts the saga, and the events the saga emits.
 
@@ -106,7 +108,7 @@ pub async fn checkout(
     let hash = idempotency::request_hash("checkout", &());
     // Read the cart before taking a connection for the transaction: a request holding one pooled
     // connection while waiting for another can starve the pool under load.
-    let cart = load_cart(&state, user).await?;
+    let cart = load_cart(&state.db, user).await?;
     let mut client = state.db.shard_of(user).client().await?;
     let tx = client.transaction().await?;
     if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {

@@ -6,14 +6,31 @@
 //! failure to send, and redeliveries after success, send nothing more. Only a crash between the
 //! server's acceptance and the record can repeat a message, and then with the same `Message-ID`.
 
+mod mailer;
+
 use keel_outbox::{Job, JobError};
 use lettre::message::Mailbox;
 use uuid::Uuid;
 
-use super::JobContext;
-use crate::db::{Db, Sql};
+use crate::config::Config;
+use crate::db::{Databases, Db, Sql};
 use crate::events::{ORDER_CONFIRMED, ORDER_FAILED, USER_REGISTERED};
-use crate::mail::Mail;
+pub use mailer::{Mail, Mailer};
+
+/// Where Keel's e-mail goes ([`Mailer`]) and whom it is from.
+pub struct Sender {
+    mailer: Mailer,
+    from: Mailbox,
+}
+
+impl Sender {
+    pub fn from_config(config: &Config) -> Result<Sender, String> {
+        Ok(Sender {
+            mailer: Mailer::from_config(config)?,
+            from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
+        })
+    }
+}
 
 /// The delivery record's handler name in `keel_processed_events`.
 const SENT: &str = "mail";
@@ -22,9 +39,10 @@ fn db_err(e: impl std::fmt::Display) -> JobError {
     JobError::from(e.to_string())
 }
 
-pub async fn send_for(ctx: &JobContext, job: &Job) -> Result<(), JobError> {
+/// Sends the e-mail of a user event, once.
+pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), JobError> {
     let user = job.payload["user_id"].as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or("payload has no user_id")?;
-    let shard = ctx.db.shard_of(user);
+    let shard = db.shard_of(user);
     let sent = shard
         .client()
         .await
@@ -35,11 +53,11 @@ pub async fn send_for(ctx: &JobContext, job: &Job) -> Result<(), JobError> {
     if sent.is_some() {
         return Ok(());
     }
-    let Some(mail) = compose(&ctx.db.catalog, shard, job, user).await? else {
+    let Some(mail) = compose(&db.catalog, shard, job, user).await? else {
         return Ok(());
     };
     // No connection is held while the mail server answers, which may take seconds.
-    if let Err(error) = ctx.mailer.send(job.id, &ctx.mail_from, mail).await {
+    if let Err(error) = sender.mailer.send(job.id, &sender.from, mail).await {
         metrics::counter!("keel_mail_failed_total", "event" => job.kind.clone()).increment(1);
         return Err(JobError::from(error));
     }

@@ -12,8 +12,8 @@ use keel_outbox::{Job, NewJob};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::JobContext;
-use crate::db::{Db, DbError, Sql};
+use crate::carts::CartCache;
+use crate::db::{Databases, Db, DbError, Sql};
 use crate::events::{self, ORDER_CONFIRMED, ORDER_FAILED};
 
 struct Item {
@@ -33,33 +33,32 @@ fn err(e: impl Into<DbError>) -> String {
     e.into().to_string()
 }
 
-pub async fn run(ctx: &JobContext, job: &Job) -> Result<(), String> {
+/// Runs (or resumes) the saga of one placed order; `carts` is told when a confirmed order emptied one.
+pub async fn run(db: &Databases, carts: &CartCache, job: &Job) -> Result<(), String> {
     let field = |name: &str| {
         job.payload[name].as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or(format!("payload has no {name}"))
     };
     let (order_id, user) = (field("order_id")?, field("user_id")?);
-    let shard = ctx.db.shard_of(user);
+    let shard = db.shard_of(user);
     let Some(order) = load(shard, order_id, user).await? else {
         return Err(format!("order {order_id} does not exist on its user's shard"));
     };
     match order.status.as_str() {
         "confirmed" => return Ok(()),
-        "failed" => return release(&ctx.db.catalog, order.id, job).await,
+        "failed" => return release(&db.catalog, order.id, job).await,
         _ => {}
     }
-    if !reserve(&ctx.db.catalog, &order, job).await? {
+    if !reserve(&db.catalog, &order, job).await? {
         tracing::info!(order = %order.id, "out of stock");
         return fail(shard, &order, "out_of_stock", job).await;
     }
     if !debit_and_confirm(shard, &order, job).await? {
         tracing::info!(order = %order.id, "insufficient funds");
-        return release(&ctx.db.catalog, order.id, job).await;
+        return release(&db.catalog, order.id, job).await;
     }
     tracing::info!(order = %order.id, "order confirmed");
-    if let Some(shared) = &ctx.shared_cache {
-        // The bought items left the cart: its owner should not see them there for the budget.
-        crate::carts::forget_cached(shared, order.user).await;
-    }
+    // The bought items left the cart: its owner should not see them there for the budget.
+    carts.invalidate(&order.user).await;
     Ok(())
 }
 

@@ -1,6 +1,10 @@
 //! Building and running the HTTP application: `Application::build` binds the listener and assembles
-//! the router; `run_until_stopped` serves until the shutdown future completes, then drains in-flight
-//! requests for at most the configured time. `keel up`, `keel serve` and the tests all use this.
+//! the router ([`routes`]); `run_until_stopped` serves until the shutdown future completes, then
+//! drains in-flight requests for at most the configured time. `keel up`, `keel serve` and the tests
+//! all use this.
+
+mod ops;
+pub mod routes;
 
 use std::future::Future;
 use std::io;
@@ -13,22 +17,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::consistency::Caches;
 use crate::db::Databases;
-use crate::http::auth::{digest, Digest32};
+use crate::http::auth::AdminToken;
 use crate::likes::LikeCounter;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Arc<Databases>,
-    pub admin_token_digest: Digest32,
-    pub config: Arc<Config>,
-    /// This node's like counts, flushed by [`Application::run_until_stopped`].
-    pub likes: Arc<LikeCounter>,
-    /// This node's caches, one per cached kind of data.
-    pub caches: Arc<Caches>,
-}
+use crate::shutdown::{shutdown_signal, Stop};
+use crate::state::AppState;
 
 pub struct Application {
     databases: Arc<Databases>,
@@ -48,20 +41,14 @@ impl Application {
         let shutdown_timeout = config.shutdown_timeout;
         let databases = Arc::new(db);
         let config = Arc::new(config);
-        let likes = Arc::new(LikeCounter::new());
+        let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;
+        let state = AppState::new(databases.clone(), config.clone(), AdminToken::new(admin_token), shared);
+        let likes = state.likes.clone();
         // The first merge before serving: a new node's first reads count the other nodes' likes.
         if let Err(e) = likes.merge_others(&databases.catalog).await {
             tracing::warn!(error = %e, "could not read the other nodes' like counts; the merger will retry");
         }
-        let shared = Caches::shared_tier(&config).await.map_err(io::Error::other)?;
-        let state = AppState {
-            db: databases.clone(),
-            admin_token_digest: digest(admin_token),
-            config: config.clone(),
-            likes: likes.clone(),
-            caches: Arc::new(Caches::new(&config, shared)),
-        };
-        let router = crate::http::router(state);
+        let router = routes::router(state);
         Ok(Application { databases, listener, router, shutdown_timeout, config, likes })
     }
 
@@ -116,36 +103,6 @@ impl Application {
     }
 }
 
-/// One shutdown signal for several parts of a process (the API and the workers): [`Stop::stopped`]
-/// futures all complete once [`Stop::trigger`] is called.
-#[derive(Clone)]
-pub struct Stop {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Stop {
-    pub fn new() -> Stop {
-        Stop { tx: Arc::new(watch::channel(false).0) }
-    }
-
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-
-    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.tx.subscribe();
-        async move {
-            let _ = rx.wait_for(|stopped| *stopped).await;
-        }
-    }
-}
-
-impl Default for Stop {
-    fn default() -> Stop {
-        Stop::new()
-    }
-}
-
 /// Serves the API and runs the workers in this process until Ctrl-C or SIGTERM; then both stop,
 /// the API draining its requests and the workers finishing or releasing their jobs.
 pub async fn serve_with_workers(app: Application) -> io::Result<()> {
@@ -162,14 +119,4 @@ pub async fn serve_with_workers(app: Application) -> io::Result<()> {
         tracing::error!(error = %e, "the workers could not start");
     }
     served
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received Ctrl-C"),
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-    }
 }

@@ -1,12 +1,6 @@
-//! Likes. A like is recorded per user on the user's shard (the primary key makes it idempotent and
-//! decides races); the count per product is a PN-counter (`keel-crdt`): each node counts the likes
-//! and unlikes it accepted in memory and flushes its own component to the catalogue at most
-//! [`FLUSH_INTERVAL`] later (write-back). Every [`MERGE_INTERVAL`] each node reads the components
-//! the others flushed since it last looked and merges them into its own copy of every counter, so a
-//! read costs no query: it is the merged copy plus this node's own component. No node ever waits for
-//! another to count a like, and a like is counted everywhere within `FLUSH_INTERVAL +
-//! MERGE_INTERVAL` (the budget is 2 s). The price, declared: a node killed without warning loses the
-//! counts it had not flushed, at most one interval's worth; a graceful stop flushes first.
+//! This node's like counts: its own component of every product's PN-counter, written back to the
+//! catalogue's `like_counts` at most [`FLUSH_INTERVAL`] after a like, and a copy of the other nodes'
+//! components merged in every [`MERGE_INTERVAL`], so that a count is read from memory.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,17 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::State;
-use axum::http::StatusCode;
 use keel_cache::WriteBack;
 use keel_crdt::PnCounter;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError, Sql};
-use crate::http::auth::AuthUser;
-use crate::http::error::{ApiError, Problem};
-use crate::http::extract::{parse_id, Path};
-use crate::startup::AppState;
 
 /// How long a counted like may wait in memory: the loss window of a crash.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -77,7 +65,7 @@ impl LikeCounter {
         self.counts.loss_window()
     }
 
-    fn record(&self, product: Uuid, like: bool) {
+    pub fn record(&self, product: Uuid, like: bool) {
         self.counts.update(product, |counter| {
             if like {
                 counter.increment(&self.node, 1);
@@ -187,45 +175,4 @@ impl LikeCounter {
     pub async fn run_flusher(self: Arc<Self>, catalog: Db, stop: impl Future<Output = ()> + Send) {
         self.counts.run(|batch| self.write(&catalog, batch), stop).await;
     }
-}
-
-/// Records that `user` likes (or no longer likes) the product, and counts the change if there was
-/// one. The product must exist; that is checked against the product cache, not the database.
-async fn set_like(state: &AppState, user: Uuid, id: &str, like: bool) -> Result<StatusCode, ApiError> {
-    let product = parse_id("product", id)?;
-    crate::catalog::cached_product(state, product).await?;
-    let client = state.db.shard_of(user).client().await?;
-    let sql = if like {
-        "INSERT INTO likes (user_id, product_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-    } else {
-        "DELETE FROM likes WHERE user_id = $1 AND product_id = $2"
-    };
-    if client.exec(sql, &[&user, &product]).await? == 1 {
-        state.likes.record(product, like);
-    }
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[utoipa::path(put, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
-    security(("bearer" = [])),
-    responses((status = 204, description = "Liked (again: no change)"), (status = 401, body = Problem),
-        (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn like(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    set_like(&state, user, &id, true).await
-}
-
-#[utoipa::path(delete, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
-    security(("bearer" = [])),
-    responses((status = 204, description = "Not liked (any more)"), (status = 401, body = Problem),
-        (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn unlike(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    set_like(&state, user, &id, false).await
 }

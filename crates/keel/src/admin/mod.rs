@@ -1,6 +1,8 @@
 //! Administration of the job queues: what is waiting, running and dead across every database (the
 //! catalogue's queue and every shard's), and replaying a dead job.
 
+pub mod consistency;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
@@ -11,7 +13,7 @@ use utoipa::ToSchema;
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema, Default)]
 pub struct QueueStats {

@@ -11,10 +11,10 @@ use serde::Serialize;
 use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
-use super::error::{ApiError, Problem};
-use super::extract::Json;
 use crate::db::migrations::{self, Schema};
-use crate::startup::AppState;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::Json;
+use crate::state::AppState;
 use crate::telemetry;
 
 /// How long readiness waits for each database before calling it unreachable.

@@ -1,0 +1,121 @@
+//! What every handler can reach, built once per process: the databases, the configuration, the
+//! admin token's digest, this node's like counts, and its caches, one per cached kind of the
+//! consistency table, each owned by the module whose data it holds.
+//!
+//! The modules that own a part of it (users, the catalogue and likes, carts) take only a view of
+//! their parts (`UsersState`, `CatalogState`, `CartsState`, made here with axum's `FromRef`), so
+//! this module depends on them and not the other way round; so do the HTTP toolkit's extractors
+//! (the databases and the admin token). The other handlers take the whole [`AppState`].
+
+use std::hash::Hash;
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use keel_cache::{Cache, Shared};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::carts::{CartCache, CartsState};
+use crate::catalog::{CatalogState, ProductCache};
+use crate::config::Config;
+use crate::db::Databases;
+use crate::http::auth::AdminToken;
+use crate::likes::LikeCounter;
+use crate::users::{ProfileCache, UsersState};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Arc<Databases>,
+    pub admin_token: AdminToken,
+    pub config: Arc<Config>,
+    /// This node's like counts, flushed by [`crate::app::Application::run_until_stopped`].
+    pub likes: Arc<LikeCounter>,
+    /// Public profiles (no e-mail), by user id: cache-aside.
+    pub profiles: Arc<ProfileCache>,
+    /// Products without their like count, by id: write-through.
+    pub products: Arc<ProductCache>,
+    /// Carts by owner, in the shared tier only (see [`crate::carts`]).
+    pub carts: Arc<CartCache>,
+    /// The shared tier (Redis), if configured.
+    pub shared: Option<Arc<Shared>>,
+}
+
+impl AppState {
+    pub fn new(db: Arc<Databases>, config: Arc<Config>, admin_token: AdminToken, shared: Option<Arc<Shared>>) -> Self {
+        AppState {
+            profiles: Arc::new(cache(&config, "profile", &shared)),
+            products: Arc::new(cache(&config, "product", &shared)),
+            carts: Arc::new(cache(&config, crate::consistency::CART, &shared)),
+            likes: Arc::new(LikeCounter::new()),
+            db,
+            admin_token,
+            config,
+            shared,
+        }
+    }
+
+    /// The counters of a cached kind's cache on this node.
+    pub fn cache_stats(&self, kind: &str) -> Option<keel_cache::Stats> {
+        match kind {
+            "profile" => Some(self.profiles.stats()),
+            "product" => Some(self.products.stats()),
+            crate::consistency::CART => Some(self.carts.stats()),
+            _ => None,
+        }
+    }
+}
+
+impl FromRef<AppState> for Arc<Databases> {
+    fn from_ref(state: &AppState) -> Self {
+        state.db.clone()
+    }
+}
+
+impl FromRef<AppState> for AdminToken {
+    fn from_ref(state: &AppState) -> Self {
+        state.admin_token
+    }
+}
+
+impl FromRef<AppState> for UsersState {
+    fn from_ref(state: &AppState) -> Self {
+        UsersState { db: state.db.clone(), profiles: state.profiles.clone() }
+    }
+}
+
+impl FromRef<AppState> for CatalogState {
+    fn from_ref(state: &AppState) -> Self {
+        CatalogState { db: state.db.clone(), products: state.products.clone(), likes: state.likes.clone() }
+    }
+}
+
+impl FromRef<AppState> for CartsState {
+    fn from_ref(state: &AppState) -> Self {
+        CartsState { db: state.db.clone(), carts: state.carts.clone() }
+    }
+}
+
+/// The cache of a kind of the consistency table: its budget after configuration, its tiers, and the
+/// shared tier when there is one (workers build the ones they invalidate this way too).
+pub fn cache<K, V>(config: &Config, kind: &'static str, shared: &Option<Arc<Shared>>) -> Cache<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + std::fmt::Display + std::str::FromStr + 'static,
+    V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
+{
+    let cache = Cache::new(kind, config.budget(kind), 100_000).tiers(crate::consistency::tiers(kind));
+    match shared {
+        Some(shared) => cache.shared(shared),
+        None => cache,
+    }
+}
+
+/// The shared tier configured by `KEEL_REDIS_URL`, if any: subscribed to the invalidation channel
+/// when this returns (or given up on within a second, if Redis is down); values connect on use.
+pub async fn shared_tier(config: &Config) -> Result<Option<Arc<Shared>>, String> {
+    match &config.redis_url {
+        Some(url) => {
+            Shared::connect(url, &config.redis_namespace).await.map(Some).map_err(|e| format!("KEEL_REDIS_URL: {e}"))
+        }
+        None => Ok(None),
+    }
+}
