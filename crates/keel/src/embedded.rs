@@ -34,6 +34,14 @@ pub async fn up(mut config: Config) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("PostgreSQL: {e}"))?;
     let result = serve(&config, &data_dir, &cluster).await;
+    // Keel's connections close as the pools and workers that held them are dropped, on this
+    // runtime, just after serving ends: stopping PostgreSQL at once would cut some of them while
+    // still open (a FATAL line each in its log). Wait for them to go, but not for ever: a `psql`
+    // someone left open is cut by the fast shutdown, as it should be.
+    let maintenance = cluster.connection_string("postgres");
+    if let Err(e) = wait_for_clients_to_leave(&maintenance, Duration::from_secs(5)).await {
+        tracing::warn!(error = %e, "could not wait for Keel's connections to close; stopping PostgreSQL anyway");
+    }
     tracing::info!("stopping PostgreSQL");
     tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(60)))
         .await
@@ -68,6 +76,34 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
     eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
     serve_with_workers(app).await.map_err(|e| e.to_string())
+}
+
+/// Waits until no client but this check is connected to the cluster, for at most `timeout`.
+async fn wait_for_clients_to_leave(maintenance_url: &str, timeout: Duration) -> Result<(), String> {
+    let (client, connection) =
+        tokio_postgres::connect(maintenance_url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    let connection = tokio::spawn(connection);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let others = loop {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0);
+        if others == 0 || tokio::time::Instant::now() >= deadline {
+            break others;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    drop(client);
+    let _ = connection.await;
+    if others > 0 {
+        tracing::warn!(connections = others, "connections still open after {timeout:?}; stopping PostgreSQL cuts them");
+    }
+    Ok(())
 }
 
 /// `KEEL_ADMIN_TOKEN` if set; else the token kept in `DIR/admin-token`; else a new one, kept there
