@@ -397,8 +397,9 @@ where
         }
     }
 
+    /// Between 90% and 100% of the TTL, so that entries written together do not expire together.
     fn jittered_ttl(&self) -> Duration {
-        self.ttl.mul_f64(0.9 + 0.1 * random_fraction())
+        self.ttl - keel_random::up_to(self.ttl / 10)
     }
 
     fn hit(&self, age: Duration, shared: bool) {
@@ -459,30 +460,9 @@ where
 /// XFetch: refresh when `now − load_time · β · ln(u) ≥ expiry`, u uniform in (0, 1]. Far from
 /// expiry almost never; in the last moments (scaled by how long a load takes) almost surely.
 fn refresh_early<V>(entry: &Entry<V>, now: Instant) -> bool {
-    let u = random_fraction().max(f64::MIN_POSITIVE);
+    let u = 1.0 - keel_random::fraction();
     let head_start = entry.load_time.mul_f64(XFETCH_BETA * -u.ln());
     now + head_start >= entry.expires_at
-}
-
-/// Uniform in [0, 1). Jitter and XFetch need no secrecy, and run on every hit: a per-thread
-/// xorshift64* generator seeded once from the OS, rather than a system call per draw.
-fn random_fraction() -> f64 {
-    thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-            let mut seed = [0u8; 8];
-            getrandom::fill(&mut seed).expect("the operating system's random source is available");
-            u64::from_le_bytes(seed) | 1
-        });
-    }
-    let x = STATE.with(|state| {
-        let mut x = state.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        state.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    });
-    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

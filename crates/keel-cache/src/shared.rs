@@ -117,12 +117,10 @@ impl Shared {
     /// that caches start out listening; Redis may also be down, or come up after the node does.
     pub async fn connect(url: &str, namespace: &str) -> Result<Arc<Shared>, String> {
         let client = redis::Client::open(url).map_err(|e| format!("not a Redis URL: {e}"))?;
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
             client,
             namespace: namespace.to_owned(),
-            node: id.iter().map(|b| format!("{b:02x}")).collect(),
+            node: keel_random::hex(8),
             connection: Mutex::new(None),
             health: Mutex::new(Health { up: true, retry_at: Instant::now() }),
             errors: AtomicU64::new(0),

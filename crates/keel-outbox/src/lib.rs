@@ -158,13 +158,7 @@ pub fn backoff_ceiling(attempt: i32, base: Duration, max: Duration) -> Duration 
 }
 
 pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
-    backoff_ceiling(attempt, base, max).mul_f64(random_fraction())
-}
-
-fn random_fraction() -> f64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the operating system's random source is available");
-    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+    keel_random::up_to(backoff_ceiling(attempt, base, max))
 }
 
 #[cfg(test)]
@@ -185,8 +179,9 @@ mod tests {
 
     #[test]
     fn jitter_spreads_over_the_whole_range() {
-        let samples: Vec<f64> = (0..1000).map(|_| random_fraction()).collect();
-        assert!(samples.iter().all(|f| (0.0..1.0).contains(f)));
+        let ceiling = Duration::from_secs(1);
+        let samples: Vec<f64> = (0..1000).map(|_| backoff(1, ceiling, ceiling).as_secs_f64()).collect();
+        assert!(samples.iter().all(|f| (0.0..=1.0).contains(f)));
         assert!(samples.iter().any(|f| *f < 0.1) && samples.iter().any(|f| *f > 0.9));
     }
 }

@@ -14,8 +14,6 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::task::JoinSet;
 
-use crate::random_fraction;
-
 /// The table the scheduler needs; include it in the database's migrations.
 pub const SCHEDULE_SCHEMA: &str = "
 CREATE TABLE keel_schedule_runs (
@@ -66,7 +64,7 @@ impl<C: Send + Sync + 'static> Scheduler<C> {
             let (pool, ctx, mut stop) = (self.pool.clone(), self.ctx.clone(), stop_rx.clone());
             loops.spawn(async move {
                 loop {
-                    let wait = schedule.jitter.mul_f64(random_fraction()) + schedule.every;
+                    let wait = schedule.every + keel_random::up_to(schedule.jitter);
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => return,

@@ -18,6 +18,7 @@ use crate::http::cache_headers::cache_headers;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::number;
+use crate::money::Cents;
 
 /// The most of one product a cart may hold.
 const MAX_QUANTITY: i64 = 1_000;
@@ -83,8 +84,9 @@ pub(crate) async fn load_cart(db: &Databases, user: Uuid) -> Result<Cart, ApiErr
             })
         })
         .collect();
-    let total_cents = items.iter().map(|i| i.quantity * i.price_cents).sum();
-    Ok(Cart { items, total_cents })
+    let total = Cents::sum(items.iter().map(|i| Cents(i.price_cents).times(i.quantity)))
+        .map_err(|_| ApiError::Unprocessable("the cart's total is too large to be represented".into()))?;
+    Ok(Cart { items, total_cents: total.0 })
 }
 
 #[utoipa::path(get, path = "/v1/cart", tag = "carts", security(("bearer" = [])),

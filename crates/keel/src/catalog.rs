@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::db::{Databases, Sql};
-use crate::events;
+use crate::events::{self, Event, ProductCreated, ProductStockChanged, ProductUpdated};
 use crate::http::auth::Admin;
 use crate::http::cache_headers::{bypass_headers, cache_headers};
 use crate::http::error::{unique_violation, ApiError, Problem};
@@ -63,34 +63,23 @@ pub struct CatalogState {
     pub likes: Arc<LikeCounter>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Product {
-    pub id: String,
-    pub sku: String,
-    pub name: String,
-    pub description: String,
-    pub price_cents: i64,
-    pub like_count: i64,
-    pub created_at: String,
-    pub updated_at: String,
-}
+/// A product, as the API shows it and as its events carry it.
+pub use crate::events::ProductData as Product;
 
 const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_at, updated_at";
 
-impl Product {
-    /// `like_count` is this node's view of the product's counter (see [`likes`]).
-    fn from_row(row: &Row, likes: &LikeCounter) -> Product {
-        let id: Uuid = row.get("id");
-        Product {
-            id: id.to_string(),
-            sku: row.get("sku"),
-            name: row.get("name"),
-            description: row.get("description"),
-            price_cents: row.get("price_cents"),
-            like_count: likes.count(id),
-            created_at: timestamp(row.get("created_at")),
-            updated_at: timestamp(row.get("updated_at")),
-        }
+/// A product from its row; `like_count` is this node's view of its counter (see [`crate::likes`]).
+fn product_from_row(row: &Row, likes: &LikeCounter) -> Product {
+    let id: Uuid = row.get("id");
+    Product {
+        id,
+        sku: row.get("sku"),
+        name: row.get("name"),
+        description: row.get("description"),
+        price_cents: row.get("price_cents"),
+        like_count: likes.count(id),
+        created_at: timestamp(row.get("created_at")),
+        updated_at: timestamp(row.get("updated_at")),
     }
 }
 
@@ -159,22 +148,21 @@ pub async fn create_product(
         )
         .await
         .map_err(|e| sku_taken(e, Some(&sku)))?;
-    let product = Product::from_row(&row, &state.likes);
-    announce(&tx, events::PRODUCT_CREATED, &product, &trace).await?;
+    let product = product_from_row(&row, &state.likes);
+    announce(&tx, id, &ProductCreated(product.clone()), &trace).await?;
     tx.commit().await?;
     state.products.put(id, Arc::new(product.clone())).await;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
 }
 
-/// Writes a product event on the transaction that changed the product.
+/// Writes an event about product `id` on the transaction that changed the product.
 async fn announce(
     tx: &crate::db::Transaction<'_>,
-    kind: &str,
-    product: &Product,
+    id: Uuid,
+    event: &impl Event,
     trace: &TraceContext,
 ) -> Result<(), ApiError> {
-    let data = serde_json::to_value(product).map_err(|e| ApiError::Internal(e.to_string()))?;
-    keel_outbox::enqueue(tx, &events::event(kind, &product.id, data, Some(trace.traceparent()))).await?;
+    keel_outbox::enqueue(tx, &events::event(event, id, Some(trace.traceparent()))).await?;
     Ok(())
 }
 
@@ -217,8 +205,8 @@ pub async fn update_product(
         .await
         .map_err(|e| sku_taken(e, sku.as_deref()))?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    let product = Product::from_row(&row, &state.likes);
-    announce(&tx, events::PRODUCT_UPDATED, &product, &trace).await?;
+    let product = product_from_row(&row, &state.likes);
+    announce(&tx, id, &ProductUpdated(product.clone()), &trace).await?;
     tx.commit().await?;
     // Write-through: this node serves the committed product at once.
     state.products.put(id, Arc::new(product.clone())).await;
@@ -250,7 +238,7 @@ pub async fn cached_product(state: &CatalogState, id: Uuid) -> Result<(Arc<Produ
                 .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
                 .await?
                 .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-            Ok(Arc::new(Product::from_row(&row, &state.likes)))
+            Ok(Arc::new(product_from_row(&row, &state.likes)))
         })
         .await
 }
@@ -277,7 +265,7 @@ pub async fn list_products(
             &[&after, &(limit + 1)],
         )
         .await?;
-    let page = Page::from_rows(rows, limit, |r| Product::from_row(r, &state.likes), |p| p.id.clone());
+    let page = Page::from_rows(rows, limit, |r| product_from_row(r, &state.likes), |p| p.id.to_string());
     Ok((bypass_headers("list"), Json(page)))
 }
 
@@ -320,9 +308,7 @@ pub async fn set_inventory(
     )
     .await?
     .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    let data = serde_json::json!({ "product_id": id, "stock": stock });
-    let event = events::event(events::PRODUCT_STOCK_CHANGED, id, data, Some(trace.traceparent()));
-    keel_outbox::enqueue(&tx, &event).await?;
+    announce(&tx, id, &ProductStockChanged { product_id: id, stock: Some(stock) }, &trace).await?;
     tx.commit().await?;
     Ok(Json(Inventory { product_id: id.to_string(), stock }))
 }

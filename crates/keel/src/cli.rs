@@ -32,7 +32,8 @@ enum Command {
     Serve,
     /// Apply pending migrations to external databases, then exit.
     Migrate,
-    /// Run only the background workers (the checkout saga) against external databases.
+    /// Run only the background workers (the checkout saga, e-mail, the search index, webhook
+    /// deliveries and scheduled maintenance) against external databases.
     Worker,
 }
 

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::consistency::DataKind;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// `KEEL_DATA_DIR` / `data_dir`: where `keel up` keeps its cluster, admin token and logs.
@@ -61,7 +63,7 @@ pub struct Config {
     pub redis_namespace: String,
     /// `KEEL_CONSISTENCY_BUDGETS` / `consistency_budgets`: staleness budgets that differ from the
     /// consistency table's defaults, e.g. `profile=60s,product=10s`.
-    pub consistency_budgets: Vec<(String, Duration)>,
+    pub consistency_budgets: Vec<(DataKind, Duration)>,
 }
 
 impl Default for Config {
@@ -135,13 +137,8 @@ const SETTINGS: &[&str] = &[
 
 impl Config {
     /// The staleness budget of a kind of data ([`crate::consistency`]) after configuration.
-    pub fn budget(&self, kind: &str) -> Duration {
-        self.consistency_budgets
-            .iter()
-            .find(|(k, _)| k == kind)
-            .map(|(_, b)| *b)
-            .or_else(|| crate::consistency::KINDS.iter().find(|k| k.name == kind).map(|k| k.budget))
-            .unwrap_or(Duration::ZERO)
+    pub fn budget(&self, kind: DataKind) -> Duration {
+        self.consistency_budgets.iter().find(|(k, _)| *k == kind).map_or(kind.row().budget, |(_, b)| *b)
     }
 
     /// Defaults ← `keel.toml` (the file named by `KEEL_CONFIG`, else `./keel.toml` if present) ← `KEEL_*`.
@@ -303,14 +300,13 @@ fn parse_schedule(raw: &str) -> Result<Vec<Duration>, String> {
     Ok(schedule)
 }
 
-fn parse_budgets(raw: &str) -> Result<Vec<(String, Duration)>, String> {
+fn parse_budgets(raw: &str) -> Result<Vec<(DataKind, Duration)>, String> {
     parse_list(raw)?
         .iter()
         .map(|item| {
             let (kind, budget) = item.split_once('=').ok_or_else(|| format!("{item:?} is not kind=duration"))?;
             let budget = parse_duration(budget.trim())?;
-            crate::consistency::check_override(kind.trim(), budget)?;
-            Ok((kind.trim().to_owned(), budget))
+            Ok((crate::consistency::check_override(kind.trim(), budget)?, budget))
         })
         .collect()
 }
@@ -386,8 +382,8 @@ mod tests {
         }
         let mut config = Config::default();
         config.apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", "profile=60s, product=0s")])).unwrap();
-        assert_eq!(config.budget("profile"), Duration::from_secs(60));
-        assert_eq!(config.budget("cart"), Duration::from_secs(10));
+        assert_eq!(config.budget(DataKind::Profile), Duration::from_secs(60));
+        assert_eq!(config.budget(DataKind::Cart), Duration::from_secs(10));
     }
 
     #[test]

@@ -1,21 +1,98 @@
 //! The consistency table, in one place: how stale each kind of data may be when read, the cache
 //! policy that honours it, and where reads come from. Budgets are configuration
 //! (`KEEL_CONSISTENCY_BUDGETS`, see [`crate::config::Config::budget`]); the strong kinds' budget is
-//! zero and cannot be changed. Each cached kind's cache is built by the module that owns the data
-//! (`users`, `catalog`, `carts`) from its row here; `GET /v1/admin/consistency`
-//! ([`crate::admin::consistency`]) serves the table with live counters.
+//! zero and cannot be changed. Each cached kind's cache is declared by the module that owns the data
+//! (`users`, `catalog`, `carts`) and built from its row here by [`crate::state::cache`];
+//! `GET /v1/admin/consistency` ([`crate::admin::consistency`]) serves the table with live counters.
 
 use std::time::Duration;
 
 use keel_cache::Tiers;
 
+/// A kind of data, as the table names it (in configuration, in the API and in cache metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataKind {
+    Profile,
+    Product,
+    Cart,
+    LikeCount,
+    Feed,
+    Search,
+    Inventory,
+    Wallet,
+    Order,
+}
+
+impl DataKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataKind::Profile => "profile",
+            DataKind::Product => "product",
+            DataKind::Cart => "cart",
+            DataKind::LikeCount => "like_count",
+            DataKind::Feed => "feed",
+            DataKind::Search => "search",
+            DataKind::Inventory => "inventory",
+            DataKind::Wallet => "wallet",
+            DataKind::Order => "order",
+        }
+    }
+
+    /// The kind named `name`, or an error that lists the kinds.
+    pub fn parse(name: &str) -> Result<DataKind, String> {
+        KINDS.iter().map(|k| k.kind).find(|k| k.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = KINDS.iter().map(|k| k.kind.name()).collect();
+            format!("{name:?} is not a kind of data; kinds are {}", names.join(", "))
+        })
+    }
+
+    /// This kind's row of the table.
+    pub fn row(self) -> &'static Kind {
+        KINDS.iter().find(|k| k.kind == self).expect("every kind has a row in KINDS")
+    }
+
+    /// The tiers a cached kind is kept in, as the table says.
+    pub fn tiers(self) -> Tiers {
+        match self.row().source {
+            Source::Cached { tiers, .. } => tiers,
+            Source::Direct(_) => panic!("{} is not a cached kind of the consistency table", self.name()),
+        }
+    }
+}
+
+/// How the copies of a kind are kept in step with its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Read through the cache, dropped from it when the source changes.
+    CacheAside,
+    /// The writer puts the committed value in the cache before it answers.
+    WriteThrough,
+    /// Counted in memory, written to the source in batches: a crash loses at most one batch.
+    WriteBack,
+    /// Made from the source by workers, after it changed.
+    Derived,
+    NeverCached,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::CacheAside => "cache-aside",
+            Policy::WriteThrough => "write-through",
+            Policy::WriteBack => "write-back",
+            Policy::Derived => "derived",
+            Policy::NeverCached => "never cached",
+        }
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
-    pub name: &'static str,
+    pub kind: DataKind,
     /// The default staleness budget; zero for strong kinds.
     pub budget: Duration,
-    pub policy: &'static str,
+    pub policy: Policy,
     pub source: Source,
 }
 
@@ -45,70 +122,74 @@ impl Source {
     }
 }
 
-/// The kind a cart is, in the table and as its cache's name.
-pub const CART: &str = "cart";
+/// Carts, the kind the workers' cart cache is built for.
+pub const CART: DataKind = DataKind::Cart;
 
 pub const KINDS: &[Kind] = &[
     Kind {
-        name: "profile",
+        kind: DataKind::Profile,
         budget: Duration::from_secs(300),
-        policy: "cache-aside",
+        policy: Policy::CacheAside,
         source: Source::Cached { tiers: Tiers::Both, origin: "shard" },
     },
     Kind {
-        name: "product",
+        kind: DataKind::Product,
         budget: Duration::from_secs(60),
-        policy: "write-through",
+        policy: Policy::WriteThrough,
         source: Source::Cached { tiers: Tiers::Both, origin: "catalogue" },
     },
     // Only in the shared tier: a cart's owner may come back through any node (see `crate::carts`).
     Kind {
-        name: CART,
+        kind: DataKind::Cart,
         budget: Duration::from_secs(10),
-        policy: "write-through",
+        policy: Policy::WriteThrough,
         source: Source::Cached { tiers: Tiers::SharedOnly, origin: "shard primary" },
     },
     Kind {
-        name: "like_count",
+        kind: DataKind::LikeCount,
         budget: Duration::from_secs(2),
-        policy: "write-back",
+        policy: Policy::WriteBack,
         source: Source::Direct("CRDT counter: own component + others merged every 250 ms"),
     },
     Kind {
-        name: "feed",
+        kind: DataKind::Feed,
         budget: Duration::from_secs(30),
-        policy: "cache-aside",
+        policy: Policy::CacheAside,
         source: Source::Direct("not built yet"),
     },
-    Kind { name: "search", budget: Duration::from_secs(2), policy: "derived", source: Source::Direct("search index") },
     Kind {
-        name: "inventory",
+        kind: DataKind::Search,
+        budget: Duration::from_secs(2),
+        policy: Policy::Derived,
+        source: Source::Direct("search index"),
+    },
+    Kind {
+        kind: DataKind::Inventory,
         budget: Duration::ZERO,
-        policy: "never cached",
+        policy: Policy::NeverCached,
         source: Source::Direct("catalogue primary"),
     },
-    Kind { name: "wallet", budget: Duration::ZERO, policy: "never cached", source: Source::Direct("shard primary") },
-    Kind { name: "order", budget: Duration::ZERO, policy: "never cached", source: Source::Direct("shard primary") },
+    Kind {
+        kind: DataKind::Wallet,
+        budget: Duration::ZERO,
+        policy: Policy::NeverCached,
+        source: Source::Direct("shard primary"),
+    },
+    Kind {
+        kind: DataKind::Order,
+        budget: Duration::ZERO,
+        policy: Policy::NeverCached,
+        source: Source::Direct("shard primary"),
+    },
 ];
 
-/// The tiers a cached kind is kept in, as the table says.
-pub fn tiers(kind: &str) -> Tiers {
-    match KINDS.iter().find(|k| k.name == kind).map(|k| k.source) {
-        Some(Source::Cached { tiers, .. }) => tiers,
-        _ => panic!("{kind} is not a cached kind of the consistency table"),
+/// Checks a `kind=duration` override: a known kind, and no budget for a strong one.
+pub fn check_override(name: &str, budget: Duration) -> Result<DataKind, String> {
+    let kind = DataKind::parse(name)?;
+    if kind.row().budget.is_zero() && !budget.is_zero() {
+        return Err(format!("{name} is strongly consistent: its budget is 0"));
     }
-}
-
-/// Checks `kind=duration` overrides: known, cacheable kinds only.
-pub fn check_override(kind: &str, budget: Duration) -> Result<(), String> {
-    let Some(known) = KINDS.iter().find(|k| k.name == kind) else {
-        let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
-        return Err(format!("{kind:?} is not a kind of data; kinds are {}", names.join(", ")));
-    };
-    if known.budget.is_zero() && !budget.is_zero() {
-        return Err(format!("{kind} is strongly consistent: its budget is 0"));
-    }
-    Ok(())
+    Ok(kind)
 }
 
 #[cfg(test)]
@@ -116,7 +197,16 @@ mod tests {
     use super::*;
 
     fn source(kind: &str, shared_tier: bool) -> String {
-        KINDS.iter().find(|k| k.name == kind).unwrap().source.describe(shared_tier)
+        DataKind::parse(kind).unwrap().row().source.describe(shared_tier)
+    }
+
+    #[test]
+    fn every_kind_has_one_row_and_its_name_parses_back() {
+        for row in KINDS {
+            assert_eq!(KINDS.iter().filter(|k| k.kind == row.kind).count(), 1, "{row:?}");
+            assert_eq!(DataKind::parse(row.kind.name()), Ok(row.kind));
+        }
+        assert!(DataKind::parse("profiles").unwrap_err().contains("like_count"));
     }
 
     #[test]

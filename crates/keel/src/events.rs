@@ -1,25 +1,353 @@
 //! Domain events: what happened, written to the outbox in the same transaction as the change, so an
 //! event exists exactly when its change committed. Workers react to them (the checkout saga, e-mail,
 //! the search index, webhooks); an event's payload is its `data`, as webhook receivers see it.
+//!
+//! Each event is a type: its fields are the payload, its [`Event::NAME`] the job kind. Producers
+//! build the outbox job with [`event`], consumers read it back with [`Event::from_job`], so the
+//! JSON of an event is written and read through the same struct. The orders' stored states
+//! ([`OrderStatus`], [`FailureReason`]) are here too, as an event carries them.
 
-use keel_outbox::NewJob;
+use std::fmt;
+use std::str::FromStr;
 
-pub const USER_REGISTERED: &str = "user.registered";
-pub const PRODUCT_CREATED: &str = "product.created";
-pub const PRODUCT_UPDATED: &str = "product.updated";
-/// A product's stock was set, ran out, or came back: its search document says whether it is in stock.
-pub const PRODUCT_STOCK_CHANGED: &str = "product.stock_changed";
-/// A checkout was accepted; the saga decides it.
-pub const ORDER_PLACED: &str = "order.placed";
-pub const ORDER_CONFIRMED: &str = "order.confirmed";
-pub const ORDER_FAILED: &str = "order.failed";
-/// Does nothing: measures the queue (or JetStream) itself, end to end (`make bench`, S4).
-pub const PING: &str = "keel.ping";
+use keel_outbox::{Job, JobError, NewJob};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::types::{FromSql, Type};
+use uuid::Uuid;
+
+/// An event: a payload type and the name jobs and webhooks know it by.
+pub trait Event: Serialize + DeserializeOwned {
+    /// The job kind, and the `type` of its webhook deliveries.
+    const NAME: &'static str;
+
+    /// Reads the event a claimed job carries. The error names the event, the job, and what is wrong
+    /// (a missing field, a value of the wrong type, a job of another kind).
+    fn from_job(job: &Job) -> Result<Self, JobError> {
+        if job.kind != Self::NAME {
+            return Err(JobError::from(format!("job {} carries {}, not {}", job.id, job.kind, Self::NAME)));
+        }
+        Self::deserialize(&job.payload)
+            .map_err(|e| JobError::from(format!("{} event {} has an unreadable payload: {e}", Self::NAME, job.id)))
+    }
+}
+
+/// The outbox job of an event about `aggregate`, carrying the trace context of whatever caused it.
+pub fn event<E: Event>(payload: &E, aggregate: impl ToString, traceparent: Option<String>) -> NewJob {
+    // Payloads are structs of strings, numbers and ids: nothing in them can fail to become JSON.
+    let data = serde_json::to_value(payload).expect("an event payload serializes to JSON");
+    NewJob { traceparent, ..NewJob::new(E::NAME, aggregate, data) }
+}
 
 /// The events a webhook may subscribe to. The others are internal steps.
-pub const SUBSCRIBABLE: &[&str] = &[USER_REGISTERED, PRODUCT_CREATED, PRODUCT_UPDATED, ORDER_CONFIRMED, ORDER_FAILED];
+pub const SUBSCRIBABLE: &[&str] =
+    &[UserRegistered::NAME, ProductCreated::NAME, ProductUpdated::NAME, OrderConfirmed::NAME, OrderFailed::NAME];
 
-/// An event about `aggregate`, carrying the trace context of whatever caused it.
-pub fn event(kind: &str, aggregate: impl ToString, data: serde_json::Value, traceparent: Option<String>) -> NewJob {
-    NewJob { traceparent, ..NewJob::new(kind, aggregate, data) }
+/// A user signed up (with their wallet, empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    pub user_id: Uuid,
+    pub name: String,
+}
+
+impl Event for UserRegistered {
+    const NAME: &'static str = "user.registered";
+}
+
+/// A product as the API shows it (`catalog::Product`) and as its events carry it, committed (in an
+/// event, the like count is the view of the node that made the change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Product)]
+pub struct ProductData {
+    #[schema(value_type = String)]
+    pub id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: i64,
+    pub like_count: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// A product was created: its data is the product.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProductCreated(pub ProductData);
+
+impl Event for ProductCreated {
+    const NAME: &'static str = "product.created";
+}
+
+/// A product's details changed: its data is the product as it is now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProductUpdated(pub ProductData);
+
+impl Event for ProductUpdated {
+    const NAME: &'static str = "product.updated";
+}
+
+/// A product's stock was set, ran out, or came back: its search document says whether it is in stock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductStockChanged {
+    pub product_id: Uuid,
+    /// The stock an admin set; absent when a checkout sold the product out or a failed one gave it
+    /// back (the search index reads the stock from the inventory either way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stock: Option<i64>,
+}
+
+impl Event for ProductStockChanged {
+    const NAME: &'static str = "product.stock_changed";
+}
+
+/// A checkout was accepted; the saga decides it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+}
+
+impl Event for OrderPlaced {
+    const NAME: &'static str = "order.placed";
+}
+
+/// The saga reserved the order's stock and debited its total.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub total_cents: i64,
+}
+
+impl Event for OrderConfirmed {
+    const NAME: &'static str = "order.confirmed";
+}
+
+/// The saga refused the order; nothing was charged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderFailed {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    pub reason: FailureReason,
+}
+
+impl Event for OrderFailed {
+    const NAME: &'static str = "order.failed";
+}
+
+/// Does nothing: measures the queue (or JetStream) itself, end to end (`make bench`, S4). Its
+/// payload is `{}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ping {}
+
+impl Event for Ping {
+    const NAME: &'static str = "keel.ping";
+}
+
+/// A stored text that names none of a type's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not {what}")]
+pub struct UnknownValue {
+    what: &'static str,
+    value: String,
+}
+
+/// An enum stored as text: each value's text written once, in the table of the invocation, and
+/// used for the database (`as_str`, [`FromStr`], [`FromSql`]), JSON (serde through the same text)
+/// and [`fmt::Display`] alike.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$variant_meta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(into = "&'static str", try_from = "String")]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The text stored in the database and shown in the API.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+
+            fn from_str(text: &str) -> Result<$name, UnknownValue> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownValue { what: $what, value: other.to_owned() }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl From<$name> for &'static str {
+            fn from(value: $name) -> &'static str {
+                value.as_str()
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownValue;
+
+            fn try_from(text: String) -> Result<$name, UnknownValue> {
+                text.parse()
+            }
+        }
+
+        impl<'a> FromSql<'a> for $name {
+            fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<$name, Box<dyn std::error::Error + Sync + Send>> {
+                Ok(<&str as FromSql>::from_sql(ty, raw)?.parse()?)
+            }
+
+            fn accepts(ty: &Type) -> bool {
+                <&str as FromSql>::accepts(ty)
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where an order is: the saga moves it from pending to confirmed or failed, once.
+    OrderStatus, "an order status" {
+        Pending = "pending",
+        Confirmed = "confirmed",
+        Failed = "failed",
+    }
+}
+
+text_enum! {
+    /// Why the saga failed an order.
+    FailureReason, "a failure reason" {
+        /// An item had less stock than the order asked for.
+        OutOfStock = "out_of_stock",
+        /// The wallet's balance was below the order's total.
+        InsufficientFunds = "insufficient_funds",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job_of(job: NewJob) -> Job {
+        Job {
+            id: job.id,
+            kind: job.kind,
+            aggregate_id: job.aggregate_id,
+            payload: job.payload,
+            traceparent: job.traceparent,
+            attempt: 1,
+            created_at: std::time::SystemTime::now(),
+            ready_at: std::time::SystemTime::now(),
+        }
+    }
+
+    /// Writes `payload` as a job and reads it back; the JSON is what webhook receivers see.
+    fn round_trip<E: Event + PartialEq + fmt::Debug>(payload: E, aggregate: Uuid, expected: serde_json::Value) {
+        let job = event(&payload, aggregate, Some("00-trace-span-01".into()));
+        assert_eq!((job.kind.as_str(), job.aggregate_id.as_str()), (E::NAME, aggregate.to_string().as_str()));
+        assert_eq!(job.traceparent.as_deref(), Some("00-trace-span-01"));
+        assert_eq!(job.payload, expected, "{}", E::NAME);
+        assert_eq!(E::from_job(&job_of(job)).unwrap(), payload);
+    }
+
+    /// The payloads keep the shape the producers wrote before they were types: the same fields,
+    /// ids as strings.
+    #[test]
+    fn payloads_keep_their_json_shape() {
+        let (user, order, product) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        round_trip(
+            UserRegistered { user_id: user, name: "Ada".into() },
+            user,
+            json!({ "user_id": user, "name": "Ada" }),
+        );
+        round_trip(
+            OrderPlaced { order_id: order, user_id: user },
+            order,
+            json!({ "order_id": order, "user_id": user }),
+        );
+        round_trip(
+            OrderConfirmed { order_id: order, user_id: user, total_cents: 1250 },
+            order,
+            json!({ "order_id": order, "user_id": user, "total_cents": 1250 }),
+        );
+        round_trip(
+            OrderFailed { order_id: order, user_id: user, reason: FailureReason::InsufficientFunds },
+            order,
+            json!({ "order_id": order, "user_id": user, "reason": "insufficient_funds" }),
+        );
+        round_trip(
+            ProductStockChanged { product_id: product, stock: Some(7) },
+            product,
+            json!({ "product_id": product, "stock": 7 }),
+        );
+        round_trip(ProductStockChanged { product_id: product, stock: None }, product, json!({ "product_id": product }));
+        let data = ProductData {
+            id: product,
+            sku: "SKU-1".into(),
+            name: "Lamp".into(),
+            description: "".into(),
+            price_cents: 999,
+            like_count: 3,
+            created_at: "2025-01-01T00:00:00.000Z".into(),
+            updated_at: "2025-01-02T00:00:00.000Z".into(),
+        };
+        let product_json = json!({
+            "id": product, "sku": "SKU-1", "name": "Lamp", "description": "", "price_cents": 999, "like_count": 3,
+            "created_at": "2025-01-01T00:00:00.000Z", "updated_at": "2025-01-02T00:00:00.000Z",
+        });
+        round_trip(ProductCreated(data.clone()), product, product_json.clone());
+        round_trip(ProductUpdated(data), product, product_json);
+        round_trip(Ping {}, product, json!({}));
+        assert_eq!(json!(user), json!(user.to_string()), "ids are their canonical text");
+    }
+
+    #[test]
+    fn a_job_that_is_not_the_event_is_refused_with_what_is_wrong() {
+        let order = Uuid::now_v7();
+        let placed = event(&OrderPlaced { order_id: order, user_id: order }, order, None);
+        let error = OrderConfirmed::from_job(&job_of(placed.clone())).unwrap_err();
+        assert!(error.message.contains("carries order.placed, not order.confirmed"), "{}", error.message);
+        let mut job = job_of(placed);
+        job.payload = json!({ "order_id": order });
+        let error = OrderPlaced::from_job(&job).unwrap_err();
+        assert!(error.message.contains("order.placed event") && error.message.contains("user_id"), "{}", error.message);
+        job.payload = json!({ "order_id": 7, "user_id": order });
+        assert!(OrderPlaced::from_job(&job).is_err());
+    }
+
+    #[test]
+    fn stored_texts_are_written_once_and_read_back() {
+        for status in OrderStatus::ALL {
+            assert_eq!(status.as_str().parse::<OrderStatus>(), Ok(*status));
+            assert_eq!(json!(status), json!(status.as_str()));
+            assert_eq!(serde_json::from_value::<OrderStatus>(json!(status.as_str())).unwrap(), *status);
+        }
+        for reason in FailureReason::ALL {
+            assert_eq!(reason.as_str().parse::<FailureReason>(), Ok(*reason));
+            assert_eq!(json!(reason), json!(reason.as_str()));
+        }
+        let texts: Vec<&str> = OrderStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(texts, ["pending", "confirmed", "failed"]);
+        let texts: Vec<&str> = FailureReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(texts, ["out_of_stock", "insufficient_funds"]);
+        assert_eq!("shipped".parse::<OrderStatus>().unwrap_err().to_string(), "\"shipped\" is not an order status");
+        assert!(serde_json::from_value::<FailureReason>(json!("Out_Of_Stock")).is_err());
+    }
 }

@@ -1,10 +1,13 @@
 //! Keel, the service. Mechanisms with no knowledge of the shop live in their own crates: `keel-pg`
 //! (private PostgreSQL clusters), `keel-shard` (buckets and the shard map), `keel-outbox` (the
-//! outbox, job queue and JetStream transport), `keel-cache` (the two-tier cache and write-back) and
-//! `keel-crdt` (convergent counters). This crate is the shop, in layers that only look down:
+//! outbox, job queue and JetStream transport), `keel-cache` (the two-tier cache and write-back),
+//! `keel-crdt` (convergent counters) and `keel-random` (jitter and ids). This crate is the shop, in
+//! layers with no import cycle among them; a layer uses the ones below it (the capabilities that
+//! need the whole application state take `state::AppState`, which names only the capabilities that
+//! own a part of it):
 //!
 //! - **foundations**: [`config`], [`consistency`] (the table of staleness budgets), [`db`],
-//!   [`events`], [`telemetry`], [`shutdown`];
+//!   [`events`], [`money`], [`telemetry`], [`shutdown`];
 //! - **[`http`]**: the HTTP toolkit (errors, extractors, auth, trace, middleware, idempotency keys,
 //!   cache headers, pagination), which knows no domain;
 //! - **capabilities**, one home each: [`users`], [`catalog`], [`carts`], [`wallet`], [`orders`]
@@ -27,6 +30,7 @@ pub mod events;
 pub mod http;
 pub mod jobs;
 pub mod likes;
+pub mod money;
 pub mod orders;
 pub mod search;
 pub mod shutdown;

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::carts::{CartCache, CartsState};
 use crate::catalog::{CatalogState, ProductCache};
 use crate::config::Config;
+use crate::consistency::DataKind;
 use crate::db::Databases;
 use crate::http::auth::AdminToken;
 use crate::likes::LikeCounter;
@@ -43,9 +44,9 @@ pub struct AppState {
 impl AppState {
     pub fn new(db: Arc<Databases>, config: Arc<Config>, admin_token: AdminToken, shared: Option<Arc<Shared>>) -> Self {
         AppState {
-            profiles: Arc::new(cache(&config, "profile", &shared)),
-            products: Arc::new(cache(&config, "product", &shared)),
-            carts: Arc::new(cache(&config, crate::consistency::CART, &shared)),
+            profiles: Arc::new(cache(&config, DataKind::Profile, &shared)),
+            products: Arc::new(cache(&config, DataKind::Product, &shared)),
+            carts: Arc::new(cache(&config, DataKind::Cart, &shared)),
             likes: Arc::new(LikeCounter::new()),
             db,
             admin_token,
@@ -55,12 +56,17 @@ impl AppState {
     }
 
     /// The counters of a cached kind's cache on this node.
-    pub fn cache_stats(&self, kind: &str) -> Option<keel_cache::Stats> {
+    pub fn cache_stats(&self, kind: DataKind) -> Option<keel_cache::Stats> {
         match kind {
-            "profile" => Some(self.profiles.stats()),
-            "product" => Some(self.products.stats()),
-            crate::consistency::CART => Some(self.carts.stats()),
-            _ => None,
+            DataKind::Profile => Some(self.profiles.stats()),
+            DataKind::Product => Some(self.products.stats()),
+            DataKind::Cart => Some(self.carts.stats()),
+            DataKind::LikeCount
+            | DataKind::Feed
+            | DataKind::Search
+            | DataKind::Inventory
+            | DataKind::Wallet
+            | DataKind::Order => None,
         }
     }
 }
@@ -97,12 +103,12 @@ impl FromRef<AppState> for CartsState {
 
 /// The cache of a kind of the consistency table: its budget after configuration, its tiers, and the
 /// shared tier when there is one (workers build the ones they invalidate this way too).
-pub fn cache<K, V>(config: &Config, kind: &'static str, shared: &Option<Arc<Shared>>) -> Cache<K, V>
+pub fn cache<K, V>(config: &Config, kind: DataKind, shared: &Option<Arc<Shared>>) -> Cache<K, V>
 where
     K: Hash + Eq + Clone + Send + Sync + std::fmt::Display + std::str::FromStr + 'static,
     V: Clone + Send + Sync + Serialize + DeserializeOwned + 'static,
 {
-    let cache = Cache::new(kind, config.budget(kind), 100_000).tiers(crate::consistency::tiers(kind));
+    let cache = Cache::new(kind.name(), config.budget(kind), 100_000).tiers(kind.tiers());
     match shared {
         Some(shared) => cache.shared(shared),
         None => cache,

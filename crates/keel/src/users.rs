@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::db::Databases;
 use crate::db::{bucket_of, Sql};
-use crate::events;
+use crate::events::{self, UserRegistered};
 use crate::http::auth::{new_user_token, AuthUser, Caller};
 use crate::http::cache_headers::{bypass_headers, cache_headers};
 use crate::http::error::{ApiError, Problem};
@@ -145,8 +145,8 @@ pub async fn create_user(
                 &[&id, &bucket_of(id), &name, &email, &bio, &token_digest.as_slice()],
             )
             .await?;
-        let data = serde_json::json!({ "user_id": id, "name": name });
-        keel_outbox::enqueue(&tx, &events::event(events::USER_REGISTERED, id, data, Some(trace.traceparent()))).await?;
+        let registered = UserRegistered { user_id: id, name: name.clone() };
+        keel_outbox::enqueue(&tx, &events::event(&registered, id, Some(trace.traceparent()))).await?;
         tx.commit().await?;
         Ok::<SystemTime, ApiError>(row.get(0))
     }

@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::consistency::KINDS;
+use crate::consistency::{DataKind, Policy, KINDS};
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::Json;
@@ -60,17 +60,17 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
     let kinds = KINDS
         .iter()
         .map(|k| {
-            let mut stats = state.cache_stats(k.name).unwrap_or_default();
+            let mut stats = state.cache_stats(k.kind).unwrap_or_default();
             let mut merged_ms_ago = None;
-            if k.name == "like_count" {
+            if k.kind == DataKind::LikeCount {
                 let (reads, merged_ago) = state.likes.read_stats();
                 stats.hits = reads;
                 merged_ms_ago = merged_ago.map(|ago| ago.as_millis() as u64);
             }
             KindReport {
-                kind: k.name,
-                budget_s: state.config.budget(k.name).as_secs_f64(),
-                policy: k.policy,
+                kind: k.kind.name(),
+                budget_s: state.config.budget(k.kind).as_secs_f64(),
+                policy: k.policy.as_str(),
                 source: k.source.describe(shared_tier),
                 hits: stats.hits,
                 shared_hits: stats.shared_hits,
@@ -78,7 +78,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 coalesced: stats.coalesced,
                 evictions: stats.evictions,
                 served_age_p99_ms: stats.served_age_p99_ms,
-                loss_window_ms: (k.policy == "write-back").then(|| state.likes.loss_window().as_millis() as u64),
+                loss_window_ms: (k.policy == Policy::WriteBack).then(|| state.likes.loss_window().as_millis() as u64),
                 merged_ms_ago,
             }
         })

@@ -42,6 +42,8 @@ const SHARD: &[Migration] = &[
     Migration { version: 3, name: "orders", sql: include_str!("../../migrations/shard/0003_orders.sql") },
     Migration { version: 4, name: "schedules", sql: keel_outbox::SCHEDULE_SCHEMA },
     Migration { version: 5, name: "likes", sql: include_str!("../../migrations/shard/0005_likes.sql") },
+    // Versions count per database; the files of both folders are numbered in one sequence.
+    Migration { version: 6, name: "order checks", sql: include_str!("../../migrations/shard/0008_order_checks.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

@@ -1,5 +1,7 @@
 //! Database access: one connection pool per database, the shard router, and the [`Sql`] helpers that
-//! every query goes through (prepared statements, cached per connection, and counted per request).
+//! every query of this crate's handlers goes through (prepared statements, cached per connection, and
+//! counted per request). The queue's own statements (`keel-outbox`) and the migration runner use the
+//! pools directly and are not counted.
 
 pub mod migrations;
 
@@ -286,8 +288,8 @@ fn count_one_query() {
     let _ = QUERIES.try_with(|n| n.set(n.get() + 1));
 }
 
-/// The only way Keel sends a query: as a prepared statement, cached per connection, and counted
-/// for the request that sent it. Implemented for pooled clients and transactions alike.
+/// How this crate's handlers send a query: as a prepared statement, cached per connection, and
+/// counted for the request that sent it. Implemented for pooled clients and transactions alike.
 pub(crate) trait Sql: GenericClient {
     async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
         count_one_query();

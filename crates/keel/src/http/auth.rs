@@ -1,8 +1,8 @@
 //! Who is calling: `Authorization: Bearer <token>`, either the administrator's token or a user's.
 //!
 //! A user token is `<user id>.<secret>`: the id routes the check to the user's shard, where only a
-//! SHA-256 of the secret is stored. The admin token comes from configuration; only its digest is kept
-//! in memory.
+//! SHA-256 of the secret is stored. The admin token comes from configuration; requests are checked
+//! against its digest ([`AdminToken`]).
 
 use std::sync::Arc;
 
@@ -35,7 +35,7 @@ pub fn digest(secret: &str) -> Digest32 {
 /// A new user token and the digest of its secret, the part to store.
 pub fn new_user_token(user: Uuid) -> (String, Digest32) {
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).expect("the operating system's random source is available");
+    keel_random::secure_bytes(&mut secret);
     let secret = hex(&secret);
     (format!("{user}.{secret}"), digest(&secret))
 }
@@ -43,7 +43,7 @@ pub fn new_user_token(user: Uuid) -> (String, Digest32) {
 /// A fresh random token for the administrator.
 pub fn new_admin_token() -> String {
     let mut secret = [0u8; 24];
-    getrandom::fill(&mut secret).expect("the operating system's random source is available");
+    keel_random::secure_bytes(&mut secret);
     format!("keel_admin_{}", hex(&secret))
 }
 

@@ -23,7 +23,7 @@ fn request_id(req: &Request) -> String {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| super::trace::random_hex(16), str::to_owned)
+        .map_or_else(|| keel_random::hex(16), str::to_owned)
 }
 
 pub async fn observe(mut req: Request, next: Next, debug_headers: bool, timeout: Duration) -> Response {

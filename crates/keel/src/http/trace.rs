@@ -25,8 +25,8 @@ impl TraceContext {
     /// Continues the caller's trace (with a new span for this request), or starts a new one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
         let parent = headers.get(HEADER).and_then(|v| v.to_str().ok()).and_then(parse);
-        let (trace_id, flags) = parent.unwrap_or_else(|| (random_hex(16), "01".to_owned()));
-        TraceContext { trace_id, span_id: random_hex(8), flags }
+        let (trace_id, flags) = parent.unwrap_or_else(|| (keel_random::hex(16), "01".to_owned()));
+        TraceContext { trace_id, span_id: keel_random::hex(8), flags }
     }
 
     /// The `traceparent` value naming this request's span as the parent of what it causes.
@@ -49,33 +49,6 @@ fn parse(value: &str) -> Option<(String, String)> {
         && trace_id.bytes().any(|b| b != b'0')
         && parent_id.bytes().any(|b| b != b'0');
     valid.then(|| (trace_id.to_string(), flags.to_string()))
-}
-
-/// `bytes` random bytes as hex, for ids that must be unique but need not be secret (trace, span and
-/// request ids): a per-thread xorshift64* generator seeded once from the OS, so the request path
-/// makes no system call for them. Secrets (tokens, webhook keys) use the OS generator directly.
-pub fn random_hex(bytes: usize) -> String {
-    thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-            let mut seed = [0u8; 8];
-            getrandom::fill(&mut seed).expect("the operating system's random source is available");
-            u64::from_le_bytes(seed) | 1
-        });
-    }
-    let mut buf = Vec::with_capacity(bytes + 8);
-    while buf.len() < bytes {
-        let word = STATE.with(|state| {
-            let mut x = state.get();
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            state.set(x);
-            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        });
-        buf.extend_from_slice(&word.to_le_bytes());
-    }
-    buf.truncate(bytes);
-    super::auth::hex(&buf)
 }
 
 /// Set by the request middleware on every request.

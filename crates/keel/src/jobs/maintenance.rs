@@ -7,7 +7,7 @@ use std::time::Duration;
 use keel_outbox::Scheduler;
 
 use super::JobContext;
-use crate::db::{Db, Sql};
+use crate::db::{Db, DbError, Sql};
 
 /// Finished jobs are kept this long, for inspection, then deleted.
 pub const JOB_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -21,7 +21,7 @@ pub fn catalog_scheduler(catalog: &Db, ctx: Arc<JobContext>) -> Scheduler<JobCon
     let db = catalog.clone();
     Scheduler::new(catalog.pool().clone(), ctx).every("prune-finished-jobs", EVERY, JITTER, move |_| {
         let db = db.clone();
-        async move { prune_finished_jobs(&db).await }
+        async move { report(prune_finished_jobs(&db).await) }
     })
 }
 
@@ -30,28 +30,32 @@ pub fn scheduler(shard: &Db, ctx: Arc<JobContext>) -> Scheduler<JobContext> {
     Scheduler::new(shard.pool().clone(), ctx)
         .every("prune-finished-jobs", EVERY, JITTER, move |_| {
             let shard = for_jobs.clone();
-            async move { prune_finished_jobs(&shard).await }
+            async move { report(prune_finished_jobs(&shard).await) }
         })
         .every("prune-idempotency-keys", EVERY, JITTER, move |_| {
             let shard = for_keys.clone();
-            async move { prune_idempotency_keys(&shard).await }
+            async move { report(prune_idempotency_keys(&shard).await) }
         })
 }
 
-pub async fn prune_finished_jobs(shard: &Db) -> Result<String, String> {
-    let client = shard.client().await.map_err(|e| e.to_string())?;
-    let deleted = keel_outbox::prune_finished(&client, JOB_RETENTION).await.map_err(|e| e.to_string())?;
+/// A task's outcome as the scheduler records it: what it did, or why it failed.
+fn report(outcome: Result<String, DbError>) -> Result<String, String> {
+    outcome.map_err(|e| e.to_string())
+}
+
+pub async fn prune_finished_jobs(db: &Db) -> Result<String, DbError> {
+    let client = db.client().await?;
+    let deleted = keel_outbox::prune_finished(&client, JOB_RETENTION).await?;
     Ok(format!("deleted {deleted} finished jobs"))
 }
 
-pub async fn prune_idempotency_keys(shard: &Db) -> Result<String, String> {
-    let client = shard.client().await.map_err(|e| e.to_string())?;
+pub async fn prune_idempotency_keys(shard: &Db) -> Result<String, DbError> {
+    let client = shard.client().await?;
     let deleted = client
         .exec(
             "DELETE FROM idempotency_keys WHERE created_at < now() - $1 * interval '1 second'",
             &[&IDEMPOTENCY_KEY_TTL.as_secs_f64()],
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok(format!("deleted {deleted} expired idempotency keys"))
 }

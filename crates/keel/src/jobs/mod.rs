@@ -20,13 +20,24 @@ use std::time::Duration;
 
 use crate::carts::CartCache;
 use crate::config::Config;
-use crate::db::Databases;
+use crate::db::{Databases, DbError};
 use crate::email;
-use crate::events::*;
+use crate::events::{
+    Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged, ProductUpdated,
+    UserRegistered,
+};
 use crate::orders::saga;
 use crate::shutdown::Stop;
 use crate::webhooks::{self, delivery::Deliverer};
 use keel_outbox::{JetStream, Job, JobError, KindOptions, Registry, Runner, StreamRunner};
+
+/// A database failure fails the run: the job is retried on the kind's backoff. Handlers and their
+/// helpers use `?` on database results.
+impl From<DbError> for JobError {
+    fn from(e: DbError) -> JobError {
+        JobError::from(e.to_string())
+    }
+}
 
 /// What handlers can reach.
 pub struct JobContext {
@@ -99,18 +110,18 @@ fn delivery_options(deliverer: &Deliverer) -> KindOptions {
 }
 
 /// The events written on a shard, and on the catalogue. Scaled out, these travel through JetStream.
-const SHARD_EVENTS: &[&str] = &[ORDER_PLACED, USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED, PING];
-const CATALOG_EVENTS: &[&str] = &[PRODUCT_CREATED, PRODUCT_UPDATED, PRODUCT_STOCK_CHANGED];
+const SHARD_EVENTS: &[&str] =
+    &[OrderPlaced::NAME, UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME, Ping::NAME];
+const CATALOG_EVENTS: &[&str] = &[ProductCreated::NAME, ProductUpdated::NAME, ProductStockChanged::NAME];
 
 /// The handlers of every event, on whichever transport carries them.
 fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Duration) -> R {
-    let mut registry =
-        registry
-            .register(ORDER_PLACED, saga_options(timeout), |ctx, job| async move {
-                saga::run(&ctx.db, &ctx.carts, &job).await
-            })
-            .register(PING, KindOptions::default(), |_, _| async { Ok::<(), String>(()) });
-    for kind in [USER_REGISTERED, ORDER_CONFIRMED, ORDER_FAILED] {
+    let mut registry = registry
+        .register(OrderPlaced::NAME, saga_options(timeout), |ctx, job| async move {
+            saga::run(&ctx.db, &ctx.carts, &job).await
+        })
+        .register(Ping::NAME, KindOptions::default(), |_, _| async { Ok::<(), JobError>(()) });
+    for kind in [UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME] {
         registry = registry.register(kind, user_event_options(timeout), |ctx, job| async move {
             reactions::on_user_event(&ctx, &job).await
         });

@@ -15,8 +15,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::carts::load_cart;
-use crate::db::Sql;
-use crate::events;
+use crate::db::{PgError, Sql};
+use crate::events::{self, OrderPlaced};
+pub use crate::events::{FailureReason, OrderStatus};
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
@@ -25,13 +26,12 @@ use crate::http::trace::TraceContext;
 use crate::http::{timestamp, Page, PageParams};
 use crate::state::AppState;
 
-/// The job kind that starts the saga, and the events the saga emits.
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
     pub id: String,
     /// Always `pending`: the saga decides.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: OrderStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
@@ -46,27 +46,30 @@ pub struct OrderItem {
 pub struct Order {
     pub id: String,
     /// `pending`, `confirmed` or `failed`.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: OrderStatus,
     pub items: Vec<OrderItem>,
     pub total_cents: i64,
     /// `out_of_stock` or `insufficient_funds` when failed.
-    pub failure_reason: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub failure_reason: Option<FailureReason>,
     pub created_at: String,
     pub updated_at: String,
 }
 
 const ORDER_COLUMNS: &str = "id, status, total_cents, failure_reason, created_at, updated_at";
 
-fn order_from_row(row: &Row, items: Vec<OrderItem>) -> Order {
-    Order {
+/// An order from its row; an error if the row holds a status or reason this version does not know.
+fn order_from_row(row: &Row, items: Vec<OrderItem>) -> Result<Order, PgError> {
+    Ok(Order {
         id: row.get::<_, Uuid>("id").to_string(),
-        status: row.get("status"),
+        status: row.try_get("status")?,
         items,
         total_cents: row.get("total_cents"),
-        failure_reason: row.get("failure_reason"),
+        failure_reason: row.try_get("failure_reason")?,
         created_at: timestamp(row.get("created_at")),
         updated_at: timestamp(row.get("updated_at")),
-    }
+    })
 }
 
 /// The items of many orders in one query.
@@ -129,18 +132,17 @@ pub async fn checkout(
     let prices: Vec<i64> = cart.items.iter().map(|i| i.price_cents).collect();
     tx.exec(
         "WITH new_order AS (
-             INSERT INTO orders (id, user_id, status, total_cents) VALUES ($1, $2, 'pending', $3)
+             INSERT INTO orders (id, user_id, status, total_cents) VALUES ($1, $2, $7, $3)
          )
          INSERT INTO order_items (order_id, product_id, quantity, price_cents)
          SELECT $1, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
-        &[&id, &user, &cart.total_cents, &products, &quantities, &prices],
+        &[&id, &user, &cart.total_cents, &products, &quantities, &prices, &OrderStatus::Pending.as_str()],
     )
     .await?;
-    let data = serde_json::json!({ "order_id": id, "user_id": user });
-    let event = events::event(events::ORDER_PLACED, id, data, Some(trace.traceparent()));
-    keel_outbox::enqueue(&tx, &event).await?;
+    let placed = OrderPlaced { order_id: id, user_id: user };
+    keel_outbox::enqueue(&tx, &events::event(&placed, id, Some(trace.traceparent()))).await?;
     let location = format!("/v1/orders/{id}");
-    let accepted = Accepted { id: id.to_string(), status: "pending".into() };
+    let accepted = Accepted { id: id.to_string(), status: OrderStatus::Pending };
     let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
     tx.commit().await?;
     Ok(response)
@@ -164,7 +166,7 @@ pub async fn get_order(
         .await?
         .ok_or_else(|| ApiError::not_found("order", &id.to_string()))?;
     let mut items = items_of(&client, &[id]).await?;
-    Ok(Json(order_from_row(&row, items.remove(&id).unwrap_or_default())))
+    Ok(Json(order_from_row(&row, items.remove(&id).unwrap_or_default())?))
 }
 
 #[utoipa::path(get, path = "/v1/orders", tag = "orders",
@@ -192,10 +194,12 @@ pub async fn list_orders(
         .await?;
     let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.get("id")).collect();
     let mut items = items_of(&client, &ids).await?;
-    Ok(Json(Page::from_rows(
+    // A row that cannot be read fails the whole page.
+    let page = Page::from_rows(
         rows,
         limit,
         |row| order_from_row(row, items.remove(&row.get::<_, Uuid>("id")).unwrap_or_default()),
-        |order| order.id.clone(),
-    )))
+        |order| order.as_ref().map(|o| o.id.clone()).unwrap_or_default(),
+    );
+    Ok(Json(Page { items: page.items.into_iter().collect::<Result<_, _>>()?, next_cursor: page.next_cursor }))
 }

@@ -8,13 +8,13 @@
 //! is always released, even when a crash interrupted the release: a redelivered job for a failed
 //! order only finishes the release.
 
-use keel_outbox::{Job, NewJob};
-use serde_json::json;
+use keel_outbox::{Job, JobError, NewJob};
 use uuid::Uuid;
 
 use crate::carts::CartCache;
-use crate::db::{Databases, Db, DbError, Sql};
-use crate::events::{self, ORDER_CONFIRMED, ORDER_FAILED};
+use crate::db::{Databases, Db, DbError, Sql, Transaction};
+use crate::events::{self, Event, OrderConfirmed, OrderFailed, OrderPlaced, ProductStockChanged};
+use crate::orders::{FailureReason, OrderStatus};
 
 struct Item {
     product: Uuid,
@@ -24,35 +24,33 @@ struct Item {
 struct PlacedOrder {
     id: Uuid,
     user: Uuid,
-    status: String,
+    status: OrderStatus,
     total_cents: i64,
     items: Vec<Item>,
 }
 
-fn err(e: impl Into<DbError>) -> String {
-    e.into().to_string()
+/// Runs (or resumes) the saga of one placed order; `carts` is told when a confirmed order emptied one.
+pub async fn run(db: &Databases, carts: &CartCache, job: &Job) -> Result<(), JobError> {
+    let OrderPlaced { order_id, user_id } = OrderPlaced::from_job(job)?;
+    let shard = db.shard_of(user_id);
+    let Some(order) = load(shard, order_id, user_id).await? else {
+        return Err(JobError::from(format!("order {order_id} does not exist on its user's shard")));
+    };
+    Ok(advance(db, shard, carts, &order, job).await?)
 }
 
-/// Runs (or resumes) the saga of one placed order; `carts` is told when a confirmed order emptied one.
-pub async fn run(db: &Databases, carts: &CartCache, job: &Job) -> Result<(), String> {
-    let field = |name: &str| {
-        job.payload[name].as_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or(format!("payload has no {name}"))
-    };
-    let (order_id, user) = (field("order_id")?, field("user_id")?);
-    let shard = db.shard_of(user);
-    let Some(order) = load(shard, order_id, user).await? else {
-        return Err(format!("order {order_id} does not exist on its user's shard"));
-    };
-    match order.status.as_str() {
-        "confirmed" => return Ok(()),
-        "failed" => return release(&db.catalog, order.id, job).await,
-        _ => {}
+/// Takes the order from where the last run left it to its outcome.
+async fn advance(db: &Databases, shard: &Db, carts: &CartCache, order: &PlacedOrder, job: &Job) -> Result<(), DbError> {
+    match order.status {
+        OrderStatus::Pending => {}
+        OrderStatus::Confirmed => return Ok(()),
+        OrderStatus::Failed => return release(&db.catalog, order.id, job).await,
     }
-    if !reserve(&db.catalog, &order, job).await? {
+    if !reserve(&db.catalog, order, job).await? {
         tracing::info!(order = %order.id, "out of stock");
-        return fail(shard, &order, "out_of_stock", job).await;
+        return fail(shard, order, FailureReason::OutOfStock, job).await;
     }
-    if !debit_and_confirm(shard, &order, job).await? {
+    if !debit_and_confirm(shard, order, job).await? {
         tracing::info!(order = %order.id, "insufficient funds");
         return release(&db.catalog, order.id, job).await;
     }
@@ -62,32 +60,30 @@ pub async fn run(db: &Databases, carts: &CartCache, job: &Job) -> Result<(), Str
     Ok(())
 }
 
-async fn load(shard: &Db, id: Uuid, user: Uuid) -> Result<Option<PlacedOrder>, String> {
-    let client = shard.client().await.map_err(err)?;
+async fn load(shard: &Db, id: Uuid, user: Uuid) -> Result<Option<PlacedOrder>, DbError> {
+    let client = shard.client().await?;
     let Some(row) = client
         .maybe_row("SELECT status, total_cents FROM orders WHERE id = $1 AND user_id = $2", &[&id, &user])
-        .await
-        .map_err(err)?
+        .await?
     else {
         return Ok(None);
     };
     let items = client
         .rows("SELECT product_id, quantity FROM order_items WHERE order_id = $1 ORDER BY product_id", &[&id])
-        .await
-        .map_err(err)?
+        .await?
         .iter()
         .map(|r| Item { product: r.get(0), quantity: r.get(1) })
         .collect();
-    Ok(Some(PlacedOrder { id, user, status: row.get(0), total_cents: row.get(1), items }))
+    Ok(Some(PlacedOrder { id, user, status: row.try_get(0)?, total_cents: row.get(1), items }))
 }
 
 /// Takes the order's stock, all of it or none. True if the order holds its stock (now or from an
 /// earlier run); false if some item is short.
-async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, String> {
-    let mut client = catalog.client().await.map_err(err)?;
-    let tx = client.transaction().await.map_err(err)?;
-    let held = tx.maybe_row("SELECT 1 FROM stock_reservations WHERE order_id = $1 LIMIT 1", &[&order.id]).await;
-    if held.map_err(err)?.is_some() {
+async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, DbError> {
+    let mut client = catalog.client().await?;
+    let tx = client.transaction().await?;
+    let held = tx.maybe_row("SELECT 1 FROM stock_reservations WHERE order_id = $1 LIMIT 1", &[&order.id]).await?;
+    if held.is_some() {
         return Ok(true);
     }
     let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
@@ -98,8 +94,7 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, S
             "SELECT product_id, stock FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
             &[&products],
         )
-        .await
-        .map_err(err)?
+        .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
@@ -113,8 +108,7 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, S
              RETURNING i.product_id, i.stock",
             &[&products, &quantities],
         )
-        .await
-        .map_err(err)?;
+        .await?;
     let sold_out: Vec<Uuid> = left.iter().filter(|r| r.get::<_, i64>(1) == 0).map(|r| r.get(0)).collect();
     announce_stock_changes(&tx, &sold_out, job).await?;
     // A concurrent run of the same order fails here on the primary key, and its decrement with it.
@@ -122,21 +116,20 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, S
         "INSERT INTO stock_reservations (order_id, product_id, quantity) SELECT $1, * FROM unnest($2::uuid[], $3::int[])",
         &[&order.id, &products, &quantities],
     )
-    .await
-    .map_err(err)?;
-    tx.commit().await.map_err(err)?;
+    .await?;
+    tx.commit().await?;
     Ok(true)
 }
 
 /// Debits the wallet and confirms the order in one transaction on the user's shard; or, when the
 /// balance is short, fails the order. True if the order is confirmed.
-async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, String> {
-    let mut client = shard.client().await.map_err(err)?;
-    let tx = client.transaction().await.map_err(err)?;
-    let status: String =
-        tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order.id]).await.map_err(err)?.get(0);
-    if status != "pending" {
-        return Ok(status == "confirmed");
+async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, DbError> {
+    let mut client = shard.client().await?;
+    let tx = client.transaction().await?;
+    match locked_status(&tx, order.id).await? {
+        OrderStatus::Pending => {}
+        OrderStatus::Confirmed => return Ok(true),
+        OrderStatus::Failed => return Ok(false),
     }
     let debited = tx
         .maybe_row(
@@ -144,11 +137,10 @@ async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result
              RETURNING balance_cents",
             &[&order.user, &order.total_cents],
         )
-        .await
-        .map_err(err)?;
+        .await?;
     if debited.is_none() {
-        set_failed(&tx, order, "insufficient_funds", job).await?;
-        tx.commit().await.map_err(err)?;
+        set_failed(&tx, order, FailureReason::InsufficientFunds, job).await?;
+        tx.commit().await?;
         return Ok(false);
     }
     let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
@@ -156,73 +148,75 @@ async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result
         "INSERT INTO wallet_debits (order_id, user_id, amount_cents) VALUES ($1, $2, $3)",
         &[&order.id, &order.user, &order.total_cents],
     )
-    .await
-    .map_err(err)?;
-    tx.exec("UPDATE orders SET status = 'confirmed', updated_at = now() WHERE id = $1", &[&order.id])
-        .await
-        .map_err(err)?;
-    tx.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = ANY($2)", &[&order.user, &products])
-        .await
-        .map_err(err)?;
-    let event = json!({ "order_id": order.id, "user_id": order.user, "total_cents": order.total_cents });
-    keel_outbox::enqueue(&tx, &follow_up(ORDER_CONFIRMED, order.id, event, job)).await.map_err(err)?;
-    tx.commit().await.map_err(err)?;
+    .await?;
+    tx.exec(
+        "UPDATE orders SET status = $2, updated_at = now() WHERE id = $1",
+        &[&order.id, &OrderStatus::Confirmed.as_str()],
+    )
+    .await?;
+    tx.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = ANY($2)", &[&order.user, &products]).await?;
+    let confirmed = OrderConfirmed { order_id: order.id, user_id: order.user, total_cents: order.total_cents };
+    keel_outbox::enqueue(&tx, &follow_up(&confirmed, order.id, job)).await?;
+    tx.commit().await?;
     Ok(true)
 }
 
 /// Fails a pending order that could not get its stock.
-async fn fail(shard: &Db, order: &PlacedOrder, reason: &str, job: &Job) -> Result<(), String> {
-    let mut client = shard.client().await.map_err(err)?;
-    let tx = client.transaction().await.map_err(err)?;
-    let status: String =
-        tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order.id]).await.map_err(err)?.get(0);
-    if status == "pending" {
-        set_failed(&tx, order, reason, job).await?;
+async fn fail(shard: &Db, order: &PlacedOrder, reason: FailureReason, job: &Job) -> Result<(), DbError> {
+    let mut client = shard.client().await?;
+    let tx = client.transaction().await?;
+    match locked_status(&tx, order.id).await? {
+        OrderStatus::Pending => set_failed(&tx, order, reason, job).await?,
+        OrderStatus::Confirmed | OrderStatus::Failed => {}
     }
-    tx.commit().await.map_err(err)
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The order's status, its row locked until the transaction ends: the saga's steps on the order
+/// row run one at a time, and each sees where the others left it.
+async fn locked_status(tx: &Transaction<'_>, order: Uuid) -> Result<OrderStatus, DbError> {
+    Ok(tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order]).await?.try_get(0)?)
 }
 
 async fn set_failed(
-    tx: &crate::db::Transaction<'_>,
+    tx: &Transaction<'_>,
     order: &PlacedOrder,
-    reason: &str,
+    reason: FailureReason,
     job: &Job,
-) -> Result<(), String> {
+) -> Result<(), DbError> {
     tx.exec(
-        "UPDATE orders SET status = 'failed', failure_reason = $2, updated_at = now() WHERE id = $1",
-        &[&order.id, &reason],
+        "UPDATE orders SET status = $3, failure_reason = $2, updated_at = now() WHERE id = $1",
+        &[&order.id, &reason.as_str(), &OrderStatus::Failed.as_str()],
     )
-    .await
-    .map_err(err)?;
-    let event = json!({ "order_id": order.id, "user_id": order.user, "reason": reason });
-    keel_outbox::enqueue(tx, &follow_up(ORDER_FAILED, order.id, event, job)).await.map_err(err)
+    .await?;
+    let failed = OrderFailed { order_id: order.id, user_id: order.user, reason };
+    keel_outbox::enqueue(tx, &follow_up(&failed, order.id, job)).await?;
+    Ok(())
 }
 
 /// An event caused by `job`, carrying its trace context on.
-fn follow_up(kind: &str, order: Uuid, payload: serde_json::Value, job: &Job) -> NewJob {
-    events::event(kind, order, payload, job.traceparent.clone())
+fn follow_up<E: Event>(payload: &E, aggregate: Uuid, job: &Job) -> NewJob {
+    events::event(payload, aggregate, job.traceparent.clone())
 }
 
 /// Gives back the stock of a failed order, once.
-async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), String> {
-    let mut client = catalog.client().await.map_err(err)?;
-    let tx = client.transaction().await.map_err(err)?;
+async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), DbError> {
+    let mut client = catalog.client().await?;
+    let tx = client.transaction().await?;
     let released = tx
         .rows(
             "UPDATE stock_reservations SET released = true WHERE order_id = $1 AND NOT released
              RETURNING product_id, quantity",
             &[&order],
         )
-        .await
-        .map_err(err)?;
+        .await?;
     if released.is_empty() {
         return Ok(());
     }
     let products: Vec<Uuid> = released.iter().map(|r| r.get(0)).collect();
     let quantities: Vec<i32> = released.iter().map(|r| r.get(1)).collect();
-    tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products])
-        .await
-        .map_err(err)?;
+    tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products]).await?;
     let now = tx
         .rows(
             "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now()
@@ -230,21 +224,20 @@ async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), String> {
              RETURNING i.product_id, i.stock, w.quantity",
             &[&products, &quantities],
         )
-        .await
-        .map_err(err)?;
+        .await?;
     let back: Vec<Uuid> =
         now.iter().filter(|r| r.get::<_, i64>(1) == i64::from(r.get::<_, i32>(2))).map(|r| r.get(0)).collect();
     announce_stock_changes(&tx, &back, job).await?;
-    tx.commit().await.map_err(err)
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Tells the search index about products that sold out or came back in stock. Other stock changes
 /// do not change what search shows, so they cost no event.
-async fn announce_stock_changes(tx: &crate::db::Transaction<'_>, products: &[Uuid], job: &Job) -> Result<(), String> {
-    for product in products {
-        let data = json!({ "product_id": product });
-        let event = events::event(events::PRODUCT_STOCK_CHANGED, product, data, job.traceparent.clone());
-        keel_outbox::enqueue(tx, &event).await.map_err(err)?;
+async fn announce_stock_changes(tx: &Transaction<'_>, products: &[Uuid], job: &Job) -> Result<(), DbError> {
+    for &product in products {
+        let changed = ProductStockChanged { product_id: product, stock: None };
+        keel_outbox::enqueue(tx, &follow_up(&changed, product, job)).await?;
     }
     Ok(())
 }

@@ -10,8 +10,8 @@ use keel_outbox::{Job, JobError};
 use uuid::Uuid;
 
 use super::network::{refusal, NetworkPolicy, PolicyResolver};
-use super::signing;
-use crate::db::{Db, Sql};
+use super::{signing, DeliveryStatus};
+use crate::db::{Db, DbError, PgError, Sql};
 
 /// The longest an endpoint may take to answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,6 +41,32 @@ enum Attempt {
     },
 }
 
+/// Why a delivery job failed: the endpoint (retried on the webhook schedule, or not at all once the
+/// delivery is dead), or the database (retried on the queue's own backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("{error}")]
+    Endpoint { error: String, retry_in: Option<Duration> },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<PgError> for DeliveryError {
+    fn from(e: PgError) -> DeliveryError {
+        DeliveryError::Db(e.into())
+    }
+}
+
+impl From<DeliveryError> for JobError {
+    fn from(e: DeliveryError) -> JobError {
+        match e {
+            DeliveryError::Endpoint { error, retry_in: Some(wait) } => JobError::retry_in(error, wait),
+            DeliveryError::Endpoint { error, retry_in: None } => JobError::from(error),
+            DeliveryError::Db(e) => JobError::from(e.to_string()),
+        }
+    }
+}
+
 impl Deliverer {
     pub fn new(policy: NetworkPolicy, schedule: Vec<Duration>) -> Deliverer {
         let http = reqwest::Client::builder()
@@ -65,9 +91,7 @@ impl Deliverer {
     /// deliveries that failed together do not all return together.
     fn wait_before_retry(&self, attempt: i32) -> Option<Duration> {
         let wait = *self.schedule.get(usize::try_from(attempt - 1).ok()?)?;
-        let mut byte = [0u8; 1];
-        getrandom::fill(&mut byte).expect("the operating system's random source is available");
-        Some(wait.mul_f64(0.9 + 0.2 * f64::from(byte[0]) / 255.0))
+        Some(keel_random::jitter(wait, 0.1))
     }
 
     async fn attempt(&self, url: &str, secret: &str, event_id: Uuid, body: &str) -> Attempt {
@@ -78,7 +102,7 @@ impl Deliverer {
         let id = event_id.to_string();
         let signature = match signing::sign(secret, &id, now, body) {
             Ok(signature) => signature,
-            Err(e) => return Attempt::Refused(e),
+            Err(e) => return Attempt::Refused(e.to_string()),
         };
         let sent = self
             .http
@@ -137,28 +161,26 @@ fn retry_after(value: &str) -> Option<Duration> {
 }
 
 /// The handler of [`super::DELIVER`] jobs; the job id is the delivery id.
-pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), JobError> {
-    let err = |e: tokio_postgres::Error| JobError::from(e.to_string());
-    let client = catalog.client().await.map_err(|e| JobError::from(e.to_string()))?;
+pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), DeliveryError> {
+    let client = catalog.client().await?;
     let Some(row) = client
         .maybe_row(
             "SELECT d.event_id, d.body, d.status, s.id AS subscription, s.url, s.secret, s.enabled
              FROM webhook_deliveries d JOIN webhook_subscriptions s ON s.id = d.subscription_id WHERE d.id = $1",
             &[&job.id],
         )
-        .await
-        .map_err(err)?
+        .await?
     else {
         tracing::info!("the webhook was deleted; nothing to deliver");
         return Ok(());
     };
-    let status: String = row.get("status");
-    if status == "succeeded" {
-        return Ok(());
+    match row.get("status") {
+        DeliveryStatus::Succeeded => return Ok(()),
+        DeliveryStatus::Pending | DeliveryStatus::Retrying | DeliveryStatus::Dead => {}
     }
     let (event_id, subscription): (Uuid, Uuid) = (row.get("event_id"), row.get("subscription"));
     if !row.get::<_, bool>("enabled") {
-        record(&client, job.id, "dead", None, Some("the subscription is disabled"), None).await.map_err(err)?;
+        record(&client, job.id, DeliveryStatus::Dead, None, Some("the subscription is disabled"), None).await?;
         return Ok(());
     }
     let (url, secret, body): (String, String, String) = (row.get("url"), row.get("secret"), row.get("body"));
@@ -166,7 +188,7 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), J
     // must not hold connections the API needs.
     drop(client);
     let outcome = deliverer.attempt(&url, &secret, event_id, &body).await;
-    let client = catalog.client().await.map_err(|e| JobError::from(e.to_string()))?;
+    let client = catalog.client().await?;
     let label = match &outcome {
         Attempt::Delivered(_) => "delivered",
         Attempt::Gone => "gone",
@@ -177,7 +199,7 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), J
     match outcome {
         Attempt::Delivered(code) => {
             tracing::info!(%url, status = code, "webhook delivered");
-            record(&client, job.id, "succeeded", Some(code), None, None).await.map_err(err)
+            Ok(record(&client, job.id, DeliveryStatus::Succeeded, Some(code), None, None).await?)
         }
         Attempt::Gone => {
             tracing::warn!(%url, "webhook endpoint answered 410 Gone; disabling the subscription");
@@ -187,23 +209,20 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), J
                      WHERE id = $1",
                     &[&subscription],
                 )
-                .await
-                .map_err(err)?;
-            record(&client, job.id, "dead", Some(410), Some("410 Gone: subscription disabled"), None).await.map_err(err)
+                .await?;
+            Ok(record(&client, job.id, DeliveryStatus::Dead, Some(410), Some("410 Gone: subscription disabled"), None)
+                .await?)
         }
         Attempt::Refused(reason) => {
             tracing::warn!(%url, %reason, "webhook refused by the network policy");
-            record(&client, job.id, "dead", None, Some(&reason), None).await.map_err(err)
+            Ok(record(&client, job.id, DeliveryStatus::Dead, None, Some(&reason), None).await?)
         }
         Attempt::Failed { status, error, retry_after } => {
             let wait = deliverer.wait_before_retry(job.attempt).map(|w| retry_after.unwrap_or(w));
-            let state = if wait.is_some() { "retrying" } else { "dead" };
+            let state = if wait.is_some() { DeliveryStatus::Retrying } else { DeliveryStatus::Dead };
             tracing::warn!(%url, status, %error, attempt = job.attempt, retry_in = ?wait, "webhook delivery failed");
-            record(&client, job.id, state, status, Some(&error), wait).await.map_err(err)?;
-            Err(match wait {
-                Some(wait) => JobError::retry_in(error, wait),
-                None => JobError::from(error),
-            })
+            record(&client, job.id, state, status, Some(&error), wait).await?;
+            Err(DeliveryError::Endpoint { error, retry_in: wait })
         }
     }
 }
@@ -211,18 +230,18 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), J
 async fn record(
     client: &impl Sql,
     delivery: Uuid,
-    status: &str,
+    status: DeliveryStatus,
     code: Option<u16>,
     error: Option<&str>,
     retry_in: Option<Duration>,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), PgError> {
     client
         .exec(
             "UPDATE webhook_deliveries
              SET status = $2, attempts = attempts + 1, last_status_code = $3, last_error = $4,
                  next_attempt_at = now() + $5 * interval '1 second', updated_at = now()
              WHERE id = $1",
-            &[&delivery, &status, &code.map(i32::from), &error, &retry_in.map(|d| d.as_secs_f64())],
+            &[&delivery, &status.as_str(), &code.map(i32::from), &error, &retry_in.map(|d| d.as_secs_f64())],
         )
         .await?;
     Ok(())

@@ -5,6 +5,7 @@
 pub mod delivery;
 pub mod network;
 pub mod signing;
+mod status;
 
 use std::net::IpAddr;
 
@@ -17,7 +18,7 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::db::{Sql, Transaction};
+use crate::db::{DbError, Sql, Transaction};
 use crate::events::SUBSCRIBABLE;
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
@@ -25,6 +26,7 @@ use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::{timestamp, Page, PageParams};
 use crate::state::AppState;
 use network::NetworkPolicy;
+pub use status::DeliveryStatus;
 
 /// The job that delivers one event to one endpoint; its group is the subscription, so a slow or
 /// dead endpoint holds only its own few slots.
@@ -80,8 +82,7 @@ pub struct Delivery {
     /// Sent as `webhook-id`: the same on every attempt.
     pub event_id: String,
     pub event_type: String,
-    /// `pending`, `retrying`, `succeeded` or `dead`.
-    pub status: String,
+    pub status: DeliveryStatus,
     pub attempts: i32,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
@@ -278,7 +279,7 @@ pub async fn retry_delivery(
     let delivery = parse_id("delivery", &delivery)?;
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
-    let status: String = tx
+    let status: DeliveryStatus = tx
         .maybe_row(
             "SELECT status FROM webhook_deliveries WHERE id = $1 AND subscription_id = $2 FOR UPDATE",
             &[&delivery, &id],
@@ -286,8 +287,11 @@ pub async fn retry_delivery(
         .await?
         .ok_or_else(|| ApiError::not_found("delivery", &delivery.to_string()))?
         .get(0);
-    if status != "dead" {
-        return Err(ApiError::Conflict(format!("the delivery is {status}: only a dead delivery can be replayed")));
+    match status {
+        DeliveryStatus::Dead => {}
+        DeliveryStatus::Pending | DeliveryStatus::Retrying | DeliveryStatus::Succeeded => {
+            return Err(ApiError::Conflict(format!("the delivery is {status}: only a dead delivery can be replayed")));
+        }
     }
     if !keel_outbox::replay(&tx, delivery).await? {
         return Err(ApiError::Conflict("the delivery's job is not dead yet; try again in a moment".into()));
@@ -295,10 +299,10 @@ pub async fn retry_delivery(
     let row = tx
         .row(
             &format!(
-                "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
+                "UPDATE webhook_deliveries SET status = $2, next_attempt_at = now(), updated_at = now()
                  WHERE id = $1 RETURNING {DELIVERY_COLUMNS}"
             ),
-            &[&delivery],
+            &[&delivery, &DeliveryStatus::Pending.as_str()],
         )
         .await?;
     tx.commit().await?;
@@ -308,7 +312,7 @@ pub async fn retry_delivery(
 /// Makes a delivery, and its job, for every enabled subscription to the event, on the caller's
 /// catalogue transaction. A redelivered event makes nothing new (one delivery per subscription and
 /// event). Returns how many deliveries were made.
-pub async fn fan_out(tx: &Transaction<'_>, event: &Job) -> Result<usize, tokio_postgres::Error> {
+pub async fn fan_out(tx: &Transaction<'_>, event: &Job) -> Result<usize, DbError> {
     if !SUBSCRIBABLE.contains(&event.kind.as_str()) {
         return Ok(0);
     }
@@ -332,9 +336,17 @@ pub async fn fan_out(tx: &Transaction<'_>, event: &Job) -> Result<usize, tokio_p
         let id = Uuid::now_v7();
         let inserted = tx
             .maybe_row(
-                "INSERT INTO webhook_deliveries (id, subscription_id, event_id, event_type, body, trace_id)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (subscription_id, event_id) DO NOTHING RETURNING 1",
-                &[&id, &subscription, &event.id, &event.kind, &body, &event.trace_id()],
+                "INSERT INTO webhook_deliveries (id, subscription_id, event_id, event_type, body, trace_id, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subscription_id, event_id) DO NOTHING RETURNING 1",
+                &[
+                    &id,
+                    &subscription,
+                    &event.id,
+                    &event.kind,
+                    &body,
+                    &event.trace_id(),
+                    &DeliveryStatus::Pending.as_str(),
+                ],
             )
             .await?;
         if inserted.is_some() {

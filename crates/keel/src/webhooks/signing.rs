@@ -11,14 +11,23 @@ const PREFIX: &str = "whsec_";
 /// A new secret: 24 random bytes (192 bits), as the specification suggests (between 24 and 64).
 pub fn new_secret() -> String {
     let mut key = [0u8; 24];
-    getrandom::fill(&mut key).expect("the operating system's random source is available");
+    keel_random::secure_bytes(&mut key);
     format!("{PREFIX}{}", BASE64.encode(key))
 }
 
+/// A stored secret that cannot key a signature.
+#[derive(Debug, thiserror::Error)]
+pub enum BadSecret {
+    #[error("the secret does not start with whsec_")]
+    Prefix,
+    #[error("the secret is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+}
+
 /// The `webhook-signature` header value for one attempt.
-pub fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> Result<String, String> {
-    let key = secret.strip_prefix(PREFIX).ok_or("the secret does not start with whsec_")?;
-    let key = BASE64.decode(key).map_err(|e| format!("the secret is not base64: {e}"))?;
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> Result<String, BadSecret> {
+    let key = secret.strip_prefix(PREFIX).ok_or(BadSecret::Prefix)?;
+    let key = BASE64.decode(key)?;
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes a key of any length");
     mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
     Ok(format!("v1,{}", BASE64.encode(mac.finalize().into_bytes())))

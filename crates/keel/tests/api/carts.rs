@@ -78,3 +78,25 @@ async fn reading_a_cart_costs_a_fixed_number_of_queries() {
     // One to check the token, one for the cart rows, one for their prices.
     assert!(costs.iter().all(|c| *c == 3), "queries per GET /v1/cart as it grows: {costs:?}");
 }
+
+/// Money is checked arithmetic: a cart whose total does not fit in 64 bits of cents is refused with
+/// a 422 that says so, never priced with a wrapped number. No price the API accepts can get there
+/// (at most 10^11 cents, 1,000 of each); a price set behind its back can.
+#[tokio::test]
+async fn a_cart_total_too_large_to_represent_is_refused() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.create_user("Whale").await;
+    let product = app.create_product("HUGE", 100, 10).await;
+    let id = uuid::Uuid::parse_str(&product).unwrap();
+    let catalog = app.dbs.catalog().await;
+    catalog.execute("UPDATE products SET price_cents = $2 WHERE id = $1", &[&id, &(1i64 << 62)]).await.unwrap();
+
+    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&json!({ "quantity": 2 }));
+    expect_problem(put.send().await, 422, "too large").await;
+    expect_problem(app.get("/v1/cart").bearer_auth(&token).send().await, 422, "too large").await;
+    let checkout = app.post("/v1/checkout").bearer_auth(&token).header("idempotency-key", "k");
+    expect_problem(checkout.send().await, 422, "too large").await;
+    // One of them fits.
+    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&json!({ "quantity": 1 }));
+    assert_eq!(expect_json(put.send().await, 200).await["total_cents"], 1i64 << 62);
+}

@@ -19,7 +19,7 @@ fn cache_status(response: &reqwest::Response) -> String {
 
 async fn app_with_redis(redis: &RedisServer, budgets: &[(&str, Duration)]) -> TestApp {
     let url = redis.url();
-    let budgets: Vec<(String, Duration)> = budgets.iter().map(|(k, b)| (k.to_string(), *b)).collect();
+    let budgets: Vec<_> = budgets.iter().map(|(k, b)| (keel::consistency::DataKind::parse(k).unwrap(), *b)).collect();
     TestApp::spawn_with(move |config| {
         config.redis_url = Some(url);
         config.consistency_budgets = budgets;
