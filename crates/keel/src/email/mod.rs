@@ -6,6 +6,7 @@
 //! failure to send, and redeliveries after success, send nothing more. Only a crash between the
 //! server's acceptance and the record can repeat a message, and then with the same `Message-ID`.
 
+mod address;
 mod mailer;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::db::{Databases, Db, DbError, Sql};
 use crate::events::{Event, FailureReason, OrderConfirmed, OrderFailed, UserRegistered};
+pub use address::Email;
 pub use mailer::{Mail, Mailer};
 
 /// Where Keel's e-mail goes ([`Mailer`]) and whom it is from.
@@ -108,7 +110,9 @@ async fn compose(catalog: &Db, shard: &Db, event: &UserEvent) -> Result<Mail, Jo
     let Some(Recipient { name, email }) = recipient(&client, user).await? else {
         return Err(JobError::from(format!("user {user} does not exist on its shard")));
     };
-    let to = Mailbox::new(Some(name.clone()), email.parse().map_err(|e| JobError::from(format!("{email}: {e}")))?);
+    // Stored only after `Email::parse` accepted it, with the same parser.
+    let email = Email::parse(&email).map_err(JobError::from)?;
+    let to = Mailbox::new(Some(name.clone()), email.address().clone());
     let mail = match event {
         UserEvent::Registered(_) => Mail {
             to,

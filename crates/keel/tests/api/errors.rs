@@ -25,6 +25,9 @@ async fn malformed_bodies_get_clear_problems() {
     expect_problem(array, 422, "JSON object").await;
     let bad_email = post().json(&json!({ "name": "Ada", "email": "not-an-address" })).send().await;
     expect_problem(bad_email, 422, "e-mail").await;
+    // An address the mailer would refuse is refused at sign-up, not retried as mail for hours.
+    let unmailable = post().json(&json!({ "name": "Ada", "email": "a,b@example.org" })).send().await;
+    expect_problem(unmailable, 422, "e-mail").await;
     let long_name = post().json(&json!({ "name": "x".repeat(101), "email": "a@b.co" })).send().await;
     expect_problem(long_name, 422, "name").await;
     let control = post().json(&json!({ "name": "A\u{0}da", "email": "a@b.co" })).send().await;
