@@ -10,7 +10,6 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::db::{Databases, Sql};
 use crate::http::auth::AuthUser;
@@ -18,6 +17,7 @@ use crate::http::cache_headers::cache_headers;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::number;
+use crate::ids::{ProductId, UserId};
 use crate::money::Cents;
 
 /// The most of one product a cart may hold.
@@ -32,7 +32,8 @@ pub struct SetQuantity {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CartItem {
-    pub product_id: String,
+    #[schema(value_type = String)]
+    pub product_id: ProductId,
     pub quantity: i64,
     /// The product's current price.
     pub price_cents: i64,
@@ -46,7 +47,7 @@ pub struct Cart {
 
 /// Carts by owner, in the shared tier only. A change made elsewhere (the checkout saga emptying a
 /// cart) drops the owner's entry with [`keel_cache::Cache::invalidate`].
-pub type CartCache = keel_cache::Cache<Uuid, Arc<Cart>>;
+pub type CartCache = keel_cache::Cache<UserId, Arc<Cart>>;
 
 /// What the carts' handlers reach (a part of [`crate::state::AppState`]).
 #[derive(Clone)]
@@ -56,7 +57,7 @@ pub struct CartsState {
 }
 
 /// Reads a cart and prices it: two queries whatever its size, one per database.
-pub(crate) async fn load_cart(db: &Databases, user: Uuid) -> Result<Cart, ApiError> {
+pub(crate) async fn load_cart(db: &Databases, user: UserId) -> Result<Cart, ApiError> {
     let shard = db.shard_of(user).client().await?;
     let rows = shard
         .rows("SELECT product_id, quantity FROM cart_items WHERE user_id = $1 ORDER BY added_at, product_id", &[&user])
@@ -64,9 +65,9 @@ pub(crate) async fn load_cart(db: &Databases, user: Uuid) -> Result<Cart, ApiErr
     if rows.is_empty() {
         return Ok(Cart { items: Vec::new(), total_cents: 0 });
     }
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let ids: Vec<ProductId> = rows.iter().map(|r| r.get(0)).collect();
     let catalog = db.catalog.client().await?;
-    let prices: std::collections::HashMap<Uuid, i64> = catalog
+    let prices: std::collections::HashMap<ProductId, i64> = catalog
         .rows("SELECT id, price_cents FROM products WHERE id = ANY($1)", &[&ids])
         .await?
         .iter()
@@ -75,13 +76,9 @@ pub(crate) async fn load_cart(db: &Databases, user: Uuid) -> Result<Cart, ApiErr
     let items: Vec<CartItem> = rows
         .iter()
         .filter_map(|r| {
-            let product: Uuid = r.get(0);
+            let product: ProductId = r.get(0);
             let price = *prices.get(&product)?;
-            Some(CartItem {
-                product_id: product.to_string(),
-                quantity: i64::from(r.get::<_, i32>(1)),
-                price_cents: price,
-            })
+            Some(CartItem { product_id: product, quantity: i64::from(r.get::<_, i32>(1)), price_cents: price })
         })
         .collect();
     let total = Cents::sum(items.iter().map(|i| Cents(i.price_cents).times(i.quantity)))
@@ -103,7 +100,7 @@ pub async fn get_cart(
 }
 
 /// Write-through: the cart as committed, read back and put in the cache before the owner hears of it.
-async fn committed(state: &CartsState, user: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
+async fn committed(state: &CartsState, user: UserId) -> Result<Json<Arc<Cart>>, ApiError> {
     let cart = Arc::new(load_cart(&state.db, user).await?);
     state.carts.put(user, cart.clone()).await;
     Ok(Json(cart))
@@ -121,7 +118,7 @@ pub async fn set_item(
     Path(product): Path<String>,
     Json(input): Json<SetQuantity>,
 ) -> Result<Json<Arc<Cart>>, ApiError> {
-    let product = parse_id("product", &product)?;
+    let product = parse_id::<ProductId>("product", &product)?;
     let quantity = number("quantity", input.quantity, 0, MAX_QUANTITY)? as i32;
     if quantity == 0 {
         return remove(&state, user, product).await;
@@ -153,12 +150,12 @@ pub async fn delete_item(
     AuthUser(user): AuthUser,
     Path(product): Path<String>,
 ) -> Result<Json<Arc<Cart>>, ApiError> {
-    let product = parse_id("product", &product)?;
+    let product = parse_id::<ProductId>("product", &product)?;
     remove(&state, user, product).await
 }
 
 /// Removing what is not there is not an error: the cart simply does not hold it afterwards.
-async fn remove(state: &CartsState, user: Uuid, product: Uuid) -> Result<Json<Arc<Cart>>, ApiError> {
+async fn remove(state: &CartsState, user: UserId, product: ProductId) -> Result<Json<Arc<Cart>>, ApiError> {
     let shard = state.db.shard_of(user).client().await?;
     shard.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
     drop(shard);

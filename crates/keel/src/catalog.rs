@@ -9,7 +9,6 @@ use keel_cache::Served;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::db::{Databases, Sql};
 use crate::events::{self, Event, ProductCreated, ProductStockChanged, ProductUpdated};
@@ -19,6 +18,7 @@ use crate::http::error::{unique_violation, ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::trace::TraceContext;
 use crate::http::{number, text, timestamp, Page, PageParams};
+use crate::ids::ProductId;
 use crate::likes::counter::LikeCounter;
 
 /// The largest price and stock accepted: far beyond any real shop, far below overflow.
@@ -52,7 +52,7 @@ pub struct UpdateProduct {
 
 /// Products without their like count, by id: write-through, so a node that changes a product
 /// serves the change at once and the others hear of it.
-pub type ProductCache = keel_cache::Cache<Uuid, Arc<Product>>;
+pub type ProductCache = keel_cache::Cache<ProductId, Arc<Product>>;
 
 /// What the catalogue's handlers reach (a part of [`crate::state::AppState`]): a product is shown
 /// with this node's like count.
@@ -70,7 +70,7 @@ const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_
 
 /// A product from its row; `like_count` is this node's view of its counter (see [`crate::likes`]).
 fn product_from_row(row: &Row, likes: &LikeCounter) -> Product {
-    let id: Uuid = row.get("id");
+    let id: ProductId = row.get("id");
     Product {
         id,
         sku: row.get("sku"),
@@ -92,7 +92,8 @@ pub struct SetStock {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Inventory {
-    pub product_id: String,
+    #[schema(value_type = String)]
+    pub product_id: ProductId,
     pub stock: i64,
 }
 
@@ -130,7 +131,7 @@ pub async fn create_product(
     let description = text("description", &input.description, 0, 10_000)?;
     let price = number("price_cents", input.price_cents, 0, MAX_PRICE_CENTS)?;
     let stock = number("stock", input.stock, 0, MAX_STOCK)?;
-    let id = Uuid::now_v7();
+    let id = ProductId::new();
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
     let row = tx
@@ -158,7 +159,7 @@ pub async fn create_product(
 /// Writes an event about product `id` on the transaction that changed the product.
 async fn announce(
     tx: &crate::db::Transaction<'_>,
-    id: Uuid,
+    id: ProductId,
     event: &impl Event,
     trace: &TraceContext,
 ) -> Result<(), ApiError> {
@@ -182,7 +183,7 @@ pub async fn update_product(
     Path(id): Path<String>,
     Json(input): Json<UpdateProduct>,
 ) -> Result<Json<Product>, ApiError> {
-    let id = parse_id("product", &id)?;
+    let id = parse_id::<ProductId>("product", &id)?;
     if input.sku.is_none() && input.name.is_none() && input.description.is_none() && input.price_cents.is_none() {
         return Err(ApiError::Unprocessable("give at least one of sku, name, description, price_cents".into()));
     }
@@ -221,7 +222,7 @@ pub async fn get_product(
     State(state): State<CatalogState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = parse_id("product", &id)?;
+    let id = parse_id::<ProductId>("product", &id)?;
     let (product, served) = cached_product(&state, id).await?;
     let mut product = (*product).clone();
     product.like_count = state.likes.count(id);
@@ -229,7 +230,7 @@ pub async fn get_product(
 }
 
 /// A product from this node's cache (loaded on a miss), without its like count; 404 if none.
-pub async fn cached_product(state: &CatalogState, id: Uuid) -> Result<(Arc<Product>, Served), ApiError> {
+pub async fn cached_product(state: &CatalogState, id: ProductId) -> Result<(Arc<Product>, Served), ApiError> {
     state
         .products
         .get_or_load(&id, || async {
@@ -257,6 +258,7 @@ pub async fn list_products(
     Query(params): Query<PageParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (limit, after) = params.validate()?;
+    let after = after.map(ProductId::from_uuid);
     let client = state.db.catalog.client().await?;
     // Keyset pagination on the primary key: each page is one index range scan, however deep.
     let rows = client
@@ -277,13 +279,13 @@ pub async fn get_inventory(
     State(state): State<CatalogState>,
     Path(id): Path<String>,
 ) -> Result<Json<Inventory>, ApiError> {
-    let id = parse_id("product", &id)?;
+    let id = parse_id::<ProductId>("product", &id)?;
     let client = state.db.catalog.client().await?;
     let row = client
         .maybe_row("SELECT stock FROM inventory WHERE product_id = $1", &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    Ok(Json(Inventory { product_id: id.to_string(), stock: row.get(0) }))
+    Ok(Json(Inventory { product_id: id, stock: row.get(0) }))
 }
 
 #[utoipa::path(put, path = "/v1/products/{id}/inventory", tag = "catalog", request_body = SetStock,
@@ -298,7 +300,7 @@ pub async fn set_inventory(
     Path(id): Path<String>,
     Json(input): Json<SetStock>,
 ) -> Result<Json<Inventory>, ApiError> {
-    let id = parse_id("product", &id)?;
+    let id = parse_id::<ProductId>("product", &id)?;
     let stock = number("stock", input.stock, 0, MAX_STOCK)?;
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
@@ -310,5 +312,5 @@ pub async fn set_inventory(
     .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
     announce(&tx, id, &ProductStockChanged { product_id: id, stock: Some(stock) }, &trace).await?;
     tx.commit().await?;
-    Ok(Json(Inventory { product_id: id.to_string(), stock }))
+    Ok(Json(Inventory { product_id: id, stock }))
 }

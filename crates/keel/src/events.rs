@@ -14,7 +14,8 @@ use keel_outbox::{Job, JobError, NewJob};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::{FromSql, Type};
-use uuid::Uuid;
+
+use crate::ids::{OrderId, ProductId, UserId};
 
 /// An event: a payload type and the name jobs and webhooks know it by.
 pub trait Event: Serialize + DeserializeOwned {
@@ -46,7 +47,7 @@ pub const SUBSCRIBABLE: &[&str] =
 /// A user signed up (with their wallet, empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserRegistered {
-    pub user_id: Uuid,
+    pub user_id: UserId,
     pub name: String,
 }
 
@@ -60,7 +61,7 @@ impl Event for UserRegistered {
 #[schema(as = Product)]
 pub struct ProductData {
     #[schema(value_type = String)]
-    pub id: Uuid,
+    pub id: ProductId,
     pub sku: String,
     pub name: String,
     pub description: String,
@@ -91,7 +92,7 @@ impl Event for ProductUpdated {
 /// A product's stock was set, ran out, or came back: its search document says whether it is in stock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductStockChanged {
-    pub product_id: Uuid,
+    pub product_id: ProductId,
     /// The stock an admin set; absent when a checkout sold the product out or a failed one gave it
     /// back (the search index reads the stock from the inventory either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,8 +106,8 @@ impl Event for ProductStockChanged {
 /// A checkout was accepted; the saga decides it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderPlaced {
-    pub order_id: Uuid,
-    pub user_id: Uuid,
+    pub order_id: OrderId,
+    pub user_id: UserId,
 }
 
 impl Event for OrderPlaced {
@@ -116,8 +117,8 @@ impl Event for OrderPlaced {
 /// The saga reserved the order's stock and debited its total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
-    pub order_id: Uuid,
-    pub user_id: Uuid,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub total_cents: i64,
 }
 
@@ -128,8 +129,8 @@ impl Event for OrderConfirmed {
 /// The saga refused the order; nothing was charged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderFailed {
-    pub order_id: Uuid,
-    pub user_id: Uuid,
+    pub order_id: OrderId,
+    pub user_id: UserId,
     pub reason: FailureReason,
 }
 
@@ -259,9 +260,14 @@ mod tests {
     }
 
     /// Writes `payload` as a job and reads it back; the JSON is what webhook receivers see.
-    fn round_trip<E: Event + PartialEq + fmt::Debug>(payload: E, aggregate: Uuid, expected: serde_json::Value) {
-        let job = event(&payload, aggregate, Some("00-trace-span-01".into()));
-        assert_eq!((job.kind.as_str(), job.aggregate_id.as_str()), (E::NAME, aggregate.to_string().as_str()));
+    fn round_trip<E: Event + PartialEq + fmt::Debug>(
+        payload: E,
+        aggregate: impl ToString,
+        expected: serde_json::Value,
+    ) {
+        let aggregate = aggregate.to_string();
+        let job = event(&payload, &aggregate, Some("00-trace-span-01".into()));
+        assert_eq!((job.kind.as_str(), job.aggregate_id.as_str()), (E::NAME, aggregate.as_str()));
         assert_eq!(job.traceparent.as_deref(), Some("00-trace-span-01"));
         assert_eq!(job.payload, expected, "{}", E::NAME);
         assert_eq!(E::from_job(&job_of(job)).unwrap(), payload);
@@ -271,7 +277,7 @@ mod tests {
     /// ids as strings.
     #[test]
     fn payloads_keep_their_json_shape() {
-        let (user, order, product) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let (user, order, product) = (UserId::new(), OrderId::new(), ProductId::new());
         round_trip(
             UserRegistered { user_id: user, name: "Ada".into() },
             user,
@@ -320,15 +326,15 @@ mod tests {
 
     #[test]
     fn a_job_that_is_not_the_event_is_refused_with_what_is_wrong() {
-        let order = Uuid::now_v7();
-        let placed = event(&OrderPlaced { order_id: order, user_id: order }, order, None);
+        let (order, user) = (OrderId::new(), UserId::new());
+        let placed = event(&OrderPlaced { order_id: order, user_id: user }, order, None);
         let error = OrderConfirmed::from_job(&job_of(placed.clone())).unwrap_err();
         assert!(error.message.contains("carries order.placed, not order.confirmed"), "{}", error.message);
         let mut job = job_of(placed);
         job.payload = json!({ "order_id": order });
         let error = OrderPlaced::from_job(&job).unwrap_err();
         assert!(error.message.contains("order.placed event") && error.message.contains("user_id"), "{}", error.message);
-        job.payload = json!({ "order_id": 7, "user_id": order });
+        job.payload = json!({ "order_id": 7, "user_id": user });
         assert!(OrderPlaced::from_job(&job).is_err());
     }
 

@@ -7,7 +7,7 @@
 //! own a part of it):
 //!
 //! - **foundations**: [`config`], [`consistency`] (the table of staleness budgets), [`db`],
-//!   [`events`], [`money`], [`telemetry`], [`shutdown`];
+//!   [`events`], [`ids`] (user, product and order ids), [`money`], [`telemetry`], [`shutdown`];
 //! - **[`http`]**: the HTTP toolkit (errors, extractors, auth, trace, middleware, idempotency keys,
 //!   cache headers, pagination), which knows no domain;
 //! - **capabilities**, one home each: [`users`], [`catalog`], [`carts`], [`wallet`], [`orders`]
@@ -28,6 +28,7 @@ pub mod email;
 pub mod embedded;
 pub mod events;
 pub mod http;
+pub mod ids;
 pub mod jobs;
 pub mod likes;
 pub mod money;

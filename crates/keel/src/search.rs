@@ -28,6 +28,7 @@ use crate::db::Sql;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{Json, Query};
 use crate::http::{cursor, Page, PageParams};
+use crate::ids::ProductId;
 use crate::state::AppState;
 
 /// The longest query accepted, in characters, and the most words of it that count.
@@ -52,7 +53,8 @@ pub struct SearchParams {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchHit {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: ProductId,
     pub name: String,
     pub description: String,
     pub price_cents: i64,
@@ -62,7 +64,7 @@ pub struct SearchHit {
 impl SearchHit {
     fn from_row(row: &Row) -> SearchHit {
         SearchHit {
-            id: row.get::<_, Uuid>("product_id").to_string(),
+            id: row.get("product_id"),
             name: row.get("name"),
             description: row.get("description"),
             price_cents: row.get("price_cents"),
@@ -99,7 +101,7 @@ struct After {
     mode: Mode,
     query: [u8; 8],
     score: f32,
-    id: Uuid,
+    id: ProductId,
 }
 
 /// Identifies a query's terms, so that a cursor is not used with another query.
@@ -117,7 +119,7 @@ impl After {
         payload.push(self.mode as u8);
         payload.extend_from_slice(&self.query);
         payload.extend_from_slice(&self.score.to_bits().to_be_bytes());
-        payload.extend_from_slice(self.id.as_bytes());
+        payload.extend_from_slice(self.id.as_uuid().as_bytes());
         cursor::encode(cursor::SEARCH, &payload)
     }
 
@@ -137,7 +139,7 @@ impl After {
             mode,
             query: payload[1..9].try_into().expect("8 bytes"),
             score,
-            id: Uuid::from_slice(&payload[13..]).map_err(|_| cursor::not_ours(raw))?,
+            id: Uuid::from_slice(&payload[13..]).map(ProductId::from_uuid).map_err(|_| cursor::not_ours(raw))?,
         })
     }
 }
@@ -220,7 +222,7 @@ pub async fn search(
 
 /// Brings a product's search document up to date with the product and its stock, as committed now.
 /// Idempotent, and safe in any order: a document is only replaced by one at least as new.
-pub(crate) async fn index_product(db: &impl Sql, product: Uuid) -> Result<(), tokio_postgres::Error> {
+pub(crate) async fn index_product(db: &impl Sql, product: ProductId) -> Result<(), tokio_postgres::Error> {
     db.exec(
         "INSERT INTO product_search (product_id, name, description, price_cents, in_stock, document, version)
          SELECT p.id, p.name, p.description, p.price_cents, i.stock > 0,
@@ -261,7 +263,7 @@ mod tests {
     #[test]
     fn cursors_are_opaque_and_round_trip_exactly() {
         let query = fingerprint(&terms("red shoes"));
-        let after = After { mode: Mode::Typos, query, score: 0.060_792_71, id: Uuid::now_v7() };
+        let after = After { mode: Mode::Typos, query, score: 0.060_792_71, id: ProductId::new() };
         let encoded = after.encode();
         assert!(encoded.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{encoded}");
         let decoded = After::decode(&encoded).unwrap();

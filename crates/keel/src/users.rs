@@ -10,7 +10,6 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::db::{bucket_of, Databases, Sql};
 use crate::email::Email;
@@ -21,6 +20,7 @@ use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::trace::TraceContext;
 use crate::http::{text, timestamp};
+use crate::ids::UserId;
 
 /// How long an e-mail claim may wait for its user row before another sign-up may take it over.
 /// Longer than any request can take, so a claim is only taken over when its request is gone.
@@ -47,7 +47,8 @@ pub struct UpdateUser {
 /// The answer to a sign-up: the only time the token is ever shown.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedUser {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: UserId,
     /// The user's bearer token. Keep it: it is stored only as a hash and cannot be shown again.
     pub token: String,
     pub name: String,
@@ -57,7 +58,7 @@ pub struct CreatedUser {
 }
 
 /// Public profiles (no e-mail), by user id: cache-aside, invalidated by the owner's changes.
-pub type ProfileCache = keel_cache::Cache<Uuid, Arc<Profile>>;
+pub type ProfileCache = keel_cache::Cache<UserId, Arc<Profile>>;
 
 /// What the users' handlers reach (a part of [`crate::state::AppState`]).
 #[derive(Clone)]
@@ -69,7 +70,8 @@ pub struct UsersState {
 /// A profile. `email` is present only when the owner asks.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Profile {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: UserId,
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
@@ -83,7 +85,7 @@ const PROFILE_COLUMNS: &str = "id, name, email, bio, created_at, updated_at";
 impl Profile {
     fn from_row(row: &Row, show_email: bool) -> Profile {
         Profile {
-            id: row.get::<_, Uuid>("id").to_string(),
+            id: row.get("id"),
             name: row.get("name"),
             email: show_email.then(|| row.get("email")),
             bio: row.get("bio"),
@@ -108,7 +110,7 @@ pub async fn create_user(
     let email = Email::parse(&input.email).map_err(|why| ApiError::invalid("email", &why))?;
     let email = email.as_str().to_owned();
     let bio = text("bio", input.bio.as_deref().unwrap_or(""), 0, 1000)?;
-    let id = Uuid::now_v7();
+    let id = UserId::new();
     let (token, token_digest) = new_user_token(id);
 
     claim_email(&state, &email, id).await?;
@@ -141,13 +143,13 @@ pub async fn create_user(
             return Err(e);
         }
     };
-    let body = CreatedUser { id: id.to_string(), token, name, email, bio, created_at: timestamp(created_at) };
+    let body = CreatedUser { id, token, name, email, bio, created_at: timestamp(created_at) };
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/users/{id}"))], Json(body)))
 }
 
 /// Claims `email` for `user` in the catalogue's lookup table. A claim whose user never appeared on its
 /// shard (the sign-up crashed between the two writes) is taken over once it is old enough.
-async fn claim_email(state: &UsersState, email: &str, user: Uuid) -> Result<(), ApiError> {
+async fn claim_email(state: &UsersState, email: &str, user: UserId) -> Result<(), ApiError> {
     let catalog = state.db.catalog.client().await?;
     let claimed = catalog
         .maybe_row(
@@ -171,7 +173,7 @@ async fn claim_email(state: &UsersState, email: &str, user: Uuid) -> Result<(), 
     else {
         return Err(taken());
     };
-    let holder: Uuid = claim.get("user_id");
+    let holder: UserId = claim.get("user_id");
     if !claim.get::<_, bool>("abandoned") || user_exists(state, holder).await? {
         return Err(taken());
     }
@@ -190,7 +192,7 @@ async fn claim_email(state: &UsersState, email: &str, user: Uuid) -> Result<(), 
 
 /// Undoes a claim after the user row could not be written. Best effort: a claim left behind is
 /// taken over later by [`claim_email`].
-async fn release_email(state: &UsersState, email: &str, user: Uuid) {
+async fn release_email(state: &UsersState, email: &str, user: UserId) {
     let result = async {
         let catalog = state.db.catalog.client().await?;
         catalog.exec("DELETE FROM user_emails WHERE email = $1 AND user_id = $2", &[&email, &user]).await?;
@@ -202,7 +204,7 @@ async fn release_email(state: &UsersState, email: &str, user: Uuid) {
     }
 }
 
-async fn user_exists(state: &UsersState, user: Uuid) -> Result<bool, ApiError> {
+async fn user_exists(state: &UsersState, user: UserId) -> Result<bool, ApiError> {
     let client = state.db.shard_of(user).client().await?;
     Ok(client.maybe_row("SELECT 1 FROM users WHERE id = $1", &[&user]).await?.is_some())
 }
@@ -219,7 +221,7 @@ pub async fn get_user(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let id = parse_id("user", &id)?;
+    let id = parse_id::<UserId>("user", &id)?;
     if caller.user() == Some(id) {
         // The owner reads their own writes on any node: from the shard, around the cache.
         let profile = load_profile(&state, id, true).await?;
@@ -230,7 +232,7 @@ pub async fn get_user(
     Ok((cache_headers(served), Json((*profile).clone())))
 }
 
-async fn load_profile(state: &UsersState, id: Uuid, show_email: bool) -> Result<Profile, ApiError> {
+async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Result<Profile, ApiError> {
     let client = state.db.shard_of(id).client().await?;
     let row = client
         .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
@@ -254,7 +256,7 @@ pub async fn update_user(
     Path(id): Path<String>,
     Json(input): Json<UpdateUser>,
 ) -> Result<Json<Profile>, ApiError> {
-    let id = parse_id("user", &id)?;
+    let id = parse_id::<UserId>("user", &id)?;
     if caller != id {
         return Err(ApiError::Forbidden("only the owner may change a profile".into()));
     }

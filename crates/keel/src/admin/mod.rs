@@ -92,7 +92,7 @@ pub async fn retry_job(
     _: Admin,
     Path(id): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
-    let id = parse_id("dead job", &id)?;
+    let id = parse_id::<uuid::Uuid>("dead job", &id)?;
     // A job id does not say which database holds it: ask each.
     for db in state.db.all() {
         let client = db.client().await?;

@@ -13,7 +13,8 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use keel_shard::{Router, ShardMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
-use uuid::Uuid;
+
+use crate::ids::UserId;
 
 pub use deadpool_postgres::Transaction;
 pub use tokio_postgres::Error as PgError;
@@ -171,8 +172,9 @@ impl Databases {
         Ok(Databases { catalog, shards })
     }
 
-    /// The shard database that owns a user.
-    pub fn shard_of(&self, user: Uuid) -> &Db {
+    /// The shard database that owns a user. Only a user id routes: whatever else lives on a shard
+    /// lives there with its user.
+    pub fn shard_of(&self, user: UserId) -> &Db {
         self.shards.route(&shard_key(user)).handle
     }
 
@@ -215,14 +217,14 @@ pub async fn seed_shard_map(catalog: &Db, shards: usize) -> Result<(), ConnectEr
 
 /// What a user id is hashed as: its canonical text form, so that the bucket can be computed by any
 /// tool from the id as the API shows it.
-pub fn shard_key(user: Uuid) -> [u8; 36] {
+pub fn shard_key(user: UserId) -> [u8; 36] {
     let mut key = [0u8; 36];
-    user.hyphenated().encode_lower(&mut key);
+    user.as_uuid().hyphenated().encode_lower(&mut key);
     key
 }
 
 /// The virtual bucket of a user, as stored beside the user's row.
-pub fn bucket_of(user: Uuid) -> i16 {
+pub fn bucket_of(user: UserId) -> i16 {
     keel_shard::Bucket::of(&shard_key(user)).index() as i16
 }
 

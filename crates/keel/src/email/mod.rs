@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::db::{Databases, Db, DbError, Sql};
 use crate::events::{Event, FailureReason, OrderConfirmed, OrderFailed, UserRegistered};
+use crate::ids::{OrderId, ProductId, UserId};
 pub use address::Email;
 pub use mailer::{Mail, Mailer};
 
@@ -58,7 +59,7 @@ impl UserEvent {
     }
 
     /// Whom the e-mail is for.
-    fn user(&self) -> Uuid {
+    fn user(&self) -> UserId {
         match self {
             UserEvent::Registered(e) => e.user_id,
             UserEvent::Confirmed(e) => e.user_id,
@@ -150,13 +151,13 @@ struct Recipient {
 }
 
 /// Whom a user's e-mail goes to, if the user exists.
-async fn recipient(shard: &impl Sql, user: Uuid) -> Result<Option<Recipient>, DbError> {
+async fn recipient(shard: &impl Sql, user: UserId) -> Result<Option<Recipient>, DbError> {
     let row = shard.maybe_row("SELECT name, email FROM users WHERE id = $1", &[&user]).await?;
     Ok(row.map(|row| Recipient { name: row.get(0), email: row.get(1) }))
 }
 
 /// The order's total and its items (product, quantity, unit price).
-async fn order_lines(shard: &impl Sql, order: Uuid) -> Result<(i64, Vec<(Uuid, i32, i64)>), DbError> {
+async fn order_lines(shard: &impl Sql, order: OrderId) -> Result<(i64, Vec<(ProductId, i32, i64)>), DbError> {
     let total: i64 = shard.row("SELECT total_cents FROM orders WHERE id = $1", &[&order]).await?.get(0);
     let items = shard
         .rows(
@@ -171,8 +172,8 @@ async fn order_lines(shard: &impl Sql, order: Uuid) -> Result<(i64, Vec<(Uuid, i
 }
 
 /// The names of the items' products, as the catalogue has them now.
-async fn product_names(catalog: &Db, items: &[(Uuid, i32, i64)]) -> Result<HashMap<Uuid, String>, DbError> {
-    let products: Vec<Uuid> = items.iter().map(|(product, ..)| *product).collect();
+async fn product_names(catalog: &Db, items: &[(ProductId, i32, i64)]) -> Result<HashMap<ProductId, String>, DbError> {
+    let products: Vec<ProductId> = items.iter().map(|(product, ..)| *product).collect();
     let names = catalog
         .client()
         .await?
@@ -187,10 +188,10 @@ async fn product_names(catalog: &Db, items: &[(Uuid, i32, i64)]) -> Result<HashM
 fn receipt(
     to: Mailbox,
     name: &str,
-    order: Uuid,
+    order: OrderId,
     total: i64,
-    items: Vec<(Uuid, i32, i64)>,
-    names: &HashMap<Uuid, String>,
+    items: Vec<(ProductId, i32, i64)>,
+    names: &HashMap<ProductId, String>,
 ) -> Mail {
     let mut body = format!("Hello {name},\n\nthank you for your order\n\n  {order}\n\n");
     for (product, quantity, price) in items {

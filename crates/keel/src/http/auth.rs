@@ -10,10 +10,10 @@ use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use super::error::ApiError;
 use crate::db::{Databases, Sql};
+use crate::ids::UserId;
 
 /// A SHA-256 digest, compared instead of the secret it came from.
 pub type Digest32 = [u8; 32];
@@ -33,7 +33,7 @@ pub fn digest(secret: &str) -> Digest32 {
 }
 
 /// A new user token and the digest of its secret, the part to store.
-pub fn new_user_token(user: Uuid) -> (String, Digest32) {
+pub fn new_user_token(user: UserId) -> (String, Digest32) {
     let mut secret = [0u8; 32];
     keel_random::secure_bytes(&mut secret);
     let secret = hex(&secret);
@@ -57,11 +57,11 @@ pub fn hex(bytes: &[u8]) -> String {
 pub enum Caller {
     Anonymous,
     Admin,
-    User(Uuid),
+    User(UserId),
 }
 
 impl Caller {
-    pub fn user(self) -> Option<Uuid> {
+    pub fn user(self) -> Option<UserId> {
         match self {
             Caller::User(id) => Some(id),
             _ => None,
@@ -93,10 +93,10 @@ where
     }
 }
 
-async fn verify_user_token(db: &Databases, token: &str) -> Result<Uuid, ApiError> {
+async fn verify_user_token(db: &Databases, token: &str) -> Result<UserId, ApiError> {
     let invalid = || ApiError::Unauthorized("the bearer token is not valid".into());
     let (id, secret) = token.split_once('.').ok_or_else(invalid)?;
-    let id = Uuid::try_parse(id).map_err(|_| invalid())?;
+    let id: UserId = id.parse().map_err(|_| invalid())?;
     let client = db.shard_of(id).client().await?;
     let row = client.maybe_row("SELECT token_hash FROM users WHERE id = $1", &[&id]).await?;
     let stored: Vec<u8> = row.ok_or_else(invalid)?.get(0);
@@ -127,7 +127,7 @@ where
 }
 
 /// A caller that must be a user: the id of the user.
-pub struct AuthUser(pub Uuid);
+pub struct AuthUser(pub UserId);
 
 impl<S> FromRequestParts<S> for AuthUser
 where

@@ -404,9 +404,10 @@ fn path_expected(rust_type: &str) -> String {
     }
 }
 
-/// Parses a resource id from a path. An id that is not a UUID names nothing: 404, not 400.
-pub fn parse_id(what: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::try_parse(raw).map_err(|_| ApiError::not_found(what, raw))
+/// Parses a resource id from a path, as the type of id it is (`parse_id::<ProductId>("product", raw)`).
+/// An id that does not parse (not a UUID) names nothing: 404, not 400.
+pub fn parse_id<Id: std::str::FromStr>(what: &str, raw: &str) -> Result<Id, ApiError> {
+    raw.parse().map_err(|_| ApiError::not_found(what, raw))
 }
 
 /// serde_json's deserializer, except that a struct must be a JSON object: serde would also take an

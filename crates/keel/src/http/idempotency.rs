@@ -10,10 +10,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 use crate::db::{Sql, Transaction};
 use crate::http::error::ApiError;
+use crate::ids::UserId;
 
 pub const HEADER: &str = "idempotency-key";
 
@@ -57,7 +57,7 @@ pub fn request_hash(operation: &str, input: &impl Serialize) -> Vec<u8> {
 }
 
 /// Takes `key` for this transaction, or finds what it answered before.
-pub async fn claim(tx: &Transaction<'_>, user: Uuid, key: &str, hash: &[u8]) -> Result<Claim, ApiError> {
+pub async fn claim(tx: &Transaction<'_>, user: UserId, key: &str, hash: &[u8]) -> Result<Claim, ApiError> {
     let inserted = tx
         .maybe_row(
             "INSERT INTO idempotency_keys (user_id, key, request_hash, status_code, response)
@@ -87,7 +87,7 @@ pub async fn claim(tx: &Transaction<'_>, user: Uuid, key: &str, hash: &[u8]) -> 
 /// from the very bytes stored, so the first answer and every replay are identical.
 pub async fn store(
     tx: &Transaction<'_>,
-    user: Uuid,
+    user: UserId,
     key: &str,
     status: StatusCode,
     location: Option<String>,

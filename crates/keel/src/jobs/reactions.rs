@@ -1,23 +1,23 @@
 //! What follows an event besides the checkout saga: the search index, webhooks and e-mail.
 
 use keel_outbox::{Job, JobError};
-use uuid::Uuid;
 
 use super::JobContext;
 use crate::db::{Db, DbError};
 use crate::email;
+use crate::ids::ProductId;
 use crate::{search, webhooks};
 
 /// Product events, in the catalogue: the product's search document and the webhook deliveries
 /// are written in one transaction, so they happen together, once.
 pub async fn on_catalog_event(ctx: &JobContext, job: &Job) -> Result<(), JobError> {
-    let product = Uuid::parse_str(&job.aggregate_id).map_err(|_| "the event is not about a product")?;
+    let product: ProductId = job.aggregate_id.parse().map_err(|_| "the event is not about a product")?;
     index_and_fan_out(&ctx.db.catalog, product, job).await?;
     search::record_index_lag(job.created_at);
     Ok(())
 }
 
-async fn index_and_fan_out(catalog: &Db, product: Uuid, job: &Job) -> Result<(), DbError> {
+async fn index_and_fan_out(catalog: &Db, product: ProductId, job: &Job) -> Result<(), DbError> {
     let mut client = catalog.client().await?;
     let tx = client.transaction().await?;
     search::index_product(&tx, product).await?;

@@ -13,6 +13,7 @@ use keel_crdt::PnCounter;
 use uuid::Uuid;
 
 use crate::db::{Db, DbError, Sql};
+use crate::ids::ProductId;
 
 /// How long a counted like may wait in memory: the loss window of a crash.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -29,7 +30,7 @@ pub struct LikeCounter {
     /// its old name and start again from zero.
     node: String,
     /// Per product, a PN-counter holding this node's component: the likes and unlikes it accepted.
-    counts: WriteBack<Uuid, PnCounter<String>>,
+    counts: WriteBack<ProductId, PnCounter<String>>,
     /// Per product, the other nodes' components as last merged from the catalogue.
     others: RwLock<Others>,
     /// Counts read since start (the consistency table's "hits": every read is served from memory).
@@ -38,7 +39,7 @@ pub struct LikeCounter {
 
 #[derive(Default)]
 struct Others {
-    counters: HashMap<Uuid, PnCounter<String>>,
+    counters: HashMap<ProductId, PnCounter<String>>,
     /// The newest `updated_at` merged so far (the catalogue's clock).
     seen_until: Option<SystemTime>,
     merged_at: Option<Instant>,
@@ -65,7 +66,7 @@ impl LikeCounter {
         self.counts.loss_window()
     }
 
-    pub fn record(&self, product: Uuid, like: bool) {
+    pub fn record(&self, product: ProductId, like: bool) {
         self.counts.update(product, |counter| {
             if like {
                 counter.increment(&self.node, 1);
@@ -76,13 +77,13 @@ impl LikeCounter {
     }
 
     /// This node's net contribution to `product`'s count, flushed or not.
-    fn local_net(&self, product: Uuid) -> i64 {
+    fn local_net(&self, product: ProductId) -> i64 {
         self.counts.read(&product, |counter| counter.map_or(0, PnCounter::value))
     }
 
     /// `product`'s like count as this node sees it: the other nodes' components as last merged, and
     /// its own.
-    pub fn count(&self, product: Uuid) -> i64 {
+    pub fn count(&self, product: ProductId) -> i64 {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let others = self.others.read().unwrap().counters.get(&product).map_or(0, PnCounter::value);
         others + self.local_net(product)
@@ -148,8 +149,8 @@ impl LikeCounter {
 
     /// Writes the changed components. Components are cumulative, so a write is idempotent and an
     /// older one never lowers a newer (`greatest`): the merge of a G-counter, in SQL.
-    async fn write(&self, catalog: &Db, batch: Vec<(Uuid, PnCounter<String>)>) -> Result<(), DbError> {
-        let mut columns: (Vec<Uuid>, Vec<i64>, Vec<i64>) = Default::default();
+    async fn write(&self, catalog: &Db, batch: Vec<(ProductId, PnCounter<String>)>) -> Result<(), DbError> {
+        let mut columns: (Vec<ProductId>, Vec<i64>, Vec<i64>) = Default::default();
         for (product, counter) in batch {
             let (likes, unlikes) = counter.component(&self.node);
             columns.0.push(product);

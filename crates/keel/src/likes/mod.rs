@@ -13,19 +13,19 @@ pub mod counter;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use uuid::Uuid;
 
 use crate::catalog::CatalogState;
 use crate::db::Sql;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Path};
+use crate::ids::{ProductId, UserId};
 pub use counter::{LikeCounter, FLUSH_INTERVAL, MERGE_INTERVAL};
 
 /// Records that `user` likes (or no longer likes) the product, and counts the change if there was
 /// one. The product must exist; that is checked against the product cache, not the database.
-async fn set_like(state: &CatalogState, user: Uuid, id: &str, like: bool) -> Result<StatusCode, ApiError> {
-    let product = parse_id("product", id)?;
+async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> Result<StatusCode, ApiError> {
+    let product = parse_id::<ProductId>("product", id)?;
     crate::catalog::cached_product(state, product).await?;
     let client = state.db.shard_of(user).client().await?;
     let sql = if like {

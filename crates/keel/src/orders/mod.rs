@@ -12,7 +12,6 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::carts::load_cart;
 use crate::db::{PgError, Sql};
@@ -24,11 +23,13 @@ use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::idempotency::{self, Claim, IdempotencyKey};
 use crate::http::trace::TraceContext;
 use crate::http::{timestamp, Page, PageParams};
+use crate::ids::{OrderId, ProductId};
 use crate::state::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: OrderId,
     /// Always `pending`: the saga decides.
     #[schema(value_type = String)]
     pub status: OrderStatus,
@@ -36,7 +37,8 @@ pub struct Accepted {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, Clone)]
 pub struct OrderItem {
-    pub product_id: String,
+    #[schema(value_type = String)]
+    pub product_id: ProductId,
     pub quantity: i64,
     /// The price when the order was placed.
     pub price_cents: i64,
@@ -44,7 +46,8 @@ pub struct OrderItem {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Order {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: OrderId,
     /// `pending`, `confirmed` or `failed`.
     #[schema(value_type = String)]
     pub status: OrderStatus,
@@ -62,7 +65,7 @@ const ORDER_COLUMNS: &str = "id, status, total_cents, failure_reason, created_at
 /// An order from its row; an error if the row holds a status or reason this version does not know.
 fn order_from_row(row: &Row, items: Vec<OrderItem>) -> Result<Order, PgError> {
     Ok(Order {
-        id: row.get::<_, Uuid>("id").to_string(),
+        id: row.get("id"),
         status: row.try_get("status")?,
         items,
         total_cents: row.get("total_cents"),
@@ -73,7 +76,7 @@ fn order_from_row(row: &Row, items: Vec<OrderItem>) -> Result<Order, PgError> {
 }
 
 /// The items of many orders in one query.
-async fn items_of(client: &impl Sql, orders: &[Uuid]) -> Result<HashMap<Uuid, Vec<OrderItem>>, ApiError> {
+async fn items_of(client: &impl Sql, orders: &[OrderId]) -> Result<HashMap<OrderId, Vec<OrderItem>>, ApiError> {
     let rows = client
         .rows(
             "SELECT order_id, product_id, quantity, price_cents FROM order_items WHERE order_id = ANY($1)
@@ -81,10 +84,10 @@ async fn items_of(client: &impl Sql, orders: &[Uuid]) -> Result<HashMap<Uuid, Ve
             &[&orders],
         )
         .await?;
-    let mut items: HashMap<Uuid, Vec<OrderItem>> = HashMap::new();
+    let mut items: HashMap<OrderId, Vec<OrderItem>> = HashMap::new();
     for row in rows {
         items.entry(row.get(0)).or_default().push(OrderItem {
-            product_id: row.get::<_, Uuid>(1).to_string(),
+            product_id: row.get(1),
             quantity: i64::from(row.get::<_, i32>(2)),
             price_cents: row.get(3),
         });
@@ -121,13 +124,8 @@ pub async fn checkout(
         // Rolled back with the key, so the key can be used again once the cart has something in it.
         return Err(ApiError::Unprocessable("the cart is empty: add items before checking out".into()));
     }
-    let id = Uuid::now_v7();
-    let products: Vec<Uuid> = cart
-        .items
-        .iter()
-        .map(|i| Uuid::parse_str(&i.product_id))
-        .collect::<Result<_, _>>()
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let id = OrderId::new();
+    let products: Vec<ProductId> = cart.items.iter().map(|i| i.product_id).collect();
     let quantities: Vec<i32> = cart.items.iter().map(|i| i.quantity as i32).collect();
     let prices: Vec<i64> = cart.items.iter().map(|i| i.price_cents).collect();
     tx.exec(
@@ -142,7 +140,7 @@ pub async fn checkout(
     let placed = OrderPlaced { order_id: id, user_id: user };
     keel_outbox::enqueue(&tx, &events::event(&placed, id, Some(trace.traceparent()))).await?;
     let location = format!("/v1/orders/{id}");
-    let accepted = Accepted { id: id.to_string(), status: OrderStatus::Pending };
+    let accepted = Accepted { id, status: OrderStatus::Pending };
     let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
     tx.commit().await?;
     Ok(response)
@@ -158,7 +156,7 @@ pub async fn get_order(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
-    let id = parse_id("order", &id)?;
+    let id = parse_id::<OrderId>("order", &id)?;
     let client = state.db.shard_of(user).client().await?;
     // Another user's order is simply not found: its existence is not theirs to learn.
     let row = client
@@ -182,6 +180,7 @@ pub async fn list_orders(
     Query(params): Query<PageParams>,
 ) -> Result<Json<Page<Order>>, ApiError> {
     let (limit, before) = params.validate()?;
+    let before = before.map(OrderId::from_uuid);
     let client = state.db.shard_of(user).client().await?;
     let rows = client
         .rows(
@@ -192,14 +191,14 @@ pub async fn list_orders(
             &[&user, &before, &(limit + 1)],
         )
         .await?;
-    let ids: Vec<Uuid> = rows.iter().take(limit as usize).map(|r| r.get("id")).collect();
+    let ids: Vec<OrderId> = rows.iter().take(limit as usize).map(|r| r.get("id")).collect();
     let mut items = items_of(&client, &ids).await?;
     // A row that cannot be read fails the whole page.
     let page = Page::from_rows(
         rows,
         limit,
-        |row| order_from_row(row, items.remove(&row.get::<_, Uuid>("id")).unwrap_or_default()),
-        |order| order.as_ref().map(|o| o.id.clone()).unwrap_or_default(),
+        |row| order_from_row(row, items.remove(&row.get::<_, OrderId>("id")).unwrap_or_default()),
+        |order| order.as_ref().map(|o| o.id.to_string()).unwrap_or_default(),
     );
     Ok(Json(Page { items: page.items.into_iter().collect::<Result<_, _>>()?, next_cursor: page.next_cursor }))
 }

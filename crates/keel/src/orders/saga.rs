@@ -9,21 +9,21 @@
 //! order only finishes the release.
 
 use keel_outbox::{Job, JobError, NewJob};
-use uuid::Uuid;
 
 use crate::carts::CartCache;
 use crate::db::{Databases, Db, DbError, Sql, Transaction};
 use crate::events::{self, Event, OrderConfirmed, OrderFailed, OrderPlaced, ProductStockChanged};
+use crate::ids::{OrderId, ProductId, UserId};
 use crate::orders::{FailureReason, OrderStatus};
 
 struct Item {
-    product: Uuid,
+    product: ProductId,
     quantity: i32,
 }
 
 struct PlacedOrder {
-    id: Uuid,
-    user: Uuid,
+    id: OrderId,
+    user: UserId,
     status: OrderStatus,
     total_cents: i64,
     items: Vec<Item>,
@@ -60,7 +60,7 @@ async fn advance(db: &Databases, shard: &Db, carts: &CartCache, order: &PlacedOr
     Ok(())
 }
 
-async fn load(shard: &Db, id: Uuid, user: Uuid) -> Result<Option<PlacedOrder>, DbError> {
+async fn load(shard: &Db, id: OrderId, user: UserId) -> Result<Option<PlacedOrder>, DbError> {
     let client = shard.client().await?;
     let Some(row) = client
         .maybe_row("SELECT status, total_cents FROM orders WHERE id = $1 AND user_id = $2", &[&id, &user])
@@ -86,10 +86,10 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, D
     if held.is_some() {
         return Ok(true);
     }
-    let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
+    let products: Vec<ProductId> = order.items.iter().map(|i| i.product).collect();
     let quantities: Vec<i32> = order.items.iter().map(|i| i.quantity).collect();
     // Row locks in product order: two sagas over the same products can wait, never deadlock.
-    let stock: std::collections::HashMap<Uuid, i64> = tx
+    let stock: std::collections::HashMap<ProductId, i64> = tx
         .rows(
             "SELECT product_id, stock FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
             &[&products],
@@ -109,7 +109,7 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, D
             &[&products, &quantities],
         )
         .await?;
-    let sold_out: Vec<Uuid> = left.iter().filter(|r| r.get::<_, i64>(1) == 0).map(|r| r.get(0)).collect();
+    let sold_out: Vec<ProductId> = left.iter().filter(|r| r.get::<_, i64>(1) == 0).map(|r| r.get(0)).collect();
     announce_stock_changes(&tx, &sold_out, job).await?;
     // A concurrent run of the same order fails here on the primary key, and its decrement with it.
     tx.exec(
@@ -143,7 +143,7 @@ async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result
         tx.commit().await?;
         return Ok(false);
     }
-    let products: Vec<Uuid> = order.items.iter().map(|i| i.product).collect();
+    let products: Vec<ProductId> = order.items.iter().map(|i| i.product).collect();
     tx.exec(
         "INSERT INTO wallet_debits (order_id, user_id, amount_cents) VALUES ($1, $2, $3)",
         &[&order.id, &order.user, &order.total_cents],
@@ -175,7 +175,7 @@ async fn fail(shard: &Db, order: &PlacedOrder, reason: FailureReason, job: &Job)
 
 /// The order's status, its row locked until the transaction ends: the saga's steps on the order
 /// row run one at a time, and each sees where the others left it.
-async fn locked_status(tx: &Transaction<'_>, order: Uuid) -> Result<OrderStatus, DbError> {
+async fn locked_status(tx: &Transaction<'_>, order: OrderId) -> Result<OrderStatus, DbError> {
     Ok(tx.row("SELECT status FROM orders WHERE id = $1 FOR UPDATE", &[&order]).await?.try_get(0)?)
 }
 
@@ -196,12 +196,12 @@ async fn set_failed(
 }
 
 /// An event caused by `job`, carrying its trace context on.
-fn follow_up<E: Event>(payload: &E, aggregate: Uuid, job: &Job) -> NewJob {
+fn follow_up<E: Event>(payload: &E, aggregate: impl ToString, job: &Job) -> NewJob {
     events::event(payload, aggregate, job.traceparent.clone())
 }
 
 /// Gives back the stock of a failed order, once.
-async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), DbError> {
+async fn release(catalog: &Db, order: OrderId, job: &Job) -> Result<(), DbError> {
     let mut client = catalog.client().await?;
     let tx = client.transaction().await?;
     let released = tx
@@ -214,7 +214,7 @@ async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), DbError> {
     if released.is_empty() {
         return Ok(());
     }
-    let products: Vec<Uuid> = released.iter().map(|r| r.get(0)).collect();
+    let products: Vec<ProductId> = released.iter().map(|r| r.get(0)).collect();
     let quantities: Vec<i32> = released.iter().map(|r| r.get(1)).collect();
     tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products]).await?;
     let now = tx
@@ -225,7 +225,7 @@ async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), DbError> {
             &[&products, &quantities],
         )
         .await?;
-    let back: Vec<Uuid> =
+    let back: Vec<ProductId> =
         now.iter().filter(|r| r.get::<_, i64>(1) == i64::from(r.get::<_, i32>(2))).map(|r| r.get(0)).collect();
     announce_stock_changes(&tx, &back, job).await?;
     tx.commit().await?;
@@ -234,7 +234,7 @@ async fn release(catalog: &Db, order: Uuid, job: &Job) -> Result<(), DbError> {
 
 /// Tells the search index about products that sold out or came back in stock. Other stock changes
 /// do not change what search shows, so they cost no event.
-async fn announce_stock_changes(tx: &Transaction<'_>, products: &[Uuid], job: &Job) -> Result<(), DbError> {
+async fn announce_stock_changes(tx: &Transaction<'_>, products: &[ProductId], job: &Job) -> Result<(), DbError> {
     for &product in products {
         let changed = ProductStockChanged { product_id: product, stock: None };
         keel_outbox::enqueue(tx, &follow_up(&changed, product, job)).await?;

@@ -219,7 +219,7 @@ pub async fn delete_subscription(
     _: Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id("webhook", &id)?;
+    let id = parse_id::<Uuid>("webhook", &id)?;
     let client = state.db.catalog.client().await?;
     match client.exec("DELETE FROM webhook_subscriptions WHERE id = $1", &[&id]).await? {
         0 => Err(ApiError::not_found("webhook", &id.to_string())),
@@ -248,7 +248,7 @@ pub async fn list_deliveries(
     Path(id): Path<String>,
     Query(params): Query<PageParams>,
 ) -> Result<Json<Page<Delivery>>, ApiError> {
-    let id = parse_id("webhook", &id)?;
+    let id = parse_id::<Uuid>("webhook", &id)?;
     let (limit, before) = params.validate()?;
     let client = state.db.catalog.client().await?;
     subscription_exists(&client, id).await?;
@@ -275,8 +275,8 @@ pub async fn retry_delivery(
     _: Admin,
     Path((id, delivery)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Delivery>), ApiError> {
-    let id = parse_id("webhook", &id)?;
-    let delivery = parse_id("delivery", &delivery)?;
+    let id = parse_id::<Uuid>("webhook", &id)?;
+    let delivery = parse_id::<Uuid>("delivery", &delivery)?;
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
     let status: DeliveryStatus = tx
