@@ -9,6 +9,7 @@ use crate::app::Application;
 use crate::config::{parse_listen, Config};
 use crate::db::{self, Databases};
 use crate::shutdown::shutdown_signal;
+use crate::Fatal;
 
 #[derive(Parser)]
 #[command(name = "keel", version, about = "A high-throughput commerce backend on sharded PostgreSQL")]
@@ -67,8 +68,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load_config(command: &Command) -> Result<Config, String> {
-    let mut config = Config::load().map_err(|e| e.to_string())?;
+fn load_config(command: &Command) -> Result<Config, Fatal> {
+    let mut config = Config::load()?;
     if let Command::Up { data_dir, listen } = command {
         if let Some(dir) = data_dir {
             config.data_dir = dir.clone();
@@ -80,12 +81,12 @@ fn load_config(command: &Command) -> Result<Config, String> {
     Ok(config)
 }
 
-async fn run(command: Command, config: Config) -> Result<(), String> {
+async fn run(command: Command, config: Config) -> Result<(), Fatal> {
     match command {
         Command::Up { .. } => crate::embedded::up(config).await,
         Command::Migrate => {
             let (catalog, shards) = external_databases(&config)?;
-            db::migrate_all(catalog, shards).await.map_err(|e| e.to_string())?;
+            db::migrate_all(catalog, shards).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
@@ -95,22 +96,22 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
                 .admin_token
                 .clone()
                 .ok_or("KEEL_ADMIN_TOKEN is not set: `keel serve` needs the admin token from configuration")?;
-            let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
-            let app = Application::build(config.clone(), databases, &admin_token).await.map_err(|e| e.to_string())?;
+            let databases = Databases::open(catalog, shards, config.db_pool_size).await?;
+            let app = Application::build(config.clone(), databases, &admin_token).await?;
             tracing::info!(address = %app.local_addr(), "serving");
-            app.run_until_stopped(shutdown_signal()).await.map_err(|e| e.to_string())
+            Ok(app.run_until_stopped(shutdown_signal()).await?)
         }
         Command::Worker => {
             let (catalog, shards) = external_databases(&config)?;
-            let databases = Databases::open(catalog, shards, config.db_pool_size).await.map_err(|e| e.to_string())?;
+            let databases = Databases::open(catalog, shards, config.db_pool_size).await?;
             crate::telemetry::init_metrics();
             let config = std::sync::Arc::new(config);
-            crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await
+            Ok(crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await?)
         }
     }
 }
 
-fn external_databases(config: &Config) -> Result<(&str, &[String]), String> {
+fn external_databases(config: &Config) -> Result<(&str, &[String]), Fatal> {
     let catalog = config.catalog_url.as_deref().ok_or("KEEL_CATALOG_URL is not set")?;
     if config.shard_urls.is_empty() {
         return Err("KEEL_SHARD_URLS is not set: give the shard databases, comma-separated".into());

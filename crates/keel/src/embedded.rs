@@ -11,6 +11,7 @@ use crate::app::{serve_with_workers, Application};
 use crate::config::Config;
 use crate::db::{self, Databases};
 use crate::http::auth::new_admin_token;
+use crate::Fatal;
 
 /// `keel up` creates this many user shards, so that sharding is exercised from the first run.
 pub const SHARDS: usize = 2;
@@ -22,17 +23,15 @@ pub fn shard_db(i: usize) -> String {
     format!("keel_shard_{i}")
 }
 
-pub async fn up(mut config: Config) -> Result<(), String> {
+pub async fn up(mut config: Config) -> Result<(), Fatal> {
     // Locally, people try webhooks against a receiver on their own machine.
     config.webhook_allow_loopback.get_or_insert(true);
     let data_dir = absolute(&config.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {} (KEEL_DATA_DIR): {e}", data_dir.display()))?;
     let spec = cluster_spec(&data_dir);
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start(spec))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("PostgreSQL: {e}"))?;
+    let cluster =
+        tokio::task::spawn_blocking(move || Cluster::start(spec)).await?.map_err(|e| format!("PostgreSQL: {e}"))?;
     let result = serve(&config, &data_dir, &cluster).await;
     // Keel's connections close as the pools and workers that held them are dropped, on this
     // runtime, just after serving ends: stopping PostgreSQL at once would cut some of them while
@@ -44,8 +43,7 @@ pub async fn up(mut config: Config) -> Result<(), String> {
     }
     tracing::info!("stopping PostgreSQL");
     tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(60)))
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .map_err(|e| format!("stopping PostgreSQL: {e}"))?;
     result
 }
@@ -60,7 +58,7 @@ fn cluster_spec(data_dir: &Path) -> ClusterSpec {
     spec
 }
 
-async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<(), String> {
+async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<(), Fatal> {
     let maintenance = cluster.connection_string("postgres");
     let catalog_url = cluster.connection_string(CATALOG_DB);
     let shard_urls: Vec<String> = (0..SHARDS).map(|i| cluster.connection_string(&shard_db(i))).collect();
@@ -69,19 +67,18 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
             tracing::info!(database = %name, "created database");
         }
     }
-    db::migrate_all(&catalog_url, &shard_urls).await.map_err(|e| e.to_string())?;
+    db::migrate_all(&catalog_url, &shard_urls).await?;
     let admin_token = admin_token(config, data_dir)?;
-    let databases = Databases::open(&catalog_url, &shard_urls, config.db_pool_size).await.map_err(|e| e.to_string())?;
-    let app = Application::build(config.clone(), databases, &admin_token).await.map_err(|e| e.to_string())?;
+    let databases = Databases::open(&catalog_url, &shard_urls, config.db_pool_size).await?;
+    let app = Application::build(config.clone(), databases, &admin_token).await?;
     tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
     eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
-    serve_with_workers(app).await.map_err(|e| e.to_string())
+    Ok(serve_with_workers(app).await?)
 }
 
 /// Waits until no client but this check is connected to the cluster, for at most `timeout`.
-async fn wait_for_clients_to_leave(maintenance_url: &str, timeout: Duration) -> Result<(), String> {
-    let (client, connection) =
-        tokio_postgres::connect(maintenance_url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+async fn wait_for_clients_to_leave(maintenance_url: &str, timeout: Duration) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(maintenance_url, tokio_postgres::NoTls).await?;
     let connection = tokio::spawn(connection);
     let deadline = tokio::time::Instant::now() + timeout;
     let others = loop {
@@ -90,8 +87,7 @@ async fn wait_for_clients_to_leave(maintenance_url: &str, timeout: Duration) -> 
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
                 &[],
             )
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .get(0);
         if others == 0 || tokio::time::Instant::now() >= deadline {
             break others;

@@ -16,6 +16,11 @@
 //!   serving and draining), [`jobs`] (which handler runs which job kind, and the worker runtime),
 //!   [`embedded`] (`keel up`) and [`cli`].
 
+/// An error that stops a process (at start-up, or while serving): shown to the operator and logged,
+/// never to an API client. Any error converts into it with `?`; a context that helps the operator
+/// (which setting, which step) is added where the error is met.
+pub type Fatal = Box<dyn std::error::Error + Send + Sync>;
+
 pub mod admin;
 pub mod app;
 pub mod carts;
