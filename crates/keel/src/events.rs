@@ -7,13 +7,9 @@
 //! JSON of an event is written and read through the same struct. The orders' stored states
 //! ([`OrderStatus`], [`FailureReason`]) are here too, as an event carries them.
 
-use std::fmt;
-use std::str::FromStr;
-
 use keel_outbox::{Job, JobError, NewJob};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio_postgres::types::{FromSql, Type};
 
 use crate::ids::{OrderId, ProductId, UserId};
 
@@ -147,82 +143,7 @@ impl Event for Ping {
     const NAME: &'static str = "keel.ping";
 }
 
-/// A stored text that names none of a type's values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{value:?} is not {what}")]
-pub struct UnknownValue {
-    what: &'static str,
-    value: String,
-}
-
-/// An enum stored as text: each value's text written once, in the table of the invocation, and
-/// used for the database (`as_str`, [`FromStr`], [`FromSql`]), JSON (serde through the same text)
-/// and [`fmt::Display`] alike.
-macro_rules! text_enum {
-    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$variant_meta:meta])* $variant:ident = $text:literal,)+ }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(into = "&'static str", try_from = "String")]
-        pub enum $name {
-            $($(#[$variant_meta])* $variant,)+
-        }
-
-        impl $name {
-            /// Every value.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The text stored in the database and shown in the API.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = UnknownValue;
-
-            fn from_str(text: &str) -> Result<$name, UnknownValue> {
-                match text {
-                    $($text => Ok($name::$variant),)+
-                    other => Err(UnknownValue { what: $what, value: other.to_owned() }),
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl From<$name> for &'static str {
-            fn from(value: $name) -> &'static str {
-                value.as_str()
-            }
-        }
-
-        impl TryFrom<String> for $name {
-            type Error = UnknownValue;
-
-            fn try_from(text: String) -> Result<$name, UnknownValue> {
-                text.parse()
-            }
-        }
-
-        impl<'a> FromSql<'a> for $name {
-            fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<$name, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(<&str as FromSql>::from_sql(ty, raw)?.parse()?)
-            }
-
-            fn accepts(ty: &Type) -> bool {
-                <&str as FromSql>::accepts(ty)
-            }
-        }
-    };
-}
-
-text_enum! {
+crate::text_enum::text_enum! {
     /// Where an order is: the saga moves it from pending to confirmed or failed, once.
     OrderStatus, "an order status" {
         Pending = "pending",
@@ -231,7 +152,7 @@ text_enum! {
     }
 }
 
-text_enum! {
+crate::text_enum::text_enum! {
     /// Why the saga failed an order.
     FailureReason, "a failure reason" {
         /// An item had less stock than the order asked for.
@@ -260,7 +181,7 @@ mod tests {
     }
 
     /// Writes `payload` as a job and reads it back; the JSON is what webhook receivers see.
-    fn round_trip<E: Event + PartialEq + fmt::Debug>(
+    fn round_trip<E: Event + PartialEq + std::fmt::Debug>(
         payload: E,
         aggregate: impl ToString,
         expected: serde_json::Value,

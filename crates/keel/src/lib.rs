@@ -42,6 +42,7 @@ pub mod search;
 pub mod shutdown;
 pub mod state;
 pub mod telemetry;
+pub mod text_enum;
 pub mod users;
 pub mod wallet;
 pub mod webhooks;
