@@ -38,6 +38,14 @@ pub enum DbError {
     Query(#[from] PgError),
 }
 
+/// In a job handler, a database failure fails the run: the job is retried on its kind's backoff.
+/// Every handler (the saga, e-mail, webhook deliveries, reactions) uses `?` on database results.
+impl From<DbError> for keel_outbox::JobError {
+    fn from(e: DbError) -> keel_outbox::JobError {
+        keel_outbox::JobError::from(e.to_string())
+    }
+}
+
 /// A pooled connection.
 pub type Client = deadpool_postgres::Client;
 

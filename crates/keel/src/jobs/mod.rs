@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crate::carts::CartCache;
 use crate::config::Config;
-use crate::db::{Databases, DbError};
+use crate::db::Databases;
 use crate::email;
 use crate::events::{
     Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged, ProductUpdated,
@@ -30,14 +30,6 @@ use crate::orders::saga;
 use crate::shutdown::Stop;
 use crate::webhooks::{self, delivery::Deliverer};
 use keel_outbox::{JetStream, Job, JobError, KindOptions, Registry, Runner, StreamRunner};
-
-/// A database failure fails the run: the job is retried on the kind's backoff. Handlers and their
-/// helpers use `?` on database results.
-impl From<DbError> for JobError {
-    fn from(e: DbError) -> JobError {
-        JobError::from(e.to_string())
-    }
-}
 
 /// What handlers can reach.
 pub struct JobContext {

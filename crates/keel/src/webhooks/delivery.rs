@@ -62,7 +62,7 @@ impl From<DeliveryError> for JobError {
         match e {
             DeliveryError::Endpoint { error, retry_in: Some(wait) } => JobError::retry_in(error, wait),
             DeliveryError::Endpoint { error, retry_in: None } => JobError::from(error),
-            DeliveryError::Db(e) => JobError::from(e.to_string()),
+            DeliveryError::Db(e) => JobError::from(e),
         }
     }
 }
