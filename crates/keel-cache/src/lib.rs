@@ -10,7 +10,14 @@
 //!   paper, in one process.
 //! - **Write-through**: [`Cache::put`] installs the committed value at once (and counts as an
 //!   invalidation for loads in flight, which might hold an older value).
-//! - **Single-flight**: concurrent misses of one key share one load.
+//! - **Versions that only grow** ([`Cache::versioned`]): when the source gives every value a
+//!   version bumped by each write (a counter column, never a timestamp), no older value is ever
+//!   installed over a newer one — here or in the shared tier (a compare-and-set there) — whatever
+//!   order concurrent writers and readers finish in; and a reader that knows the newest version it
+//!   must see ([`Cache::get_at_least`]: an owner reading their own writes) is never served an older one.
+//! - **Single-flight**: concurrent misses of one key share one load. A caller that gives up
+//!   (cancelled) takes its flight with it, and no caller ever joins a flight that has finished; a
+//!   caller that joined is told the true age and source of the value it was given.
 //! - **Jittered TTLs** (90–100% of the budget), so keys cached together do not expire together.
 //! - **Early refresh of hot keys (XFetch)**: a hit close to expiry is, with a probability that grows
 //!   as expiry nears and with the cost of the last load, treated as a miss by one caller, so a hot
@@ -19,14 +26,10 @@
 //!   exported as metrics labelled with the cache's kind.
 //! - **A shared tier** ([`Shared`], Redis, optional): values every node can read, and the channel
 //!   on which a node's writes invalidate the others' memory. See `shared.rs`.
-//! - **Write-back** ([`WriteBack`]): changes kept in memory and written in batches at most one
-//!   interval later and at shutdown; the interval is the declared loss window of a crash.
 
 mod shared;
-mod write_back;
 
-pub use shared::{Shared, SharedStats};
-pub use write_back::WriteBack;
+pub use shared::{Shared, SharedStats, Written};
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -51,8 +54,9 @@ pub enum Served {
     Hit { age: Duration, ttl_left: Duration, shared: bool },
     /// Loaded from the source by this caller.
     Miss,
-    /// Loaded from the source (or the shared tier) by a concurrent caller this one waited for.
-    Coalesced,
+    /// Loaded from the source (or the shared tier, `shared`) by a concurrent caller this one waited
+    /// for: how old that value is, and how long it may still be served.
+    Coalesced { age: Duration, ttl_left: Duration, shared: bool },
     /// Read from the source around the cache: the kind is kept only in the shared tier, which is
     /// absent or down (a stronger source, never a staler one).
     Bypass,
@@ -161,7 +165,12 @@ struct Local<K, V> {
     /// The generation at which every key was invalidated (a reconnect to the shared tier).
     cleared: AtomicU64,
     generation: AtomicU64,
+    /// Also the lock under which a versioned value is admitted and installed, so two installs of
+    /// one key cannot finish in the other order than they were admitted.
     flights: Mutex<HashMap<K, Flight<V>>>,
+    /// The newest version installed per key (versioned caches), kept longer than any value lives:
+    /// an older value is never installed after it.
+    newest: moka::sync::Cache<K, u64>,
 }
 
 impl<K, V> Local<K, V>
@@ -189,6 +198,45 @@ where
     fn still_current(&self, key: &K, ticket: u64) -> bool {
         self.cleared.load(Ordering::SeqCst) <= ticket && self.invalidated.get(key).is_none_or(|g| g <= ticket)
     }
+
+    /// Installs `entry` if its version (`None`: unversioned) is not older than the newest installed,
+    /// and `also` holds, atomically with respect to every other install of a versioned value.
+    fn install(&self, key: &K, entry: Entry<V>, version: Option<u64>, also: impl FnOnce() -> bool) -> bool {
+        let _admitting = self.flights.lock().unwrap();
+        if let Some(version) = version {
+            if self.newest.get(key).is_some_and(|newest| newest > version) || !also() {
+                return false;
+            }
+            self.newest.insert(key.clone(), version);
+        } else if !also() {
+            return false;
+        }
+        self.entries.insert(key.clone(), entry);
+        true
+    }
+
+    /// Whether a write of `version` is older than one this node already installed.
+    fn superseded(&self, key: &K, version: Option<u64>) -> bool {
+        version.is_some_and(|v| self.newest.get(key).is_some_and(|newest| newest > v))
+    }
+}
+
+/// Removes a flight from the map when its leader finishes *or is dropped mid-way* (a client that
+/// disconnected, a timeout): otherwise later callers would join a flight nobody drives, or one
+/// already finished, and be served its value as new.
+struct FlightGuard<'a, K: Hash + Eq, V> {
+    flights: &'a Mutex<HashMap<K, Flight<V>>>,
+    key: &'a K,
+    flight: Flight<V>,
+}
+
+impl<K: Hash + Eq, V> Drop for FlightGuard<'_, K, V> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().unwrap();
+        if flights.get(self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+            flights.remove(self.key);
+        }
+    }
 }
 
 /// The shared tier as one cache uses it.
@@ -215,6 +263,8 @@ pub struct Cache<K, V> {
     local: Arc<Local<K, V>>,
     keep_local: bool,
     tier2: Option<Tier2<K, V>>,
+    /// The version of a value, for caches whose source versions them ([`Cache::versioned`]).
+    version_of: Option<fn(&V) -> u64>,
     counters: Counters,
 }
 
@@ -241,14 +291,28 @@ where
             .build();
         let invalidated =
             moka::sync::Cache::builder().max_capacity(capacity).time_to_live(Duration::from_secs(120)).build();
+        let newest =
+            moka::sync::Cache::builder().max_capacity(capacity).time_to_live(ttl.max(Duration::from_secs(120))).build();
         let local = Local {
             entries,
             invalidated,
             cleared: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             flights: Mutex::default(),
+            newest,
         };
-        Cache { kind, ttl, local: Arc::new(local), keep_local: true, tier2: None, counters }
+        Cache { kind, ttl, local: Arc::new(local), keep_local: true, tier2: None, version_of: None, counters }
+    }
+
+    /// Values carry a version that every write at the source bumps: from now on an older value is
+    /// never installed over a newer one, in this node's memory or in the shared tier.
+    pub fn versioned(mut self, version_of: fn(&V) -> u64) -> Cache<K, V> {
+        self.version_of = Some(version_of);
+        self
+    }
+
+    fn version(&self, value: &V) -> Option<u64> {
+        self.version_of.map(|version_of| version_of(value))
     }
 
     /// Where values are kept (default [`Tiers::Both`]). A [`Tiers::SharedOnly`] cache without a
@@ -265,12 +329,37 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
+        self.fetch(key, 0, load).await
+    }
+
+    /// Like [`Cache::get_or_load`], for a caller who knows that the value's version is at least
+    /// `min_version` (an owner who just wrote it): a cached value older than that is not served, in
+    /// either tier, whatever happened to the invalidations meant to remove it. Versioned caches only.
+    pub async fn get_at_least<F, Fut, E>(&self, key: &K, min_version: u64, load: F) -> Result<(V, Served), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        debug_assert!(self.version_of.is_some(), "get_at_least on a cache without versions");
+        self.fetch(key, min_version, load).await
+    }
+
+    /// Whether `value` may be served to a caller who must see at least `min_version`.
+    fn new_enough(&self, value: &V, min_version: u64) -> bool {
+        self.version(value).is_none_or(|v| v >= min_version)
+    }
+
+    async fn fetch<F, Fut, E>(&self, key: &K, min_version: u64, load: F) -> Result<(V, Served), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
         let now = Instant::now();
         // When refreshing a held value early, the shared tier's copy is worth taking only if it is
         // newer than this one (it is often the very same value, loaded by another node).
         let mut refreshing_age = None;
         if self.keep_local {
-            if let Some(entry) = self.local.entries.get(key) {
+            if let Some(entry) = self.local.entries.get(key).filter(|e| self.new_enough(&e.value, min_version)) {
                 let age = now - entry.stored_at;
                 if now < entry.expires_at && !refresh_early(&entry, now) {
                     self.hit(age, false);
@@ -283,46 +372,53 @@ where
             self.counters.bypassed.add();
             return Ok((value, Served::Bypass));
         }
-        let (flight, leader) = {
+        let (flight, _guard) = {
             let mut flights = self.local.flights.lock().unwrap();
             match flights.get(key) {
-                Some(flight) => (flight.clone(), false),
-                None => {
+                // A finished flight is never joined: its value is as old as its load.
+                Some(flight) if !flight.initialized() => (flight.clone(), None),
+                _ => {
                     let flight: Flight<V> = Arc::default();
                     flights.insert(key.clone(), flight.clone());
-                    (flight, true)
+                    let guard = FlightGuard { flights: &self.local.flights, key, flight: flight.clone() };
+                    (flight, Some(guard))
                 }
             }
         };
         let ticket = self.local.generation.load(Ordering::SeqCst);
+        let mut load = Some(load);
         let mut loaded_here = false;
         let result = flight
             .get_or_try_init(|| {
                 loaded_here = true;
-                self.load_through_tiers(key, load, refreshing_age.unwrap_or(self.ttl))
+                let load = load.take().expect("a flight is initialised once");
+                self.load_through_tiers(key, load, refreshing_age.unwrap_or(self.ttl), min_version)
             })
             .await
             .cloned();
-        if leader {
-            let mut flights = self.local.flights.lock().unwrap();
-            if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                flights.remove(key);
+        let loaded = match result {
+            Ok(loaded) if !loaded_here && !self.new_enough(&loaded.value, min_version) => {
+                // Joined a load older than this caller may see: read for itself.
+                let load = load.take().expect("not loaded by this caller");
+                self.load_through_tiers(key, load, Duration::ZERO, min_version).await?
             }
-        }
-        let loaded = result?;
-        if !loaded_here {
-            self.counters.coalesced.add();
-            return Ok((loaded.value, Served::Coalesced));
-        }
+            Ok(loaded) if !loaded_here => {
+                self.counters.coalesced.add();
+                let age = loaded.loaded_at.elapsed();
+                let ttl_left = self.ttl.saturating_sub(age);
+                return Ok((loaded.value, Served::Coalesced { age, ttl_left, shared: loaded.from_shared }));
+            }
+            other => other?,
+        };
         let expires_at = loaded.loaded_at + self.jittered_ttl();
-        if self.keep_local && self.local.still_current(key, ticket) && Instant::now() < expires_at {
+        if self.keep_local && Instant::now() < expires_at {
             let entry = Entry {
                 value: loaded.value.clone(),
                 stored_at: loaded.loaded_at,
                 expires_at,
                 load_time: loaded.load_time,
             };
-            self.local.entries.insert(key.clone(), entry);
+            self.local.install(key, entry, self.version(&loaded.value), || self.local.still_current(key, ticket));
         }
         if loaded.from_shared {
             let now = Instant::now();
@@ -337,7 +433,13 @@ where
 
     /// A miss of this node: the shared tier if it has the key younger than `younger_than`, else the
     /// source (and then the shared tier is given what was read, unless the key was written meanwhile).
-    async fn load_through_tiers<F, Fut, E>(&self, key: &K, load: F, younger_than: Duration) -> Result<Loaded<V>, E>
+    async fn load_through_tiers<F, Fut, E>(
+        &self,
+        key: &K,
+        load: F,
+        younger_than: Duration,
+        min_version: u64,
+    ) -> Result<Loaded<V>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
@@ -347,7 +449,10 @@ where
             let text = (tier2.key_text)(key);
             if let Some((stored, counter)) = tier2.shared.lookup(self.kind, &text).await {
                 let found = stored.and_then(|s| Some((s.age(), s.load_time, (tier2.decode)(&s.bytes)?)));
-                if let Some((age, load_time, value)) = found.filter(|(age, ..)| *age < younger_than.min(self.ttl)) {
+                let usable = |(age, _, value): &(Duration, Duration, V)| {
+                    *age < younger_than.min(self.ttl) && self.new_enough(value, min_version)
+                };
+                if let Some((age, load_time, value)) = found.filter(usable) {
                     let loaded_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
                     return Ok(Loaded { value, loaded_at, load_time, from_shared: true });
                 }
@@ -361,15 +466,20 @@ where
             if let Some(bytes) = (tier2.encode)(&value) {
                 let stored = Stored { loaded_at_us: started_us, load_time, bytes };
                 let ttl = self.jittered_ttl().saturating_sub(load_time);
-                tier2.shared.install(self.kind, &text, &counter, &stored, ttl).await;
+                tier2.shared.install(self.kind, &text, &counter, &stored, ttl, self.version(&value)).await;
             }
         }
         Ok(Loaded { value, loaded_at: started, load_time, from_shared: false })
     }
 
     /// Write-through: installs a value just committed, here and in the shared tier (telling the
-    /// other nodes). Loads in flight may hold an older value, so this also invalidates them.
+    /// other nodes). Loads in flight may hold an older value, so this also invalidates them. In a
+    /// versioned cache a value older than one already installed changes nothing, in either tier.
     pub async fn put(&self, key: K, value: V) {
+        let version = self.version(&value);
+        if self.local.superseded(&key, version) {
+            return;
+        }
         self.local.invalidate(&key);
         if self.keep_local {
             let now = Instant::now();
@@ -379,12 +489,18 @@ where
                 expires_at: now + self.jittered_ttl(),
                 load_time: Duration::ZERO,
             };
-            self.local.entries.insert(key.clone(), entry);
+            self.local.install(&key, entry, version, || true);
         }
         if let Some(tier2) = &self.tier2 {
             let bytes = (tier2.encode)(&value);
             let ttl = self.jittered_ttl();
-            tier2.shared.write(self.kind, &(tier2.key_text)(&key), bytes.as_deref().map(|b| (b, ttl))).await;
+            let text = (tier2.key_text)(&key);
+            let written = tier2.shared.write(self.kind, &text, bytes.as_deref().map(|b| (b, ttl)), version).await;
+            if written == Written::Superseded {
+                // Another node installed a newer version (its invalidation may have reached this
+                // node before this write was installed here): this node must not keep the older.
+                self.local.invalidate(&key);
+            }
         }
     }
 
@@ -393,7 +509,7 @@ where
     pub async fn invalidate(&self, key: &K) {
         self.local.invalidate(key);
         if let Some(tier2) = &self.tier2 {
-            tier2.shared.write(self.kind, &(tier2.key_text)(key), None).await;
+            tier2.shared.write(self.kind, &(tier2.key_text)(key), None, None).await;
         }
     }
 
@@ -566,6 +682,93 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(210)).await;
         assert_eq!(cache.get_or_load(&key, || async { Ok::<_, &str>(4) }).await.unwrap(), (4, Served::Miss));
+    }
+
+    /// Values are (version, payload) pairs in these tests.
+    fn versioned() -> Cache<String, (u64, u32)> {
+        Cache::new("test", Duration::from_secs(60), 1000).versioned(|v: &(u64, u32)| v.0)
+    }
+
+    #[tokio::test]
+    async fn an_older_version_never_replaces_a_newer_one() {
+        let cache = versioned();
+        let key = "p".to_owned();
+        cache.put(key.clone(), (3, 30)).await;
+        cache.put(key.clone(), (2, 20)).await; // a writer that committed earlier, finishing later
+        let (v, _) = cache.get_or_load(&key, || async { Ok::<_, ()>((1, 10)) }).await.unwrap();
+        assert_eq!(v, (3, 30));
+        // A load that read an older row is served to its caller but not installed.
+        cache.local.entries.invalidate(&key);
+        let (v, served) = cache.get_or_load(&key, || async { Ok::<_, ()>((2, 20)) }).await.unwrap();
+        assert_eq!((v, served), ((2, 20), Served::Miss));
+        assert!(cache.local.entries.get(&key).is_none(), "version 2 was installed after version 3");
+        cache.put(key.clone(), (4, 40)).await;
+        assert_eq!(cache.get_or_load(&key, || async { Ok::<_, ()>((0, 0)) }).await.unwrap().0, (4, 40));
+    }
+
+    #[tokio::test]
+    async fn a_caller_who_must_see_a_version_is_never_served_an_older_one() {
+        let cache = versioned();
+        let key = "cart".to_owned();
+        cache.put(key.clone(), (5, 50)).await;
+        let (v, served) = cache.get_at_least(&key, 5, || async { Ok::<_, ()>((6, 60)) }).await.unwrap();
+        assert_eq!(v, (5, 50));
+        assert!(matches!(served, Served::Hit { .. }));
+        // The write of version 6 committed, but its cache update never happened.
+        let (v, served) = cache.get_at_least(&key, 6, || async { Ok::<_, ()>((6, 60)) }).await.unwrap();
+        assert_eq!((v, served), ((6, 60), Served::Miss));
+        assert_eq!(cache.get_or_load(&key, || async { Ok::<_, ()>((0, 0)) }).await.unwrap().0, (6, 60));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leader_leaves_no_flight_behind() {
+        let cache = Arc::new(cache());
+        let key = "k".to_owned();
+        let leader = {
+            let (cache, key) = (cache.clone(), key.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load(&key, || async {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        Ok::<_, ()>(1)
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cache.local.flights.lock().unwrap().len(), 1);
+        leader.abort(); // a client that went away
+        let _ = leader.await;
+        assert!(cache.local.flights.lock().unwrap().is_empty(), "the cancelled flight stayed in the map");
+        assert_eq!(cache.get_or_load(&key, || async { Ok::<_, ()>(2) }).await.unwrap(), (2, Served::Miss));
+    }
+
+    #[tokio::test]
+    async fn followers_are_told_the_age_of_what_they_were_given() {
+        let cache = Arc::new(cache());
+        let key = "slow".to_owned();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (cache, key) = (cache.clone(), key.clone());
+            tasks.spawn(async move {
+                cache
+                    .get_or_load(&key, || async {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, ()>(1)
+                    })
+                    .await
+                    .unwrap()
+                    .1
+            });
+        }
+        let mut followers = 0;
+        while let Some(served) = tasks.join_next().await {
+            if let Served::Coalesced { age, shared, .. } = served.unwrap() {
+                followers += 1;
+                assert!(age >= Duration::from_millis(300) && !shared, "{age:?}");
+            }
+        }
+        assert_eq!(followers, 9);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!   bumps a per-key invalidation counter (`<namespace>:<kind>:i:<key>`) in the same script that
 //!   changes the value; a reader notes the counter when it misses and installs what it loaded only if
 //!   the counter has not moved since.
+//! - **Versions** (versioned caches): a value's version lives beside it (`<namespace>:<kind>:n:<key>`),
+//!   and both scripts that store a value refuse one older than the version stored: a compare-and-set,
+//!   so writers and readers finishing out of order never put an older value back.
 //! - **Cross-node invalidation**: the write's script also publishes `<node> <kind> <key>` on
 //!   `<namespace>:invalidate`; every other node drops the key from its L1. A node that was cut off
 //!   from the channel clears its shared kinds' L1 when it reconnects, since it may have missed some.
@@ -33,13 +36,32 @@ const COUNTER_TTL_MS: u64 = 120_000;
 
 /// Reads a value and its key's invalidation counter in one round trip.
 const LOOKUP: &str = "return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]) or '0'}";
-/// Installs a loaded value unless the key was written since the reader noted the counter (ARGV[1]).
-const INSTALL: &str = "if (redis.call('GET', KEYS[2]) or '0') == ARGV[1] then \
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
-/// A write: bump the counter, set (ARGV[3] non-empty) or drop the value, tell the other nodes.
-const WRITE: &str = "redis.call('INCR', KEYS[2]) redis.call('PEXPIRE', KEYS[2], ARGV[1]) \
+/// Installs a loaded value unless the key was written since the reader noted the counter (ARGV[1])
+/// or, for a versioned value (ARGV[4] not empty), a newer version is stored; the version is kept for
+/// ARGV[5] ms.
+const INSTALL: &str = "if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end \
+    if ARGV[4] ~= '' then \
+        if tonumber(ARGV[4]) < tonumber(redis.call('GET', KEYS[3]) or '-1') then return 0 end \
+        redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5]) end \
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1";
+/// A write: unless a newer version is stored (ARGV[6] not empty: versioned), bump the counter, set
+/// (ARGV[3] non-empty) or drop the value, keep its version for ARGV[7] ms, tell the other nodes.
+const WRITE: &str = "if ARGV[6] ~= '' then \
+        if tonumber(ARGV[6]) < tonumber(redis.call('GET', KEYS[3]) or '-1') then return 0 end \
+        redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end \
+    redis.call('INCR', KEYS[2]) redis.call('PEXPIRE', KEYS[2], ARGV[1]) \
     if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) else redis.call('DEL', KEYS[1]) end \
     redis.call('PUBLISH', ARGV[2], ARGV[5]) return 1";
+
+/// What the shared tier did with a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Taken,
+    /// A newer version was already stored: nothing changed.
+    Superseded,
+    /// Redis did not answer (in time).
+    Failed,
+}
 
 /// What a node does when another node says a key changed (`None`: any key may have).
 pub(crate) type OnRemoteWrite = Arc<dyn Fn(Option<&str>) + Send + Sync>;
@@ -165,13 +187,14 @@ impl Shared {
         self.listeners.lock().unwrap().insert(kind, on_remote_write);
     }
 
-    fn keys(&self, kind: &str, key: &str) -> (String, String) {
-        (format!("{}:{kind}:v:{key}", self.namespace), format!("{}:{kind}:i:{key}", self.namespace))
+    /// The value's key, its invalidation counter's and its version's.
+    fn keys(&self, kind: &str, key: &str) -> [String; 3] {
+        ["v", "i", "n"].map(|part| format!("{}:{kind}:{part}:{key}", self.namespace))
     }
 
     /// The stored value of a key, if any, and the key's invalidation counter to install with.
     pub(crate) async fn lookup(&self, kind: &'static str, key: &str) -> Option<(Option<Stored>, String)> {
-        let (value_key, counter_key) = self.keys(kind, key);
+        let [value_key, counter_key, _] = self.keys(kind, key);
         let (raw, counter): (Option<Vec<u8>>, String) = self
             .call(kind, "lookup", false, |mut c| async move {
                 self.lookup.key(value_key).key(counter_key).invoke_async(&mut c).await
@@ -180,18 +203,30 @@ impl Shared {
         Some((raw.as_deref().and_then(Stored::decode), counter))
     }
 
-    /// Stores what a reader loaded, unless the key was written since `counter` was read.
-    pub(crate) async fn install(&self, kind: &'static str, key: &str, counter: &str, value: &Stored, ttl: Duration) {
-        let (value_key, counter_key) = self.keys(kind, key);
+    /// Stores what a reader loaded, unless the key was written since `counter` was read or a newer
+    /// `version` is stored.
+    pub(crate) async fn install(
+        &self,
+        kind: &'static str,
+        key: &str,
+        counter: &str,
+        value: &Stored,
+        ttl: Duration,
+        version: Option<u64>,
+    ) {
+        let [value_key, counter_key, version_key] = self.keys(kind, key);
         let ttl_ms = ttl.as_millis().max(1) as u64;
         let _: Option<i64> = self
             .call(kind, "install", false, |mut c| async move {
                 self.install
                     .key(value_key)
                     .key(counter_key)
+                    .key(version_key)
                     .arg(counter)
                     .arg(value.encode())
                     .arg(ttl_ms)
+                    .arg(version.map(|v| v.to_string()).unwrap_or_default())
+                    .arg(ttl_ms.max(COUNTER_TTL_MS))
                     .invoke_async(&mut c)
                     .await
             })
@@ -199,9 +234,16 @@ impl Shared {
     }
 
     /// A write committed at the source: stores its value (write-through) or drops the key
-    /// (cache-aside), and tells the other nodes. Returns whether Redis took it.
-    pub async fn write(&self, kind: &'static str, key: &str, value: Option<(&[u8], Duration)>) -> bool {
-        let (value_key, counter_key) = self.keys(kind, key);
+    /// (cache-aside), and tells the other nodes; a value older than the stored `version` changes
+    /// nothing. Returns what Redis did with it.
+    pub async fn write(
+        &self,
+        kind: &'static str,
+        key: &str,
+        value: Option<(&[u8], Duration)>,
+        version: Option<u64>,
+    ) -> Written {
+        let [value_key, counter_key, version_key] = self.keys(kind, key);
         let (stored, ttl_ms) = match value {
             Some((bytes, ttl)) => (
                 Stored { loaded_at_us: unix_us(), load_time: Duration::ZERO, bytes: bytes.to_vec() }.encode(),
@@ -216,16 +258,23 @@ impl Shared {
                 self.write
                     .key(value_key)
                     .key(counter_key)
+                    .key(version_key)
                     .arg(COUNTER_TTL_MS)
                     .arg(channel)
                     .arg(stored)
                     .arg(ttl_ms)
                     .arg(message)
+                    .arg(version.map(|v| v.to_string()).unwrap_or_default())
+                    .arg(ttl_ms.max(COUNTER_TTL_MS))
                     .invoke_async(&mut c)
                     .await
             })
             .await;
-        done.is_some()
+        match done {
+            Some(1) => Written::Taken,
+            Some(_) => Written::Superseded,
+            None => Written::Failed,
+        }
     }
 
     fn channel(&self) -> String {

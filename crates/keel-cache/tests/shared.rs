@@ -186,3 +186,30 @@ async fn without_redis_reads_go_on_and_resume_the_shared_tier_when_it_is_back() 
 fn redis_url(port: u16) -> String {
     format!("redis://127.0.0.1:{port}")
 }
+
+/// Two nodes write one key at once and finish in the other order than they committed: the shared
+/// tier keeps the newer version, and a reader's load of an older row does not replace it.
+#[tokio::test]
+async fn the_shared_tier_never_takes_an_older_version() {
+    let redis = Redis::start();
+    let node = async || {
+        let shared = Shared::connect(&redis.url(), "versions").await.unwrap();
+        Cache::<String, (u64, u32)>::new("thing", Duration::from_secs(60), 1000)
+            .versioned(|v: &(u64, u32)| v.0)
+            .shared(&shared)
+    };
+    let (a, b, c) = (node().await, node().await, node().await);
+    let key = "k".to_owned();
+    a.put(key.clone(), (7, 70)).await;
+    b.put(key.clone(), (6, 60)).await; // committed before A's, written after
+    let on_b = b.get_or_load(&key, || async { Ok::<_, ()>((0, 0)) }).await.unwrap();
+    assert_eq!(on_b.0, (7, 70), "the writing node kept its older value: {:?}", on_b.1);
+    let (v, served) = c.get_or_load(&key, || async { Ok::<_, ()>((0, 0)) }).await.unwrap();
+    assert_eq!(v, (7, 70), "{served:?}");
+    assert!(matches!(served, Served::Hit { shared: true, .. }), "{served:?}");
+    // An owner who knows version 8 committed is never served 7, and their load is stored.
+    let (v, served) = b.get_at_least(&key, 8, || async { Ok::<_, ()>((8, 80)) }).await.unwrap();
+    assert_eq!((v, served), ((8, 80), Served::Miss));
+    let fresh = node().await;
+    assert_eq!(fresh.get_or_load(&key, || async { Ok::<_, ()>((0, 0)) }).await.unwrap().0, (8, 80));
+}

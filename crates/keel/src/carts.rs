@@ -1,8 +1,14 @@
 //! Shopping carts: rows on the owner's shard, priced from the catalogue at read time.
 //!
-//! Cached write-through for the cart budget (10 s) in the shared tier only: an owner may come back
-//! through any node and must see their own writes at once, which a node's own memory could not
-//! promise. Without Redis (or while it is down) carts are read from the shard.
+//! Cached write-through for the cart budget (10 s) in the shared tier only; without Redis (or while
+//! it is down) carts are read from the shard.
+//!
+//! **The owner always reads their own writes**, on any node, whatever happened to Redis: every cart
+//! write bumps the owner's `users.owner_version` in the same statement, a cart is loaded together
+//! with that version (one snapshot), and the owner's token check reads the current version for free.
+//! A cached cart older than it — a write whose Redis update timed out, two writes through two nodes
+//! finishing out of order, a node killed between commit and cache — is never served to the owner
+//! ([`keel_cache::Cache::get_at_least`]); and Redis never takes an older cart over a newer one.
 
 use std::sync::Arc;
 
@@ -11,14 +17,20 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::config::Config;
+use crate::consistency::DataKind;
 use crate::db::{Databases, Sql};
-use crate::http::auth::AuthUser;
+use crate::http::auth::{AuthUser, Owner};
 use crate::http::cache_headers::cache_headers;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
 use crate::http::number;
 use crate::ids::{ProductId, UserId};
 use crate::money::Cents;
+
+/// Ends every statement that changes a cart (user `$1`): the change and the owner's version commit
+/// together.
+pub(crate) const BUMP_OWNER_VERSION: &str = "UPDATE users SET owner_version = owner_version + 1 WHERE id = $1";
 
 /// The most of one product a cart may hold.
 const MAX_QUANTITY: i64 = 1_000;
@@ -43,11 +55,20 @@ pub struct CartItem {
 pub struct Cart {
     pub items: Vec<CartItem>,
     pub total_cents: i64,
+    /// How many changes of its owner's (item writes, checkouts) this cart reflects: it grows with
+    /// each, so of two copies the higher is the newer.
+    pub version: i64,
 }
 
-/// Carts by owner, in the shared tier only. A change made elsewhere (the checkout saga emptying a
-/// cart) drops the owner's entry with [`keel_cache::Cache::invalidate`].
+/// Carts by owner, in the shared tier only, versioned by `users.owner_version`. A change made
+/// elsewhere (the checkout saga emptying a cart) bumps the version and drops the owner's entry with
+/// [`keel_cache::Cache::invalidate`].
 pub type CartCache = keel_cache::Cache<UserId, Arc<Cart>>;
+
+/// The cart cache of this configuration (the API's and the workers').
+pub fn cart_cache(config: &Config, shared: &Option<Arc<keel_cache::Shared>>) -> CartCache {
+    crate::state::cache(config, DataKind::Cart, shared).versioned(|cart: &Arc<Cart>| cart.version as u64)
+}
 
 /// What the carts' handlers reach (a part of [`crate::state::AppState`]).
 #[derive(Clone)]
@@ -56,16 +77,25 @@ pub struct CartsState {
     pub carts: Arc<CartCache>,
 }
 
-/// Reads a cart and prices it: two queries whatever its size, one per database.
+/// Reads a cart and prices it: two queries whatever its size, one per database. The items and the
+/// owner's version come from one statement, so they are of one moment.
 pub(crate) async fn load_cart(db: &Databases, user: UserId) -> Result<Cart, ApiError> {
     let shard = db.shard_of(user).client().await?;
     let rows = shard
-        .rows("SELECT product_id, quantity FROM cart_items WHERE user_id = $1 ORDER BY added_at, product_id", &[&user])
+        .rows(
+            "SELECT u.owner_version, c.product_id, c.quantity
+             FROM users u LEFT JOIN cart_items c ON c.user_id = u.id
+             WHERE u.id = $1 ORDER BY c.added_at, c.product_id",
+            &[&user],
+        )
         .await?;
+    let version = rows.first().map_or(0, |r| r.get::<_, i64>(0));
+    // The user's row alone (no item) is one row with a null product.
+    let rows: Vec<_> = rows.into_iter().filter(|r| r.get::<_, Option<ProductId>>(1).is_some()).collect();
     if rows.is_empty() {
-        return Ok(Cart { items: Vec::new(), total_cents: 0 });
+        return Ok(Cart { items: Vec::new(), total_cents: 0, version });
     }
-    let ids: Vec<ProductId> = rows.iter().map(|r| r.get(0)).collect();
+    let ids: Vec<ProductId> = rows.iter().map(|r| r.get(1)).collect();
     let catalog = db.catalog.client().await?;
     let prices: std::collections::HashMap<ProductId, i64> = catalog
         .rows("SELECT id, price_cents FROM products WHERE id = ANY($1)", &[&ids])
@@ -76,30 +106,30 @@ pub(crate) async fn load_cart(db: &Databases, user: UserId) -> Result<Cart, ApiE
     let items: Vec<CartItem> = rows
         .iter()
         .filter_map(|r| {
-            let product: ProductId = r.get(0);
+            let product: ProductId = r.get(1);
             let price = *prices.get(&product)?;
-            Some(CartItem { product_id: product, quantity: i64::from(r.get::<_, i32>(1)), price_cents: price })
+            Some(CartItem { product_id: product, quantity: i64::from(r.get::<_, i32>(2)), price_cents: price })
         })
         .collect();
     let total = Cents::sum(items.iter().map(|i| Cents(i.price_cents).times(i.quantity)))
         .map_err(|_| ApiError::Unprocessable("the cart's total is too large to be represented".into()))?;
-    Ok(Cart { items, total_cents: total.0 })
+    Ok(Cart { items, total_cents: total.0, version })
 }
 
 #[utoipa::path(get, path = "/v1/cart", tag = "carts", security(("bearer" = [])),
     responses((status = 200, description = "The cart, with the owner's own writes; other changes (prices, a \
         confirmed order) up to the cart budget (10 s) late: see `Cache-Status` and `Age`", body = Cart),
         (status = 401, body = Problem)))]
-pub async fn get_cart(
-    State(state): State<CartsState>,
-    AuthUser(user): AuthUser,
-) -> Result<impl IntoResponse, ApiError> {
-    let (cart, served) =
-        state.carts.get_or_load(&user, || async { load_cart(&state.db, user).await.map(Arc::new) }).await?;
+pub async fn get_cart(State(state): State<CartsState>, owner: Owner) -> Result<impl IntoResponse, ApiError> {
+    let user = owner.id;
+    let load = || async { load_cart(&state.db, user).await.map(Arc::new) };
+    let (cart, served) = state.carts.get_at_least(&user, owner.version, load).await?;
     Ok((cache_headers(served), Json(cart)))
 }
 
-/// Write-through: the cart as committed, read back and put in the cache before the owner hears of it.
+/// Write-through: the cart as committed, read back and put in the cache before the owner hears of it
+/// (a cart read back before a concurrent write of the owner's is older, and the cache keeps the
+/// newer).
 async fn committed(state: &CartsState, user: UserId) -> Result<Json<Arc<Cart>>, ApiError> {
     let cart = Arc::new(load_cart(&state.db, user).await?);
     state.carts.put(user, cart.clone()).await;
@@ -131,8 +161,12 @@ pub async fn set_item(
     let shard = state.db.shard_of(user).client().await?;
     shard
         .exec(
-            "INSERT INTO cart_items (user_id, product_id, quantity) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+            &format!(
+                "WITH item AS (
+                     INSERT INTO cart_items (user_id, product_id, quantity) VALUES ($1, $2, $3)
+                     ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity
+                 ) {BUMP_OWNER_VERSION}"
+            ),
             &[&user, &product, &quantity],
         )
         .await?;
@@ -157,7 +191,9 @@ pub async fn delete_item(
 /// Removing what is not there is not an error: the cart simply does not hold it afterwards.
 async fn remove(state: &CartsState, user: UserId, product: ProductId) -> Result<Json<Arc<Cart>>, ApiError> {
     let shard = state.db.shard_of(user).client().await?;
-    shard.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2", &[&user, &product]).await?;
+    let remove =
+        format!("WITH item AS (DELETE FROM cart_items WHERE user_id = $1 AND product_id = $2) {BUMP_OWNER_VERSION}");
+    shard.exec(&remove, &[&user, &product]).await?;
     drop(shard);
     committed(state, user).await
 }

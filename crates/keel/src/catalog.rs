@@ -51,8 +51,14 @@ pub struct UpdateProduct {
 }
 
 /// Products without their like count, by id: write-through, so a node that changes a product
-/// serves the change at once and the others hear of it.
+/// serves the change at once and the others hear of it; versioned by `products.version`, so of two
+/// concurrent changes the one committed last is the one every cache keeps.
 pub type ProductCache = keel_cache::Cache<ProductId, Arc<Product>>;
+
+/// The version a product cache compares (see [`ProductCache`]).
+pub fn version_of(product: &Arc<Product>) -> u64 {
+    product.version as u64
+}
 
 /// What the catalogue's handlers reach (a part of [`crate::state::AppState`]): a product is shown
 /// with this node's like count.
@@ -66,9 +72,10 @@ pub struct CatalogState {
 /// A product, as the API shows it and as its events carry it.
 pub use crate::events::ProductData as Product;
 
-const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_at, updated_at";
+const PRODUCT_COLUMNS: &str = "id, sku, name, description, price_cents, created_at, updated_at, version";
 
-/// A product from its row; `like_count` is this node's view of its counter (see [`crate::likes`]).
+/// A product from its row; `like_count` is this node's view of its counter (see [`crate::likes`]),
+/// not counted as a read: a response reads it again when it is served.
 fn product_from_row(row: &Row, likes: &LikeCounter) -> Product {
     let id: ProductId = row.get("id");
     Product {
@@ -77,9 +84,10 @@ fn product_from_row(row: &Row, likes: &LikeCounter) -> Product {
         name: row.get("name"),
         description: row.get("description"),
         price_cents: row.get("price_cents"),
-        like_count: likes.count(id),
+        like_count: likes.current(id),
         created_at: timestamp(row.get("created_at")),
         updated_at: timestamp(row.get("updated_at")),
+        version: row.get("version"),
     }
 }
 
@@ -198,7 +206,7 @@ pub async fn update_product(
             &format!(
                 "UPDATE products SET sku = coalesce($2, sku), name = coalesce($3, name),
                      description = coalesce($4, description), price_cents = coalesce($5, price_cents),
-                     updated_at = now()
+                     updated_at = now(), version = version + 1
                  WHERE id = $1 RETURNING {PRODUCT_COLUMNS}"
             ),
             &[&id, &sku, &name, &description, &price],
@@ -209,7 +217,8 @@ pub async fn update_product(
     let product = product_from_row(&row, &state.likes);
     announce(&tx, id, &ProductUpdated(product.clone()), &trace).await?;
     tx.commit().await?;
-    // Write-through: this node serves the committed product at once.
+    // Write-through: this node serves the committed product at once (unless a change committed
+    // after this one is already installed: versions decide, not the order the handlers finish in).
     state.products.put(id, Arc::new(product.clone())).await;
     Ok(Json(product))
 }
@@ -305,7 +314,8 @@ pub async fn set_inventory(
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
     tx.maybe_row(
-        "UPDATE inventory SET stock = $2, updated_at = now() WHERE product_id = $1 RETURNING stock",
+        "UPDATE inventory SET stock = $2, updated_at = now(), version = version + 1 WHERE product_id = $1
+         RETURNING stock",
         &[&id, &stock],
     )
     .await?

@@ -67,8 +67,9 @@ pub enum Policy {
     CacheAside,
     /// The writer puts the committed value in the cache before it answers.
     WriteThrough,
-    /// Counted in memory, written to the source in batches: a crash loses at most one batch.
-    WriteBack,
+    /// Counted in the same transaction as the row it counts, and merged into every node's memory:
+    /// exact once merged, whatever crashes or disconnects happen.
+    CountedWithRow,
     /// Made from the source by workers, after it changed.
     Derived,
     NeverCached,
@@ -79,7 +80,7 @@ impl Policy {
         match self {
             Policy::CacheAside => "cache-aside",
             Policy::WriteThrough => "write-through",
-            Policy::WriteBack => "write-back",
+            Policy::CountedWithRow => "counted with the row",
             Policy::Derived => "derived",
             Policy::NeverCached => "never cached",
         }
@@ -122,9 +123,6 @@ impl Source {
     }
 }
 
-/// Carts, the kind the workers' cart cache is built for.
-pub const CART: DataKind = DataKind::Cart;
-
 pub const KINDS: &[Kind] = &[
     Kind {
         kind: DataKind::Profile,
@@ -148,8 +146,8 @@ pub const KINDS: &[Kind] = &[
     Kind {
         kind: DataKind::LikeCount,
         budget: Duration::from_secs(2),
-        policy: Policy::WriteBack,
-        source: Source::Direct("CRDT counter: own component + others merged every 250 ms"),
+        policy: Policy::CountedWithRow,
+        source: Source::Direct("CRDT counter in memory: the shards' tallies merged every 250 ms"),
     },
     Kind {
         kind: DataKind::Feed,

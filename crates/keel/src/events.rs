@@ -65,6 +65,11 @@ pub struct ProductData {
     pub like_count: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Grows by one with every change to the product: of two copies, the one with the higher
+    /// version is the newer (timestamps cannot tell: overlapping changes commit out of their order).
+    /// Events written before versions existed carry none (0).
+    #[serde(default)]
+    pub version: i64,
 }
 
 /// A product was created: its data is the product.
@@ -234,10 +239,11 @@ mod tests {
             like_count: 3,
             created_at: "2025-01-01T00:00:00.000Z".into(),
             updated_at: "2025-01-02T00:00:00.000Z".into(),
+            version: 4,
         };
         let product_json = json!({
             "id": product, "sku": "SKU-1", "name": "Lamp", "description": "", "price_cents": 999, "like_count": 3,
-            "created_at": "2025-01-01T00:00:00.000Z", "updated_at": "2025-01-02T00:00:00.000Z",
+            "created_at": "2025-01-01T00:00:00.000Z", "updated_at": "2025-01-02T00:00:00.000Z", "version": 4,
         });
         round_trip(ProductCreated(data.clone()), product, product_json.clone());
         round_trip(ProductUpdated(data), product, product_json);

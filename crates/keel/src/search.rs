@@ -221,13 +221,14 @@ pub async fn search(
 }
 
 /// Brings a product's search document up to date with the product and its stock, as committed now.
-/// Idempotent, and safe in any order: a document is only replaced by one at least as new.
+/// Idempotent, and safe in any order: a document is only replaced by one at least as new, by the
+/// rows' versions (counters bumped by every write; the sum of two growing counters grows).
 pub(crate) async fn index_product(db: &impl Sql, product: ProductId) -> Result<(), tokio_postgres::Error> {
     db.exec(
         "INSERT INTO product_search (product_id, name, description, price_cents, in_stock, document, version)
          SELECT p.id, p.name, p.description, p.price_cents, i.stock > 0,
                 setweight(to_tsvector('english', p.name), 'A') || setweight(to_tsvector('english', p.description), 'B'),
-                greatest(p.updated_at, i.updated_at)
+                p.version + i.version
          FROM products p JOIN inventory i ON i.product_id = p.id
          WHERE p.id = $1
          ON CONFLICT (product_id) DO UPDATE

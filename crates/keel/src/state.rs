@@ -29,7 +29,8 @@ pub struct AppState {
     pub db: Arc<Databases>,
     pub admin_token: AdminToken,
     pub config: Arc<Config>,
-    /// This node's like counts, flushed by [`crate::app::Application::run_until_stopped`].
+    /// Every product's like count, merged from the shards' tallies by
+    /// [`crate::app::Application::run_until_stopped`].
     pub likes: Arc<LikeCounter>,
     /// Public profiles (no e-mail), by user id: cache-aside.
     pub profiles: Arc<ProfileCache>,
@@ -45,8 +46,8 @@ impl AppState {
     pub fn new(db: Arc<Databases>, config: Arc<Config>, admin_token: AdminToken, shared: Option<Arc<Shared>>) -> Self {
         AppState {
             profiles: Arc::new(cache(&config, DataKind::Profile, &shared)),
-            products: Arc::new(cache(&config, DataKind::Product, &shared)),
-            carts: Arc::new(cache(&config, DataKind::Cart, &shared)),
+            products: Arc::new(cache(&config, DataKind::Product, &shared).versioned(crate::catalog::version_of)),
+            carts: Arc::new(crate::carts::cart_cache(&config, &shared)),
             likes: Arc::new(LikeCounter::new()),
             db,
             admin_token,

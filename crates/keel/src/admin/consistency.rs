@@ -5,7 +5,7 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::consistency::{DataKind, Policy, KINDS};
+use crate::consistency::{DataKind, KINDS};
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::Json;
@@ -27,11 +27,8 @@ pub struct KindReport {
     pub coalesced: u64,
     pub evictions: u64,
     pub served_age_p99_ms: f64,
-    /// For write-back kinds: how much a crash can lose.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub loss_window_ms: Option<u64>,
-    /// For the like count: how long ago this node merged the other nodes' flushed components (every
-    /// read is served from the merged copy, counted in `hits`).
+    /// For the like count: how long ago this node merged the shards' tallies (every read is served
+    /// from the merged copy, counted in `hits`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub merged_ms_ago: Option<u64>,
 }
@@ -78,7 +75,6 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 coalesced: stats.coalesced,
                 evictions: stats.evictions,
                 served_age_p99_ms: stats.served_age_p99_ms,
-                loss_window_ms: (k.policy == Policy::WriteBack).then(|| state.likes.loss_window().as_millis() as u64),
                 merged_ms_ago,
             }
         })

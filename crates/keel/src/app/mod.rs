@@ -1,7 +1,7 @@
 //! Building and running the HTTP application: `Application::build` binds the listener and assembles
 //! the router ([`routes`]); `run_until_stopped` serves until the shutdown future completes, then
-//! drains in-flight requests for at most the configured time. `keel up`, `keel serve` and the tests
-//! all use this.
+//! drains in-flight requests — and writes still finishing for clients that left — for at most the
+//! configured time. `keel up`, `keel serve` and the tests all use this.
 
 mod ops;
 pub mod routes;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::Databases;
@@ -30,6 +31,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     config: Arc<Config>,
     likes: Arc<LikeCounter>,
+    /// Requests that may change state run as tasks of their own (see [`crate::http::middleware`]).
+    writes: TaskTracker,
 }
 
 impl Application {
@@ -44,12 +47,13 @@ impl Application {
         let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;
         let state = AppState::new(databases.clone(), config.clone(), AdminToken::new(admin_token), shared);
         let likes = state.likes.clone();
-        // The first merge before serving: a new node's first reads count the other nodes' likes.
-        if let Err(e) = likes.merge_others(&databases.catalog).await {
-            tracing::warn!(error = %e, "could not read the other nodes' like counts; the merger will retry");
+        // The first merge before serving: a new node's first reads count every like.
+        if let Err(e) = likes.merge_shards(&databases).await {
+            tracing::warn!(error = %e, "could not read the like tallies; the merger will retry");
         }
-        let router = routes::router(state);
-        Ok(Application { databases, listener, router, shutdown_timeout, config, likes })
+        let writes = TaskTracker::new();
+        let router = routes::router(state, writes.clone());
+        Ok(Application { databases, listener, router, shutdown_timeout, config, likes, writes })
     }
 
     /// The databases this application serves, for workers running beside it.
@@ -61,8 +65,8 @@ impl Application {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish for
-    /// up to the shutdown timeout, flushes the like counts, and returns.
+    /// Serves until `shutdown` completes; then stops accepting, and lets in-flight requests and
+    /// writes finish for up to the shutdown timeout.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let (served_tx, served_rx) = watch::channel(false);
         let served_signal = move || {
@@ -71,12 +75,9 @@ impl Application {
                 let _ = served_rx.wait_for(|served| *served).await;
             }
         };
-        let catalog = self.databases.catalog.clone();
-        let flusher = tokio::spawn(self.likes.clone().run_flusher(catalog.clone(), served_signal()));
-        let merger = tokio::spawn(self.likes.clone().run_merger(catalog, served_signal()));
+        let merger = tokio::spawn(self.likes.clone().run_merger(self.databases.clone(), served_signal()));
         let served = self.serve(shutdown).await;
         let _ = served_tx.send(true);
-        let _ = flusher.await;
         let _ = merger.await;
         served
     }
@@ -93,8 +94,16 @@ impl Application {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;
             tokio::time::sleep(timeout).await;
         };
+        // Connections drain first; then the writes whose clients left before their answer.
+        let writes = self.writes;
+        let drained = async move {
+            let served = server.await;
+            writes.close();
+            writes.wait().await;
+            served
+        };
         tokio::select! {
-            result = server => result,
+            result = drained => result,
             () = drain_deadline => {
                 tracing::warn!(?timeout, "requests still in flight after the shutdown timeout; stopping anyway");
                 Ok(())

@@ -4,6 +4,7 @@
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
+use tokio_util::task::TaskTracker;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -36,7 +37,7 @@ impl Modify for BearerAuth {
 
 /// Every route, and the OpenAPI document describing them. Both come from the same list, so a route
 /// cannot exist without being documented.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, writes: TaskTracker) -> Router {
     let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(users::create_user))
         .routes(routes!(users::get_user, users::update_user))
@@ -61,17 +62,18 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(webhooks::retry_delivery))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    let debug_headers = state.config.debug_headers;
-    let request_timeout = state.config.request_timeout;
+    let observe = middleware::Observe {
+        debug_headers: state.config.debug_headers,
+        timeout: state.config.request_timeout,
+        writes,
+    };
     api.merge(super::ops::router(doc))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this route does not accept that method".into())
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::middleware::from_fn(move |req, next| {
-            middleware::observe(req, next, debug_headers, request_timeout)
-        }))
+        .layer(axum::middleware::from_fn(move |req, next| middleware::observe(req, next, observe.clone())))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(middleware::panic_response))
         .with_state(state)
 }

@@ -33,6 +33,7 @@ const CATALOG: &[Migration] = &[
         name: "like counts by update",
         sql: include_str!("../../migrations/catalog/0007_like_counts_by_update.sql"),
     },
+    Migration { version: 8, name: "versions", sql: include_str!("../../migrations/catalog/0009_versions.sql") },
 ];
 
 const SHARD: &[Migration] = &[
@@ -44,6 +45,11 @@ const SHARD: &[Migration] = &[
     Migration { version: 5, name: "likes", sql: include_str!("../../migrations/shard/0005_likes.sql") },
     // Versions count per database; the files of both folders are numbered in one sequence.
     Migration { version: 6, name: "order checks", sql: include_str!("../../migrations/shard/0008_order_checks.sql") },
+    Migration {
+        version: 7,
+        name: "owner versions and like tallies",
+        sql: include_str!("../../migrations/shard/0010_owner_versions_and_like_tallies.sql"),
+    },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

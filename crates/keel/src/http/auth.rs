@@ -69,7 +69,33 @@ impl Caller {
     }
 }
 
+/// Who the token says the caller is, with what the token check read of a user along the way.
+enum Identified {
+    Anonymous,
+    Admin,
+    User { id: UserId, owner_version: u64 },
+}
+
 /// The extractors ask the application's state for the admin token and the databases only.
+async fn identify<S>(parts: &Parts, state: &S) -> Result<Identified, ApiError>
+where
+    AdminToken: FromRef<S>,
+    Arc<Databases>: FromRef<S>,
+{
+    let Some(value) = parts.headers.get(AUTHORIZATION) else { return Ok(Identified::Anonymous) };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
+    if digest(token) == AdminToken::from_ref(state).0 {
+        return Ok(Identified::Admin);
+    }
+    let (id, owner_version) = verify_user_token(&Arc::<Databases>::from_ref(state), token).await?;
+    Ok(Identified::User { id, owner_version })
+}
+
 impl<S> FromRequestParts<S> for Caller
 where
     S: Send + Sync,
@@ -79,31 +105,27 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(AUTHORIZATION) else { return Ok(Caller::Anonymous) };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
-        if digest(token) == AdminToken::from_ref(state).0 {
-            return Ok(Caller::Admin);
-        }
-        verify_user_token(&Arc::<Databases>::from_ref(state), token).await.map(Caller::User)
+        Ok(match identify(parts, state).await? {
+            Identified::Anonymous => Caller::Anonymous,
+            Identified::Admin => Caller::Admin,
+            Identified::User { id, .. } => Caller::User(id),
+        })
     }
 }
 
-async fn verify_user_token(db: &Databases, token: &str) -> Result<UserId, ApiError> {
+/// The user a token names, and the user's `owner_version` (read in the same query: free).
+async fn verify_user_token(db: &Databases, token: &str) -> Result<(UserId, u64), ApiError> {
     let invalid = || ApiError::Unauthorized("the bearer token is not valid".into());
     let (id, secret) = token.split_once('.').ok_or_else(invalid)?;
     let id: UserId = id.parse().map_err(|_| invalid())?;
     let client = db.shard_of(id).client().await?;
-    let row = client.maybe_row("SELECT token_hash FROM users WHERE id = $1", &[&id]).await?;
-    let stored: Vec<u8> = row.ok_or_else(invalid)?.get(0);
+    let row = client.maybe_row("SELECT token_hash, owner_version FROM users WHERE id = $1", &[&id]).await?;
+    let row = row.ok_or_else(invalid)?;
+    let stored: Vec<u8> = row.get(0);
     if stored.as_slice() != digest(secret).as_slice() {
         return Err(invalid());
     }
-    Ok(id)
+    Ok((id, row.get::<_, i64>(1) as u64))
 }
 
 /// A caller that must be the administrator.
@@ -138,10 +160,31 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match Caller::from_request_parts(parts, state).await? {
-            Caller::User(id) => Ok(AuthUser(id)),
-            Caller::Anonymous => Err(ApiError::Unauthorized("this needs a user's bearer token".into())),
-            Caller::Admin => Err(ApiError::Forbidden("this acts for a user: use that user's token".into())),
+        Owner::from_request_parts(parts, state).await.map(|owner| AuthUser(owner.id))
+    }
+}
+
+/// A caller that must be a user, and how many of the user's writes to data they read back through a
+/// cache (the cart) had committed when the token was checked (`users.owner_version`): a cached copy
+/// older than that must not be served to them. Read with the token, so it costs nothing.
+pub struct Owner {
+    pub id: UserId,
+    pub version: u64,
+}
+
+impl<S> FromRequestParts<S> for Owner
+where
+    S: Send + Sync,
+    AdminToken: FromRef<S>,
+    Arc<Databases>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match identify(parts, state).await? {
+            Identified::User { id, owner_version } => Ok(Owner { id, version: owner_version }),
+            Identified::Anonymous => Err(ApiError::Unauthorized("this needs a user's bearer token".into())),
+            Identified::Admin => Err(ApiError::Forbidden("this acts for a user: use that user's token".into())),
         }
     }
 }

@@ -14,7 +14,11 @@ pub fn cache_headers(served: Served) -> [(HeaderName, HeaderValue); 2] {
             (format!("keel; hit; ttl={}; detail=shared", ttl_left.as_secs()), age.as_secs())
         }
         Served::Miss => ("keel; fwd=miss; stored".to_owned(), 0),
-        Served::Coalesced => ("keel; fwd=miss; collapsed".to_owned(), 0),
+        // A caller that waited for another's lookup says what that lookup found, and how old it is.
+        Served::Coalesced { age, ttl_left, shared: true } => {
+            (format!("keel; hit; ttl={}; detail=shared; collapsed", ttl_left.as_secs()), age.as_secs())
+        }
+        Served::Coalesced { age, .. } => ("keel; fwd=miss; collapsed".to_owned(), age.as_secs()),
         Served::Bypass => ("keel; fwd=bypass; detail=no-shared-tier".to_owned(), 0),
     };
     [

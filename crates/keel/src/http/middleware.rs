@@ -1,13 +1,24 @@
 //! What wraps every request: a request id, a tracing span, RED metrics by route, the number of
-//! database queries the request sent, a deadline, and a problem response for a panic.
+//! database queries the request sent, a deadline, a problem response for a panic — and, for a
+//! request that may change something, a task of its own that runs to its end whatever the client
+//! does.
+//!
+//! **Why writes run as tasks.** A handler is a future; when its client disconnects (or the deadline
+//! passes) the server drops it wherever it is. A write that has committed but not yet done what
+//! follows the commit — putting the new value in a cache, counting, telling other nodes — would be
+//! left half done: the database changed, the cache did not. So every request whose method may
+//! change state (all but GET, HEAD and OPTIONS) is spawned on a [`TaskTracker`]: the client may go,
+//! the write finishes, and shutdown waits for these tasks before it lets go of the databases.
 
 use std::any::Any;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::error::ApiError;
@@ -26,7 +37,20 @@ fn request_id(req: &Request) -> String {
         .map_or_else(|| keel_random::hex(16), str::to_owned)
 }
 
-pub async fn observe(mut req: Request, next: Next, debug_headers: bool, timeout: Duration) -> Response {
+/// What [`observe`] needs from the configuration, and the tracker of the writes in flight.
+#[derive(Clone)]
+pub struct Observe {
+    pub debug_headers: bool,
+    pub timeout: Duration,
+    pub writes: TaskTracker,
+}
+
+/// Whether a request may change state, and so must not be dropped half-way.
+fn may_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+pub async fn observe(mut req: Request, next: Next, settings: Observe) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
     let trace = TraceContext::from_headers(req.headers());
@@ -37,17 +61,28 @@ pub async fn observe(mut req: Request, next: Next, debug_headers: bool, timeout:
     let method = req.method().clone();
     let span = tracing::info_span!("request", request_id = %id, %trace_id, %method, %route);
 
-    let (response, queries) = count_queries(
-        async move {
-            match tokio::time::timeout(timeout, next.run(req)).await {
-                Ok(response) => response,
-                Err(_) => ApiError::Unavailable(format!("the request took longer than {timeout:?}")).into_response(),
-            }
-        }
-        .instrument(span.clone()),
-    )
-    .await;
-    let mut response = response;
+    let handle = count_queries(next.run(req)).instrument(span.clone());
+    let timeout = settings.timeout;
+    let outcome = if may_write(&method) {
+        let task = settings.writes.spawn(handle);
+        tokio::time::timeout(timeout, async {
+            task.await.unwrap_or_else(|e| match e.try_into_panic() {
+                Ok(panic) => (panic_response(panic), 0),
+                Err(_) => (ApiError::Unavailable("the server is stopping".into()).into_response(), 0),
+            })
+        })
+        .await
+    } else {
+        tokio::time::timeout(timeout, handle).await
+    };
+    let (mut response, queries) = outcome.unwrap_or_else(|_| {
+        let message = if may_write(&method) {
+            format!("the request took longer than {timeout:?}; a change it makes may still complete")
+        } else {
+            format!("the request took longer than {timeout:?}")
+        };
+        (ApiError::Unavailable(message).into_response(), 0)
+    });
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
@@ -62,7 +97,7 @@ pub async fn observe(mut req: Request, next: Next, debug_headers: bool, timeout:
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
-    if debug_headers {
+    if settings.debug_headers {
         response.headers_mut().insert(DB_QUERIES, HeaderValue::from(queries));
     }
     response

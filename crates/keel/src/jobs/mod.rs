@@ -47,7 +47,7 @@ impl JobContext {
             db,
             email: email::Sender::from_config(config)?,
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
-            carts: crate::state::cache(config, crate::consistency::CART, &shared),
+            carts: crate::carts::cart_cache(config, &shared),
         })
     }
 }

@@ -1,179 +1,127 @@
-//! This node's like counts: its own component of every product's PN-counter, written back to the
-//! catalogue's `like_counts` at most [`FLUSH_INTERVAL`] after a like, and a copy of the other nodes'
-//! components merged in every [`MERGE_INTERVAL`], so that a count is read from memory.
+//! Like counts, read from memory: every product's PN-counter, merged from the tallies the shards
+//! keep (see [`crate::likes`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use keel_cache::WriteBack;
 use keel_crdt::PnCounter;
-use uuid::Uuid;
 
-use crate::db::{Db, DbError, Sql};
+use crate::db::{Databases, Db, DbError, Sql};
 use crate::ids::ProductId;
 
-/// How long a counted like may wait in memory: the loss window of a crash.
-pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often a node merges the components the other nodes flushed.
+/// How often a node merges the tallies the shards changed.
 pub const MERGE_INTERVAL: Duration = Duration::from_millis(250);
-/// A flush stamps its rows with its transaction's start (`now()`), so a row may become visible after
+/// Rows of one product's tally per shard: a like updates one, chosen at random, so likes of one hot
+/// product rarely wait for each other's row lock.
+pub const STRIPES: i16 = 16;
+/// A tally row is stamped with its transaction's start (`now()`), so a row may become visible after
 /// one stamped later; each merge re-reads this far behind the newest stamp it has seen. Merging a
 /// component twice changes nothing (the CRDT merge is a maximum).
 const MERGE_OVERLAP: &str = "10 seconds";
 
-/// This node's component of every product's like counter, written back to `like_counts`.
-pub struct LikeCounter {
-    /// A fresh name per process: a component only ever grows, so a restarted node must not reuse
-    /// its old name and start again from zero.
-    node: String,
-    /// Per product, a PN-counter holding this node's component: the likes and unlikes it accepted.
-    counts: WriteBack<ProductId, PnCounter<String>>,
-    /// Per product, the other nodes' components as last merged from the catalogue.
-    others: RwLock<Others>,
-    /// Counts read since start (the consistency table's "hits": every read is served from memory).
-    reads: AtomicU64,
+/// One component of a product's counter as a shard holds it: cumulative likes and unlikes of one
+/// stripe, named `<shard>.<stripe>`.
+pub struct Tally {
+    pub shard: String,
+    pub stripe: i16,
+    pub likes: i64,
+    pub unlikes: i64,
 }
 
+/// Every product's like counter as this node last merged it.
 #[derive(Default)]
-struct Others {
-    counters: HashMap<ProductId, PnCounter<String>>,
-    /// The newest `updated_at` merged so far (the catalogue's clock).
-    seen_until: Option<SystemTime>,
-    merged_at: Option<Instant>,
-}
-
-impl Default for LikeCounter {
-    fn default() -> Self {
-        LikeCounter::new()
-    }
+pub struct LikeCounter {
+    counters: RwLock<HashMap<ProductId, PnCounter<String>>>,
+    /// Per shard (by name), the newest `updated_at` merged so far (that shard's clock).
+    seen_until: Mutex<HashMap<String, SystemTime>>,
+    merged_at: Mutex<Option<Instant>>,
+    /// Counts served since start (the consistency table's "hits": every read is served from memory).
+    reads: AtomicU64,
 }
 
 impl LikeCounter {
     pub fn new() -> LikeCounter {
-        LikeCounter {
-            node: Uuid::now_v7().to_string(),
-            counts: WriteBack::new("like_count", FLUSH_INTERVAL),
-            others: RwLock::default(),
-            reads: AtomicU64::new(0),
-        }
+        LikeCounter::default()
     }
 
-    /// How much a crash of this node can lose.
-    pub fn loss_window(&self) -> Duration {
-        self.counts.loss_window()
+    /// Merges one component, as a like's own statement returned it: the node that took the like
+    /// counts it at once, without waiting for the next merge.
+    pub fn merge(&self, product: ProductId, tally: &Tally) {
+        let name = format!("{}.{}", tally.shard, tally.stripe);
+        let component = PnCounter::from_components([(name, tally.likes as u64, tally.unlikes as u64)]);
+        self.counters.write().unwrap().entry(product).or_default().merge(&component);
     }
 
-    pub fn record(&self, product: ProductId, like: bool) {
-        self.counts.update(product, |counter| {
-            if like {
-                counter.increment(&self.node, 1);
-            } else {
-                counter.decrement(&self.node, 1);
-            }
-        });
-    }
-
-    /// This node's net contribution to `product`'s count, flushed or not.
-    fn local_net(&self, product: ProductId) -> i64 {
-        self.counts.read(&product, |counter| counter.map_or(0, PnCounter::value))
-    }
-
-    /// `product`'s like count as this node sees it: the other nodes' components as last merged, and
-    /// its own.
+    /// `product`'s like count, for a response: counted as a read in the consistency table.
     pub fn count(&self, product: ProductId) -> i64 {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let others = self.others.read().unwrap().counters.get(&product).map_or(0, PnCounter::value);
-        others + self.local_net(product)
+        self.current(product)
     }
 
-    /// Reads since start, and how long ago the other nodes' components were last merged.
+    /// `product`'s like count as merged so far, not counted as a read (events, cached copies).
+    pub fn current(&self, product: ProductId) -> i64 {
+        self.counters.read().unwrap().get(&product).map_or(0, PnCounter::value)
+    }
+
+    /// Reads since start, and how long ago the tallies were last merged.
     pub fn read_stats(&self) -> (u64, Option<Duration>) {
-        (self.reads.load(Ordering::Relaxed), self.others.read().unwrap().merged_at.map(|at| at.elapsed()))
+        (self.reads.load(Ordering::Relaxed), self.merged_at.lock().unwrap().map(|at| at.elapsed()))
     }
 
-    /// Merges the components the other nodes flushed since the last merge (all of them the first
-    /// time). Returns how many rows were read.
-    pub async fn merge_others(&self, catalog: &Db) -> Result<usize, DbError> {
-        let since = self.others.read().unwrap().seen_until;
-        let client = catalog.client().await?;
+    /// Merges the tallies every shard changed since the last merge (all of them the first time).
+    /// Returns how many rows were read.
+    pub async fn merge_shards(&self, db: &Databases) -> Result<usize, DbError> {
+        let mut read = 0;
+        for (_, shard) in db.shards.all() {
+            read += self.merge_shard(shard).await?;
+        }
+        *self.merged_at.lock().unwrap() = Some(Instant::now());
+        Ok(read)
+    }
+
+    async fn merge_shard(&self, shard: &Db) -> Result<usize, DbError> {
+        let since = self.seen_until.lock().unwrap().get(shard.name()).copied();
+        let client = shard.client().await?;
+        let columns = "product_id, stripe, likes, unlikes, updated_at";
         let rows = match since {
-            None => {
-                client
-                    .rows(
-                        "SELECT product_id, node, likes, unlikes, updated_at FROM like_counts WHERE node <> $1",
-                        &[&self.node],
-                    )
-                    .await?
-            }
+            None => client.rows(&format!("SELECT {columns} FROM like_tallies"), &[]).await?,
+            // A range scan of the index on updated_at.
             Some(since) => {
-                client
-                    .rows(
-                        &format!(
-                            "SELECT product_id, node, likes, unlikes, updated_at FROM like_counts
-                             WHERE updated_at >= $2::timestamptz - interval '{MERGE_OVERLAP}' AND node <> $1"
-                        ),
-                        &[&self.node, &since],
-                    )
-                    .await?
+                let changed = format!(
+                    "SELECT {columns} FROM like_tallies WHERE updated_at >= $1::timestamptz - interval '{MERGE_OVERLAP}'"
+                );
+                client.rows(&changed, &[&since]).await?
             }
         };
         drop(client);
-        let mut others = self.others.write().unwrap();
+        let mut newest = since;
         for row in &rows {
-            let (node, likes, unlikes): (String, i64, i64) = (row.get(1), row.get(2), row.get(3));
-            let component = PnCounter::from_components([(node, likes as u64, unlikes as u64)]);
-            others.counters.entry(row.get(0)).or_default().merge(&component);
+            let tally =
+                Tally { shard: shard.name().to_owned(), stripe: row.get(1), likes: row.get(2), unlikes: row.get(3) };
+            self.merge(row.get(0), &tally);
             let stamped: SystemTime = row.get(4);
-            others.seen_until = Some(others.seen_until.map_or(stamped, |seen| seen.max(stamped)));
+            newest = Some(newest.map_or(stamped, |seen| seen.max(stamped)));
         }
-        others.merged_at = Some(Instant::now());
+        if let Some(newest) = newest {
+            self.seen_until.lock().unwrap().insert(shard.name().to_owned(), newest);
+        }
         Ok(rows.len())
     }
 
     /// Merges every [`MERGE_INTERVAL`] until `stop` completes.
-    pub async fn run_merger(self: Arc<Self>, catalog: Db, stop: impl Future<Output = ()> + Send) {
+    pub async fn run_merger(self: Arc<Self>, db: Arc<Databases>, stop: impl Future<Output = ()> + Send) {
         let mut stop = std::pin::pin!(stop);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(MERGE_INTERVAL) => {}
                 () = &mut stop => return,
             }
-            if let Err(e) = self.merge_others(&catalog).await {
-                tracing::warn!(error = %e, "could not merge the other nodes' like counts; counts may lag");
+            if let Err(e) = self.merge_shards(&db).await {
+                tracing::warn!(error = %e, "could not merge the shards' like tallies; counts may lag");
             }
         }
-    }
-
-    /// Writes the changed components. Components are cumulative, so a write is idempotent and an
-    /// older one never lowers a newer (`greatest`): the merge of a G-counter, in SQL.
-    async fn write(&self, catalog: &Db, batch: Vec<(ProductId, PnCounter<String>)>) -> Result<(), DbError> {
-        let mut columns: (Vec<ProductId>, Vec<i64>, Vec<i64>) = Default::default();
-        for (product, counter) in batch {
-            let (likes, unlikes) = counter.component(&self.node);
-            columns.0.push(product);
-            columns.1.push(likes as i64);
-            columns.2.push(unlikes as i64);
-        }
-        catalog
-            .client()
-            .await?
-            .exec(
-                "INSERT INTO like_counts (product_id, node, likes, unlikes)
-                 SELECT p, $2, l, u FROM unnest($1::uuid[], $3::bigint[], $4::bigint[]) AS c(p, l, u)
-                 ON CONFLICT (product_id, node) DO UPDATE
-                 SET likes = greatest(like_counts.likes, EXCLUDED.likes),
-                     unlikes = greatest(like_counts.unlikes, EXCLUDED.unlikes), updated_at = now()",
-                &[&columns.0, &self.node, &columns.1, &columns.2],
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Flushes every interval until `stop` completes, then once more.
-    pub async fn run_flusher(self: Arc<Self>, catalog: Db, stop: impl Future<Output = ()> + Send) {
-        self.counts.run(|batch| self.write(&catalog, batch), stop).await;
     }
 }

@@ -103,7 +103,7 @@ async fn reserve(catalog: &Db, order: &PlacedOrder, job: &Job) -> Result<bool, D
     }
     let left = tx
         .rows(
-            "UPDATE inventory i SET stock = i.stock - w.quantity, updated_at = now()
+            "UPDATE inventory i SET stock = i.stock - w.quantity, updated_at = now(), version = i.version + 1
              FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id
              RETURNING i.product_id, i.stock",
             &[&products, &quantities],
@@ -155,6 +155,8 @@ async fn debit_and_confirm(shard: &Db, order: &PlacedOrder, job: &Job) -> Result
     )
     .await?;
     tx.exec("DELETE FROM cart_items WHERE user_id = $1 AND product_id = ANY($2)", &[&order.user, &products]).await?;
+    // The owner's next read of their cart must not be an older cached copy (see `crate::carts`).
+    tx.exec(crate::carts::BUMP_OWNER_VERSION, &[&order.user]).await?;
     let confirmed = OrderConfirmed { order_id: order.id, user_id: order.user, total_cents: order.total_cents };
     keel_outbox::enqueue(&tx, &follow_up(&confirmed, order.id, job)).await?;
     tx.commit().await?;
@@ -219,7 +221,7 @@ async fn release(catalog: &Db, order: OrderId, job: &Job) -> Result<(), DbError>
     tx.exec("SELECT 1 FROM inventory WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE", &[&products]).await?;
     let now = tx
         .rows(
-            "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now()
+            "UPDATE inventory i SET stock = i.stock + w.quantity, updated_at = now(), version = i.version + 1
              FROM unnest($1::uuid[], $2::int[]) AS w(product_id, quantity) WHERE i.product_id = w.product_id
              RETURNING i.product_id, i.stock, w.quantity",
             &[&products, &quantities],

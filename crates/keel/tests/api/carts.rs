@@ -10,7 +10,7 @@ async fn a_cart_holds_priced_items_and_forgets_removed_ones() {
     let rope = app.create_product("ROPE", 300, 10).await;
 
     let empty = expect_json(app.get("/v1/cart").bearer_auth(&token).send().await, 200).await;
-    assert_eq!(empty, json!({ "items": [], "total_cents": 0 }));
+    assert_eq!(empty, json!({ "items": [], "total_cents": 0, "version": 0 }));
 
     let put = |product: &str, quantity: i64| {
         app.put(&format!("/v1/cart/items/{product}")).bearer_auth(&token).json(&json!({ "quantity": quantity }))
@@ -22,7 +22,8 @@ async fn a_cart_holds_priced_items_and_forgets_removed_ones() {
         json!({ "items": [
             { "product_id": anchor, "quantity": 2, "price_cents": 1250 },
             { "product_id": rope, "quantity": 3, "price_cents": 300 },
-        ], "total_cents": 3400 })
+        ], "total_cents": 3400, "version": 2 }),
+        "each change of the owner's counts in the cart's version"
     );
     // Setting a quantity replaces it; 0 removes the item.
     let cart = expect_json(put(&anchor, 1).send().await, 200).await;
@@ -30,7 +31,7 @@ async fn a_cart_holds_priced_items_and_forgets_removed_ones() {
     let cart = expect_json(put(&anchor, 0).send().await, 200).await;
     assert_eq!(cart["items"].as_array().unwrap().len(), 1);
     let cart = expect_json(app.delete(&format!("/v1/cart/items/{rope}")).bearer_auth(&token).send().await, 200).await;
-    assert_eq!(cart, json!({ "items": [], "total_cents": 0 }));
+    assert_eq!(cart, json!({ "items": [], "total_cents": 0, "version": 5 }));
     // Removing what is not there is fine.
     expect_json(app.delete(&format!("/v1/cart/items/{rope}")).bearer_auth(&token).send().await, 200).await;
 }

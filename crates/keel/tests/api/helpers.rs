@@ -217,7 +217,7 @@ pub struct Node {
 }
 
 impl Node {
-    /// A graceful stop: drains requests and flushes what the node holds in memory.
+    /// A graceful stop: drains requests, and the writes whose clients left.
     pub async fn stop(self) {
         self.stop.trigger();
         self.task.await.unwrap().unwrap();

@@ -12,6 +12,7 @@ mod likes;
 mod ops;
 mod peers;
 mod processes;
+mod promises;
 mod queue;
 mod search;
 mod two_nodes;

@@ -97,7 +97,28 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// SIGKILL: the server and everything it held are gone at once.
+    /// SIGSTOP: the server stops answering, as a hung or swapped-out Redis would. Its connections
+    /// stay open and the kernel still accepts new ones, so callers wait (for their timeouts) instead
+    /// of failing at once; what they send meanwhile is read when it is resumed.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT: a paused server carries on with what it held and what was sent to it meanwhile.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("the redis-server was killed");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child, not yet waited
+        // for, so it cannot have been reused by another process.
+        let sent = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(sent, 0, "signal {signal} to redis-server: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL: the server and everything it held are gone at once. A paused server too (SIGKILL
+    /// ends a stopped process), so dropping one that was never resumed neither hangs nor leaks it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

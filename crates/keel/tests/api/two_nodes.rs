@@ -13,11 +13,12 @@ use serde_json::{json, Value};
 use crate::helpers::{expect_json, TestApp};
 use crate::peers::RedisServer;
 
-fn cache_status(response: &reqwest::Response) -> String {
+pub(crate) fn cache_status(response: &reqwest::Response) -> String {
     response.headers().get("cache-status").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
 }
 
-async fn app_with_redis(redis: &RedisServer, budgets: &[(&str, Duration)]) -> TestApp {
+/// An app whose node uses `redis` as the shared tier, with the given kinds' budgets overridden.
+pub(crate) async fn app_with_redis(redis: &RedisServer, budgets: &[(&str, Duration)]) -> TestApp {
     let url = redis.url();
     let budgets: Vec<_> = budgets.iter().map(|(k, b)| (keel::consistency::DataKind::parse(k).unwrap(), *b)).collect();
     TestApp::spawn_with(move |config| {
