@@ -34,6 +34,9 @@ use uuid::Uuid;
 /// The tables, indexes and trigger the queue needs; include it in the database's migrations.
 pub const SCHEMA: &str = include_str!("schema.sql");
 
+/// The `relayed` state of events handed to a broker; a migration after [`SCHEMA`].
+pub const RELAY_SCHEMA: &str = include_str!("relay_schema.sql");
+
 /// The notification channel the insert trigger signals.
 pub const CHANNEL: &str = "keel_jobs";
 
@@ -93,7 +96,7 @@ pub async fn replay(client: &impl GenericClient, id: Uuid) -> Result<bool, PgErr
     let statement = client
         .prepare_cached(
             "UPDATE keel_jobs SET state = 'pending', attempts = 0, run_at = now(), locked_until = NULL,
-                 finished_at = NULL
+                 finished_at = NULL, replays = replays + 1
              WHERE id = $1 AND state = 'dead'",
         )
         .await?;
@@ -116,22 +119,27 @@ pub async fn prune_finished(client: &impl GenericClient, older_than: Duration) -
 #[derive(Debug, Clone, PartialEq)]
 pub struct KindStats {
     pub kind: String,
+    /// Waiting to run, or relayed to a broker and not yet run by a handler.
     pub pending: i64,
     pub running: i64,
     pub dead: i64,
-    /// Seconds since the oldest ready pending job became ready; 0 when none is waiting.
+    /// Seconds since the oldest job not yet finished (pending, running, or relayed and not yet run)
+    /// was enqueued; 0 when there is none. From its creation, not its `run_at`, which every retry
+    /// moves forward (and into the future while it backs off): a job stuck failing — a broker down,
+    /// a mail server refusing — must show as old, not as just ready or not ready at all. (A job
+    /// enqueued with a delay counts that delay too.)
     pub oldest_pending_age_s: f64,
 }
 
-/// Pending, running and dead counts per kind, with the age of the oldest ready job.
+/// Pending, running and dead counts per kind, with the age of the oldest unfinished job.
 pub async fn stats(client: &impl GenericClient) -> Result<Vec<KindStats>, PgError> {
     let statement = client
         .prepare_cached(
             "SELECT kind,
-                    count(*) FILTER (WHERE state = 'pending'),
+                    count(*) FILTER (WHERE state IN ('pending', 'relayed')),
                     count(*) FILTER (WHERE state = 'running'),
                     count(*) FILTER (WHERE state = 'dead'),
-                    coalesce(extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'pending' AND run_at <= now())), 0)::float8
+                    coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state IN ('pending', 'running', 'relayed'))), 0)::float8
              FROM keel_jobs WHERE state <> 'done' GROUP BY kind ORDER BY kind",
         )
         .await?;

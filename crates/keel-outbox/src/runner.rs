@@ -28,6 +28,9 @@ pub struct Job {
     pub created_at: SystemTime,
     /// When the job became ready to run (its creation, or the end of its backoff).
     pub ready_at: SystemTime,
+    /// How many times the job was replayed after it was dead ([`crate::replay`]); 0 for a job that
+    /// came through a broker.
+    pub replays: i32,
 }
 
 impl Job {
@@ -41,6 +44,7 @@ impl Job {
             attempt: row.get("attempts"),
             created_at: row.get("created_at"),
             ready_at: row.get("run_at"),
+            replays: row.get("replays"),
         }
     }
 
@@ -126,12 +130,15 @@ pub(crate) struct Kind<C> {
     pub(crate) name: String,
     pub(crate) options: KindOptions,
     pub(crate) handler: Handler<C>,
+    /// The state a successful run leaves the job in: `done`, or `relayed` for a relay's publish
+    /// (the job is finished only when a handler behind the broker has run it).
+    pub(crate) succeeded: &'static str,
     wake: Notify,
 }
 
 impl<C> Kind<C> {
     pub(crate) fn new(name: &str, options: KindOptions, handler: Handler<C>) -> Kind<C> {
-        Kind { name: name.to_owned(), options, handler, wake: Notify::new() }
+        Kind { name: name.to_owned(), options, handler, succeeded: "done", wake: Notify::new() }
     }
 }
 
@@ -169,11 +176,16 @@ struct Shared<C> {
     shutdown_timeout: Duration,
 }
 
+/// A task that runs beside the kinds until the runner stops (given the stop signal).
+pub(crate) type Background =
+    Box<dyn FnOnce(Pool, watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
 /// Runs the handlers of the registered kinds against one database until shut down.
 pub struct Runner<C> {
     shared: Arc<Shared<C>>,
     listen_url: Option<String>,
     kinds: Vec<Arc<Kind<C>>>,
+    background: Vec<Background>,
 }
 
 impl<C: Send + Sync + 'static> Runner<C> {
@@ -182,7 +194,7 @@ impl<C: Send + Sync + 'static> Runner<C> {
     pub fn new(pool: Pool, listen_url: Option<String>, ctx: Arc<C>) -> Runner<C> {
         let shared =
             Shared { pool, ctx, poll_interval: Duration::from_secs(1), shutdown_timeout: Duration::from_secs(10) };
-        Runner { shared: Arc::new(shared), listen_url, kinds: Vec::new() }
+        Runner { shared: Arc::new(shared), listen_url, kinds: Vec::new(), background: Vec::new() }
     }
 
     /// How often to look for jobs when no notification arrives (default 1 s).
@@ -212,6 +224,18 @@ impl<C: Send + Sync + 'static> Runner<C> {
         self
     }
 
+    /// Registers a relay's publisher of a kind: a job it published stays `relayed`, not `done`.
+    pub(crate) fn register_relay(mut self, kind: &str, options: KindOptions, publish: Handler<C>) -> Self {
+        self.kinds.push(Arc::new(Kind { succeeded: "relayed", ..Kind::new(kind, options, publish) }));
+        self
+    }
+
+    /// Runs `task` beside the kinds, on this runner's database, until the runner stops.
+    pub(crate) fn beside(mut self, task: Background) -> Self {
+        self.background.push(task);
+        self
+    }
+
     /// Runs until `shutdown` completes, then stops claiming, lets running jobs finish for up to the
     /// shutdown timeout, and releases the jobs still running so another runner takes them at once.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
@@ -222,6 +246,9 @@ impl<C: Send + Sync + 'static> Runner<C> {
         }
         for kind in &self.kinds {
             tasks.spawn(run_kind(self.shared.clone(), kind.clone(), stop_rx.clone()));
+        }
+        for task in self.background {
+            tasks.spawn(task(self.shared.pool.clone(), stop_rx.clone()));
         }
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -320,7 +347,7 @@ async fn run_kind<C: Send + Sync + 'static>(
     let in_flight: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
     let groups: Arc<Groups> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let completer = tokio::spawn(complete_in_batches(shared.pool.clone(), done_rx));
+    let completer = tokio::spawn(complete_in_batches(shared.pool.clone(), done_rx, &["running"], kind.succeeded));
     let mut running = JoinSet::new();
     while !*stop.borrow() {
         let free = slots.available_permits();
@@ -417,7 +444,8 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) ->
              SET state = 'running', attempts = j.attempts + 1, started_at = now(),
                  locked_until = now() + $3 * interval '1 second'
              FROM ready WHERE j.id = ready.id
-             RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at"
+             RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at,
+                 j.replays"
         ))
         .await
         .map_err(|e| e.to_string())?;
@@ -536,10 +564,16 @@ async fn execute<C: Send + Sync + 'static>(
 /// The most completions recorded by one statement.
 const MAX_COMPLETION_BATCH: usize = 1000;
 
-/// Records successful runs as done, many per statement: while one batch is being written the next
-/// accumulates, so batches grow with load and cost nothing in latency when idle. A batch that
-/// cannot be written leaves its jobs `running`; their leases lapse and they run again (at least once).
-async fn complete_in_batches(pool: Pool, mut done: tokio::sync::mpsc::UnboundedReceiver<Uuid>) {
+/// Records successful runs (jobs in a state of `from` become `to`: `done`, or `relayed`), many per
+/// statement: while one batch is being written the next accumulates, so batches grow with load and
+/// cost nothing in latency when idle. A batch that cannot be written leaves its jobs as they were:
+/// `running` ones' leases lapse and they run again (at least once).
+pub(crate) async fn complete_in_batches(
+    pool: Pool,
+    mut done: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
+    from: &'static [&'static str],
+    to: &'static str,
+) {
     let mut batch = Vec::new();
     while let Some(id) = done.recv().await {
         batch.push(id);
@@ -549,23 +583,25 @@ async fn complete_in_batches(pool: Pool, mut done: tokio::sync::mpsc::UnboundedR
                 Err(_) => break,
             }
         }
-        if let Err(e) = complete(&pool, &batch).await {
+        if let Err(e) = complete(&pool, &batch, from, to).await {
             tracing::warn!(error = %e, jobs = batch.len(), "could not record finished jobs; they will run again");
         }
         batch.clear();
     }
 }
 
-async fn complete(pool: &Pool, ids: &[Uuid]) -> Result<(), String> {
+async fn complete(pool: &Pool, ids: &[Uuid], from: &[&str], to: &str) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
-            "UPDATE keel_jobs SET state = 'done', finished_at = now(), locked_until = NULL, last_error = NULL
-             WHERE id = ANY($1) AND state = 'running'",
+            "UPDATE keel_jobs
+             SET state = $3, finished_at = CASE WHEN $3 = 'done' THEN now() END, locked_until = NULL,
+                 last_error = NULL
+             WHERE id = ANY($1) AND state = ANY($2)",
         )
         .await
         .map_err(|e| e.to_string())?;
-    client.execute(&statement, &[&ids]).await.map_err(|e| e.to_string())?;
+    client.execute(&statement, &[&ids, &from, &to]).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 

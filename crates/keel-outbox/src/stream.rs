@@ -4,8 +4,12 @@
 //! - The outbox stays where it is: events are still written on the caller's transaction. A
 //!   [`Runner`] told to [`Runner::relay`] some kinds publishes their jobs to JetStream instead of
 //!   running them (async publishes, at most `RELAY_IN_FLIGHT` unacknowledged per kind), and marks a
-//!   job done once the stream acknowledged it. A crash between the two publishes again; the message
-//!   id (job id and the time it became ready) lets JetStream drop that duplicate.
+//!   job `relayed` once the stream acknowledged it. A crash between the two publishes again; the
+//!   message id (see [`message_id`]) lets JetStream drop that duplicate.
+//! - **An event is finished when a handler has run it, not when the broker has it.** The consumer
+//!   that ran it marks its row `done` in the database it came from (in batches). Should the server
+//!   lose its store, the relay finds the rows still `relayed` from before the stream was made again
+//!   and relays them again (`relay_again`): nothing Keel accepted is lost with the broker's disk.
 //! - A [`StreamRunner`] consumes each kind through a durable pull consumer with explicit acks and
 //!   runs the same handlers as a [`Runner`] would. A failure is a negative ack with the kind's
 //!   backoff (or the handler's `retry_in`); after the last attempt the job is recorded `dead` in its
@@ -13,34 +17,62 @@
 //!
 //! Subjects are `<prefix>.events.<kind>` in one stream, `<PREFIX>_EVENTS`, with work-queue
 //! retention: a message is gone once its consumer acknowledged it.
+//!
+//! A server that lost the stream (restarted with an empty store, or someone deleted it) gets it
+//! back without a restart of Keel: a relay whose publish finds no stream, and a consumer that finds
+//! none, create it again as at start-up, and consumers re-create their durable consumers. The
+//! failures are counted: `keel_outbox_relay_failures_total` and `keel_outbox_consumer_errors_total`,
+//! by kind and a reason from a small fixed set.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, context, stream, AckKind, ErrorCode};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::runner::{handler, invoke, lease, Handler, Kind, Registry};
+use crate::runner::{complete_in_batches, handler, invoke, lease, Handler, Kind, Registry};
 use crate::{Job, JobError, KindOptions, Runner};
 
 /// Unacknowledged publishes per relayed kind and database.
 const RELAY_IN_FLIGHT: usize = 256;
 /// The header naming the database an event came from, where its dead letter is recorded.
 const SOURCE_HEADER: &str = "Keel-Source";
+/// How long JetStream may take to answer an API request or acknowledge a publish.
+const JETSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// A relay run's time limit (its kind's timeout): room for a publish whose acknowledgement timed
+/// out to be tried again within the run (see [`JetStream::publish`]).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a relay run keeps starting publishes of its job: a last one may still wait out its
+/// acknowledgement before `RELAY_TIMEOUT`.
+const RELAY_RETRIES_FOR: Duration =
+    RELAY_TIMEOUT.saturating_sub(JETSTREAM_TIMEOUT).saturating_sub(Duration::from_secs(1));
+/// The first pause after a failure to publish or to consume; it doubles up to `MAX_PAUSE`, so an
+/// unreachable server is asked about once a second, not in a busy loop.
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// A consumer that hears nothing from the server for twice this long (no message, no heartbeat)
+/// takes it for lost and opens again: the way a consumer deleted with its stream is noticed when
+/// the server does not say so.
+const CONSUMER_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A connection to JetStream and the stream of one deployment's events.
 #[derive(Clone)]
 pub struct JetStream {
     context: jetstream::Context,
     prefix: String,
+    /// When this process last made sure the stream exists after finding it missing (see
+    /// [`JetStream::restore_stream`]).
+    restored: Arc<Mutex<Option<Instant>>>,
 }
 
 impl JetStream {
@@ -51,8 +83,9 @@ impl JetStream {
             return Err(format!("{prefix:?} is not a subject prefix (letters, digits, '-' and '_')"));
         }
         let client = async_nats::connect(url).await.map_err(|e| format!("cannot connect to {url}: {e}"))?;
-        let context = jetstream::new(client);
-        let js = JetStream { context, prefix: prefix.to_owned() };
+        let mut context = jetstream::new(client);
+        context.set_timeout(JETSTREAM_TIMEOUT);
+        let js = JetStream { context, prefix: prefix.to_owned(), restored: Arc::default() };
         js.ensure_stream().await.map_err(|e| format!("JetStream stream {}: {e}", js.stream_name()))?;
         Ok(js)
     }
@@ -103,6 +136,23 @@ impl JetStream {
             .to_owned())
     }
 
+    /// Makes sure the stream exists again after a publish or a look-up begun at `begun` found it
+    /// missing. Everything that finds it missing at once (up to `RELAY_IN_FLIGHT` publishes per
+    /// relayed kind, every consumer) asks here together: the first makes sure, and the others,
+    /// whose requests began before it was done, only try again, rather than each asking the
+    /// server. Another process doing the same at the same time is what [`JetStream::ensure_stream`]
+    /// is safe against.
+    async fn restore_stream(&self, begun: Instant) -> Result<(), String> {
+        let mut restored = self.restored.lock().await;
+        if restored.is_some_and(|at| at > begun) {
+            return Ok(());
+        }
+        self.ensure_stream().await.map_err(|e| format!("JetStream stream {} is missing: {e}", self.stream_name()))?;
+        *restored = Some(Instant::now());
+        tracing::warn!(stream = %self.stream_name(), "the JetStream stream was missing; it exists again");
+        Ok(())
+    }
+
     async fn reconcile_stream(&self, found: &stream::Config, wanted: &stream::Config) -> Result<(), String> {
         if found.retention != wanted.retention || found.storage != wanted.storage {
             // JetStream cannot change either in place: the operator must decide what happens to
@@ -143,16 +193,59 @@ impl JetStream {
         format!("{}-{}", self.prefix, kind.replace(['.', '*', '>', ' '], "_"))
     }
 
+    /// Publishes a relayed job and waits for JetStream to acknowledge it. Failures that may pass
+    /// are retried here for a few seconds, under the same message id: a publish that timed out may
+    /// have been stored, and JetStream drops a second one with its id, where a retry by the runner
+    /// would come with a new id (see [`message_id`]). A stream found missing is made again first.
     async fn publish(&self, source: &str, job: &Job) -> Result<(), String> {
-        let ready_ms = millis(job.ready_at);
         let body = serde_json::to_vec(&Envelope::from(job)).map_err(|e| e.to_string())?;
+        let give_up = Instant::now() + RELAY_RETRIES_FOR;
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let begun = Instant::now();
+            let error = match self.publish_once(source, job, &body).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let (reason, may_pass) = match error.kind() {
+                PublishErrorKind::StreamNotFound => ("no_stream", true),
+                PublishErrorKind::TimedOut => ("timeout", true),
+                PublishErrorKind::BrokenPipe => ("connection", true),
+                _ => ("publish", false),
+            };
+            metrics::counter!("keel_outbox_relay_failures_total", "kind" => job.kind.clone(), "reason" => reason)
+                .increment(1);
+            if error.kind() == PublishErrorKind::StreamNotFound {
+                self.restore_stream(begun).await?;
+            }
+            if !may_pass || Instant::now() + pause >= give_up {
+                return Err(format!("JetStream did not take the event: {error}"));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    async fn publish_once(&self, source: &str, job: &Job, body: &[u8]) -> Result<(), PublishError> {
         let message = PublishMessage::build()
-            .payload(body.into())
-            .message_id(format!("{}:{ready_ms}", job.id))
+            .payload(body.to_vec().into())
+            .message_id(message_id(job))
             .header(SOURCE_HEADER, source);
-        let ack = self.context.send_publish(self.subject(&job.kind), message).await.map_err(|e| e.to_string())?;
-        ack.await.map_err(|e| format!("JetStream did not acknowledge the event: {e}"))?;
+        self.context.send_publish(self.subject(&job.kind), message).await?.await?;
         Ok(())
+    }
+}
+
+/// The `Nats-Msg-Id` of a relayed job (JetStream drops a publish under an id it stored within the
+/// stream's duplicate window): the job id, and how many times it was replayed. It never changes
+/// while the event is relayed — not for the retries [`JetStream::publish`] makes itself, nor when
+/// the runner retries a relay run that failed (its publish may have been stored all the same), nor
+/// for the run that takes a job over from a relay that died — so every copy of one relay is dropped
+/// but the first. A replay of a dead job is a new delivery the operator asked for: a new id.
+fn message_id(job: &Job) -> String {
+    match job.replays {
+        0 => job.id.to_string(),
+        n => format!("{}:r{n}", job.id),
     }
 }
 
@@ -182,6 +275,15 @@ impl JetStreamErrorKind for context::GetStreamErrorKind {
     fn jetstream_error(&self) -> Option<&async_nats::jetstream::Error> {
         match self {
             context::GetStreamErrorKind::JetStream(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl JetStreamErrorKind for stream::ConsumerErrorKind {
+    fn jetstream_error(&self) -> Option<&async_nats::jetstream::Error> {
+        match self {
+            stream::ConsumerErrorKind::JetStream(e) => Some(e),
             _ => None,
         }
     }
@@ -225,7 +327,7 @@ impl<C: Send + Sync + 'static> Runner<C> {
             max_attempts: i32::MAX,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
+            timeout: RELAY_TIMEOUT,
             ..KindOptions::default()
         };
         for kind in kinds {
@@ -234,9 +336,60 @@ impl<C: Send + Sync + 'static> Runner<C> {
                 let (js, source) = (js.clone(), source.clone());
                 async move { js.publish(&source, &job).await }
             });
-            self = self.register_handler(kind, options.clone(), publish);
+            self = self.register_relay(kind, options.clone(), publish);
         }
-        self
+        let (js, kinds) = (js.clone(), kinds.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>());
+        self.beside(Box::new(move |pool, stop| Box::pin(relay_again(js, pool, kinds, stop))))
+    }
+}
+
+/// How often a relay checks whether the stream was made anew since it relayed what is not done.
+const RELAY_AGAIN_EVERY: Duration = Duration::from_secs(2);
+/// Clocks of the broker and the database may differ: rows relayed this close to the stream's making
+/// are relayed again too (a copy the stream already has is dropped by its message id).
+const CLOCK_MARGIN: Duration = Duration::from_secs(2);
+
+/// Relays again, as new, every event of `kinds` relayed before the stream was (re)made and not yet
+/// run by a handler: a stream younger than such an event cannot hold it, whatever happened to the
+/// server's store. Runs until `stop`.
+async fn relay_again(js: JetStream, pool: Pool, kinds: Vec<String>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(RELAY_AGAIN_EVERY) => {}
+            _ = stop.changed() => return,
+        }
+        let made = match js.context.get_stream(js.stream_name()).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => SystemTime::from(info.created),
+                Err(_) => continue,
+            },
+            // No stream (yet): the next publish or consumer makes it.
+            Err(_) => continue,
+        };
+        let result = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .execute(
+                    "UPDATE keel_jobs SET state = 'pending', run_at = now()
+                     WHERE state = 'relayed' AND kind = ANY($1) AND started_at < $2",
+                    &[&kinds, &(made + CLOCK_MARGIN)],
+                )
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match result.await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("keel_outbox_relayed_again_total").increment(n);
+                tracing::warn!(events = n, stream = %js.stream_name(),
+                    "the stream is younger than events relayed and not yet handled: relaying them again");
+                let client = pool.get().await;
+                if let Ok(client) = client {
+                    let _ = client.execute("SELECT pg_notify($1, '')", &[&crate::CHANNEL]).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for events to relay again"),
+        }
     }
 }
 
@@ -281,7 +434,20 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
     /// Consumes every registered kind until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let sources = Arc::new(self.sources);
+        // Per database: the handled events to mark `done` there, in batches.
+        let mut completers = JoinSet::new();
+        let sources: HashMap<String, Source> = self
+            .sources
+            .into_iter()
+            .map(|(name, pool)| {
+                let (done, handled) = tokio::sync::mpsc::unbounded_channel();
+                // From `running` too: the consumer may finish before the relay's own (batched)
+                // record of the publish, which then finds the row done and leaves it.
+                completers.spawn(complete_in_batches(pool.clone(), handled, &["relayed", "running"], "done"));
+                (name, Source { pool, done })
+            })
+            .collect();
+        let sources = Arc::new(sources);
         let mut tasks = JoinSet::new();
         for kind in self.kinds {
             let consume = consume(
@@ -297,7 +463,16 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
         shutdown.await;
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        // Every handler has ended: the completers record what is left and stop.
+        drop(sources);
+        while completers.join_next().await.is_some() {}
     }
+}
+
+/// A database events are relayed from: where their rows are marked `done` once handled, or `dead`.
+struct Source {
+    pool: Pool,
+    done: tokio::sync::mpsc::UnboundedSender<Uuid>,
 }
 
 impl<C: Send + Sync + 'static> Registry<C> for StreamRunner<C> {
@@ -311,54 +486,63 @@ impl<C: Send + Sync + 'static> Registry<C> for StreamRunner<C> {
     }
 }
 
-/// One kind's consumer: keeps a pull subscription open (re-opening it after errors) and runs up
-/// to the kind's concurrency of handlers at once.
+/// One kind's consumer: keeps a pull subscription open (re-opening it after errors, and making
+/// the stream and the durable consumer again when the server lost them) and runs up to the kind's
+/// concurrency of handlers at once.
 async fn consume<C: Send + Sync + 'static>(
     js: JetStream,
     ctx: Arc<C>,
     kind: Arc<Kind<C>>,
-    sources: Arc<HashMap<String, Pool>>,
+    sources: Arc<HashMap<String, Source>>,
     shutdown_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(kind.options.concurrency));
     let mut running = JoinSet::new();
+    let mut pause = FIRST_PAUSE;
     while !*stop.borrow() {
-        let mut messages = match subscribe(&js, &kind).await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(kind = %kind.name, error = %e, "cannot consume from JetStream; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.changed() => break,
+        let begun = Instant::now();
+        let failure = match subscribe(&js, &kind).await {
+            Ok(mut messages) => loop {
+                // A slot first, then a message: a message is only taken when it can run at once.
+                let permit = tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    _ = stop.changed() => break None,
+                };
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = stop.changed() => break None,
+                };
+                match message {
+                    Some(Ok(message)) => {
+                        pause = FIRST_PAUSE;
+                        let (ctx, kind, sources) = (ctx.clone(), kind.clone(), sources.clone());
+                        running.spawn(async move {
+                            handle(ctx, &kind, &sources, message).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => break Some(ConsumeError::from(e)),
+                    None => break Some(ConsumeError { reason: "pull", message: "the subscription ended".to_owned() }),
                 }
-            }
+                while running.try_join_next().is_some() {}
+            },
+            Err(failure) => Some(failure),
         };
-        loop {
-            // A slot first, then a message: a message is only taken when it can run at once.
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = stop.changed() => break,
-            };
-            let message = tokio::select! {
-                message = messages.next() => message,
-                _ = stop.changed() => break,
-            };
-            match message {
-                Some(Ok(message)) => {
-                    let (ctx, kind, sources) = (ctx.clone(), kind.clone(), sources.clone());
-                    running.spawn(async move {
-                        handle(ctx, &kind, &sources, message).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(kind = %kind.name, error = %e, "JetStream consumer error; resubscribing");
-                    break;
-                }
-                None => break,
+        let Some(failure) = failure else { break };
+        metrics::counter!("keel_outbox_consumer_errors_total", "kind" => kind.name.clone(), "reason" => failure.reason)
+            .increment(1);
+        tracing::warn!(kind = %kind.name, error = %failure.message, "cannot consume from JetStream; retrying");
+        if failure.reason == "no_stream" {
+            if let Err(e) = js.restore_stream(begun).await {
+                tracing::warn!(kind = %kind.name, error = %e, "cannot make the JetStream stream again; retrying");
             }
-            while running.try_join_next().is_some() {}
+        }
+        // Even after a failure that came at once (a subscription that ends as it opens), so that a
+        // server that keeps failing is asked about once a second at most.
+        tokio::select! {
+            () = tokio::time::sleep(pause) => pause = (pause * 2).min(MAX_PAUSE),
+            _ = stop.changed() => break,
         }
     }
     let drained = tokio::time::timeout(shutdown_timeout, async { while running.join_next().await.is_some() {} });
@@ -368,8 +552,41 @@ async fn consume<C: Send + Sync + 'static>(
     }
 }
 
-async fn subscribe<C>(js: &JetStream, kind: &Kind<C>) -> Result<consumer::pull::Stream, String> {
-    let stream = js.context.get_stream(js.stream_name()).await.map_err(|e| e.to_string())?;
+/// Why a consumer stopped or could not start: `reason`, from a small fixed set, labels the
+/// metric; `message` is for the log.
+struct ConsumeError {
+    reason: &'static str,
+    message: String,
+}
+
+impl ConsumeError {
+    fn new(reason: &'static str, error: impl std::fmt::Display) -> ConsumeError {
+        ConsumeError { reason, message: error.to_string() }
+    }
+}
+
+impl From<consumer::pull::MessagesError> for ConsumeError {
+    fn from(error: consumer::pull::MessagesError) -> ConsumeError {
+        let reason = match error.kind() {
+            // What a consumer deleted with its stream (or by hand) looks like.
+            MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders => "no_consumer",
+            MessagesErrorKind::MissingHeartbeat => "heartbeat",
+            _ => "pull",
+        };
+        ConsumeError::new(reason, error)
+    }
+}
+
+/// Opens a pull subscription on the kind's durable consumer, creating it if it does not exist.
+/// A missing stream is `no_stream`: the caller makes it again and subscribes anew.
+async fn subscribe<C>(js: &JetStream, kind: &Kind<C>) -> Result<consumer::pull::Stream, ConsumeError> {
+    let stream = match js.context.get_stream(js.stream_name()).await {
+        Ok(stream) => stream,
+        Err(e) if is_jetstream_error(&e, &[ErrorCode::STREAM_NOT_FOUND]) => {
+            return Err(ConsumeError::new("no_stream", e))
+        }
+        Err(e) => return Err(ConsumeError::new("subscribe", e)),
+    };
     let name = js.consumer_name(&kind.name);
     let config = consumer::pull::Config {
         durable_name: Some(name.clone()),
@@ -385,14 +602,27 @@ async fn subscribe<C>(js: &JetStream, kind: &Kind<C>) -> Result<consumer::pull::
     // Create-or-update is idempotent on the server: processes starting together all get the same
     // durable consumer, and one made by an older Keel takes the settings above where JetStream
     // allows updating them (it refuses, and says so, where it does not).
-    let consumer: consumer::PullConsumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
-    consumer.stream().max_messages_per_batch(kind.options.concurrency).messages().await.map_err(|e| e.to_string())
+    let consumer: consumer::PullConsumer = match stream.create_consumer(config).await {
+        Ok(consumer) => consumer,
+        // Deleted between the look-up and the create.
+        Err(e) if is_jetstream_error(&e, &[ErrorCode::STREAM_NOT_FOUND]) => {
+            return Err(ConsumeError::new("no_stream", e))
+        }
+        Err(e) => return Err(ConsumeError::new("subscribe", e)),
+    };
+    consumer
+        .stream()
+        .max_messages_per_batch(kind.options.concurrency)
+        .heartbeat(CONSUMER_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| ConsumeError::new("subscribe", e))
 }
 
 async fn handle<C: Send + Sync + 'static>(
     ctx: Arc<C>,
     kind: &Kind<C>,
-    sources: &HashMap<String, Pool>,
+    sources: &HashMap<String, Source>,
     message: jetstream::Message,
 ) {
     let (delivered, published) = match message.info() {
@@ -421,11 +651,19 @@ async fn handle<C: Send + Sync + 'static>(
         attempt: i32::try_from(delivered).unwrap_or(i32::MAX),
         created_at: UNIX_EPOCH + Duration::from_millis(envelope.created_at_ms),
         ready_at: published,
+        replays: 0,
     };
     let (id, attempt) = (job.id, job.attempt);
     let (outcome, span) = invoke(ctx, kind, job).await;
     let acked = match outcome {
-        Ok(()) => message.ack().await,
+        Ok(()) => {
+            // Finished: its row leaves `relayed` (or, if the source is unknown, it would only be
+            // relayed again after a loss of the stream, and run again: handlers are idempotent).
+            if let Some(source) = source.as_deref().and_then(|s| sources.get(s)) {
+                let _ = source.done.send(id);
+            }
+            message.ack().await
+        }
         Err(error) if attempt >= kind.options.max_attempts => {
             match record_dead(sources, source.as_deref(), id, &error.message, attempt).await {
                 Ok(()) => message.ack_with(AckKind::Term).await,
@@ -445,14 +683,14 @@ async fn handle<C: Send + Sync + 'static>(
 
 /// Marks the job dead in the database it was relayed from (its row is there, `done` as relayed).
 async fn record_dead(
-    sources: &HashMap<String, Pool>,
+    sources: &HashMap<String, Source>,
     source: Option<&str>,
     id: Uuid,
     error: &str,
     attempts: i32,
 ) -> Result<(), String> {
     let source = source.ok_or("the event does not name its database")?;
-    let pool = sources.get(source).ok_or_else(|| format!("no database named {source}"))?;
+    let pool = &sources.get(source).ok_or_else(|| format!("no database named {source}"))?.pool;
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(

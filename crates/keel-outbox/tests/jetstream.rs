@@ -1,12 +1,22 @@
-//! Stream set-up against a real nats-server (started here on a private port with its own store).
+//! Against a real nats-server (started here on a private port with its own store) and, where a
+//! relay or a consumer runs, a private PostgreSQL cluster: stream set-up, message ids, and carrying
+//! on when the server lost the stream.
 
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use keel_outbox::JetStream;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use keel_outbox::{JetStream, KindOptions, NewJob, Runner, StreamRunner};
+use keel_pg::{Cluster, ClusterSpec};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
 
 struct Nats {
     child: Child,
@@ -21,29 +31,55 @@ impl Nats {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let store = std::env::temp_dir().join(format!("keel-outbox-nats-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&store);
-        std::fs::create_dir_all(&store).unwrap();
-        let log = store.join("nats.log");
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
-            .arg(&store)
+        let child = Nats::spawn(&store, "-1");
+        let mut nats = Nats { child, port: 0, store };
+        nats.port = nats.listening_port();
+        nats
+    }
+
+    /// Stops the server and starts another on the same port with an empty store: a server that
+    /// lost its disk, or a container restarted without a volume.
+    fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Nats::spawn(&self.store, &self.port.to_string());
+        self.listening_port();
+    }
+
+    /// Starts a server on `port` (`-1`: any) with `store` emptied first.
+    fn spawn(store: &std::path::Path, port: &str) -> Child {
+        let _ = std::fs::remove_dir_all(store);
+        std::fs::create_dir_all(store).unwrap();
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
+            .arg(store)
             .arg("-l")
-            .arg(&log)
+            .arg(store.join("nats.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server is installed (make deps-test)");
+            .expect("nats-server is installed (make deps-test)")
+    }
+
+    /// The port the server says it listens on, once it does.
+    fn listening_port(&self) -> u16 {
         let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+        loop {
+            let text = std::fs::read_to_string(self.store.join("nats.log")).unwrap_or_default();
             let port = text.lines().find_map(|l| l.split("Listening for client connections on 127.0.0.1:").nth(1));
             if let Some(port) = port.and_then(|p| p.trim().parse().ok()) {
-                break port;
+                return port;
             }
             assert!(Instant::now() < deadline, "nats-server did not start: {text}");
             std::thread::sleep(Duration::from_millis(20));
-        };
-        Nats { child, port, store }
+        }
+    }
+
+    /// Sends the server a signal: `STOP` pauses it (connections stay open, nothing is answered),
+    /// `CONT` resumes it.
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(sent.success(), "kill -{signal} failed");
     }
 
     fn url(&self) -> String {
@@ -56,6 +92,180 @@ impl Drop for Nats {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// The PostgreSQL cluster of this test binary, started on first use. Its server stops when the
+/// binary exits (keel-pg asks the kernel for that); its directory is removed by the next run.
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        remove_stale_clusters();
+        let base = std::env::temp_dir().join(format!("{CLUSTER_DIR}{}", std::process::id()));
+        let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
+            .setting("listen_addresses", "")
+            // Throwaway data: durability only slows the tests down.
+            .setting("fsync", "off")
+            .setting("synchronous_commit", "off");
+        spec.fast_initdb = true;
+        spec.log_file = base.join("postgres.log");
+        Cluster::start(spec).expect("starting the test PostgreSQL cluster")
+    })
+}
+
+const CLUSTER_DIR: &str = "keel-outbox-pg-";
+
+/// Clusters of earlier runs whose process is gone (their server stopped with it).
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(CLUSTER_DIR)).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A new database of its own with the queue's schema.
+async fn database() -> Pool {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    // Started on a thread of its own: starting waits, and must not hold up this test's runtime.
+    let cluster = std::thread::spawn(cluster).join().unwrap();
+    let (admin, connection) = tokio_postgres::connect(&cluster.connection_string("postgres"), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let config: tokio_postgres::Config = cluster.connection_string(&name).parse().unwrap();
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let pool = Pool::builder(manager).max_size(8).build().unwrap();
+    let client = pool.get().await.unwrap();
+    client.batch_execute(keel_outbox::SCHEMA).await.unwrap();
+    client.batch_execute(keel_outbox::RELAY_SCHEMA).await.unwrap();
+    drop(client);
+    pool
+}
+
+async fn enqueue(pool: &Pool, kind: &str) -> Uuid {
+    let job = NewJob::new(kind, "aggregate", serde_json::json!({}));
+    keel_outbox::enqueue(&pool.get().await.unwrap(), &job).await.unwrap();
+    job.id
+}
+
+/// Whether the relay has published the job (and let go of its row).
+async fn published(pool: &Pool, id: Uuid) -> bool {
+    let client = pool.get().await.unwrap();
+    let state: String = client.query_one("SELECT state FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap().get(0);
+    !["pending", "running"].contains(&state.as_str())
+}
+
+async fn wait_for<Fut: Future<Output = bool>>(what: &str, within: Duration, mut done: impl FnMut() -> Fut) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The events a [`StreamRunner`] ran.
+type Handled = Mutex<HashSet<Uuid>>;
+
+/// A relay of `kind` from `pool` to `js` and, with `handled`, a [`StreamRunner`] of it, running
+/// until dropped.
+struct Workers {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Workers {
+    fn start(js: &JetStream, pool: &Pool, kind: &str, handled: Option<Arc<Handled>>) -> Workers {
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        let mut tasks = JoinSet::new();
+        let relay = Runner::new(pool.clone(), None, Arc::new(())).poll_interval(Duration::from_millis(50)).relay(
+            js,
+            "db",
+            &[kind],
+        );
+        tasks.spawn(relay.run(until_stopped()));
+        if let Some(handled) = handled {
+            let consumer = StreamRunner::new(js.clone(), handled).source("db", pool.clone()).register(
+                kind,
+                KindOptions::default(),
+                |handled: Arc<Handled>, job| async move {
+                    handled.lock().unwrap().insert(job.id);
+                    Ok::<(), String>(())
+                },
+            );
+            tasks.spawn(consumer.run(until_stopped()));
+        }
+        Workers { stop, tasks }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while let Some(ended) = self.tasks.join_next().await {
+            ended.unwrap();
+        }
+    }
+}
+
+/// The counters the crate recorded, as `name{label=value,...}` (labels sorted). One recorder
+/// serves the whole test binary: tests tell their counts apart by the kinds they use.
+fn counters() -> &'static Counters {
+    static COUNTERS: OnceLock<&'static Counters> = OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        let counters: &'static Counters = Box::leak(Box::default());
+        metrics::set_global_recorder(Recording(counters)).expect("no other recorder in this binary");
+        counters
+    })
+}
+
+#[derive(Default)]
+struct Counters(Mutex<BTreeMap<String, Arc<AtomicU64>>>);
+
+impl Counters {
+    /// The sum of the series of `name` that carry every label of `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let series = self.0.lock().unwrap();
+        series
+            .iter()
+            .filter(|(key, _)| {
+                let (series_name, series_labels) = key.split_once('{').unwrap();
+                let series_labels: Vec<&str> = series_labels.trim_end_matches('}').split(',').collect();
+                series_name == name && wanted.iter().all(|w| series_labels.contains(&w.as_str()))
+            })
+            .map(|(_, count)| count.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+struct Recording(&'static Counters);
+
+impl metrics::Recorder for Recording {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        let mut labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        labels.sort();
+        let series = format!("{}{{{}}}", key.name(), labels.join(","));
+        metrics::Counter::from_arc(self.0 .0.lock().unwrap().entry(series).or_default().clone())
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+
+    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::noop()
     }
 }
 
@@ -113,4 +323,260 @@ async fn a_stream_of_an_older_version_is_updated_or_named() {
         .unwrap();
     let error = JetStream::connect(&nats.url(), "limits").await.err().expect("a stream Keel cannot use is refused");
     assert!(error.contains("LIMITS_EVENTS") && error.contains("retention"), "{error}");
+}
+
+/// A dead event put back by `replay` is published again under a new message id, however soon: the
+/// stream still remembers the first id (for its two-minute duplicate window), and would drop a
+/// second publish under it while the relay took the acknowledgement for a success.
+#[tokio::test]
+async fn a_replayed_event_is_published_again_within_the_duplicate_window() {
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "replay").await.unwrap();
+    // No consumer: the stream keeps what it was given, to be counted.
+    let workers = Workers::start(&js, &pool, "test.replayed", None);
+    let id = enqueue(&pool, "test.replayed").await;
+    wait_for("published", Duration::from_secs(10), || published(&pool, id)).await;
+    assert_eq!(js.backlog().await.unwrap(), 1);
+
+    let client = pool.get().await.unwrap();
+    // As a consumer records an event dead after its last attempt.
+    client.execute("UPDATE keel_jobs SET state = 'dead', finished_at = now() WHERE id = $1", &[&id]).await.unwrap();
+    assert!(keel_outbox::replay(&client, id).await.unwrap());
+    wait_for("published again", Duration::from_secs(10), || published(&pool, id)).await;
+    assert_eq!(js.backlog().await.unwrap(), 2, "the replay was dropped as a duplicate of the first publish");
+    workers.stop().await;
+}
+
+/// A publish whose acknowledgement does not come in time (the server paused) may have been stored
+/// all the same: the relay publishes again under the same message id, and JetStream keeps one copy.
+#[tokio::test]
+async fn a_publish_retried_after_a_late_acknowledgement_is_stored_once() {
+    let counters = counters();
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "late").await.unwrap();
+    let workers = Workers::start(&js, &pool, "test.late", None);
+    nats.signal("STOP");
+    let id = enqueue(&pool, "test.late").await;
+    let timeouts = [("kind", "test.late"), ("reason", "timeout")];
+    let timed_out = || std::future::ready(counters.sum("keel_outbox_relay_failures_total", &timeouts) >= 1);
+    wait_for("the acknowledgement timed out (and was counted)", Duration::from_secs(20), timed_out).await;
+    // Time for the publish to be sent again while the server is still paused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.signal("CONT");
+    wait_for("published", Duration::from_secs(10), || published(&pool, id)).await;
+    assert_eq!(js.backlog().await.unwrap(), 1, "the second publish was stored as a second message");
+    workers.stop().await;
+}
+
+/// A relay run whose publish JetStream stored but never acknowledged fails, and the runner retries
+/// the job later. That retry must be dropped as a duplicate, or the event is delivered twice.
+#[tokio::test]
+async fn a_failed_relay_run_retried_later_is_stored_once() {
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "retry").await.unwrap();
+    let workers = Workers::start(&js, &pool, "test.retried", None);
+    let id = enqueue(&pool, "test.retried").await;
+    wait_for("published", Duration::from_secs(10), || published(&pool, id)).await;
+    assert_eq!(js.backlog().await.unwrap(), 1);
+
+    // What the runner makes of a relay run that timed out waiting for the acknowledgement: the job
+    // pending again, a backoff later, the failed attempt counted.
+    let client = pool.get().await.unwrap();
+    client
+        .execute(
+            "UPDATE keel_jobs SET state = 'pending', run_at = now() + interval '20 milliseconds' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_for("published again", Duration::from_secs(10), || published(&pool, id)).await;
+    assert_eq!(js.backlog().await.unwrap(), 1, "the retry was stored as a second message: delivered twice");
+    workers.stop().await;
+}
+
+/// A relay whose publish finds no stream (deleted, or lost by the server) makes it again and
+/// publishes: the event does not wait for Keel to be restarted. The failure is counted.
+#[tokio::test]
+async fn a_relay_that_finds_no_stream_makes_it_again() {
+    let counters = counters();
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "relaylost").await.unwrap();
+    let workers = Workers::start(&js, &pool, "test.relay_lost", None);
+    let first = enqueue(&pool, "test.relay_lost").await;
+    wait_for("published", Duration::from_secs(10), || published(&pool, first)).await;
+
+    let context = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    context.delete_stream(js.stream_name()).await.unwrap();
+    let second = enqueue(&pool, "test.relay_lost").await;
+    wait_for("published after the stream was deleted", Duration::from_secs(10), || published(&pool, second)).await;
+    // The first event went with the deleted stream, not yet run: it is relayed again too.
+    let both = || async { js.backlog().await.unwrap() == 2 };
+    wait_for("both events in the new stream", Duration::from_secs(10), both).await;
+    let failures = [("kind", "test.relay_lost"), ("reason", "no_stream")];
+    assert!(counters.sum("keel_outbox_relay_failures_total", &failures) >= 1, "the failure was counted");
+    workers.stop().await;
+}
+
+/// Consumers whose stream was deleted under them make it and their durable consumers again, and
+/// the events enqueued afterwards are all run, with nothing restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_carry_on_when_their_stream_is_deleted() {
+    let counters = counters();
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "lost").await.unwrap();
+    let handled: Arc<Handled> = Arc::default();
+    let workers = Workers::start(&js, &pool, "test.lost", Some(handled.clone()));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&pool, "test.lost").await);
+    }
+    let all_handled = |ids: &Vec<Uuid>| ids.iter().all(|id| handled.lock().unwrap().contains(id));
+    wait_for("the first events run", Duration::from_secs(10), || std::future::ready(all_handled(&ids))).await;
+
+    let context = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    context.delete_stream(js.stream_name()).await.unwrap();
+    // Nothing is published meanwhile: the consumers are what make the stream again.
+    let name = js.stream_name();
+    wait_for("the stream made again", Duration::from_secs(20), || async { context.get_stream(&name).await.is_ok() })
+        .await;
+    for _ in 0..5 {
+        ids.push(enqueue(&pool, "test.lost").await);
+    }
+    wait_for("the later events run", Duration::from_secs(20), || std::future::ready(all_handled(&ids))).await;
+    assert!(counters.sum("keel_outbox_consumer_errors_total", &[("kind", "test.lost")]) >= 1, "the loss was counted");
+    workers.stop().await;
+}
+
+/// A nats-server restarted with an empty store (no stream, no consumers) is set up again by the
+/// relay and the consumers already running, and the events enqueued afterwards are all run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restarted_with_an_empty_store_is_set_up_again() {
+    let mut nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "restart").await.unwrap();
+    let handled: Arc<Handled> = Arc::default();
+    let workers = Workers::start(&js, &pool, "test.restart", Some(handled.clone()));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(enqueue(&pool, "test.restart").await);
+    }
+    let all_handled = |ids: &Vec<Uuid>| ids.iter().all(|id| handled.lock().unwrap().contains(id));
+    wait_for("the first events run", Duration::from_secs(10), || std::future::ready(all_handled(&ids))).await;
+
+    nats.restart_empty();
+    for _ in 0..3 {
+        ids.push(enqueue(&pool, "test.restart").await);
+    }
+    wait_for("the later events run", Duration::from_secs(30), || std::future::ready(all_handled(&ids))).await;
+    workers.stop().await;
+}
+
+/// Events relayed while their handler could not run them (a mail server down) are in the stream
+/// only; the server then loses its store. They are relayed again from the rows still `relayed`, and
+/// all run once the handler can: losing the broker's store loses nothing the outbox accepted. Their
+/// rows end `done`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_broker_lost_before_they_ran_are_relayed_again() {
+    let mut nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "storelost").await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let relay = Runner::new(pool.clone(), None, Arc::new(())).poll_interval(Duration::from_millis(50)).relay(
+        &js,
+        "db",
+        &["test.store_lost"],
+    );
+    // The handler fails until `up` (the mail server) is set.
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handled: Arc<Handled> = Arc::default();
+    let options = KindOptions {
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        max_attempts: 1000,
+        ..KindOptions::default()
+    };
+    let consumer =
+        StreamRunner::new(js.clone(), Arc::new((up.clone(), handled.clone()))).source("db", pool.clone()).register(
+            "test.store_lost",
+            options,
+            |ctx: Arc<(Arc<std::sync::atomic::AtomicBool>, Arc<Handled>)>, job| async move {
+                if !ctx.0.load(Ordering::SeqCst) {
+                    return Err("the mail server is down".to_owned());
+                }
+                ctx.1.lock().unwrap().insert(job.id);
+                Ok(())
+            },
+        );
+    let mut tasks = JoinSet::new();
+    tasks.spawn(relay.run(until_stopped()));
+    tasks.spawn(consumer.run(until_stopped()));
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(enqueue(&pool, "test.store_lost").await);
+    }
+    for id in &ids {
+        wait_for("relayed", Duration::from_secs(10), || published(&pool, *id)).await;
+    }
+    assert_eq!(js.backlog().await.unwrap(), 20);
+
+    nats.restart_empty();
+    up.store(true, Ordering::SeqCst);
+    let all_handled = || std::future::ready(ids.iter().all(|id| handled.lock().unwrap().contains(id)));
+    wait_for("every event run after the store was lost", Duration::from_secs(30), all_handled).await;
+    let all_done = || async {
+        let client = pool.get().await.unwrap();
+        let done: i64 = client
+            .query_one("SELECT count(*) FROM keel_jobs WHERE id = ANY($1) AND state = 'done'", &[&ids])
+            .await
+            .unwrap()
+            .get(0);
+        done == ids.len() as i64
+    };
+    wait_for("every row done", Duration::from_secs(10), all_done).await;
+    let _ = stop.send(true);
+    while let Some(ended) = tasks.join_next().await {
+        ended.unwrap();
+    }
+}
+
+/// While the server does not answer (paused), the relay's failures are counted and the oldest
+/// pending event's age keeps rising — from when it was enqueued, however often the relay retried
+/// it — so an alert can see the stall; once the server answers, the event goes through.
+#[tokio::test]
+async fn a_stalled_relay_shows_in_its_failures_and_the_oldest_pending_age() {
+    let counters = counters();
+    let nats = Nats::start();
+    let pool = database().await;
+    let js = JetStream::connect(&nats.url(), "stall").await.unwrap();
+    let workers = Workers::start(&js, &pool, "test.stalled", None);
+    nats.signal("STOP");
+    let id = enqueue(&pool, "test.stalled").await;
+    let failures = [("kind", "test.stalled"), ("reason", "timeout")];
+    let failed = || std::future::ready(counters.sum("keel_outbox_relay_failures_total", &failures) >= 1);
+    wait_for("a relay failure counted", Duration::from_secs(20), failed).await;
+    let client = pool.get().await.unwrap();
+    let age = |stats: Vec<keel_outbox::KindStats>| {
+        stats.iter().find(|s| s.kind == "test.stalled").map_or(0.0, |s| s.oldest_pending_age_s)
+    };
+    let first = age(keel_outbox::stats(&client).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = age(keel_outbox::stats(&client).await.unwrap());
+    assert!(
+        first >= 4.0 && later >= first + 0.9,
+        "the oldest pending age does not show the stall: {first} then {later}"
+    );
+    nats.signal("CONT");
+    wait_for("published once the server answers", Duration::from_secs(20), || published(&pool, id)).await;
+    workers.stop().await;
 }

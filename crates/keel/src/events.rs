@@ -182,6 +182,7 @@ mod tests {
             attempt: 1,
             created_at: std::time::SystemTime::now(),
             ready_at: std::time::SystemTime::now(),
+            replays: 0,
         }
     }
 

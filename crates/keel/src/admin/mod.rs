@@ -21,7 +21,8 @@ pub struct QueueStats {
     pub pending: i64,
     pub running: i64,
     pub dead: i64,
-    /// Seconds the oldest ready job has waited, over all databases.
+    /// Seconds since the oldest unfinished job (pending, running or relayed) was enqueued, over all
+    /// databases: retries do not reset it.
     pub oldest_pending_age_s: f64,
 }
 

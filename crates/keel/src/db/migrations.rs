@@ -34,6 +34,8 @@ const CATALOG: &[Migration] = &[
         sql: include_str!("../../migrations/catalog/0007_like_counts_by_update.sql"),
     },
     Migration { version: 8, name: "versions", sql: include_str!("../../migrations/catalog/0009_versions.sql") },
+    // Events relayed to NATS stay `relayed` until a handler ran them (relayed again if NATS lost them).
+    Migration { version: 9, name: "relayed jobs", sql: keel_outbox::RELAY_SCHEMA },
 ];
 
 const SHARD: &[Migration] = &[
@@ -50,6 +52,12 @@ const SHARD: &[Migration] = &[
         name: "owner versions and like tallies",
         sql: include_str!("../../migrations/shard/0010_owner_versions_and_like_tallies.sql"),
     },
+    Migration {
+        version: 8,
+        name: "e-mail deliveries",
+        sql: include_str!("../../migrations/shard/0011_email_deliveries.sql"),
+    },
+    Migration { version: 9, name: "relayed jobs", sql: keel_outbox::RELAY_SCHEMA },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

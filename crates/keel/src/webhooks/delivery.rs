@@ -184,6 +184,10 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), D
         return Ok(());
     }
     let (url, secret, body): (String, String, String) = (row.get("url"), row.get("secret"), row.get("body"));
+    // An attempt counts from when it starts: one cut off by a crash was still seen by the receiver.
+    client
+        .exec("UPDATE webhook_deliveries SET attempts = attempts + 1, updated_at = now() WHERE id = $1", &[&job.id])
+        .await?;
     // The connection goes back to the pool while the endpoint answers (up to 10 s): deliveries
     // must not hold connections the API needs.
     drop(client);
@@ -238,7 +242,7 @@ async fn record(
     client
         .exec(
             "UPDATE webhook_deliveries
-             SET status = $2, attempts = attempts + 1, last_status_code = $3, last_error = $4,
+             SET status = $2, last_status_code = $3, last_error = $4,
                  next_attempt_at = now() + $5 * interval '1 second', updated_at = now()
              WHERE id = $1",
             &[&delivery, &status.as_str(), &code.map(i32::from), &error, &retry_in.map(|d| d.as_secs_f64())],

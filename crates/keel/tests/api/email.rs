@@ -121,3 +121,100 @@ async fn without_smtp_messages_are_files_in_the_data_directory() {
     let notice = files.iter().find(|m| m.contains("was not placed")).expect("a failure notice");
     assert!(notice.contains("wallet balance"), "{notice}");
 }
+
+/// Two handlers given the same event at once (a broker's redelivery, a lease that lapsed under a
+/// slow worker) send one e-mail: ten handlers, each with a `Sender` of its own as separate worker
+/// processes would have, run the sign-up's `user.registered` job at the same moment. One message
+/// with the event's `Message-ID` arrives; the others are told to retry (or that it was sent); and a
+/// handler that runs the job afterwards finds it sent and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_handlers_given_the_same_event_at_once_send_one_email() {
+    const HANDLERS: usize = 10;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &scratch_root().join(format!("maildir-{port}"))).await;
+    // No workers are started: the sign-up's job waits in the queue for this test to run it.
+    let app = TestApp::spawn_with(|config| config.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
+    let (user_id, _) = app.create_user("Olga Once").await;
+
+    let mut jobs = Vec::new();
+    for i in 0..crate::helpers::SHARDS {
+        let rows = app
+            .dbs
+            .shard(i)
+            .await
+            .query(
+                "SELECT id, kind, aggregate_id, payload, traceparent, attempts, created_at, run_at
+                 FROM keel_jobs WHERE kind = 'user.registered'",
+                &[],
+            )
+            .await
+            .unwrap();
+        jobs.extend(rows.iter().map(|row| keel_outbox::Job {
+            id: row.get("id"),
+            kind: row.get("kind"),
+            aggregate_id: row.get("aggregate_id"),
+            payload: row.get("payload"),
+            traceparent: row.get("traceparent"),
+            attempt: row.get::<_, i32>("attempts").max(1),
+            created_at: row.get("created_at"),
+            ready_at: row.get("run_at"),
+            // A sign-up's job, never dead, so never replayed.
+            replays: 0,
+        }));
+    }
+    assert_eq!(jobs.len(), 1, "one user.registered job for the one sign-up: {jobs:#?}");
+    let job = jobs.pop().unwrap();
+    assert!(job.payload.to_string().contains(&user_id), "the job is the sign-up's: {job:?}");
+    let message_id = format!("<{}@keel>", job.id);
+
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(HANDLERS));
+    let mut handlers = tokio::task::JoinSet::new();
+    for _ in 0..HANDLERS {
+        let sender = keel::email::Sender::from_config(&app.config).unwrap();
+        let (databases, job, start) = (app.databases.clone(), job.clone(), start.clone());
+        handlers.spawn(async move {
+            start.wait().await;
+            keel::email::send_for(&databases, &sender, &job).await
+        });
+    }
+    let (mut ok, mut told_to_retry, mut other_errors) = (0, 0, Vec::new());
+    while let Some(outcome) = handlers.join_next().await {
+        match outcome.unwrap() {
+            Ok(()) => ok += 1,
+            Err(error) if error.retry_in.is_some() => told_to_retry += 1,
+            Err(error) => other_errors.push(error),
+        }
+    }
+    // A message accepted by the server is in the maildir before the server answers; a moment more
+    // lets anything still in flight land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = smtp.message_id_counts().get(&message_id).copied().unwrap_or(0);
+    eprintln!(
+        "{HANDLERS} handlers at once: {ok} Ok, {told_to_retry} told to retry, {} failed; {sent} message(s) with {message_id}",
+        other_errors.len()
+    );
+    assert!(other_errors.is_empty(), "handlers failed other than by being told to retry: {other_errors:#?}");
+    assert_eq!(sent, 1, "messages with the event's Message-ID: {:#?}", smtp.messages());
+    assert!(ok >= 1, "the handler that sent it returned Ok");
+
+    // Run again once every handler has finished, by a handler with no memory of the others.
+    let late = keel::email::Sender::from_config(&app.config).unwrap();
+    let again = keel::email::send_for(&app.databases, &late, &job).await;
+    assert!(again.is_ok(), "the e-mail was sent already: {again:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = smtp.messages().len();
+    eprintln!("after a later run: {total} message(s) in all");
+    assert_eq!(total, 1, "nothing more is sent: {:#?}", smtp.messages());
+    let mut recorded = Vec::new();
+    for i in 0..crate::helpers::SHARDS {
+        let rows = app
+            .dbs
+            .shard(i)
+            .await
+            .query("SELECT sent_at IS NOT NULL, attempts FROM email_deliveries WHERE event_id = $1", &[&job.id])
+            .await
+            .unwrap();
+        recorded.extend(rows.iter().map(|r| (r.get::<_, bool>(0), r.get::<_, i32>(1))));
+    }
+    assert_eq!(recorded, vec![(true, 1)], "one delivery, recorded as sent, claimed once");
+}

@@ -4,7 +4,7 @@
 //! redis-server of a test's own.
 //! The Python tools live in `target/python`, made by `scripts/install-deps.sh` (`make test`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -185,6 +185,41 @@ impl SmtpServer {
     pub fn messages(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else { return Vec::new() };
         entries.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect()
+    }
+
+    /// Every message received so far with when the server stored it (its file's modification time).
+    pub fn messages_with_arrival(&self) -> Vec<(std::time::SystemTime, String)> {
+        let Ok(entries) = std::fs::read_dir(self.maildir.join("new")) else { return Vec::new() };
+        let read = |e: std::fs::DirEntry| {
+            (e.metadata().unwrap().modified().unwrap(), std::fs::read_to_string(e.path()).unwrap())
+        };
+        entries.flatten().map(read).collect()
+    }
+
+    /// How many of the messages received so far carry each `Message-ID` (a message without one is
+    /// counted under the empty string).
+    pub fn message_id_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for message in self.messages() {
+            *counts.entry(SmtpServer::message_id(&message).unwrap_or_default()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The `Message-ID` header of a received message (unfolded, trimmed), if it has one.
+    pub fn message_id(message: &str) -> Option<String> {
+        let mut lines = message.lines().take_while(|l| !l.is_empty()).peekable();
+        while let Some(line) = lines.next() {
+            let Some((name, value)) = line.split_once(':') else { continue };
+            if name.eq_ignore_ascii_case("message-id") {
+                let mut value = value.trim().to_owned();
+                while let Some(folded) = lines.next_if(|l| l.starts_with([' ', '\t'])) {
+                    value.push_str(folded.trim());
+                }
+                return Some(value);
+            }
+        }
+        None
     }
 }
 

@@ -667,3 +667,385 @@ fn process_group(pid: i32) -> i32 {
     let after_command = &stat[stat.rfind(')').unwrap() + 2..];
     after_command.split(' ').nth(2).unwrap().parse().unwrap()
 }
+
+/// The cluster of a `keel up` data directory, restarted by `pg_ctl` behind keel's back: the server
+/// `pg_ctl` starts is no child of keel's and does not stop with it, so this stops it when dropped.
+struct RestartedPostgres {
+    pgdata: PathBuf,
+    log: PathBuf,
+}
+
+impl RestartedPostgres {
+    /// `pg_ctl restart -m fast -w`, as the cluster's owner (PostgreSQL refuses to run as root; as
+    /// root, `keel up` runs it as an unprivileged user). Blocks until the server is back.
+    fn restart(pgdata: &Path, log: &Path) -> RestartedPostgres {
+        let restarted = RestartedPostgres { pgdata: pgdata.to_owned(), log: log.to_owned() };
+        let (uid, gid) = {
+            let meta = std::fs::metadata(pgdata).unwrap();
+            (std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta))
+        };
+        // The owner must be able to write the new server's log.
+        std::fs::File::create(log).unwrap();
+        std::os::unix::fs::chown(log, Some(uid), Some(gid)).unwrap();
+        let output = restarted.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "30", "-l"], Some(log)).output().unwrap();
+        assert!(
+            output.status.success(),
+            "pg_ctl restart: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        restarted
+    }
+
+    fn pg_ctl(&self, args: &[&str], log: Option<&Path>) -> Command {
+        let pg_ctl = keel_pg::Binaries::find().unwrap().path("pg_ctl");
+        let mut command = Command::new(pg_ctl);
+        command.args(args);
+        if let Some(log) = log {
+            command.arg(log);
+        }
+        command.arg("-D").arg(&self.pgdata).current_dir("/").stdin(Stdio::null());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let meta = std::fs::metadata(&self.pgdata).unwrap();
+            std::os::unix::process::CommandExt::uid(&mut command, std::os::unix::fs::MetadataExt::uid(&meta));
+            std::os::unix::process::CommandExt::gid(&mut command, std::os::unix::fs::MetadataExt::gid(&meta));
+        }
+        command
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RestartedPostgres {
+    fn drop(&mut self) {
+        let _ =
+            self.pg_ctl(&["stop", "-m", "immediate", "-w"], None).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// The postmaster's pid, from the first line of `postmaster.pid`.
+fn postmaster_pid(pgdata: &Path) -> Option<i32> {
+    std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+}
+
+/// PostgreSQL restarted (`pg_ctl restart -m fast`) under `keel up` while users sign up at a steady
+/// pace: every sign-up that was acknowledged gets exactly one welcome e-mail, none twice. The e-mail
+/// is claimed and its sending recorded in the database that restarts: a record the database cannot
+/// take is retried, never answered by sending again.
+#[tokio::test]
+async fn a_postgres_restart_during_sign_ups_loses_and_repeats_no_welcome_email() {
+    let scratch = scratch_dir("pg-restart-mail");
+    let data_dir = scratch.join("data");
+    let data_arg = data_dir.to_str().unwrap().to_owned();
+    let pgdata = data_dir.join("postgres");
+    let port = crate::peers::free_port();
+    let smtp = crate::peers::SmtpServer::start(port, &scratch.join("maildir")).await;
+    let env = [
+        ("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("KEEL_SMTP_URL", format!("smtp://127.0.0.1:{port}")),
+        // A job whose outcome could not be written while the server was down runs again once its
+        // lease lapses: 15 s, not the default 90 s, so that the test can wait for it.
+        ("KEEL_JOB_TIMEOUT", "10s".to_owned()),
+    ];
+    let mut keel = Keel::start(&["up", "--data-dir", &data_arg], &env, &scratch.join("keel.log"));
+    keel.wait_ready(Duration::from_secs(60)).await;
+    let first_postmaster = postmaster_pid(&pgdata).expect("keel up's PostgreSQL is running");
+
+    // One sign-up every 25 ms for 8 s, each on its own task so that a stalled one does not hold up
+    // the pace; PostgreSQL is restarted 3 s in.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let load_started = Instant::now();
+    let mut signups = tokio::task::JoinSet::new();
+    let mut restart = None;
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    let mut i = 0;
+    while load_started.elapsed() < Duration::from_secs(8) {
+        pace.tick().await;
+        if restart.is_none() && load_started.elapsed() >= Duration::from_secs(3) {
+            let (pgdata, log) = (pgdata.clone(), scratch.join("postgres-restarted.log"));
+            restart = Some(tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let restarted = RestartedPostgres::restart(&pgdata, &log);
+                (restarted, started.elapsed())
+            }));
+        }
+        let email = format!("restart{i}@example.org");
+        let (client, url) = (client.clone(), format!("{}/v1/users", keel.address));
+        signups.spawn(async move {
+            let response = client.post(url).json(&json!({ "name": "R", "email": email })).send().await;
+            let status = response.as_ref().map(|r| r.status().as_u16()).ok();
+            (email, status)
+        });
+        i += 1;
+    }
+    let (restarted, restart_took) = restart.expect("the restart was started").await.unwrap();
+    let (mut acknowledged, mut refused, mut unanswered) = (Vec::new(), Vec::new(), 0);
+    while let Some(done) = signups.join_next().await {
+        match done.unwrap() {
+            (email, Some(201)) => acknowledged.push(email),
+            (_, Some(status)) => refused.push(status),
+            (_, None) => unanswered += 1,
+        }
+    }
+    let second_postmaster = postmaster_pid(&pgdata);
+    eprintln!(
+        "{i} sign-ups in {:?}: {} acknowledged, {} refused {:?}, {unanswered} unanswered; PostgreSQL restart took {restart_took:?}",
+        load_started.elapsed(),
+        acknowledged.len(),
+        refused.len(),
+        refused.iter().collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(
+        second_postmaster.is_some_and(|pid| pid != first_postmaster),
+        "PostgreSQL was restarted: {second_postmaster:?}, was {first_postmaster}; log:\n{}",
+        restarted.log_text()
+    );
+    assert!(refused.iter().all(|s| *s >= 500), "a sign-up was refused other than by the outage: {refused:?}");
+    assert!(acknowledged.len() > i * 3 / 4, "most sign-ups were taken: {} of {i}", acknowledged.len());
+
+    // Wait until every acknowledged user's welcome arrived and the database has recorded every
+    // e-mail it claimed as sent (none can then be sent again), with no sign-up's job left to run.
+    let socket_dir = keel_pg::socket_dir_for(&data_dir.join("run"), 5432);
+    let shard_url = |i: usize| format!("host={} port=5432 user=keel dbname=keel_shard_{i}", socket_dir.display());
+    let waited = Instant::now();
+    let (missing, unrecorded, unfinished) = loop {
+        let messages = smtp.messages();
+        let welcomed: std::collections::HashSet<&str> = messages
+            .iter()
+            .filter(|m| m.contains("Subject: Welcome to Keel"))
+            .flat_map(|m| acknowledged.iter().filter(|a| m.contains(&format!("<{a}>"))).map(String::as_str))
+            .collect();
+        let missing = acknowledged.iter().filter(|a| !welcomed.contains(a.as_str())).count();
+        let (mut unrecorded, mut unfinished) = (0, 0);
+        for shard in 0..crate::helpers::SHARDS {
+            let shard = crate::helpers::connect(&shard_url(shard)).await;
+            let count = |sql: &'static str| {
+                let shard = &shard;
+                async move { shard.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+            };
+            unrecorded += count("SELECT count(*) FROM email_deliveries WHERE sent_at IS NULL").await;
+            unfinished += count(
+                "SELECT count(*) FROM keel_jobs WHERE kind = 'user.registered' AND state IN ('pending', 'running')",
+            )
+            .await;
+        }
+        if (missing, unrecorded, unfinished) == (0, 0, 0) || waited.elapsed() > Duration::from_secs(45) {
+            break (missing, unrecorded, unfinished);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let counts = smtp.message_id_counts();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let welcomes = smtp.messages().iter().filter(|m| m.contains("Subject: Welcome to Keel")).count();
+    let record_retries = keel.log_text().matches("could not record a sent e-mail").count();
+    eprintln!(
+        "after {:?}: {welcomes} welcome e-mails for {} acknowledged sign-ups; {missing} missing, {duplicates} \
+         duplicate(s) by Message-ID; {unrecorded} claimed e-mails not recorded as sent, {unfinished} sign-up jobs \
+         unfinished; {record_retries} record(s) retried in the background",
+        waited.elapsed(),
+        acknowledged.len()
+    );
+    assert_eq!(missing, 0, "acknowledged sign-ups without a welcome e-mail");
+    assert_eq!(duplicates, 0, "e-mails sent twice: {:?}", counts.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>());
+    assert_eq!((unrecorded, unfinished), (0, 0), "e-mails still claimed but unrecorded, sign-up jobs unfinished");
+    drop(keel);
+    drop(restarted);
+}
+
+/// One customer of the load in [`a_worker_killed_every_few_seconds_loses_no_email`]: signs up and,
+/// if `buys`, deposits (enough, or not for every fifth), fills the cart and checks out.
+async fn sign_up_and_buy(client: &reqwest::Client, base: &str, i: usize, product: &str, buys: bool) -> Customer {
+    let email = format!("killed{i}@example.org");
+    let user = client.post(format!("{base}/v1/users")).json(&json!({ "name": format!("K{i}"), "email": email }));
+    let user = expect_json(user.send().await, 201).await;
+    let order = if buys {
+        let token = user["token"].as_str().unwrap();
+        let amount = if i.is_multiple_of(5) { 50 } else { 1_000 };
+        let deposit = client.post(format!("{base}/v1/wallet/deposits")).bearer_auth(token);
+        let deposit = deposit.header("idempotency-key", "d").json(&json!({ "amount_cents": amount }));
+        expect_json(deposit.send().await, 201).await;
+        let cart = client.put(format!("{base}/v1/cart/items/{product}")).bearer_auth(token);
+        expect_json(cart.json(&json!({ "quantity": 1 })).send().await, 200).await;
+        let placed = client.post(format!("{base}/v1/checkout")).bearer_auth(token).header("idempotency-key", "c");
+        Some(expect_json(placed.send().await, 202).await["id"].as_str().unwrap().to_owned())
+    } else {
+        None
+    };
+    Customer { email, order }
+}
+
+struct Customer {
+    email: String,
+    order: Option<String>,
+}
+
+/// A `keel worker` process SIGKILLed every 1–3 s while 300 users sign up and 200 of them check out,
+/// and started again at once each time: every user gets a welcome e-mail and every order its
+/// receipt or failure notice. What may repeat is only what no sender can know: an e-mail whose SMTP
+/// exchange was under way at the kill (the server stored it; the worker died before its answer).
+/// So every message sent twice had its first copy stored within moments of a kill — none from a
+/// lease that lapsed or a record that waited — and there are no more than the e-mails a worker
+/// sends at once, per kill.
+#[tokio::test]
+async fn a_worker_killed_every_few_seconds_loses_no_email() {
+    const USERS: usize = 300;
+    const ORDERS: usize = 200;
+    let port = crate::peers::free_port();
+    let scratch = scratch_dir("killed-worker-mail");
+    let smtp = crate::peers::SmtpServer::start(port, &scratch.join("maildir")).await;
+    // The app's databases, with their jobs run by the worker processes only (never over NATS).
+    let app = crate::helpers::TestApp::spawn_with(|config| config.nats_url = None).await;
+    let env = vec![
+        ("KEEL_CATALOG_URL", app.dbs.catalog_url.clone()),
+        ("KEEL_SHARD_URLS", app.dbs.shard_urls.join(",")),
+        ("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("KEEL_SMTP_URL", format!("smtp://127.0.0.1:{port}")),
+        // A killed worker's jobs are claimed again 4.5 s after they started.
+        ("KEEL_JOB_TIMEOUT", "3s".to_owned()),
+    ];
+    let mut api = Keel::start(&["serve"], &env, &scratch.join("api.log"));
+    api.wait_ready(Duration::from_secs(30)).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let product = client
+        .post(format!("{}/v1/products", api.address))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({ "sku": "MAILKILL", "name": "Mail kill", "price_cents": 100, "stock": 1_000 }))
+        .send()
+        .await;
+    let product = expect_json(product, 201).await["id"].as_str().unwrap().to_owned();
+
+    // Four customers at a time, each pausing 200 ms between customers; two of every three users buy.
+    let worker_log = scratch.join("worker.log");
+    let mut worker = Keel::start(&["worker"], &env, &worker_log);
+    let load_started = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (client, base, product, next) = (client.clone(), api.address.clone(), product.clone(), next.clone());
+        load.spawn(async move {
+            let mut customers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= USERS {
+                    break customers;
+                }
+                customers.push(sign_up_and_buy(&client, &base, i, &product, i % 3 != 2).await);
+                // Paced: the load lasts long enough (about 15 s) for several kills.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    let load = tokio::spawn(async move {
+        let mut customers = Vec::new();
+        while let Some(done) = load.join_next().await {
+            customers.extend(done.unwrap());
+        }
+        customers
+    });
+    let mut kills = Vec::new();
+    while !load.is_finished() {
+        tokio::time::sleep(Duration::from_secs(1) + keel_random::up_to(Duration::from_secs(2))).await;
+        worker.signal(libc::SIGKILL);
+        kills.push(std::time::SystemTime::now());
+        assert!(!worker.wait_exit(Duration::from_secs(10)).await.success());
+        worker = Keel::start(&["worker"], &env, &worker_log);
+    }
+    let customers = load.await.unwrap();
+    let load_took = load_started.elapsed();
+    let orders: Vec<&str> = customers.iter().filter_map(|c| c.order.as_deref()).collect();
+    assert_eq!((customers.len(), orders.len()), (USERS, ORDERS));
+    eprintln!("{USERS} sign-ups and {ORDERS} checkouts in {load_took:?}, the worker SIGKILLed {} times", kills.len());
+    assert!(kills.len() >= 5, "the worker was killed during the load {} times", kills.len());
+
+    // The last worker runs on. Wait for every e-mail and for every job to be done: a worker killed
+    // holding an e-mail's claim leaves it to lapse (60 s) before another may send it, and only then
+    // is an e-mail that a killed worker sent but did not record sent again.
+    let waited = Instant::now();
+    let (missing_welcomes, missing_order_mails, unfinished) = loop {
+        let messages = smtp.messages();
+        let mut welcomed = std::collections::HashSet::new();
+        let mut told = std::collections::HashSet::new();
+        for message in &messages {
+            let Some(at) = message.find("<killed") else { continue };
+            let address = &message[at + 1..at + message[at..].find('>').unwrap_or(1)];
+            if message.contains("Subject: Welcome to Keel") {
+                welcomed.insert(address.to_owned());
+            } else if let Some(order) = orders.iter().find(|o| message.contains(**o)) {
+                told.insert(*order);
+            }
+        }
+        let missing_welcomes = customers.iter().filter(|c| !welcomed.contains(&c.email)).count();
+        let missing_order_mails = orders.iter().filter(|o| !told.contains(*o)).count();
+        let mut unfinished = 0;
+        for url in std::iter::once(&app.dbs.catalog_url).chain(&app.dbs.shard_urls) {
+            let db = crate::helpers::connect(url).await;
+            let sql = "SELECT count(*) FROM keel_jobs WHERE state IN ('pending', 'running')";
+            unfinished += db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0);
+        }
+        let done = (missing_welcomes, missing_order_mails, unfinished) == (0, 0, 0);
+        if done || waited.elapsed() > Duration::from_secs(80) {
+            break (missing_welcomes, missing_order_mails, unfinished);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let drained_in = waited.elapsed();
+    let (mut pending, mut unrecorded) = (0, 0);
+    for i in 0..crate::helpers::SHARDS {
+        let shard = app.dbs.shard(i).await;
+        let count = |sql: &'static str| {
+            let shard = &shard;
+            async move { shard.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        pending += count("SELECT count(*) FROM orders WHERE status = 'pending'").await;
+        unrecorded += count("SELECT count(*) FROM email_deliveries WHERE sent_at IS NULL").await;
+    }
+    let arrivals = smtp.messages_with_arrival();
+    let counts = smtp.message_id_counts();
+    let duplicates: usize = counts.values().map(|n| n - 1).sum();
+    let receipts = arrivals.iter().filter(|(_, m)| m.contains("Subject: Receipt for order")).count();
+    eprintln!(
+        "drained {drained_in:?} after the load: {} messages ({receipts} receipts), {} distinct; {missing_welcomes} \
+         welcomes and {missing_order_mails} order e-mails missing; {duplicates} duplicate(s); {unfinished} jobs \
+         unfinished; {unrecorded} e-mails claimed but not recorded as sent; {pending} orders pending",
+        arrivals.len(),
+        counts.len()
+    );
+    // For each message sent twice: when its first copy reached the server, from the nearest kill.
+    let mut first_copies: Vec<(String, std::time::SystemTime)> = Vec::new();
+    for (id, _) in counts.iter().filter(|(_, n)| **n > 1) {
+        let first = arrivals.iter().filter(|(_, m)| m.contains(id.as_str())).map(|(at, _)| *at).min().unwrap();
+        first_copies.push((id.clone(), first));
+    }
+    first_copies.sort_by_key(|(_, at)| *at);
+    for (id, first) in &first_copies {
+        let from_kill = kills
+            .iter()
+            .map(|kill| match first.duration_since(*kill) {
+                Ok(after) => after.as_secs_f64() * 1000.0,
+                Err(before) => -before.duration().as_secs_f64() * 1000.0,
+            })
+            .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+            .unwrap();
+        eprintln!("  sent twice: {id}, first copy stored {from_kill:+.0} ms from the nearest kill");
+        assert!(
+            (-100.0..=500.0).contains(&from_kill),
+            "{id} was sent twice, its first copy stored {from_kill:+.0} ms from the nearest kill: not in flight at a kill"
+        );
+    }
+    assert_eq!((missing_welcomes, missing_order_mails), (0, 0), "e-mails lost: (welcomes, order e-mails)");
+    assert_eq!(pending, 0, "orders left pending");
+    app.check_queues_drained().await;
+    assert_eq!(unrecorded, 0, "e-mails claimed but never recorded as sent");
+    assert_eq!(counts.len(), USERS + ORDERS, "one distinct message per event");
+    // The e-mails a worker sends at once (three kinds, 16 each): no more exchanges can be cut by a kill.
+    let in_flight_per_kill = 3 * 16;
+    assert!(duplicates <= kills.len() * in_flight_per_kill, "{duplicates} e-mails sent twice in {} kills", kills.len());
+    app.check_invariants().await;
+    for node in [&mut api, &mut worker] {
+        node.signal(libc::SIGTERM);
+        assert!(node.wait_exit(Duration::from_secs(30)).await.success());
+    }
+}

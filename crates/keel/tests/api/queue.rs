@@ -349,8 +349,8 @@ async fn over_jetstream_a_failing_job_is_retried_dead_lettered_and_replayed() {
         assert!(started.elapsed() < Duration::from_secs(10), "the replayed event was never acknowledged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The relay records the row done once JetStream acknowledged the publish; that write is
-    // batched, so it may land after the consumer already ran the job.
+    // The consumer records the row done once it ran the job (not the relay: an event is finished
+    // when it ran, not when the stream has it); that write is batched.
     let started = Instant::now();
     while state().await.0 != "done" {
         assert!(started.elapsed() < Duration::from_secs(10), "the replayed job is {:?}", state().await);
