@@ -348,10 +348,15 @@ const RELAY_AGAIN_EVERY: Duration = Duration::from_secs(2);
 /// Clocks of the broker and the database may differ: rows relayed this close to the stream's making
 /// are relayed again too (a copy the stream already has is dropped by its message id).
 const CLOCK_MARGIN: Duration = Duration::from_secs(2);
+/// A row still `relayed` this long after it was relayed is relayed again whatever the stream's age:
+/// the backstop for what the stream lost without being made anew (a single server's unsynced
+/// writes at a power cut) and for a consumer that ran the event but died before recording it. A
+/// copy still in the stream is then run twice; handlers are idempotent.
+const STALE_RELAYED: Duration = Duration::from_secs(3600);
 
 /// Relays again, as new, every event of `kinds` relayed before the stream was (re)made and not yet
 /// run by a handler: a stream younger than such an event cannot hold it, whatever happened to the
-/// server's store. Runs until `stop`.
+/// server's store. Also those relayed more than [`STALE_RELAYED`] ago. Runs until `stop`.
 async fn relay_again(js: JetStream, pool: Pool, kinds: Vec<String>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -371,8 +376,8 @@ async fn relay_again(js: JetStream, pool: Pool, kinds: Vec<String>, mut stop: wa
             client
                 .execute(
                     "UPDATE keel_jobs SET state = 'pending', run_at = now()
-                     WHERE state = 'relayed' AND kind = ANY($1) AND started_at < $2",
-                    &[&kinds, &(made + CLOCK_MARGIN)],
+                     WHERE state = 'relayed' AND kind = ANY($1) AND started_at < greatest($2::timestamptz, $3::timestamptz)",
+                    &[&kinds, &(made + CLOCK_MARGIN), &(SystemTime::now() - STALE_RELAYED)],
                 )
                 .await
                 .map_err(|e| e.to_string())
@@ -441,9 +446,12 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
             .into_iter()
             .map(|(name, pool)| {
                 let (done, handled) = tokio::sync::mpsc::unbounded_channel();
-                // From `running` too: the consumer may finish before the relay's own (batched)
-                // record of the publish, which then finds the row done and leaves it.
-                completers.spawn(complete_in_batches(pool.clone(), handled, &["relayed", "running"], "done"));
+                // From `running` and `pending` too: the consumer may finish before the relay's own
+                // (batched) record of the publish, or after a publish that timed out but was stored
+                // sent the row back to wait for a retry; the relay then finds the row done and
+                // leaves it, rather than leaving it `relayed` for ever.
+                let from = &["relayed", "running", "pending"];
+                completers.spawn(complete_in_batches(pool.clone(), handled, from, "done"));
                 (name, Source { pool, done })
             })
             .collect();

@@ -144,7 +144,9 @@ pub async fn create_user(
         }
     };
     let body = CreatedUser { id, token, name, email, bio, created_at: timestamp(created_at) };
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/users/{id}"))], Json(body)))
+    // The token is in the body: no cache between here and the client may keep a copy of it.
+    let headers = [(header::LOCATION, format!("/v1/users/{id}")), (header::CACHE_CONTROL, "no-store".to_owned())];
+    Ok((StatusCode::CREATED, headers, Json(body)))
 }
 
 /// Claims `email` for `user` in the catalogue's lookup table. A claim whose user never appeared on its

@@ -76,6 +76,22 @@ enum Identified {
     User { id: UserId, owner_version: u64 },
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched without regard to
+/// case (RFC 9110, 11.1): `bearer` and `BEARER` are the same scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("Bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether two digests are equal, in a time that does not depend on where they differ: `==` stops at
+/// the first differing byte, and how soon it answers would tell a caller how much of a guess was right.
+fn same_digest(a: &Digest32, b: &Digest32) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // Keeps the optimiser from turning the fold back into an early exit.
+    std::hint::black_box(difference) == 0
+}
+
 /// The extractors ask the application's state for the admin token and the databases only.
 async fn identify<S>(parts: &Parts, state: &S) -> Result<Identified, ApiError>
 where
@@ -86,10 +102,9 @@ where
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .ok_or_else(|| ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into()))?;
-    if digest(token) == AdminToken::from_ref(state).0 {
+    if same_digest(&digest(token), &AdminToken::from_ref(state).0) {
         return Ok(Identified::Admin);
     }
     let (id, owner_version) = verify_user_token(&Arc::<Databases>::from_ref(state), token).await?;
@@ -122,7 +137,9 @@ async fn verify_user_token(db: &Databases, token: &str) -> Result<(UserId, u64),
     let row = client.maybe_row("SELECT token_hash, owner_version FROM users WHERE id = $1", &[&id]).await?;
     let row = row.ok_or_else(invalid)?;
     let stored: Vec<u8> = row.get(0);
-    if stored.as_slice() != digest(secret).as_slice() {
+    // Every stored digest is 32 bytes; the length says nothing about the secret.
+    let stored: Digest32 = stored.try_into().map_err(|_| invalid())?;
+    if !same_digest(&stored, &digest(secret)) {
         return Err(invalid());
     }
     Ok((id, row.get::<_, i64>(1) as u64))
@@ -185,6 +202,33 @@ where
             Identified::User { id, owner_version } => Ok(Owner { id, version: owner_version }),
             Identified::Anonymous => Err(ApiError::Unauthorized("this needs a user's bearer token".into())),
             Identified::Admin => Err(ApiError::Forbidden("this acts for a user: use that user's token".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        for value in ["Bearer abc.def", "bearer abc.def", "BEARER abc.def", "bEaReR  abc.def "] {
+            assert_eq!(bearer_token(value), Some("abc.def"), "{value:?}");
+        }
+        for value in ["Basic abc.def", "Bearerabc.def", "Bearer", "Bearer ", "abc.def", "Bearer\tabc.def"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn digests_are_equal_only_when_every_byte_is() {
+        let a = digest("secret");
+        assert!(same_digest(&a, &digest("secret")));
+        assert!(!same_digest(&a, &digest("secreT")));
+        for i in [0, 15, 31] {
+            let mut b = a;
+            b[i] ^= 1;
+            assert!(!same_digest(&a, &b), "byte {i}");
         }
     }
 }

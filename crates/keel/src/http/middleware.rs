@@ -50,6 +50,23 @@ fn may_write(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// The method as a metric label. Any token is a valid method, so the raw one would let each client
+/// make new series at will (`curl -X FOO`): the standard ones are kept, every other is `OTHER`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
 pub async fn observe(mut req: Request, next: Next, settings: Observe) -> Response {
     let started = Instant::now();
     let id = request_id(&req);
@@ -86,7 +103,8 @@ pub async fn observe(mut req: Request, next: Next, settings: Observe) -> Respons
 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let labels = [("method", method.to_string()), ("route", route.clone()), ("status", status.to_string())];
+    let labels =
+        [("method", method_label(&method).to_owned()), ("route", route.clone()), ("status", status.to_string())];
     metrics::counter!("keel_http_requests_total", &labels).increment(1);
     metrics::histogram!("keel_http_request_duration_seconds", &labels).record(elapsed.as_secs_f64());
     metrics::histogram!("keel_http_db_queries_per_request", "route" => route).record(f64::from(queries));
@@ -111,4 +129,19 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("(no message)");
     ApiError::Internal(format!("handler panicked: {message}")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_name_the_standard_methods_and_lump_the_rest() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        assert_eq!(method_label(&Method::TRACE), "TRACE");
+        for junk in [&b"FOO"[..], b"JUNK123", b"get", b"PROPFIND"] {
+            assert_eq!(method_label(&Method::from_bytes(junk).unwrap()), "OTHER", "{junk:?}");
+        }
+    }
 }

@@ -19,6 +19,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// How much of an endpoint's error body is kept in the delivery record.
 const ERROR_EXCERPT: usize = 200;
+/// How much of an endpoint's error body is read to make the excerpt: an endpoint may answer with
+/// anything, of any size, and only the first [`ERROR_EXCERPT`] characters are kept.
+const ERROR_BODY_READ: usize = 4096;
 
 /// What the delivery worker needs: an HTTP client confined by the network policy, and the schedule.
 pub struct Deliverer {
@@ -127,9 +130,31 @@ impl Deliverer {
             return Attempt::Gone;
         }
         let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(retry_after);
-        let excerpt: String = response.text().await.unwrap_or_default().chars().take(ERROR_EXCERPT).collect();
+        let excerpt = excerpt(&body_prefix(response, ERROR_BODY_READ).await);
         Attempt::Failed { status: Some(status), error: format!("HTTP {status}: {excerpt}"), retry_after }
     }
+}
+
+/// The first `limit` bytes of a body, read chunk by chunk: the rest is never read, so a large answer
+/// costs no more than a small one. What could not be read (a reset, the timeout) ends it early.
+async fn body_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut prefix = Vec::new();
+    while prefix.len() < limit {
+        let Ok(Some(chunk)) = response.chunk().await else { break };
+        prefix.extend_from_slice(&chunk[..chunk.len().min(limit - prefix.len())]);
+    }
+    prefix
+}
+
+/// The start of an error body as text that can be stored and shown: PostgreSQL's text cannot hold
+/// NUL (the delivery's record would fail to update, and the delivery would neither advance nor die),
+/// and other control characters would garble a log line or a terminal. Newlines and tabs stay.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .chars()
+        .filter(|&c| !c.is_control() || c == '\n' || c == '\t')
+        .take(ERROR_EXCERPT)
+        .collect()
 }
 
 /// An IP address in the URL itself never reaches the resolver, so it is checked here.
@@ -277,6 +302,23 @@ mod tests {
         }
         assert!(deliverer.wait_before_retry(2).unwrap() >= Duration::from_secs(90));
         assert_eq!(deliverer.wait_before_retry(3), None);
+    }
+
+    #[test]
+    fn an_excerpt_holds_no_nul_or_control_characters_and_is_bounded() {
+        assert_eq!(excerpt(b"boom\0 at\r\n\tline 2\x1b[31m\x7f"), "boom at\n\tline 2[31m");
+        assert_eq!(excerpt("caf\u{e9} \u{85}ok".as_bytes()), "caf\u{e9} ok");
+        // Bytes that are not UTF-8 (or a character cut at the read limit) become U+FFFD.
+        assert_eq!(excerpt(b"bad \xff\xe2\x82"), "bad \u{fffd}\u{fffd}");
+        assert_eq!(excerpt(&[b'x'; 10_000]).len(), ERROR_EXCERPT);
+    }
+
+    #[tokio::test]
+    async fn only_the_start_of_an_error_body_is_read() {
+        let big = reqwest::Response::from(axum::http::Response::new(vec![b'x'; 1 << 20]));
+        assert_eq!(body_prefix(big, ERROR_BODY_READ).await.len(), ERROR_BODY_READ);
+        let small = reqwest::Response::from(axum::http::Response::new("short".to_owned()));
+        assert_eq!(body_prefix(small, ERROR_BODY_READ).await, b"short");
     }
 
     #[test]

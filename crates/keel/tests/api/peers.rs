@@ -255,11 +255,13 @@ pub struct Reply {
     pub delay: Duration,
     /// A `Retry-After` header, in seconds.
     pub retry_after: Option<u64>,
+    /// The body, as bytes: any bytes, NUL included.
+    pub body: &'static [u8],
 }
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
-        Reply { status, delay: Duration::ZERO, retry_after: None }
+        Reply { status, delay: Duration::ZERO, retry_after: None, body: b"" }
     }
 }
 
@@ -295,7 +297,7 @@ impl Receiver {
                     state.received.lock().unwrap().push(Received { headers, body, at: Instant::now() });
                     let reply = state.script.lock().unwrap().pop_front().unwrap_or(state.otherwise);
                     tokio::time::sleep(reply.delay).await;
-                    let mut response = StatusCode::from_u16(reply.status).unwrap().into_response();
+                    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
                     if let Some(seconds) = reply.retry_after {
                         response.headers_mut().insert("retry-after", seconds.into());
                     }

@@ -961,7 +961,7 @@ async fn a_worker_killed_every_few_seconds_loses_no_email() {
     assert!(kills.len() >= 5, "the worker was killed during the load {} times", kills.len());
 
     // The last worker runs on. Wait for every e-mail and for every job to be done: a worker killed
-    // holding an e-mail's claim leaves it to lapse (60 s) before another may send it, and only then
+    // holding an e-mail's claim leaves it to lapse (30 s) before another may send it, and only then
     // is an e-mail that a killed worker sent but did not record sent again.
     let waited = Instant::now();
     let (missing_welcomes, missing_order_mails, unfinished) = loop {
