@@ -96,14 +96,14 @@ async fn run(command: Command, config: Config) -> Result<(), Fatal> {
                 .admin_token
                 .clone()
                 .ok_or("KEEL_ADMIN_TOKEN is not set: `keel serve` needs the admin token from configuration")?;
-            let databases = Databases::open(catalog, shards, config.db_pool_size).await?;
+            let databases = Databases::open(catalog, shards, &config).await?;
             let app = Application::build(config.clone(), databases, &admin_token).await?;
             tracing::info!(address = %app.local_addr(), "serving");
             Ok(app.run_until_stopped(shutdown_signal()).await?)
         }
         Command::Worker => {
             let (catalog, shards) = external_databases(&config)?;
-            let databases = Databases::open(catalog, shards, config.db_pool_size).await?;
+            let databases = Databases::open(catalog, shards, &config).await?;
             crate::telemetry::init_metrics();
             let config = std::sync::Arc::new(config);
             Ok(crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await?)

@@ -29,6 +29,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `KEEL_REQUEST_TIMEOUT` / `request_timeout`: the longest a request may take before a 503.
     pub request_timeout: Duration,
+    /// `KEEL_STATEMENT_TIMEOUT` / `statement_timeout`: the longest one SQL statement may run on any
+    /// pooled connection (requests and background jobs) before PostgreSQL cancels it, so that a query
+    /// whose request already answered 503 does not keep running; `0` for no limit. Unset: the longer of
+    /// the request and job timeouts (see [`Config::statement_timeout`]). Migrations are exempt.
+    pub statement_timeout: Option<Duration>,
     /// `KEEL_JOB_TIMEOUT` / `job_timeout`: the longest a background job may run; a job whose worker
     /// died is picked up again one and a half times this after it started.
     pub job_timeout: Duration,
@@ -78,6 +83,7 @@ impl Default for Config {
             db_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            statement_timeout: None,
             job_timeout: Duration::from_secs(60),
             debug_headers: false,
             smtp_url: None,
@@ -121,6 +127,7 @@ const SETTINGS: &[&str] = &[
     "db_pool_size",
     "shutdown_timeout",
     "request_timeout",
+    "statement_timeout",
     "debug_headers",
     "job_timeout",
     "smtp_url",
@@ -139,6 +146,14 @@ impl Config {
     /// The staleness budget of a kind of data ([`crate::consistency`]) after configuration.
     pub fn budget(&self, kind: DataKind) -> Duration {
         self.consistency_budgets.iter().find(|(k, _)| *k == kind).map_or(kind.row().budget, |(_, b)| *b)
+    }
+
+    /// The statement timeout of every pooled connection ([`crate::db::PoolOptions`]); zero for none.
+    /// Unset, the longer of the request and job timeouts: the pools serve both requests and jobs, so
+    /// no statement a request or a job is still waiting for is cut, and none outlives the 503 of its
+    /// request (or its job's timeout) by more than that again.
+    pub fn statement_timeout(&self) -> Duration {
+        self.statement_timeout.unwrap_or(self.request_timeout.max(self.job_timeout))
     }
 
     /// Defaults ← `keel.toml` (the file named by `KEEL_CONFIG`, else `./keel.toml` if present) ← `KEEL_*`.
@@ -175,6 +190,9 @@ impl Config {
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "statement_timeout" => {
+                    self.statement_timeout = Some(parse_statement_timeout(raw).map_err(|m| fail(key, m))?)
+                }
                 "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "job_timeout" => self.job_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "smtp_url" => self.smtp_url = Some(parse_smtp_url(raw).map_err(|m| fail(key, m))?),
@@ -277,6 +295,16 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw).map_err(|e| format!("{raw:?} is not a duration such as 10s or 500ms: {e}"))
 }
 
+/// What PostgreSQL's `statement_timeout` can hold: whole milliseconds up to 2^31 - 1 (24 days), or 0.
+fn parse_statement_timeout(raw: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(raw)?;
+    let millis = timeout.as_millis();
+    if !timeout.is_zero() && (millis == 0 || millis > i32::MAX as u128) {
+        return Err(format!("{raw:?} is not 0 (no limit) or a duration from 1ms to 24 days"));
+    }
+    Ok(timeout)
+}
+
 fn parse_smtp_url(raw: &str) -> Result<String, String> {
     lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(raw)
         .map(|_| raw.to_owned())
@@ -366,6 +394,11 @@ mod tests {
         assert_eq!(err.setting, "KEEL_DB_POOL_SIZE");
         let err = Config::default().apply(&env(&[("KEEL_SHUTDOWN_TIMEOUT", "soon")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_SHUTDOWN_TIMEOUT");
+        for bad in ["soon", "500us", "30d", ""] {
+            let err = Config::default().apply(&env(&[("KEEL_STATEMENT_TIMEOUT", bad)])).unwrap_err();
+            assert_eq!(err.setting, "KEEL_STATEMENT_TIMEOUT", "{bad:?}");
+            assert!(err.to_string().contains("environment"), "{err}");
+        }
         let err = Config::default().apply(&env(&[("KEEL_SMTP_URL", "mail.example.org")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_SMTP_URL");
         let err = Config::default().apply(&env(&[("KEEL_WEBHOOK_RETRY_SCHEDULE", "1s,,2s")])).unwrap_err();
@@ -410,5 +443,19 @@ mod tests {
         assert_eq!(err.setting, "db_pool_size");
         assert!(err.to_string().contains("bad.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_statement_timeout_follows_the_request_and_job_timeouts_unless_set() {
+        let mut config = Config::default();
+        assert_eq!(config.statement_timeout(), config.job_timeout, "the longer of the two by default");
+        config.apply(&env(&[("KEEL_REQUEST_TIMEOUT", "5s"), ("KEEL_JOB_TIMEOUT", "2s")])).unwrap();
+        assert_eq!(config.statement_timeout(), Duration::from_secs(5));
+        config.apply(&env(&[("KEEL_STATEMENT_TIMEOUT", "200ms")])).unwrap();
+        assert_eq!(config.statement_timeout(), Duration::from_millis(200));
+        config.apply(&env(&[("KEEL_STATEMENT_TIMEOUT", "0")])).unwrap();
+        assert_eq!(config.statement_timeout(), Duration::ZERO, "0: no limit");
+        config.apply(&env(&[("KEEL_STATEMENT_TIMEOUT", "24days")])).unwrap();
+        assert_eq!(config.statement_timeout(), Duration::from_secs(24 * 24 * 3600));
     }
 }

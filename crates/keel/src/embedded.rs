@@ -69,7 +69,7 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     }
     db::migrate_all(&catalog_url, &shard_urls).await?;
     let admin_token = admin_token(config, data_dir)?;
-    let databases = Databases::open(&catalog_url, &shard_urls, config.db_pool_size).await?;
+    let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
     let app = Application::build(config.clone(), databases, &admin_token).await?;
     tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
     eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());

@@ -10,6 +10,7 @@ use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::db::Databases;
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
@@ -34,21 +35,23 @@ pub struct Queues {
 #[utoipa::path(get, path = "/v1/admin/queues", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = Queues), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn queues(State(state): State<AppState>, _: Admin) -> Result<Json<Queues>, ApiError> {
-    Ok(Json(Queues { kinds: queue_stats(&state).await? }))
+    Ok(Json(Queues { kinds: queue_stats(&state.db).await? }))
 }
 
-/// Every kind's queue over all databases; also refreshes the queue gauges of `/metrics`.
+/// Every kind's queue over all databases, counted live; also refreshes the queue gauges of
+/// `/metrics`. Each call is a `GROUP BY` over the job table of every database: it runs for this
+/// admin-only route and on the application's timer (`app::ops`), never for an anonymous scrape.
 ///
 /// Every kind with a handler ([`crate::jobs::kinds`]) is reported, at zero while none of its jobs
 /// is waiting, so dashboards and alerts see a series from the start rather than none; so is any
 /// other kind found in a queue (jobs of a kind this build no longer handles).
-pub async fn queue_stats(state: &AppState) -> Result<Vec<QueueStats>, ApiError> {
+pub async fn queue_stats(databases: &Databases) -> Result<Vec<QueueStats>, ApiError> {
     let mut merged: BTreeMap<String, QueueStats> = crate::jobs::kinds()
         .iter()
         .map(|kind| (kind.clone(), QueueStats { kind: kind.clone(), ..Default::default() }))
         .collect();
     // Scatter-gather: each database's queue counted there, merged here.
-    for db in state.db.all() {
+    for db in databases.all() {
         let client = db.client().await?;
         for stats in keel_outbox::stats(&client).await? {
             let entry = merged

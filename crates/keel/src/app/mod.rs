@@ -51,6 +51,8 @@ impl Application {
         if let Err(e) = likes.merge_shards(&databases).await {
             tracing::warn!(error = %e, "could not read the like tallies; the merger will retry");
         }
+        // The first count of the queues before serving: the first scrape has every queue's gauges.
+        ops::refresh_queue_gauges_once(&databases).await;
         let writes = TaskTracker::new();
         let router = routes::router(state, writes.clone());
         Ok(Application { databases, listener, router, shutdown_timeout, config, likes, writes })
@@ -76,9 +78,11 @@ impl Application {
             }
         };
         let merger = tokio::spawn(self.likes.clone().run_merger(self.databases.clone(), served_signal()));
+        let gauges = tokio::spawn(ops::refresh_queue_gauges(self.databases.clone(), served_signal()));
         let served = self.serve(shutdown).await;
         let _ = served_tx.send(true);
         let _ = merger.await;
+        let _ = gauges.await;
         served
     }
 

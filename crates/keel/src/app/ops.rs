@@ -8,10 +8,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use serde::Serialize;
+use std::future::Future;
 use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::db::migrations::{self, Schema};
+use crate::db::Databases;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::Json;
 use crate::state::AppState;
@@ -19,6 +21,13 @@ use crate::telemetry;
 
 /// How long readiness waits for each database before calling it unreachable.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the queue gauges of `/metrics` (`keel_queue_depth`, `keel_queue_oldest_pending_seconds`)
+/// are counted again. Counting is a `GROUP BY` over the job table of every database, and `/metrics`
+/// answers anyone: counted at each scrape, any caller could make every database do that work as
+/// often as it liked. So a timer counts, and a scrape renders what the last count recorded, at most
+/// this old — well within a Prometheus scrape interval (15 s or more).
+pub(super) const QUEUE_GAUGES_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(OpenApi)]
 #[openapi(paths(healthz, readyz, metrics, openapi_json), components(schemas(Status)))]
@@ -57,7 +66,8 @@ async fn healthz() -> Json<Status> {
         (status = 200, description = "Every database answers and is at this binary's schema version: \
             `{\"status\": \"ready\"}`", body = Status),
         (status = 503, description = "Not ready: the detail names each database that is unreachable or at another \
-            schema version", body = Problem, content_type = "application/problem+json"),
+            schema version (why one is unreachable is logged, not answered)", body = Problem,
+            content_type = "application/problem+json"),
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut problems = Vec::new();
@@ -69,7 +79,11 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
                 db.name(),
                 schema.latest()
             )),
-            Ok(Err(e)) => problems.push(format!("{} is unreachable: {e}", db.name())),
+            // The driver's words (addresses, database and role names) go to the log, not to callers.
+            Ok(Err(e)) => {
+                tracing::warn!(db = db.name(), error = %e, "readiness: database not reachable");
+                problems.push(format!("{} is not reachable", db.name()));
+            }
             Err(_) => problems.push(format!("{} did not answer within {READY_CHECK_TIMEOUT:?}", db.name())),
         }
     }
@@ -80,17 +94,43 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
 }
 
 /// Prometheus metrics: requests by route and status, database pools, queues, caches, search lag.
+///
+/// A scrape sends no query: the queue gauges are those of the last refresh (every
+/// [`QUEUE_GAUGES_REFRESH`], see [`refresh_queue_gauges`]); the pool gauges are read from the pools
+/// in this process.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "The Prometheus text exposition format, version 0.0.4", body = String,
+    responses((status = 200, description = "The Prometheus text exposition format, version 0.0.4; the queue \
+        gauges are counted on a timer (every few seconds), not at each scrape", body = String,
         content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for db in state.db.all() {
         telemetry::record_pool(db.name(), db.pool_status());
     }
-    if let Err(e) = crate::admin::queue_stats(&state).await {
-        tracing::warn!(error = %e, "queue gauges not refreshed");
-    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::render_metrics())
+}
+
+/// Counts every queue once and records the gauges; a database that cannot be counted leaves them
+/// at their last values, and is logged.
+pub(super) async fn refresh_queue_gauges_once(databases: &Databases) {
+    if let Err(e) = crate::admin::queue_stats(databases).await {
+        tracing::warn!(error = %e, "queue gauges not refreshed; /metrics shows the last counts");
+    }
+}
+
+/// Refreshes the queue gauges every [`QUEUE_GAUGES_REFRESH`] until `stop` completes, which also
+/// abandons a count in progress (shutdown does not wait on a slow database for a gauge).
+pub(super) async fn refresh_queue_gauges(databases: std::sync::Arc<Databases>, stop: impl Future<Output = ()> + Send) {
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(QUEUE_GAUGES_REFRESH) => {}
+            () = &mut stop => return,
+        }
+        tokio::select! {
+            () = refresh_queue_gauges_once(&databases) => {}
+            () = &mut stop => return,
+        }
+    }
 }
 
 /// This document: every route of the API, generated from the same list as the routes themselves.

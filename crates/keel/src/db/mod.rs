@@ -2,18 +2,25 @@
 //! every query of this crate's handlers goes through (prepared statements, cached per connection, and
 //! counted per request). The queue's own statements (`keel-outbox`) and the migration runner use the
 //! pools directly and are not counted.
+//!
+//! Every connection of a deployment's pools has a `statement_timeout` ([`PoolOptions`],
+//! `KEEL_STATEMENT_TIMEOUT`): a handler dropped at its deadline (a 503) leaves its statement running on
+//! the server, and PostgreSQL cancels it there at the latest then. Migrations run on pools of their
+//! own ([`migrate_all`]) with no statement timeout: building an index may take as long as it takes.
 
 pub mod migrations;
 
 use std::cell::Cell;
 use std::future::Future;
 use std::str::FromStr;
+use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use keel_shard::{Router, ShardMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::config::Config;
 use crate::ids::UserId;
 
 pub use deadpool_postgres::Transaction;
@@ -72,7 +79,8 @@ pub enum ConnectError {
 
 impl Db {
     /// Builds a pool; connections are opened on first use. `setting` names the configuration the
-    /// URL came from, for the error message.
+    /// URL came from, for the error message. The server's own settings apply (no statement timeout
+    /// unless the server has one): a deployment's pools come from [`Databases::open`].
     pub fn new(name: &str, setting: &str, url: &str, pool_size: usize) -> Result<Db, ConnectError> {
         Db::with_session_settings(name, setting, url, pool_size, &[])
     }
@@ -151,6 +159,41 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// How a deployment's pools are built ([`Databases::open`]): connections per database, and the
+/// longest one statement may run on any of them before the server cancels it (zero: no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub size: usize,
+    pub statement_timeout: Duration,
+}
+
+/// `KEEL_DB_POOL_SIZE` and `KEEL_STATEMENT_TIMEOUT`.
+impl From<&Config> for PoolOptions {
+    fn from(config: &Config) -> PoolOptions {
+        PoolOptions { size: config.db_pool_size, statement_timeout: config.statement_timeout() }
+    }
+}
+
+/// A pool size alone: with the default statement timeout (the default request timeout's). Pass the
+/// configuration instead wherever there is one, so that its settings count.
+impl From<usize> for PoolOptions {
+    fn from(size: usize) -> PoolOptions {
+        PoolOptions { size, statement_timeout: Config::default().statement_timeout() }
+    }
+}
+
+impl PoolOptions {
+    /// The server setting, in milliseconds (its unit when none is given). The configuration keeps the
+    /// timeout to whole milliseconds that fit; anything else is clamped, never turned into "no limit".
+    fn statement_timeout_setting(&self) -> String {
+        let millis = self.statement_timeout.as_millis().min(i32::MAX as u128);
+        if millis == 0 && !self.statement_timeout.is_zero() {
+            return "1".to_owned();
+        }
+        millis.to_string()
+    }
+}
+
 /// Settings of every catalogue connection. Search's typo tolerance: the trigram index finds names
 /// with a word this similar to the query (the default, 0.6, misses most one-letter typos in short
 /// words; 0.3 catches them with few false matches, and ranking puts exact matches first).
@@ -163,14 +206,26 @@ pub struct Databases {
 }
 
 impl Databases {
-    /// Builds the pools and loads the shard map from the catalogue database.
-    pub async fn open(catalog_url: &str, shard_urls: &[String], pool_size: usize) -> Result<Databases, ConnectError> {
+    /// Builds the pools and loads the shard map from the catalogue database. `options` is the
+    /// configuration (`&config`: pool size and statement timeout) or, without one, a pool size.
+    pub async fn open(
+        catalog_url: &str,
+        shard_urls: &[String],
+        options: impl Into<PoolOptions>,
+    ) -> Result<Databases, ConnectError> {
+        let options = options.into();
+        let timeout = options.statement_timeout_setting();
+        let every = [("statement_timeout", timeout.as_str())];
+        let catalog_settings: Vec<(&str, &str)> = CATALOG_SESSION.iter().chain(&every).copied().collect();
         let catalog =
-            Db::with_session_settings("catalog", "KEEL_CATALOG_URL", catalog_url, pool_size, CATALOG_SESSION)?;
+            Db::with_session_settings("catalog", "KEEL_CATALOG_URL", catalog_url, options.size, &catalog_settings)?;
         let shards = shard_urls
             .iter()
             .enumerate()
-            .map(|(i, url)| Db::new(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url, pool_size))
+            .map(|(i, url)| {
+                let (name, setting) = (format!("shard{i}"), format!("KEEL_SHARD_URLS[{i}]"));
+                Db::with_session_settings(&name, &setting, url, options.size, &every)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let map = load_shard_map(&catalog, shard_urls.len()).await?;
         for shard in &shards {
@@ -236,15 +291,21 @@ pub fn bucket_of(user: UserId) -> i16 {
     keel_shard::Bucket::of(&shard_key(user)).index() as i16
 }
 
+/// Settings of a migration's connection: no statement timeout, whatever the server's or the role's
+/// default (a migration may rewrite a table, and waits its turn on the migration lock). Migrations run
+/// on these pools of their own, never on a deployment's ([`Databases::open`]).
+const MIGRATION_SESSION: &[(&str, &str)] = &[("statement_timeout", "0")];
+
 /// Applies every pending migration: the catalogue first (with the shard map for `shard_urls.len()`
 /// shards), then each shard. Safe to run from many processes at once.
 pub async fn migrate_all(catalog_url: &str, shard_urls: &[String]) -> Result<(), ConnectError> {
-    let catalog = Db::new("catalog", "KEEL_CATALOG_URL", catalog_url, 1)?;
+    let catalog = Db::with_session_settings("catalog", "KEEL_CATALOG_URL", catalog_url, 1, MIGRATION_SESSION)?;
     drop(catalog.reachable_client().await?);
     migrations::apply(&catalog, migrations::Schema::Catalog).await?;
     seed_shard_map(&catalog, shard_urls.len()).await?;
     for (i, url) in shard_urls.iter().enumerate() {
-        let shard = Db::new(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url, 1)?;
+        let (name, setting) = (format!("shard{i}"), format!("KEEL_SHARD_URLS[{i}]"));
+        let shard = Db::with_session_settings(&name, &setting, url, 1, MIGRATION_SESSION)?;
         drop(shard.reachable_client().await?);
         migrations::apply(&shard, migrations::Schema::Shard).await?;
     }
@@ -337,5 +398,26 @@ mod tests {
         assert_eq!(redact("postgres://keel:secret@db:5432/x"), "postgres://keel:***@db:5432/x");
         assert_eq!(redact("postgres://keel@db/x"), "postgres://keel@db/x");
         assert_eq!(redact("host=/tmp password=p"), "(a connection string with a password)");
+    }
+
+    #[test]
+    fn pools_take_the_configured_statement_timeout_in_milliseconds() {
+        let mut config = Config {
+            db_pool_size: 4,
+            request_timeout: Duration::from_secs(5),
+            job_timeout: Duration::from_secs(2),
+            ..Config::default()
+        };
+        let options = PoolOptions::from(&config);
+        assert_eq!(options, PoolOptions { size: 4, statement_timeout: Duration::from_secs(5) });
+        assert_eq!(options.statement_timeout_setting(), "5000");
+        config.statement_timeout = Some(Duration::from_millis(200));
+        assert_eq!(PoolOptions::from(&config).statement_timeout_setting(), "200");
+        config.statement_timeout = Some(Duration::ZERO);
+        assert_eq!(PoolOptions::from(&config).statement_timeout_setting(), "0", "0: no limit");
+        let odd = |d| PoolOptions { size: 1, statement_timeout: d }.statement_timeout_setting();
+        assert_eq!(odd(Duration::from_micros(10)), "1", "never turned into no limit");
+        assert_eq!(odd(Duration::from_secs(100 * 24 * 3600)), i32::MAX.to_string());
+        assert_eq!(PoolOptions::from(16), PoolOptions::from(&Config::default()));
     }
 }

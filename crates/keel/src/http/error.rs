@@ -153,6 +153,11 @@ impl From<tokio_postgres::Error> for ApiError {
         if e.is_closed() || io || shutting_down {
             return ApiError::Unavailable(format!("database connection lost: {e}"));
         }
+        // 57014: cancelled by `statement_timeout` (KEEL_STATEMENT_TIMEOUT): the database was too busy
+        // or the query too slow this time, not a fault of the request.
+        if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+            return ApiError::Unavailable(format!("a database statement took too long: {e}"));
+        }
         ApiError::Internal(format!("{e:?}"))
     }
 }

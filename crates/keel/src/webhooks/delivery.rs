@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use keel_outbox::{Job, JobError};
 use uuid::Uuid;
 
-use super::network::{refusal, NetworkPolicy, PolicyResolver};
+use super::network::{redacted, redacted_in, refusal, NetworkPolicy, PolicyResolver};
 use super::{signing, DeliveryStatus};
 use crate::db::{Db, DbError, PgError, Sql};
 
@@ -117,7 +117,9 @@ impl Deliverer {
             .body(body.to_owned())
             .send()
             .await;
-        let response = match sent {
+        // reqwest's message quotes the whole URL, secrets in it included: the error is stored and
+        // logged without it (the subscription names the endpoint).
+        let response = match sent.map_err(reqwest::Error::without_url) {
             Ok(response) => response,
             Err(e) if error_chain(&e).contains("refused to call") => return Attempt::Refused(error_chain(&e)),
             Err(e) => return Attempt::Failed { status: None, error: error_chain(&e), retry_after: None },
@@ -227,11 +229,12 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), D
     metrics::counter!("keel_webhook_attempts_total", "outcome" => label).increment(1);
     match outcome {
         Attempt::Delivered(code) => {
-            tracing::info!(%url, status = code, "webhook delivered");
+            tracing::info!(url = %redacted(&url), %subscription, status = code, "webhook delivered");
             Ok(record(&client, job.id, DeliveryStatus::Succeeded, Some(code), None, None).await?)
         }
         Attempt::Gone => {
-            tracing::warn!(%url, "webhook endpoint answered 410 Gone; disabling the subscription");
+            tracing::warn!(url = %redacted(&url), %subscription,
+                "webhook endpoint answered 410 Gone; disabling the subscription");
             client
                 .exec(
                     "UPDATE webhook_subscriptions SET enabled = false, disabled_reason = 'the endpoint answered 410 Gone'
@@ -243,13 +246,15 @@ pub async fn run(catalog: &Db, deliverer: &Deliverer, job: &Job) -> Result<(), D
                 .await?)
         }
         Attempt::Refused(reason) => {
-            tracing::warn!(%url, %reason, "webhook refused by the network policy");
+            tracing::warn!(url = %redacted(&url), %subscription, reason = %redacted_in(&reason, &url),
+                "webhook refused by the network policy");
             Ok(record(&client, job.id, DeliveryStatus::Dead, None, Some(&reason), None).await?)
         }
         Attempt::Failed { status, error, retry_after } => {
             let wait = deliverer.wait_before_retry(job.attempt).map(|w| retry_after.unwrap_or(w));
             let state = if wait.is_some() { DeliveryStatus::Retrying } else { DeliveryStatus::Dead };
-            tracing::warn!(%url, status, %error, attempt = job.attempt, retry_in = ?wait, "webhook delivery failed");
+            tracing::warn!(url = %redacted(&url), %subscription, status, error = %redacted_in(&error, &url),
+                attempt = job.attempt, retry_in = ?wait, "webhook delivery failed");
             record(&client, job.id, state, status, Some(&error), wait).await?;
             Err(DeliveryError::Endpoint { error, retry_in: wait })
         }

@@ -96,3 +96,29 @@ async fn the_bearer_scheme_is_read_in_any_case() {
     let refused = app.get("/v1/wallet").header("authorization", format!("bearer {forged}")).send().await.unwrap();
     assert_eq!(refused.status(), 401);
 }
+
+/// IPv6 forms that carry an IPv4 address lead where that address does: IPv4-compatible, 6to4 and
+/// NAT64 addresses for 127.0.0.1 or the metadata service are refused like the address itself. The
+/// app runs with production's policy (tests otherwise allow loopback).
+#[tokio::test]
+async fn ipv6_addresses_carrying_an_inside_ipv4_address_are_refused() {
+    let app = TestApp::spawn_with(|config| config.webhook_allow_loopback = Some(false)).await;
+    for (host, mentions) in [
+        ("[::7f00:1]", "127.0.0.1"),
+        ("[::a9fe:a9fe]", "169.254.169.254"),
+        ("[::ffff:7f00:1]", "127.0.0.1"),
+        ("[2002:7f00:1::]", "127.0.0.1"),
+        ("[2002:a9fe:a9fe::]", "169.254.169.254"),
+        ("[64:ff9b::7f00:1]", "127.0.0.1"),
+        ("[64:ff9b::a9fe:a9fe]", "169.254.169.254"),
+        ("[64:ff9b:1::a9fe:a9fe]", "KEEL_WEBHOOK_ALLOW_PRIVATE"),
+        ("[fec0::1]", "KEEL_WEBHOOK_ALLOW_PRIVATE"),
+    ] {
+        let body = json!({ "url": format!("http://{host}:8080/hook"), "events": ["product.created"] });
+        let created = app.admin(app.post("/v1/webhooks")).json(&body).send().await;
+        crate::helpers::expect_problem(created, 422, mentions).await;
+    }
+    // One carrying a public address is an ordinary subscription.
+    let body = json!({ "url": "http://[2002:808:808::]/hook", "events": ["product.created"] });
+    expect_json(app.admin(app.post("/v1/webhooks")).json(&body).send().await, 201).await;
+}

@@ -263,7 +263,7 @@ impl TestApp {
             config.nats_prefix = unique_name("n");
         }
         configure(&mut config);
-        let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, config.db_pool_size).await.unwrap();
+        let databases = Databases::open(&dbs.catalog_url, &dbs.shard_urls, &config).await.unwrap();
         let app = Application::build(config.clone(), databases, ADMIN_TOKEN).await.unwrap();
         let address = format!("http://{}", app.local_addr());
         let databases = app.databases();
@@ -275,8 +275,7 @@ impl TestApp {
     /// would), in this process; stop it with [`Node::stop`].
     pub async fn second_node(&self) -> Node {
         let config = Config { listen: "127.0.0.1:0".parse().unwrap(), ..(*self.config).clone() };
-        let databases =
-            Databases::open(&self.dbs.catalog_url, &self.dbs.shard_urls, config.db_pool_size).await.unwrap();
+        let databases = Databases::open(&self.dbs.catalog_url, &self.dbs.shard_urls, &config).await.unwrap();
         let app = Application::build(config, databases, ADMIN_TOKEN).await.unwrap();
         let address = format!("http://{}", app.local_addr());
         let stop = keel::shutdown::Stop::new();

@@ -1,6 +1,9 @@
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
-use crate::helpers::{expect_json, expect_problem, TestApp};
+use keel_outbox::NewJob;
+use serde_json::{json, Value};
+
+use crate::helpers::{connect, expect_json, expect_problem, TestApp};
 
 #[tokio::test]
 async fn health_and_readiness() {
@@ -138,5 +141,139 @@ async fn every_route_the_server_answers_is_in_the_openapi_document() {
             assert_ne!(status, 405, "{method} {path} is documented, not answered: {body}");
             assert!(!(status == 404 && body.contains("no such route")), "{method} {path} is documented, not answered");
         }
+    }
+}
+
+/// Scans of `keel_jobs` counted by each of `app`'s databases (catalogue, then shards), once every
+/// connection the app had to it has published its counts. A PostgreSQL backend keeps its table
+/// statistics to itself for up to 10 s while idle, and publishes them when it exits: so the app's
+/// connections are ended first (its pools open new ones when next needed).
+async fn job_table_scans(app: &TestApp) -> Vec<i64> {
+    let mut scans = Vec::new();
+    for url in std::iter::once(&app.dbs.catalog_url).chain(&app.dbs.shard_urls) {
+        let client = connect(url).await;
+        let others = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        let ended: Vec<i32> = client.query(others, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        client.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid", &[&ended]).await.unwrap();
+        let started = Instant::now();
+        loop {
+            let left: i64 = client
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&ended])
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the app's connections did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'keel_jobs'",
+                &[],
+            )
+            .await
+            .unwrap();
+        scans.push(row.get(0));
+    }
+    scans
+}
+
+/// `/metrics` answers anyone, so a scrape must not make the databases count their queues: 50
+/// scrapes leave each database's job table scanned no more than the gauges' timer did (every 5 s),
+/// not once per scrape. The gauges are still there at every scrape, and follow the queue within
+/// the timer's period.
+#[tokio::test]
+async fn scrapes_do_not_query_the_job_tables_and_the_queue_gauges_still_follow_the_queues() {
+    const SCRAPES: usize = 50;
+    /// `QUEUE_GAUGES_REFRESH` in `app/ops.rs`.
+    const REFRESH: Duration = Duration::from_secs(5);
+    let app = TestApp::spawn().await;
+    let every_kind = r#"keel_queue_depth{kind="order.placed",state="pending"}"#;
+
+    let before = job_table_scans(&app).await;
+    let started = Instant::now();
+    for _ in 0..SCRAPES {
+        let response = app.get("/metrics").send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(sample(&text, every_kind).is_some(), "{every_kind} missing from\n{text}");
+    }
+    let after = job_table_scans(&app).await;
+    // The timer's counts in that time, one more in case one was under way, and one to spare.
+    let allowed = (started.elapsed().as_secs_f64() / REFRESH.as_secs_f64()).ceil() as i64 + 2;
+    eprintln!("keel_jobs scans before {before:?}, after {after:?}, in {:?}", started.elapsed());
+    for ((db, before), after) in ["catalog", "shard0", "shard1"].iter().zip(&before).zip(&after) {
+        assert!(
+            after - before <= allowed,
+            "{db}: keel_jobs scanned {} times over {SCRAPES} scrapes in {:?} (at most {allowed} expected)",
+            after - before,
+            started.elapsed()
+        );
+    }
+
+    // Jobs of a kind of this test's own: their gauge shows them within the refresh period. (The
+    // recorder is the process's: another test's app may set this kind back to zero between its own
+    // counts, so the test looks often.)
+    let kind = "test.ops_refreshed";
+    let series = format!(r#"keel_queue_depth{{kind="{kind}",state="pending"}}"#);
+    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let enqueued = Instant::now();
+    for _ in 0..3 {
+        keel_outbox::enqueue(&client, &NewJob::new(kind, "test", json!({}))).await.unwrap();
+    }
+    loop {
+        let text = app.get("/metrics").send().await.unwrap().text().await.unwrap();
+        if sample(&text, &series) == Some(3.0) {
+            eprintln!("{series} at 3 after {:?}", enqueued.elapsed());
+            let age = format!(r#"keel_queue_oldest_pending_seconds{{kind="{kind}"}}"#);
+            assert!(sample(&text, &age).is_some(), "{age} missing from\n{text}");
+            break;
+        }
+        assert!(
+            enqueued.elapsed() < REFRESH + Duration::from_secs(3),
+            "{series} is not 3 within {REFRESH:?} of the enqueue: {:?}",
+            sample(&text, &series)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of the sample `series` (name and labels, as rendered) in a `/metrics` text.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `/readyz` answers anyone: a database it cannot reach is named, and why is logged, not answered
+/// (the driver's message names hosts, databases and roles).
+#[tokio::test]
+async fn readiness_names_an_unreachable_database_without_the_drivers_message() {
+    let app = TestApp::spawn().await;
+    assert_eq!(expect_json(app.get("/readyz").send().await, 200).await["status"], "ready");
+
+    // shard1 refuses new connections, and the app's connections to it are ended.
+    let maintenance = connect(&crate::helpers::cluster().maintenance_url()).await;
+    let name: String = app.dbs.shard(1).await.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let database = |allowed: bool| format!(r#"ALTER DATABASE "{name}" ALLOW_CONNECTIONS {allowed}"#);
+    maintenance.batch_execute(&database(false)).await.unwrap();
+    maintenance
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name])
+        .await
+        .unwrap();
+
+    let problem = expect_problem(app.get("/readyz").send().await, 503, "shard1 is not reachable").await;
+    let detail = problem["detail"].as_str().unwrap();
+    for words in [name.as_str(), "accepting connections", "terminating", "db error", "FATAL", "error", "connection"] {
+        assert!(!detail.to_lowercase().contains(&words.to_lowercase()), "{detail:?} repeats {words:?}");
+    }
+
+    // Reachable again: ready again.
+    maintenance.batch_execute(&database(true)).await.unwrap();
+    let started = Instant::now();
+    while app.get("/readyz").send().await.unwrap().status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not ready again once shard1 is reachable");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

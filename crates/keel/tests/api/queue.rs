@@ -409,11 +409,15 @@ async fn every_known_kind_reports_an_empty_queue_before_its_first_job() {
 async fn a_queue_gauge_returns_to_zero_when_its_jobs_are_gone() {
     let app = TestApp::spawn().await;
     let series = r#"keel_queue_depth{kind="test.gauged",state="pending"}"#;
+    // `/metrics` shows the gauges a timer counts; `/v1/admin/queues` counts at once and updates them.
+    let counted_now = || async { expect_json(app.admin(app.get("/v1/admin/queues")).send().await, 200).await };
     let id = enqueue(&app, "test.gauged").await;
+    counted_now().await;
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&metrics, series), Some(1.0), "{metrics}");
     let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
     client.execute("DELETE FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+    counted_now().await;
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&metrics, series), Some(0.0), "{metrics}");
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{expect_json, expect_problem, TestApp};
+use crate::helpers::{connect, expect_json, expect_problem, TestApp, TestDatabases};
 
 async fn search(app: &TestApp, query: &str) -> Value {
     expect_json(app.get("/v1/search").query(&[("q", query)]).send().await, 200).await
@@ -108,8 +108,9 @@ async fn bad_search_queries_are_4xx() {
     expect_problem(app.get("/v1/search?q=x&cursor=abc").send().await, 400, "cursor").await;
     expect_problem(app.get("/v1/search?q=x&cursor=20").send().await, 400, "cursor").await;
     expect_problem(app.get("/v1/search?q=x&limit=many").send().await, 400, "limit").await;
-    // Text search syntax in a query is only text.
-    for hostile in ["a:* | b", "!x & (y", "'quoted'", "a\\b", "日本語"] {
+    // Text search syntax in a query is only text. (Its words have two letters: a query of one-letter
+    // words only is a 422, see `one_letter_queries_and_too_many_words_are_422`.)
+    for hostile in ["ab:* | cd", "!xy & (yz", "'quoted'", "ab\\cd", "日本語"] {
         let response = app.get("/v1/search").query(&[("q", hostile)]).send().await.unwrap();
         assert_eq!(response.status(), 200, "{hostile:?}");
     }
@@ -197,4 +198,125 @@ async fn paging_returns_every_hit_once_even_as_products_are_added() {
     let mixed = app.get("/v1/search").query(&[("q", "marmot"), ("cursor", list_cursor)]).send().await;
     expect_problem(mixed, 400, "cursor").await;
     workers.stop().await;
+}
+
+/// Limits on what a query may ask: a one-character prefix (`a:*`) matches most of the catalogue, so a
+/// query of only such words is refused, and beside longer words they are left out; more words than
+/// count are refused rather than cut; typos are looked for only in words of four characters or more.
+#[tokio::test]
+async fn one_letter_queries_and_too_many_words_are_422() {
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    for one_letter in ["a", "a:*", "a:* | b", "!x & (y", "a\\b", "a b c d e f g h i j"] {
+        let response = app.get("/v1/search").query(&[("q", one_letter)]).send().await;
+        let problem = expect_problem(response, 422, "at least 2 characters").await;
+        assert!(problem["detail"].as_str().unwrap().starts_with("q:"), "{problem}");
+    }
+    let nine = "alpha bravo charlie delta echo foxtrot golf hotel india";
+    expect_problem(app.get("/v1/search").query(&[("q", nine)]).send().await, 422, "at most 8 words").await;
+    // Eight words count; one-letter words beside them do not count, and are left out of the search.
+    let product = create(&app, "LIM-1", "Narwhal Teapot", "A teapot shaped like a narwhal").await;
+    until_found(&app, "narwhal", &product, true).await;
+    for query in ["narwhal a", "a narwhal x", "narwhal teapot a b c d e f g h i j", "te na"] {
+        assert_eq!(ids(&search(&app, query).await), std::slice::from_ref(&product), "{query:?}");
+    }
+    assert!(search(&app, "alpha bravo charlie delta echo foxtrot golf hotel").await["items"].is_array());
+    // A typo in a word of four characters or more is still found; words shorter than that are only
+    // prefixes: "tep" is no typo of "teapot" (though trigrams would call it similar enough).
+    assert_eq!(ids(&search(&app, "narwhol").await), std::slice::from_ref(&product));
+    assert!(ids(&search(&app, "tep").await).is_empty());
+    assert!(ids(&search(&app, "nar tep").await).is_empty());
+    workers.stop().await;
+}
+
+// The statement timeout of every pool (`KEEL_STATEMENT_TIMEOUT`), beside the search limits: both bound
+// what one request can cost the database, and a search is the statement most likely to run long.
+
+/// `SHOW statement_timeout` on a connection of `db`'s pool.
+async fn statement_timeout(db: &keel::db::Db) -> String {
+    db.client().await.unwrap().query_one("SHOW statement_timeout", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn every_pooled_connection_has_the_statement_timeout() {
+    let app = TestApp::spawn().await;
+    // The default: the longer of the request (30 s) and job (60 s) timeouts, on every pool, on every
+    // connection of it.
+    assert_eq!(app.config.statement_timeout(), Duration::from_secs(60));
+    for db in app.databases.all() {
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(db.client().await.unwrap());
+        }
+        for client in &clients {
+            let shown: String = client.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+            assert_eq!(shown, "1min", "{}", db.name());
+        }
+        // The catalogue's own settings are kept beside it.
+        if db.name() == "catalog" {
+            let threshold: String =
+                clients[0].query_one("SHOW pg_trgm.word_similarity_threshold", &[]).await.unwrap().get(0);
+            assert_eq!(threshold, "0.3");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_statement_longer_than_the_statement_timeout_is_cancelled_on_the_server() {
+    let app = TestApp::spawn_with(|config| config.statement_timeout = Some(Duration::from_millis(200))).await;
+    // The pools as `keel serve` opens them from this configuration.
+    let databases = keel::db::Databases::open(&app.dbs.catalog_url, &app.dbs.shard_urls, &*app.config).await.unwrap();
+    let observer = app.dbs.catalog().await;
+    for db in databases.all() {
+        assert_eq!(statement_timeout(db).await, "200ms", "{}", db.name());
+        let client = db.client().await.unwrap();
+        let started = Instant::now();
+        let err = client.query_one("SELECT pg_sleep(1) AS statement_timeout_probe", &[]).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{}: {err}", db.name());
+        assert!(took < Duration::from_millis(900), "{}: cancelled after {took:?}", db.name());
+        // The limit is per statement: the connection still serves.
+        client.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
+
+        // A handler dropped at its deadline (the 503) drops its query's future, not the statement:
+        // the server runs it on, and cancels it at the timeout rather than when it would have ended.
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let started = Instant::now();
+        let abandoned =
+            tokio::spawn(async move { client.query_one("SELECT pg_sleep(1) AS abandoned_probe", &[]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        abandoned.abort();
+        let mut seen = false;
+        loop {
+            let row = observer.query_one("SELECT state, query FROM pg_stat_activity WHERE pid = $1", &[&pid]).await;
+            let (state, query): (Option<String>, Option<String>) = row.map(|r| (r.get(0), r.get(1))).unwrap();
+            let running = state.as_deref() == Some("active") && query.is_some_and(|q| q.contains("abandoned_probe"));
+            if !running {
+                break;
+            }
+            seen = true;
+            assert!(started.elapsed() < Duration::from_millis(900), "{}: the abandoned statement runs on", db.name());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen, "{}: the abandoned statement was running on the server after its future was dropped", db.name());
+    }
+}
+
+/// Migrations run with no statement timeout, even on a database (or role) whose default has one.
+#[tokio::test]
+async fn migrations_are_not_cut_by_a_statement_timeout() {
+    let dbs = TestDatabases::create(false).await;
+    let urls: Vec<&String> = std::iter::once(&dbs.catalog_url).chain(&dbs.shard_urls).collect();
+    for url in &urls {
+        let set =
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = 1', current_database()); END $$";
+        connect(url).await.batch_execute(set).await.unwrap();
+        let err = connect(url).await.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap_err();
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "the default holds: {err}");
+    }
+    keel::db::migrate_all(&dbs.catalog_url, &dbs.shard_urls).await.unwrap();
+    let catalog = connect(&dbs.catalog_url).await;
+    catalog.batch_execute("SET statement_timeout = 0").await.unwrap();
+    let version: i32 = catalog.query_one("SELECT max(version) FROM keel_migrations", &[]).await.unwrap().get(0);
+    assert_eq!(version, keel::db::migrations::Schema::Catalog.latest());
 }
