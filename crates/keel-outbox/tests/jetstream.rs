@@ -95,13 +95,16 @@ impl Drop for Nats {
     }
 }
 
-/// The PostgreSQL cluster of this test binary, started on first use. Its server stops when the
-/// binary exits (keel-pg asks the kernel for that); its directory is removed by the next run.
+/// The PostgreSQL cluster of this test binary, started on first use; stopped and its directory
+/// removed when the binary exits ([`remove_cluster_at_exit`]). Directories of runs that were killed
+/// are removed by the next run.
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
         remove_stale_clusters();
-        let base = std::env::temp_dir().join(format!("{CLUSTER_DIR}{}", std::process::id()));
+        // SAFETY: registers a plain function with no arguments; it runs once, at exit.
+        unsafe { libc::atexit(remove_cluster_at_exit) };
+        let base = cluster_dir();
         let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
             .setting("listen_addresses", "")
             // Throwaway data: durability only slows the tests down.
@@ -109,8 +112,31 @@ fn cluster() -> &'static Cluster {
             .setting("synchronous_commit", "off");
         spec.fast_initdb = true;
         spec.log_file = base.join("postgres.log");
-        Cluster::start(spec).expect("starting the test PostgreSQL cluster")
+        let cluster = Cluster::start(spec).expect("starting the test PostgreSQL cluster");
+        CLUSTER_PID.store(cluster.pid(), Ordering::SeqCst);
+        cluster
     })
+}
+
+fn cluster_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{CLUSTER_DIR}{}", std::process::id()))
+}
+
+static CLUSTER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Runs when the test binary exits, passing or failing (libtest returns from `main` or calls `exit`):
+/// stops the cluster's server (fast shutdown) and removes its directory, leaving nothing in /tmp.
+extern "C" fn remove_cluster_at_exit() {
+    let pid = CLUSTER_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = std::fs::remove_dir_all(cluster_dir());
 }
 
 const CLUSTER_DIR: &str = "keel-outbox-pg-";
