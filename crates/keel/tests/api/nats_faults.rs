@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{expect_json, TestApp, ADMIN_TOKEN};
 use crate::peers::SmtpServer;
+use crate::processes::scratch_dir;
 
 /// The kernel kills the child when the thread that started it ends: the test's own thread (these
 /// tests run on a current-thread runtime), so a test that fails leaves no process behind even if
@@ -26,30 +27,6 @@ fn die_with_parent(command: &mut Command) {
             Ok(())
         });
     }
-}
-
-/// A directory of one test's own under the binary's scratch root, removed when the test ends.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch_dir(name: &str) -> Scratch {
-    let dir = crate::helpers::scratch_root().join(format!("nats-faults-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
 }
 
 /// A nats-server (with JetStream, a file store) of one test's own, which the test may kill, restart
@@ -554,7 +531,7 @@ fn log_messages(worker: &Keel, message: &str) -> Vec<Value> {
 async fn a_nats_server_killed_and_restarted_with_its_store_sends_no_email_twice() {
     const USERS: usize = 150;
     let test_started = Instant::now();
-    let scratch = scratch_dir("killed");
+    let scratch = scratch_dir("nats-killed");
     let port = crate::peers::free_port();
     let smtp = SmtpServer::start(port, &scratch.join("maildir")).await;
     let mut deployment = Deployment::start(&scratch, port).await;
@@ -631,7 +608,7 @@ async fn a_nats_server_killed_and_restarted_with_its_store_sends_no_email_twice(
 async fn events_relayed_before_nats_lost_its_store_all_arrive() {
     const USERS: usize = 20;
     let test_started = Instant::now();
-    let scratch = scratch_dir("store-lost");
+    let scratch = scratch_dir("nats-store-lost");
     // Nothing listens here until the store is lost: every send is refused meanwhile.
     let port = crate::peers::free_port();
     let mut deployment = Deployment::start(&scratch, port).await;
@@ -728,7 +705,7 @@ async fn events_relayed_before_nats_lost_its_store_all_arrive() {
 async fn a_nats_outage_shows_in_the_oldest_pending_age_and_relay_failures() {
     const USERS: usize = 5;
     let test_started = Instant::now();
-    let scratch = scratch_dir("paused");
+    let scratch = scratch_dir("nats-paused");
     let port = crate::peers::free_port();
     let smtp = SmtpServer::start(port, &scratch.join("maildir")).await;
     let mut deployment = Deployment::start(&scratch, port).await;

@@ -111,7 +111,7 @@ impl Drop for Keel {
 
 /// A directory of one test's own under the binary's scratch root, removed when the test ends,
 /// passing or failing (the root itself goes when the binary exits).
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl std::ops::Deref for Scratch {
     type Target = Path;
@@ -127,7 +127,7 @@ impl Drop for Scratch {
     }
 }
 
-fn scratch_dir(name: &str) -> Scratch {
+pub(crate) fn scratch_dir(name: &str) -> Scratch {
     let dir = crate::helpers::scratch_root().join(format!("process-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
