@@ -3,13 +3,14 @@
 set -euo pipefail
 dir=/tmp/keel-prof3; rm -rf $dir; mkdir -p $dir
 ADMIN=prof-admin-token-0123456789
-KEEL_LOG=warn KEEL_ADMIN_TOKEN=$ADMIN KEEL_DB_POOL_SIZE=32 "$(dirname "$0")/../target/release/keel" up --data-dir $dir/data --listen 127.0.0.1:18092 2>$dir/keel.log &
+KEEL_LOG=warn KEEL_RATE_LIMIT=off KEEL_ADMIN_TOKEN=$ADMIN KEEL_DB_POOL_SIZE=32 "$(dirname "$0")/../target/release/keel" up --data-dir $dir/data --listen 127.0.0.1:18092 2>$dir/keel.log &
 KEEL=$!
 until curl -sf localhost:18092/readyz >/dev/null; do sleep 0.1; done
 H='content-type: application/json'
 P=$(curl -s -XPOST localhost:18092/v1/products -H "authorization: Bearer $ADMIN" -H "$H" -d '{"sku":"P1","name":"Profiled","price_cents":1,"stock":1000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 T=$(curl -s -XPOST localhost:18092/v1/users -H "$H" -d '{"name":"Buyer","email":"buyer@example.org"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-curl -s -XPOST localhost:18092/v1/wallet/deposits -H "authorization: Bearer $T" -H "idempotency-key: d" -H "$H" -d '{"amount_cents":100000000000}' >/dev/null
+U=${T%%.*}  # a user's token starts with the user's id
+curl -sf -XPOST localhost:18092/v1/admin/users/$U/deposits -H "authorization: Bearer $ADMIN" -H "idempotency-key: d" -H "$H" -d '{"amount_cents":10000000000}' >/dev/null
 curl -s -XPUT localhost:18092/v1/cart/items/$P -H "authorization: Bearer $T" -H "$H" -d '{"quantity":1}' >/dev/null
 cat > $dir/checkout.lua <<LUA
 counter = 0

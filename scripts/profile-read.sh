@@ -4,7 +4,7 @@
 set -euo pipefail
 path_kind="$1"   # inventory | product | checkout
 dir=/tmp/keel-prof; rm -rf $dir; mkdir -p $dir
-KEEL_LOG=warn KEEL_ADMIN_TOKEN=prof-admin-token-0123456789 KEEL_DB_POOL_SIZE=32 "$(dirname "$0")/../target/release/keel" up --data-dir $dir/data --listen 127.0.0.1:18090 2>$dir/keel.log &
+KEEL_LOG=warn KEEL_RATE_LIMIT=off KEEL_ADMIN_TOKEN=prof-admin-token-0123456789 KEEL_DB_POOL_SIZE=32 "$(dirname "$0")/../target/release/keel" up --data-dir $dir/data --listen 127.0.0.1:18090 2>$dir/keel.log &
 KEEL=$!
 until curl -sf localhost:18090/readyz >/dev/null; do sleep 0.1; done
 P=$(curl -s -XPOST localhost:18090/v1/products -H 'authorization: Bearer prof-admin-token-0123456789' -H 'content-type: application/json' -d '{"sku":"P1","name":"Profiled","price_cents":100,"stock":1000000000}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')

@@ -20,12 +20,24 @@ pub struct Call {
     pub token: Option<String>,
     pub headers: Vec<(&'static str, String)>,
     pub json: Option<serde_json::Value>,
+    /// A status that is a refusal by design, not an error: counted in [`Outcome::refused`], and in
+    /// neither the throughput nor the latencies. (A checkout of a cart whose items a pending order
+    /// already took is a 409.)
+    pub refusal: Option<u16>,
 }
 
 impl Call {
     pub fn get(path: String) -> Call {
-        Call { method: reqwest::Method::GET, path, token: None, headers: Vec::new(), json: None }
+        Call { method: reqwest::Method::GET, path, token: None, headers: Vec::new(), json: None, refusal: None }
     }
+}
+
+/// How a request was answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Refused,
+    Failed,
 }
 
 /// Makes the `n`th request; `rng` draws which resource it is about.
@@ -36,6 +48,8 @@ pub type MakeCall = Arc<dyn Fn(u64, &mut Rng) -> Call + Send + Sync>;
 pub struct Outcome {
     pub requests: u64,
     pub errors: u64,
+    /// Answered with the call's refusal status (see [`Call::refusal`]).
+    pub refused: u64,
     pub seconds: f64,
     pub per_second: f64,
     pub p50_ms: f64,
@@ -44,12 +58,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn from_histogram(histogram: &Histogram<u64>, errors: u64, seconds: f64) -> Outcome {
+    pub fn from_histogram(histogram: &Histogram<u64>, errors: u64, refused: u64, seconds: f64) -> Outcome {
         let requests = histogram.len();
         let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
         Outcome {
             requests,
             errors,
+            refused,
             seconds,
             per_second: requests as f64 / seconds,
             p50_ms: ms(0.5),
@@ -108,7 +123,7 @@ impl Zipf {
     }
 }
 
-async fn send(client: &reqwest::Client, base: &str, call: Call) -> bool {
+async fn send(client: &reqwest::Client, base: &str, call: Call) -> Answer {
     let mut request = client.request(call.method, format!("{base}{}", call.path));
     if let Some(token) = call.token {
         request = request.bearer_auth(token);
@@ -121,11 +136,15 @@ async fn send(client: &reqwest::Client, base: &str, call: Call) -> bool {
     }
     match request.send().await {
         Ok(response) => {
-            let ok = response.status().is_success();
+            let status = response.status();
             // Read the body: a response is only complete when it has arrived.
-            response.bytes().await.is_ok() && ok
+            match (response.bytes().await.is_ok(), status) {
+                (true, status) if status.is_success() => Answer::Ok,
+                (true, status) if Some(status.as_u16()) == call.refusal => Answer::Refused,
+                _ => Answer::Failed,
+            }
         }
-        Err(_) => false,
+        Err(_) => Answer::Failed,
     }
 }
 
@@ -141,11 +160,11 @@ pub async fn closed_loop(
     let start = Instant::now();
     let (measure_from, measure_to) = (start + warmup, start + warmup + measure);
     let sequence = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let (errors, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut loops = tokio::task::JoinSet::new();
     for c in 0..connections {
-        let (client, make, sequence, errors, base) =
-            (client.clone(), make.clone(), sequence.clone(), errors.clone(), base.to_owned());
+        let (client, make, sequence, errors, refused, base) =
+            (client.clone(), make.clone(), sequence.clone(), errors.clone(), refused.clone(), base.to_owned());
         loops.spawn(async move {
             let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
             let mut recorded = histogram();
@@ -155,12 +174,14 @@ pub async fn closed_loop(
                     return recorded;
                 }
                 let call = make(sequence.fetch_add(1, Ordering::Relaxed), &mut rng);
-                let ok = send(&client, &base, call).await;
+                let answer = send(&client, &base, call).await;
                 if sent >= measure_from {
-                    if ok {
-                        let _ = recorded.record(sent.elapsed().as_micros().max(1) as u64);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    match answer {
+                        Answer::Ok => {
+                            let _ = recorded.record(sent.elapsed().as_micros().max(1) as u64);
+                        }
+                        Answer::Refused => drop(refused.fetch_add(1, Ordering::Relaxed)),
+                        Answer::Failed => drop(errors.fetch_add(1, Ordering::Relaxed)),
                     }
                 }
             }
@@ -170,7 +191,12 @@ pub async fn closed_loop(
     while let Some(recorded) = loops.join_next().await {
         merged.add(recorded.expect("a load loop")).expect("same histogram bounds");
     }
-    Outcome::from_histogram(&merged, errors.load(Ordering::Relaxed), measure.as_secs_f64())
+    Outcome::from_histogram(
+        &merged,
+        errors.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        measure.as_secs_f64(),
+    )
 }
 
 /// Sends `rate` requests per second at fixed intended times for `warmup + measure`; latency counts
@@ -180,7 +206,7 @@ pub async fn open_loop(base: &str, make: MakeCall, rate: f64, warmup: Duration, 
     let start = tokio::time::Instant::now();
     let (measure_from, measure_to) = (start + warmup, start + warmup + measure);
     let recorded = Arc::new(Mutex::new(histogram()));
-    let errors = Arc::new(AtomicU64::new(0));
+    let (errors, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut rng = Rng::new(42);
     let mut inflight = tokio::task::JoinSet::new();
     for n in 0u64.. {
@@ -190,15 +216,18 @@ pub async fn open_loop(base: &str, make: MakeCall, rate: f64, warmup: Duration, 
         }
         tokio::time::sleep_until(intended).await;
         let call = make(n, &mut rng);
-        let (client, recorded, errors, base) = (client.clone(), recorded.clone(), errors.clone(), base.to_owned());
+        let (client, recorded, errors, refused, base) =
+            (client.clone(), recorded.clone(), errors.clone(), refused.clone(), base.to_owned());
         inflight.spawn(async move {
-            let ok = send(&client, &base, call).await;
+            let answer = send(&client, &base, call).await;
             if intended >= measure_from {
-                if ok {
-                    let latency = intended.elapsed().as_micros().max(1) as u64;
-                    let _ = recorded.lock().unwrap().record(latency);
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                match answer {
+                    Answer::Ok => {
+                        let latency = intended.elapsed().as_micros().max(1) as u64;
+                        let _ = recorded.lock().unwrap().record(latency);
+                    }
+                    Answer::Refused => drop(refused.fetch_add(1, Ordering::Relaxed)),
+                    Answer::Failed => drop(errors.fetch_add(1, Ordering::Relaxed)),
                 }
             }
         });
@@ -206,7 +235,12 @@ pub async fn open_loop(base: &str, make: MakeCall, rate: f64, warmup: Duration, 
     }
     while inflight.join_next().await.is_some() {}
     let recorded = recorded.lock().unwrap();
-    Outcome::from_histogram(&recorded, errors.load(Ordering::Relaxed), measure.as_secs_f64())
+    Outcome::from_histogram(
+        &recorded,
+        errors.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        measure.as_secs_f64(),
+    )
 }
 
 #[cfg(test)]

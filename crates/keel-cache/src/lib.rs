@@ -84,6 +84,9 @@ pub struct Stats {
     pub evictions: u64,
     /// The 99th percentile age of values served from the cache recently, in milliseconds.
     pub served_age_p99_ms: f64,
+    /// Loads under way now (one per key, however many callers wait on it). Returns to zero when
+    /// the loads end, their callers gone or not: a number that only grows is a leak.
+    pub loads_in_flight: usize,
 }
 
 /// One outcome of a read, counted here (for [`Cache::stats`]) and as a metric.
@@ -539,6 +542,7 @@ where
             coalesced: counters.coalesced.get(),
             evictions: counters.evictions.load(Ordering::Relaxed),
             served_age_p99_ms: p99 as f64,
+            loads_in_flight: self.local.flights.lock().unwrap().len(),
         }
     }
 }

@@ -107,12 +107,40 @@ pub async fn replay(client: &impl GenericClient, id: Uuid) -> Result<bool, PgErr
     Ok(replayed)
 }
 
-/// Deletes jobs finished more than `older_than` ago; returns how many.
+/// The most rows one pruning statement deletes: each statement stays short (well within any
+/// `statement_timeout`) and holds its locks briefly, however large the backlog of old rows.
+pub const PRUNE_BATCH: i64 = 5_000;
+
+/// Deletes jobs finished (`done`) more than `older_than` ago, in batches; returns how many.
 pub async fn prune_finished(client: &impl GenericClient, older_than: Duration) -> Result<u64, PgError> {
+    prune(client, "done", older_than).await
+}
+
+/// Deletes dead jobs more than `older_than` old, in batches; returns how many. Until then they can
+/// be inspected and replayed.
+pub async fn prune_dead(client: &impl GenericClient, older_than: Duration) -> Result<u64, PgError> {
+    prune(client, "dead", older_than).await
+}
+
+async fn prune(client: &impl GenericClient, state: &'static str, older_than: Duration) -> Result<u64, PgError> {
+    // The state is written into the statement, not passed: only then can every plan of it use the
+    // state's partial index on `finished_at`.
     let statement = client
-        .prepare_cached("DELETE FROM keel_jobs WHERE state = 'done' AND finished_at < now() - $1 * interval '1 second'")
+        .prepare_cached(&format!(
+            "DELETE FROM keel_jobs WHERE id = ANY(ARRAY(
+                 SELECT id FROM keel_jobs WHERE state = '{state}' AND finished_at < now() - $1 * interval '1 second'
+                 LIMIT $2
+             ))"
+        ))
         .await?;
-    client.execute(&statement, &[&older_than.as_secs_f64()]).await
+    let mut deleted = 0;
+    loop {
+        let batch = client.execute(&statement, &[&older_than.as_secs_f64(), &PRUNE_BATCH]).await?;
+        deleted += batch;
+        if batch < PRUNE_BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
 }
 
 /// The state of one kind of job in one database.
@@ -182,6 +210,23 @@ mod tests {
         assert_eq!(backoff_ceiling(1000, base, max), max, "no overflow for absurd attempts");
         for n in 1..=6 {
             assert!(backoff(n, base, max) <= backoff_ceiling(n, base, max));
+        }
+    }
+
+    #[test]
+    fn a_kind_that_retries_forever_never_gives_up_and_its_backoff_stays_capped() {
+        let limited = KindOptions { max_attempts: 20, ..KindOptions::default() };
+        assert!(!limited.gives_up_after(19));
+        assert!(limited.gives_up_after(20), "the 20th failed run of 20 is the last");
+        let forever = limited.retry_forever();
+        assert_eq!(forever.max_attempts, KindOptions::RETRY_FOREVER);
+        for attempt in [1, 20, 21, 1_000_000, i32::MAX - 1, i32::MAX] {
+            assert!(!forever.gives_up_after(attempt), "attempt {attempt}");
+        }
+        let max = Duration::from_secs(30);
+        let forever = KindOptions { backoff_max: max, jitter: false, ..forever };
+        for attempt in [20, 1_000_000, i32::MAX] {
+            assert_eq!(forever.retry_delay(attempt, &JobError::from("down")), max, "attempt {attempt}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! The worker side: claims jobs of the registered kinds from one database and runs their handlers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,7 @@ pub struct KindOptions {
     /// handlers, a larger value means fewer claim round trips per job (measured: no-op jobs went
     /// from about 2,000/s at 16 to 7,000/s at 64 on a 2-core machine).
     pub concurrency: usize,
-    /// Runs before the job is dead.
+    /// Runs before the job is dead; [`KindOptions::RETRY_FOREVER`] for never.
     pub max_attempts: i32,
     /// The first retry's backoff ceiling; it doubles with each attempt up to `backoff_max`.
     pub backoff_base: Duration,
@@ -91,6 +91,25 @@ impl Default for KindOptions {
     }
 }
 
+/// The attempts policy: how many failed runs a kind allows before its job is `dead`.
+impl KindOptions {
+    /// `max_attempts` of a kind whose jobs are never given up: a failed run is always retried, on the
+    /// kind's backoff (capped by `backoff_max`), however long the failure lasts. For work that must
+    /// finish once accepted and can only fail transiently; such a kind's stuck jobs show as an old
+    /// `oldest_pending_age_s` ([`crate::stats`]), never as dead ones.
+    pub const RETRY_FOREVER: i32 = i32::MAX;
+
+    /// These options, with no limit on attempts ([`KindOptions::RETRY_FOREVER`]).
+    pub fn retry_forever(self) -> KindOptions {
+        KindOptions { max_attempts: KindOptions::RETRY_FOREVER, ..self }
+    }
+
+    /// Whether failed attempt `attempt` (1-based) was the last one: the job is then `dead`.
+    pub fn gives_up_after(&self, attempt: i32) -> bool {
+        self.max_attempts != KindOptions::RETRY_FOREVER && attempt >= self.max_attempts
+    }
+}
+
 /// How long a claimed job is reserved for its runner: its timeout and half as much again, so it
 /// is only claimed again once its runner must have given up on it (or died).
 pub(crate) fn lease(timeout: Duration) -> Duration {
@@ -98,22 +117,34 @@ pub(crate) fn lease(timeout: Duration) -> Duration {
 }
 
 /// A failed run: why, and optionally when to try again instead of the kind's backoff (a server's
-/// `Retry-After`, a retry schedule of the handler's own).
+/// `Retry-After`, a retry schedule of the handler's own), or that no retry can succeed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {
     pub message: String,
     pub retry_in: Option<Duration>,
+    /// No run of this job can succeed (a mail server refused the recipient for good): it is dead at
+    /// once, with this message as the reason, rather than retried for hours. A replay runs it again.
+    pub permanent: bool,
 }
 
 impl JobError {
     pub fn retry_in(message: impl Into<String>, delay: Duration) -> JobError {
-        JobError { message: message.into(), retry_in: Some(delay) }
+        JobError { message: message.into(), retry_in: Some(delay), permanent: false }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> JobError {
+        JobError { message: message.into(), retry_in: None, permanent: true }
+    }
+
+    /// Whether the failed run `attempt` of a job of a kind with `options` leaves it dead.
+    pub fn is_final(&self, options: &KindOptions, attempt: i32) -> bool {
+        self.permanent || options.gives_up_after(attempt)
     }
 }
 
 impl From<String> for JobError {
     fn from(message: String) -> JobError {
-        JobError { message, retry_in: None }
+        JobError { message, retry_in: None, permanent: false }
     }
 }
 
@@ -344,7 +375,8 @@ async fn run_kind<C: Send + Sync + 'static>(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(kind.options.concurrency));
-    let in_flight: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    // Job id -> the attempt this runner claimed, to release only its own claims at shutdown.
+    let in_flight: Arc<Mutex<HashMap<Uuid, i32>>> = Arc::default();
     let groups: Arc<Groups> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     let completer = tokio::spawn(complete_in_batches(shared.pool.clone(), done_rx, &["running"], kind.succeeded));
@@ -360,12 +392,12 @@ async fn run_kind<C: Send + Sync + 'static>(
                         if let Some(limit) = kind.options.group_concurrency {
                             // The claim ranked groups by what was ready, not by what runs here.
                             if !groups.enter(&job.aggregate_id, limit) {
-                                over_limit.push(job.id);
+                                over_limit.push((job.id, job.attempt));
                                 continue;
                             }
                         }
                         let permit = slots.clone().try_acquire_owned().expect("claimed no more than the free slots");
-                        in_flight.lock().unwrap().insert(job.id);
+                        in_flight.lock().unwrap().insert(job.id, job.attempt);
                         running.spawn(execute(
                             shared.clone(),
                             kind.clone(),
@@ -401,7 +433,7 @@ async fn run_kind<C: Send + Sync + 'static>(
     if drained.await.is_err() {
         running.abort_all();
         while running.join_next().await.is_some() {}
-        let unfinished: Vec<Uuid> = in_flight.lock().unwrap().drain().collect();
+        let unfinished: Vec<(Uuid, i32)> = in_flight.lock().unwrap().drain().collect();
         tracing::warn!(kind = %kind.name, jobs = unfinished.len(), "releasing jobs still running at shutdown");
         if let Err(e) = release(&shared.pool, &unfinished).await {
             tracing::warn!(error = %e, "could not release jobs; their leases will lapse instead");
@@ -432,20 +464,29 @@ const PENDING_BY_GROUP: &str = "SELECT id FROM keel_jobs WHERE id IN (
 async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) -> Result<Vec<Job>, String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let pending = if kind.options.group_concurrency.is_some() { PENDING_BY_GROUP } else { PENDING };
+    // A lapsed claim counts as an attempt (it was counted when claimed): a job whose runs never end —
+    // it kills its process, or hangs it — is dead once it has used the kind's attempts, instead of
+    // being claimed again for ever. Never, for a kind that retries forever.
+    let max_attempts = kind.options.max_attempts;
     let statement = client
         .prepare_cached(&format!(
             "WITH pending AS ({pending}), lapsed AS (
-                 SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
+                 SELECT id, attempts FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
                  ORDER BY locked_until LIMIT $2 FOR UPDATE SKIP LOCKED
              ), ready AS (
-                 SELECT id FROM lapsed UNION ALL SELECT id FROM pending LIMIT $2
+                 SELECT id, attempts >= {max_attempts} AS bury FROM lapsed
+                 UNION ALL SELECT id, false FROM pending LIMIT $2
              )
              UPDATE keel_jobs j
-             SET state = 'running', attempts = j.attempts + 1, started_at = now(),
-                 locked_until = now() + $3 * interval '1 second'
+             SET state = CASE WHEN ready.bury THEN 'dead' ELSE 'running' END,
+                 attempts = CASE WHEN ready.bury THEN j.attempts ELSE j.attempts + 1 END,
+                 started_at = CASE WHEN ready.bury THEN j.started_at ELSE now() END,
+                 finished_at = CASE WHEN ready.bury THEN now() END,
+                 last_error = CASE WHEN ready.bury THEN 'no run ended: its lease lapsed after each of ' || j.attempts || ' runs' ELSE j.last_error END,
+                 locked_until = CASE WHEN ready.bury THEN NULL ELSE now() + $3 * interval '1 second' END
              FROM ready WHERE j.id = ready.id
              RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at,
-                 j.replays"
+                 j.replays, ready.bury"
         ))
         .await
         .map_err(|e| e.to_string())?;
@@ -458,7 +499,18 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) ->
         }
         None => client.query(&statement, &[&kind.name, &limit, &lease]).await,
     };
-    Ok(rows.map_err(|e| e.to_string())?.iter().map(Job::from_row).collect())
+    let mut jobs = Vec::new();
+    for row in rows.map_err(|e| e.to_string())? {
+        let job = Job::from_row(&row);
+        if row.get("bury") {
+            metrics::counter!("keel_jobs_dead_total", "kind" => kind.name.clone()).increment(1);
+            tracing::error!(job_id = %job.id, kind = %kind.name, attempts = job.attempt,
+                "job dead: none of its runs ended (its lease lapsed each time)");
+        } else {
+            jobs.push(job);
+        }
+    }
+    Ok(jobs)
 }
 
 /// Aborts a spawned task when dropped, so cancelling a run cancels its handler.
@@ -497,7 +549,7 @@ pub(crate) async fn invoke<C: Send + Sync + 'static>(
     match &outcome {
         Ok(()) => metrics::counter!("keel_jobs_succeeded_total", "kind" => kind_label).increment(1),
         Err(error) => {
-            let dead = attempt >= kind.options.max_attempts;
+            let dead = error.is_final(&kind.options, attempt);
             metrics::counter!("keel_jobs_failed_total", "kind" => kind_label.clone()).increment(1);
             if dead {
                 metrics::counter!("keel_jobs_dead_total", "kind" => kind_label).increment(1);
@@ -526,19 +578,19 @@ async fn execute<C: Send + Sync + 'static>(
     kind: Arc<Kind<C>>,
     job: Job,
     _slot: OwnedSemaphorePermit,
-    in_flight: Arc<Mutex<HashSet<Uuid>>>,
+    in_flight: Arc<Mutex<HashMap<Uuid, i32>>>,
     groups: Arc<Groups>,
-    done: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    done: tokio::sync::mpsc::UnboundedSender<Finished>,
 ) {
     let group = kind.options.group_concurrency.map(|_| job.aggregate_id.clone());
     let (id, attempt) = (job.id, job.attempt);
     let (outcome, span) = invoke(shared.ctx.clone(), &kind, job).await;
     let recorded = match &outcome {
-        Ok(()) => done.send(id).map_err(|_| "the completer has stopped".to_owned()),
+        Ok(()) => done.send(Finished::claim(id, attempt)).map_err(|_| "the completer has stopped".to_owned()),
         Err(error) => {
-            let dead = attempt >= kind.options.max_attempts;
+            let dead = error.is_final(&kind.options, attempt);
             let delay = kind.options.retry_delay(attempt, error);
-            let failed = fail(&shared.pool, id, &error.message, dead, delay).await;
+            let failed = fail(&shared.pool, (id, attempt), &error.message, dead, delay).await;
             if !dead && failed.is_ok() {
                 // Notifications only announce new jobs: wake this kind when the retry is due, so
                 // backoff is honoured to the millisecond rather than to the next poll.
@@ -564,13 +616,33 @@ async fn execute<C: Send + Sync + 'static>(
 /// The most completions recorded by one statement.
 const MAX_COMPLETION_BATCH: usize = 1000;
 
+/// A job whose handler succeeded, to be recorded. `claim` is the attempt a runner claimed it as:
+/// the record then applies only if that claim still holds. A runner whose lease lapsed (it was
+/// paused, or slow to record) must not finish the run of the runner that claimed the job after it.
+/// The JetStream consumer has no claim to fence on (`None`): any run of the event finishes it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Finished {
+    id: Uuid,
+    claim: Option<i32>,
+}
+
+impl Finished {
+    pub(crate) fn claim(id: Uuid, attempt: i32) -> Finished {
+        Finished { id, claim: Some(attempt) }
+    }
+
+    pub(crate) fn any_run(id: Uuid) -> Finished {
+        Finished { id, claim: None }
+    }
+}
+
 /// Records successful runs (jobs in a state of `from` become `to`: `done`, or `relayed`), many per
 /// statement: while one batch is being written the next accumulates, so batches grow with load and
 /// cost nothing in latency when idle. A batch that cannot be written leaves its jobs as they were:
 /// `running` ones' leases lapse and they run again (at least once).
 pub(crate) async fn complete_in_batches(
     pool: Pool,
-    mut done: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
+    mut done: tokio::sync::mpsc::UnboundedReceiver<Finished>,
     from: &'static [&'static str],
     to: &'static str,
 ) {
@@ -590,22 +662,26 @@ pub(crate) async fn complete_in_batches(
     }
 }
 
-async fn complete(pool: &Pool, ids: &[Uuid], from: &[&str], to: &str) -> Result<(), String> {
+async fn complete(pool: &Pool, finished: &[Finished], from: &[&str], to: &str) -> Result<(), String> {
+    let ids: Vec<Uuid> = finished.iter().map(|f| f.id).collect();
+    let claims: Vec<Option<i32>> = finished.iter().map(|f| f.claim).collect();
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
-            "UPDATE keel_jobs
+            "UPDATE keel_jobs j
              SET state = $3, finished_at = CASE WHEN $3 = 'done' THEN now() END, locked_until = NULL,
                  last_error = NULL
-             WHERE id = ANY($1) AND state = ANY($2)",
+             FROM unnest($1::uuid[], $4::int4[]) AS f(id, claim)
+             WHERE j.id = f.id AND j.state = ANY($2) AND (f.claim IS NULL OR j.attempts = f.claim)",
         )
         .await
         .map_err(|e| e.to_string())?;
-    client.execute(&statement, &[&ids, &from, &to]).await.map_err(|e| e.to_string())?;
+    client.execute(&statement, &[&ids, &from, &to, &claims]).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
-async fn fail(pool: &Pool, id: Uuid, error: &str, dead: bool, delay: Duration) -> Result<(), String> {
+/// Records a failed run of the claim `(id, attempt)`, if that claim still holds (see [`Finished`]).
+async fn fail(pool: &Pool, (id, attempt): (Uuid, i32), error: &str, dead: bool, delay: Duration) -> Result<(), String> {
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
@@ -614,25 +690,29 @@ async fn fail(pool: &Pool, id: Uuid, error: &str, dead: bool, delay: Duration) -
                  run_at = CASE WHEN $3 THEN run_at ELSE now() + $4 * interval '1 second' END,
                  finished_at = CASE WHEN $3 THEN now() END,
                  locked_until = NULL, last_error = $2
-             WHERE id = $1 AND state = 'running'",
+             WHERE id = $1 AND state = 'running' AND attempts = $5",
         )
         .await
         .map_err(|e| e.to_string())?;
-    client.execute(&statement, &[&id, &error, &dead, &delay.as_secs_f64()]).await.map_err(|e| e.to_string())?;
+    let delay = delay.as_secs_f64();
+    client.execute(&statement, &[&id, &error, &dead, &delay, &attempt]).await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
-/// Gives jobs back to the queue without counting the interrupted run as an attempt.
-async fn release(pool: &Pool, ids: &[Uuid]) -> Result<(), String> {
-    if ids.is_empty() {
+/// Gives claimed jobs `(id, attempt)` back to the queue without counting the interrupted run as an
+/// attempt; a claim that lapsed and was taken by another runner is left to it.
+async fn release(pool: &Pool, claims: &[(Uuid, i32)]) -> Result<(), String> {
+    if claims.is_empty() {
         return Ok(());
     }
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = claims.iter().copied().unzip();
     let client = pool.get().await.map_err(|e| e.to_string())?;
     client
         .execute(
-            "UPDATE keel_jobs SET state = 'pending', attempts = attempts - 1, run_at = now(), locked_until = NULL
-             WHERE id = ANY($1) AND state = 'running'",
-            &[&ids],
+            "UPDATE keel_jobs j SET state = 'pending', attempts = j.attempts - 1, run_at = now(), locked_until = NULL
+             FROM unnest($1::uuid[], $2::int4[]) AS c(id, attempt)
+             WHERE j.id = c.id AND j.state = 'running' AND j.attempts = c.attempt",
+            &[&ids, &attempts],
         )
         .await
         .map_err(|e| e.to_string())?;

@@ -40,7 +40,7 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use crate::runner::{complete_in_batches, handler, invoke, lease, Handler, Kind, Registry};
+use crate::runner::{complete_in_batches, handler, invoke, lease, Finished, Handler, Kind, Registry};
 use crate::{Job, JobError, KindOptions, Runner};
 
 /// Unacknowledged publishes per relayed kind and database.
@@ -324,7 +324,7 @@ impl<C: Send + Sync + 'static> Runner<C> {
         let options = KindOptions {
             concurrency: RELAY_IN_FLIGHT,
             // Never dead: while JetStream is away, events wait in the outbox.
-            max_attempts: i32::MAX,
+            max_attempts: KindOptions::RETRY_FOREVER,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             timeout: RELAY_TIMEOUT,
@@ -480,7 +480,7 @@ impl<C: Send + Sync + 'static> StreamRunner<C> {
 /// A database events are relayed from: where their rows are marked `done` once handled, or `dead`.
 struct Source {
     pool: Pool,
-    done: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    done: tokio::sync::mpsc::UnboundedSender<Finished>,
 }
 
 impl<C: Send + Sync + 'static> Registry<C> for StreamRunner<C> {
@@ -668,11 +668,11 @@ async fn handle<C: Send + Sync + 'static>(
             // Finished: its row leaves `relayed` (or, if the source is unknown, it would only be
             // relayed again after a loss of the stream, and run again: handlers are idempotent).
             if let Some(source) = source.as_deref().and_then(|s| sources.get(s)) {
-                let _ = source.done.send(id);
+                let _ = source.done.send(Finished::any_run(id));
             }
             message.ack().await
         }
-        Err(error) if attempt >= kind.options.max_attempts => {
+        Err(error) if error.is_final(&kind.options, attempt) => {
             match record_dead(sources, source.as_deref(), id, &error.message, attempt).await {
                 Ok(()) => message.ack_with(AckKind::Term).await,
                 Err(e) => {

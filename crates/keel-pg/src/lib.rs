@@ -308,19 +308,51 @@ fn check_socket_path(spec: &ClusterSpec) -> Result<(), Error> {
 fn prepare_dirs(spec: &ClusterSpec, user: Option<&OsUser>) -> Result<(), Error> {
     for dir in [&spec.data_dir, &spec.socket_dir] {
         fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
+        own_dir(dir, user)?;
         if let Some(user) = user {
-            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(io_err(format!(
-                "giving {} to {}",
-                dir.display(),
-                user.name
-            )))?;
             check_reachable(dir, user)?;
         }
     }
     if let Some(parent) = spec.log_file.parent() {
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` private (mode 700) and, if given, `user`'s. Through a descriptor opened without
+/// following a symbolic link: run as root, a link planted where the directory should be (say, to
+/// /etc) must not hand its target to the server's user, and checking first and changing after
+/// would leave a moment to swap one in.
+fn own_dir(dir: &Path, user: Option<&OsUser>) -> Result<(), Error> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let refuse = |e: io::Error| {
+        // O_NOFOLLOW refuses a link (ELOOP, or ENOTDIR with O_DIRECTORY): say so plainly.
+        let link = fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+        let e = if link {
+            io::Error::new(io::ErrorKind::InvalidInput, "it is a symbolic link: give the real directory")
+        } else {
+            e
+        };
+        io_err(format!("taking {}", dir.display()))(e)
+    };
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| refuse(io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path")))?;
+    // SAFETY: `path` is a valid NUL-terminated string; the descriptor is owned by `file` below.
+    let fd =
+        unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(refuse(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let file = unsafe { <fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    file.set_permissions(fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
+    if let Some(user) = user {
+        // SAFETY: fchown on a descriptor we own.
+        if unsafe { libc::fchown(file.as_raw_fd(), user.uid, user.gid) } != 0 {
+            return Err(io_err(format!("giving {} to {}", dir.display(), user.name))(io::Error::last_os_error()));
+        }
     }
     Ok(())
 }
@@ -377,17 +409,36 @@ fn initdb(binaries: &Binaries, spec: &ClusterSpec, user: Option<&OsUser>) -> Res
 
 /// A crash leaves `postmaster.pid` behind. PostgreSQL itself ignores one whose pid is dead, but
 /// refuses to start when that pid now belongs to another process (common after a reboot or in a
-/// container). A pid file whose process is not a `postgres` is stale: remove it. One whose process
-/// is a live `postgres` means a server really is running on this directory.
+/// container); only that case is Keel's to mend, and only when it is sure no server runs there:
+/// the pid is alive, it is visibly not a `postgres` (its name can be read), and nothing answers on
+/// the socket the file records. Anything less certain is left to PostgreSQL, which refuses to
+/// start rather than run two servers on one directory.
 fn clear_stale_pid_file(data_dir: &Path) -> Result<(), Error> {
     let pid_file = data_dir.join("postmaster.pid");
     let Ok(contents) = fs::read_to_string(&pid_file) else { return Ok(()) };
-    let pid: i32 = contents.lines().next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if pid > 0 && comm.trim() == "postgres" {
+    let mut lines = contents.lines();
+    let pid: i32 = lines.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    // The fourth and fifth lines: the port, and the directory of the socket the server listens on.
+    let (port, socket_dir) = (lines.nth(2).unwrap_or_default().trim(), lines.next().unwrap_or_default().trim());
+    // SAFETY: kill with signal 0 only asks whether the process exists.
+    let alive = pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+    if !alive {
+        return Ok(()); // PostgreSQL sees the dead pid and starts.
+    }
+    let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
+        return Err(Error::AlreadyRunning { pid, dir: data_dir.to_path_buf() }); // cannot tell: assume so
+    };
+    let answers = !socket_dir.is_empty()
+        && std::os::unix::net::UnixStream::connect(Path::new(socket_dir).join(format!(".s.PGSQL.{port}"))).is_ok();
+    if comm.trim() == "postgres" || answers {
         return Err(Error::AlreadyRunning { pid, dir: data_dir.to_path_buf() });
     }
-    tracing::warn!(pid, "removing stale postmaster.pid left by an unclean stop");
+    tracing::warn!(
+        pid,
+        process = comm.trim(),
+        "removing a stale postmaster.pid whose pid now belongs to another process"
+    );
     fs::remove_file(&pid_file).map_err(io_err(format!("removing {}", pid_file.display())))
 }
 
@@ -511,13 +562,49 @@ mod tests {
     }
 
     #[test]
-    fn a_pid_file_of_a_process_that_is_not_postgres_is_removed() {
+    fn a_pid_file_of_a_process_that_is_not_postgres_is_removed_only_if_no_server_answers() {
         let dir = std::env::temp_dir().join(format!("keel-pg-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        // Our own pid: alive, but not a postgres.
-        fs::write(dir.join("postmaster.pid"), format!("{}\n/data\n", std::process::id())).unwrap();
+        // Our own pid: alive, but not a postgres; and nothing listens on the socket it names.
+        let pid_file =
+            |socket_dir: &Path| format!("{}\n/data\n1\n5499\n{}\n", std::process::id(), socket_dir.display());
+        fs::write(dir.join("postmaster.pid"), pid_file(&dir)).unwrap();
         clear_stale_pid_file(&dir).unwrap();
         assert!(!dir.join("postmaster.pid").exists());
+        // Something answers on the recorded socket: a server may be running there, whatever the pid.
+        let _listener = std::os::unix::net::UnixListener::bind(dir.join(".s.PGSQL.5499")).unwrap();
+        fs::write(dir.join("postmaster.pid"), pid_file(&dir)).unwrap();
+        assert!(matches!(clear_stale_pid_file(&dir), Err(Error::AlreadyRunning { .. })));
+        assert!(dir.join("postmaster.pid").exists(), "left for PostgreSQL to judge");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pid_file_of_a_dead_process_is_left_to_postgres() {
+        let dir = std::env::temp_dir().join(format!("keel-pg-dead-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        fs::write(dir.join("postmaster.pid"), format!("{dead}\n/data\n")).unwrap();
+        clear_stale_pid_file(&dir).unwrap();
+        assert!(dir.join("postmaster.pid").exists(), "PostgreSQL itself ignores a dead pid's file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symbolic_link_where_a_directory_should_be_is_refused_not_followed() {
+        let dir = std::env::temp_dir().join(format!("keel-pg-link-{}", std::process::id()));
+        let target = dir.join("elsewhere");
+        fs::create_dir_all(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("data")).unwrap();
+        let error = own_dir(&dir.join("data"), None).unwrap_err().to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "the link's target is untouched");
+        own_dir(&target, None).unwrap();
+        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o700);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

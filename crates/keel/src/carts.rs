@@ -9,6 +9,11 @@
 //! A cached cart older than it — a write whose Redis update timed out, two writes through two nodes
 //! finishing out of order, a node killed between commit and cache — is never served to the owner
 //! ([`keel_cache::Cache::get_at_least`]); and Redis never takes an older cart over a newer one.
+//!
+//! **A checkout charges a snapshot of the cart**: the owner's version it read. Each item row carries
+//! the version of the write that last set it (`revision`), so a confirmed order takes out of the cart
+//! only the items it bought as they were then ([`crate::orders::saga`]), and another checkout leaves
+//! out the items a pending order holds that way ([`crate::orders`]).
 
 use std::sync::Arc;
 
@@ -159,13 +164,16 @@ pub async fn set_item(
     }
     drop(catalog);
     let shard = state.db.shard_of(user).client().await?;
+    // The item takes the owner's new version as its revision, in the statement that bumps it: a
+    // checkout that read an older version did not see this write (see the module's comment).
     shard
         .exec(
             &format!(
-                "WITH item AS (
-                     INSERT INTO cart_items (user_id, product_id, quantity) VALUES ($1, $2, $3)
-                     ON CONFLICT (user_id, product_id) DO UPDATE SET quantity = EXCLUDED.quantity
-                 ) {BUMP_OWNER_VERSION}"
+                "WITH owner AS ({BUMP_OWNER_VERSION} RETURNING owner_version)
+                 INSERT INTO cart_items (user_id, product_id, quantity, revision)
+                 SELECT $1, $2, $3, owner_version FROM owner
+                 ON CONFLICT (user_id, product_id) DO UPDATE
+                 SET quantity = EXCLUDED.quantity, revision = EXCLUDED.revision"
             ),
             &[&user, &product, &quantity],
         )

@@ -1,4 +1,21 @@
 //! The product catalogue and its inventory, in the catalogue database.
+//!
+//! **Stock** is kept as two numbers per product, so that the admin's writes and the checkouts'
+//! reservations never add up to units that were never there:
+//!
+//! - `on_hand`: the units the shop holds and has not sold, those held by orders being decided
+//!   included. The admin sets it (`PUT /v1/products/{id}/inventory`); a confirmed order's units leave
+//!   it (the saga's sale).
+//! - `reserved`: the units held by orders the checkout saga has not decided yet. A reservation adds to
+//!   it; the sale or the release of a failed order takes the units back out of it.
+//! - `stock`, what a new order can take, is `on_hand − reserved` (a generated column), and
+//!   `reserved ≤ on_hand` is a constraint: a checkout can never take more than the shop holds.
+//! - `sold` counts the units confirmed orders took: a sale moves units from `on_hand` to `sold`, so
+//!   `on_hand + sold` changes only when the admin sets `on_hand`.
+//!
+//! The admin cannot set `on_hand` below what is reserved (409: those units are promised to orders
+//! being decided; the saga decides within seconds, then the write goes through). Every write of the
+//! row, the saga's included, bumps `inventory.version`, which versions the search document.
 
 use std::sync::Arc;
 
@@ -37,7 +54,7 @@ pub struct CreateProduct {
     pub description: String,
     /// 0 to 100,000,000,000.
     pub price_cents: i64,
-    /// 0 to 1,000,000,000.
+    /// The units on hand to begin with: 0 to 1,000,000,000.
     pub stock: i64,
 }
 
@@ -91,18 +108,45 @@ fn product_from_row(row: &Row, likes: &LikeCounter) -> Product {
     }
 }
 
+/// The units the shop holds: give `on_hand`, or `stock`, its name before reservations were counted
+/// apart (the same meaning), not both.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetStock {
-    /// 0 to 1,000,000,000.
-    pub stock: i64,
+    /// The units the shop holds and has not sold, those reserved by orders being decided included:
+    /// 0 to 1,000,000,000, and not below `reserved`.
+    pub on_hand: Option<i64>,
+    /// The same as `on_hand`.
+    pub stock: Option<i64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Inventory {
     #[schema(value_type = String)]
     pub product_id: ProductId,
+    /// What a new order can take now: `on_hand − reserved`.
     pub stock: i64,
+    /// The units the shop holds and has not sold, those reserved included.
+    pub on_hand: i64,
+    /// The units held by orders being decided.
+    pub reserved: i64,
+    /// The units confirmed orders took, all told: only the admin changes `on_hand + sold`.
+    pub sold: i64,
+    /// Grows with every change of this product's stock (the admin's, and each checkout's).
+    pub version: i64,
+}
+
+const INVENTORY_COLUMNS: &str = "on_hand, reserved, sold, stock, version";
+
+fn inventory_from_row(id: ProductId, row: &Row) -> Inventory {
+    Inventory {
+        product_id: id,
+        on_hand: row.get("on_hand"),
+        reserved: row.get("reserved"),
+        sold: row.get("sold"),
+        stock: row.get("stock"),
+        version: row.get("version"),
+    }
 }
 
 fn sku(raw: &str) -> Result<String, ApiError> {
@@ -149,7 +193,7 @@ pub async fn create_product(
                      INSERT INTO products (id, sku, name, description, price_cents)
                      VALUES ($1, $2, $3, $4, $5) RETURNING {PRODUCT_COLUMNS}
                  ), stock AS (
-                     INSERT INTO inventory (product_id, stock) SELECT id, $6::bigint FROM product
+                     INSERT INTO inventory (product_id, on_hand) SELECT id, $6::bigint FROM product
                  )
                  SELECT * FROM product"
             ),
@@ -282,7 +326,8 @@ pub async fn list_products(
 
 #[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",
     params(("id" = String, Path)),
-    responses((status = 200, description = "Current stock, read from the primary", body = Inventory),
+    responses((status = 200, description = "Current stock (on hand, reserved by orders being decided, and what a new \
+        order can take), read from the primary", body = Inventory),
         (status = 404, body = Problem)))]
 pub async fn get_inventory(
     State(state): State<CatalogState>,
@@ -291,17 +336,19 @@ pub async fn get_inventory(
     let id = parse_id::<ProductId>("product", &id)?;
     let client = state.db.catalog.client().await?;
     let row = client
-        .maybe_row("SELECT stock FROM inventory WHERE product_id = $1", &[&id])
+        .maybe_row(&format!("SELECT {INVENTORY_COLUMNS} FROM inventory WHERE product_id = $1"), &[&id])
         .await?
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    Ok(Json(Inventory { product_id: id, stock: row.get(0) }))
+    Ok(Json(inventory_from_row(id, &row)))
 }
 
 #[utoipa::path(put, path = "/v1/products/{id}/inventory", tag = "catalog", request_body = SetStock,
     params(("id" = String, Path)),
     security(("bearer" = [])),
-    responses((status = 200, body = Inventory), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, description = "The units on hand are set; reservations are untouched", body = Inventory),
+        (status = 401, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "Below the units reserved by orders being decided", body = Problem),
+        (status = 422, body = Problem)))]
 pub async fn set_inventory(
     State(state): State<CatalogState>,
     _: Admin,
@@ -310,17 +357,38 @@ pub async fn set_inventory(
     Json(input): Json<SetStock>,
 ) -> Result<Json<Inventory>, ApiError> {
     let id = parse_id::<ProductId>("product", &id)?;
-    let stock = number("stock", input.stock, 0, MAX_STOCK)?;
+    let on_hand = match (input.on_hand, input.stock) {
+        (Some(on_hand), None) => number("on_hand", on_hand, 0, MAX_STOCK)?,
+        (None, Some(stock)) => number("stock", stock, 0, MAX_STOCK)?,
+        (None, None) => return Err(ApiError::invalid("on_hand", "give the units on hand (or `stock`)")),
+        (Some(_), Some(_)) => return Err(ApiError::invalid("on_hand", "give on_hand or stock, not both")),
+    };
     let mut client = state.db.catalog.client().await?;
     let tx = client.transaction().await?;
-    tx.maybe_row(
-        "UPDATE inventory SET stock = $2, updated_at = now(), version = version + 1 WHERE product_id = $1
-         RETURNING stock",
-        &[&id, &stock],
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-    announce(&tx, id, &ProductStockChanged { product_id: id, stock: Some(stock) }, &trace).await?;
+    // The row lock orders this write with the sagas' reservations and sales: the check below sees
+    // what is reserved at the moment of the write, and holds until it commits.
+    let reserved: i64 = tx
+        .maybe_row("SELECT reserved FROM inventory WHERE product_id = $1 FOR UPDATE", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?
+        .get(0);
+    if on_hand < reserved {
+        return Err(ApiError::Conflict(format!(
+            "on_hand {on_hand} is below the {reserved} units reserved by orders being decided: set at least \
+             {reserved}, or try again once those orders are decided"
+        )));
+    }
+    let row = tx
+        .row(
+            &format!(
+                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1 WHERE product_id = $1
+                 RETURNING {INVENTORY_COLUMNS}"
+            ),
+            &[&id, &on_hand],
+        )
+        .await?;
+    let inventory = inventory_from_row(id, &row);
+    announce(&tx, id, &ProductStockChanged { product_id: id, stock: Some(inventory.stock) }, &trace).await?;
     tx.commit().await?;
-    Ok(Json(Inventory { product_id: id, stock }))
+    Ok(Json(inventory))
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::consistency::DataKind;
+use crate::webhooks::signing::SigningKey;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -29,6 +30,32 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `KEEL_REQUEST_TIMEOUT` / `request_timeout`: the longest a request may take before a 503.
     pub request_timeout: Duration,
+    /// `KEEL_HEADER_READ_TIMEOUT` / `header_read_timeout`: the longest a client may take to send a
+    /// request's headers, counted from when the connection is ready for the request (so it also
+    /// bounds a keep-alive connection waiting for its next one). A slowloris client is dropped then.
+    pub header_read_timeout: Duration,
+    /// `KEEL_IDLE_TIMEOUT` / `idle_timeout`: a connection on which no request is being handled and no
+    /// byte has moved for this long is closed (a silent client, one that stopped reading its answer).
+    pub idle_timeout: Duration,
+    /// `KEEL_MAX_CONNECTIONS` / `max_connections`: open client connections per process (lowered at
+    /// start to what the process's file limit allows). At the cap, the connection idle the longest
+    /// is closed to make room; when none is idle, new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// `KEEL_RATE_LIMIT` / `rate_limit`: `on` (default) or `off`, which turns every rate limit off
+    /// (benchmarks, tests that seed data).
+    pub rate_limit: bool,
+    /// `KEEL_RATE_LIMIT_PER_ADDRESS` / `rate_limit_per_address`: requests per client address, as
+    /// `REQUESTS/WINDOW` (a burst of REQUESTS, refilled evenly over WINDOW); `/healthz` is exempt.
+    pub rate_limit_per_address: crate::http::rate_limit::RateQuota,
+    /// `KEEL_RATE_LIMIT_PER_TOKEN` / `rate_limit_per_token`: requests per bearer token.
+    pub rate_limit_per_token: crate::http::rate_limit::RateQuota,
+    /// `KEEL_RATE_LIMIT_MAIL` / `rate_limit_mail`: requests to routes that send e-mail (sign-up per
+    /// address, checkout per token), on top of the limits above.
+    pub rate_limit_mail: crate::http::rate_limit::RateQuota,
+    /// `KEEL_TRUST_FORWARDED_FOR` / `trust_forwarded_for`: rate-limit by the last `X-Forwarded-For`
+    /// address instead of the TCP peer's. Only behind a proxy that sets it: else any client can
+    /// choose its address. Default off.
+    pub trust_forwarded_for: bool,
     /// `KEEL_STATEMENT_TIMEOUT` / `statement_timeout`: the longest one SQL statement may run on any
     /// pooled connection (requests and background jobs) before PostgreSQL cancels it, so that a query
     /// whose request already answered 503 does not keep running; `0` for no limit. Unset: the longer of
@@ -37,6 +64,27 @@ pub struct Config {
     /// `KEEL_JOB_TIMEOUT` / `job_timeout`: the longest a background job may run; a job whose worker
     /// died is picked up again one and a half times this after it started.
     pub job_timeout: Duration,
+    /// `KEEL_SAGA_BACKOFF_MAX` / `saga_backoff_max`: the longest wait between two runs of a checkout
+    /// saga that failed (a database away). The saga is retried forever, waiting from 100 ms doubling
+    /// up to this, so an order is decided at most this long after its databases are back.
+    pub saga_backoff_max: Duration,
+    /// `KEEL_SAGA_LOCK_TIMEOUT` / `saga_lock_timeout`: the longest a checkout saga waits for a row
+    /// lock (a stock, order or wallet row another transaction holds) before its run fails and is
+    /// retried later, giving its connection and worker slot back meanwhile.
+    pub saga_lock_timeout: Duration,
+    /// `KEEL_ORDER_RECONCILE_AFTER` / `order_reconcile_after`: an order still pending this long after
+    /// it was placed, or a stock reservation still held this long, is taken up by the reconciler,
+    /// which finishes the saga itself (confirms or fails the order, sells or releases its stock).
+    pub order_reconcile_after: Duration,
+    /// `KEEL_ORDER_RECONCILE_EVERY` / `order_reconcile_every`: how often the reconciler looks (once per
+    /// period across all workers).
+    pub order_reconcile_every: Duration,
+    /// `KEEL_JOB_RETENTION` / `job_retention`: how long finished jobs are kept, for inspection.
+    pub job_retention: Duration,
+    /// `KEEL_RECORD_RETENTION` / `record_retention`: how long dead jobs (replayable until then) and
+    /// the records that make a repeated event harmless (processed events, sent e-mails, finished
+    /// webhook deliveries) are kept. Longer than any redelivery of an event may come.
+    pub record_retention: Duration,
     /// `KEEL_DEBUG_HEADERS` / `debug_headers`: add `keel-db-queries` to every response (tests, tuning).
     pub debug_headers: bool,
     /// `KEEL_SMTP_URL` / `smtp_url`: where e-mail goes, e.g. `smtp://127.0.0.1:2525` or
@@ -44,6 +92,10 @@ pub struct Config {
     pub smtp_url: Option<String>,
     /// `KEEL_MAIL_FROM` / `mail_from`: the sender of Keel's e-mail.
     pub mail_from: String,
+    /// `KEEL_MAIL_CONCURRENCY` / `mail_concurrency`: e-mails one process hands to the mail server at
+    /// once. Every exchange in flight when a process dies may be repeated (see `email`), and a mail
+    /// server with many exchanges queued answers each later, so this bounds what a crash can repeat.
+    pub mail_concurrency: usize,
     /// `KEEL_WEBHOOK_RETRY_SCHEDULE` / `webhook_retry_schedule`: the waits before each retry of a
     /// failed webhook delivery (each jittered by up to 10%); after the last one it is dead.
     pub webhook_retry_schedule: Vec<Duration>,
@@ -69,6 +121,10 @@ pub struct Config {
     /// `KEEL_CONSISTENCY_BUDGETS` / `consistency_budgets`: staleness budgets that differ from the
     /// consistency table's defaults, e.g. `profile=60s,product=10s`.
     pub consistency_budgets: Vec<(DataKind, Duration)>,
+    /// `KEEL_PAYMENT_WEBHOOK_SECRET` / `payment_webhook_secret`: the `whsec_…` secret a payment
+    /// provider signs its events with (Standard Webhooks). Unset, `POST /v1/payments/events` answers
+    /// 503: no event is accepted unverified.
+    pub payment_webhook_secret: Option<SigningKey>,
 }
 
 impl Default for Config {
@@ -83,11 +139,26 @@ impl Default for Config {
             db_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            rate_limit: true,
+            rate_limit_per_address: quota(1200, 60),
+            rate_limit_per_token: quota(600, 60),
+            rate_limit_mail: quota(20, 3600),
+            trust_forwarded_for: false,
             statement_timeout: None,
             job_timeout: Duration::from_secs(60),
+            job_retention: Duration::from_secs(24 * 3600),
+            record_retention: Duration::from_secs(30 * 24 * 3600),
+            saga_backoff_max: Duration::from_secs(30),
+            saga_lock_timeout: Duration::from_secs(5),
+            order_reconcile_after: Duration::from_secs(600),
+            order_reconcile_every: Duration::from_secs(60),
             debug_headers: false,
             smtp_url: None,
             mail_from: "Keel <no-reply@keel.localhost>".to_owned(),
+            mail_concurrency: 4,
             webhook_retry_schedule: [5, 300, 1800, 7200, 18000, 36000, 36000].map(Duration::from_secs).to_vec(),
             webhook_allow_loopback: None,
             webhook_allow_private: false,
@@ -96,6 +167,7 @@ impl Default for Config {
             redis_url: None,
             redis_namespace: "keel".to_owned(),
             consistency_budgets: Vec::new(),
+            payment_webhook_secret: None,
         }
     }
 }
@@ -127,11 +199,26 @@ const SETTINGS: &[&str] = &[
     "db_pool_size",
     "shutdown_timeout",
     "request_timeout",
+    "header_read_timeout",
+    "idle_timeout",
+    "max_connections",
+    "rate_limit",
+    "rate_limit_per_address",
+    "rate_limit_per_token",
+    "rate_limit_mail",
+    "trust_forwarded_for",
     "statement_timeout",
     "debug_headers",
     "job_timeout",
+    "job_retention",
+    "record_retention",
+    "saga_backoff_max",
+    "saga_lock_timeout",
+    "order_reconcile_after",
+    "order_reconcile_every",
     "smtp_url",
     "mail_from",
+    "mail_concurrency",
     "webhook_retry_schedule",
     "webhook_allow_loopback",
     "webhook_allow_private",
@@ -140,6 +227,7 @@ const SETTINGS: &[&str] = &[
     "redis_url",
     "redis_namespace",
     "consistency_budgets",
+    "payment_webhook_secret",
 ];
 
 impl Config {
@@ -190,13 +278,34 @@ impl Config {
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "header_read_timeout" => {
+                    self.header_read_timeout = parse_connection_timeout(raw).map_err(|m| fail(key, m))?
+                }
+                "idle_timeout" => self.idle_timeout = parse_connection_timeout(raw).map_err(|m| fail(key, m))?,
+                "max_connections" => self.max_connections = parse_range(raw, 1, 1_000_000).map_err(|m| fail(key, m))?,
+                "rate_limit" => self.rate_limit = parse_bool(raw).map_err(|m| fail(key, m))?,
+                "rate_limit_per_address" => self.rate_limit_per_address = parse_quota(raw).map_err(|m| fail(key, m))?,
+                "rate_limit_per_token" => self.rate_limit_per_token = parse_quota(raw).map_err(|m| fail(key, m))?,
+                "rate_limit_mail" => self.rate_limit_mail = parse_quota(raw).map_err(|m| fail(key, m))?,
+                "trust_forwarded_for" => self.trust_forwarded_for = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "statement_timeout" => {
                     self.statement_timeout = Some(parse_statement_timeout(raw).map_err(|m| fail(key, m))?)
                 }
                 "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "job_timeout" => self.job_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "job_retention" => self.job_retention = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "record_retention" => self.record_retention = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "saga_backoff_max" => self.saga_backoff_max = parse_positive(raw).map_err(|m| fail(key, m))?,
+                "saga_lock_timeout" => self.saga_lock_timeout = parse_positive(raw).map_err(|m| fail(key, m))?,
+                "order_reconcile_after" => {
+                    self.order_reconcile_after = parse_positive(raw).map_err(|m| fail(key, m))?
+                }
+                "order_reconcile_every" => {
+                    self.order_reconcile_every = parse_positive(raw).map_err(|m| fail(key, m))?
+                }
                 "smtp_url" => self.smtp_url = Some(parse_smtp_url(raw).map_err(|m| fail(key, m))?),
                 "mail_from" => self.mail_from = parse_mailbox(raw).map_err(|m| fail(key, m))?,
+                "mail_concurrency" => self.mail_concurrency = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "webhook_retry_schedule" => {
                     self.webhook_retry_schedule = parse_schedule(raw).map_err(|m| fail(key, m))?
                 }
@@ -209,6 +318,9 @@ impl Config {
                 "redis_url" => self.redis_url = Some(parse_redis_url(raw).map_err(|m| fail(key, m))?),
                 "redis_namespace" => self.redis_namespace = parse_prefix(raw).map_err(|m| fail(key, m))?,
                 "consistency_budgets" => self.consistency_budgets = parse_budgets(raw).map_err(|m| fail(key, m))?,
+                "payment_webhook_secret" => {
+                    self.payment_webhook_secret = Some(parse_webhook_secret(raw).map_err(|m| fail(key, m))?)
+                }
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
         }
@@ -295,6 +407,16 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw).map_err(|e| format!("{raw:?} is not a duration such as 10s or 500ms: {e}"))
 }
 
+/// A duration of at least a millisecond (a zero wait or period would spin) and at most 24 days (what
+/// PostgreSQL's lock timeout can hold).
+fn parse_positive(raw: &str) -> Result<Duration, String> {
+    let duration = parse_duration(raw)?;
+    if duration < Duration::from_millis(1) || duration.as_millis() > i32::MAX as u128 {
+        return Err(format!("{raw:?} is not a duration from 1ms to 24 days"));
+    }
+    Ok(duration)
+}
+
 /// What PostgreSQL's `statement_timeout` can hold: whole milliseconds up to 2^31 - 1 (24 days), or 0.
 fn parse_statement_timeout(raw: &str) -> Result<Duration, String> {
     let timeout = parse_duration(raw)?;
@@ -303,6 +425,25 @@ fn parse_statement_timeout(raw: &str) -> Result<Duration, String> {
         return Err(format!("{raw:?} is not 0 (no limit) or a duration from 1ms to 24 days"));
     }
     Ok(timeout)
+}
+
+/// A connection timeout: from 100 ms (a client needs some time) to an hour (else it is no limit).
+fn parse_connection_timeout(raw: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(raw)?;
+    if timeout < Duration::from_millis(100) || timeout > Duration::from_secs(3600) {
+        return Err(format!("{raw:?} is not a duration from 100ms to 1h"));
+    }
+    Ok(timeout)
+}
+
+fn parse_quota(raw: &str) -> Result<crate::http::rate_limit::RateQuota, String> {
+    crate::http::rate_limit::RateQuota::parse(raw)
+}
+
+/// A default rate limit: `requests` per `secs` seconds.
+fn quota(requests: u32, secs: u64) -> crate::http::rate_limit::RateQuota {
+    let requests = std::num::NonZeroU32::new(requests).expect("defaults are not zero");
+    crate::http::rate_limit::RateQuota { requests, window: Duration::from_secs(secs) }
 }
 
 fn parse_smtp_url(raw: &str) -> Result<String, String> {
@@ -353,6 +494,17 @@ fn parse_redis_url(raw: &str) -> Result<String, String> {
     }
 }
 
+/// A Standard Webhooks secret: `whsec_` and base64 of at least 16 bytes. The message never repeats
+/// the value: it is a secret.
+fn parse_webhook_secret(raw: &str) -> Result<SigningKey, String> {
+    const MIN_BYTES: usize = 16;
+    match SigningKey::parse(raw) {
+        Ok(key) if key.len() >= MIN_BYTES => Ok(key),
+        Ok(key) => Err(format!("the secret has {} bytes; at least {MIN_BYTES} are needed", key.len())),
+        Err(e) => Err(format!("{e} (expected whsec_ followed by base64, as the payment provider gives it)")),
+    }
+}
+
 fn parse_bool(raw: &str) -> Result<bool, String> {
     match raw.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -399,6 +551,17 @@ mod tests {
             assert_eq!(err.setting, "KEEL_STATEMENT_TIMEOUT", "{bad:?}");
             assert!(err.to_string().contains("environment"), "{err}");
         }
+        for setting in [
+            "KEEL_SAGA_BACKOFF_MAX",
+            "KEEL_SAGA_LOCK_TIMEOUT",
+            "KEEL_ORDER_RECONCILE_AFTER",
+            "KEEL_ORDER_RECONCILE_EVERY",
+        ] {
+            for bad in ["soon", "0s", "30d"] {
+                let err = Config::default().apply(&env(&[(setting, bad)])).unwrap_err();
+                assert_eq!(err.setting, setting, "{bad:?}");
+            }
+        }
         let err = Config::default().apply(&env(&[("KEEL_SMTP_URL", "mail.example.org")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_SMTP_URL");
         let err = Config::default().apply(&env(&[("KEEL_WEBHOOK_RETRY_SCHEDULE", "1s,,2s")])).unwrap_err();
@@ -413,6 +576,14 @@ mod tests {
             let err = Config::default().apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", bad)])).unwrap_err();
             assert_eq!(err.setting, "KEEL_CONSISTENCY_BUDGETS", "{bad}");
         }
+        for bad in ["secret", "whsec_!!!", "whsec_c2hvcnQ="] {
+            let err = Config::default().apply(&env(&[("KEEL_PAYMENT_WEBHOOK_SECRET", bad)])).unwrap_err();
+            assert_eq!(err.setting, "KEEL_PAYMENT_WEBHOOK_SECRET", "{bad}");
+            assert!(bad.len() < 7 || !err.to_string().contains(&bad[6..]), "the secret is not repeated: {err}");
+        }
+        let mut config = Config::default();
+        config.apply(&env(&[("KEEL_PAYMENT_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")])).unwrap();
+        assert_eq!(config.payment_webhook_secret.map(|k| k.len()), Some(24));
         let mut config = Config::default();
         config.apply(&env(&[("KEEL_CONSISTENCY_BUDGETS", "profile=60s, product=0s")])).unwrap();
         assert_eq!(config.budget(DataKind::Profile), Duration::from_secs(60));
@@ -457,5 +628,45 @@ mod tests {
         assert_eq!(config.statement_timeout(), Duration::ZERO, "0: no limit");
         config.apply(&env(&[("KEEL_STATEMENT_TIMEOUT", "24days")])).unwrap();
         assert_eq!(config.statement_timeout(), Duration::from_secs(24 * 24 * 3600));
+    }
+
+    #[test]
+    fn connection_and_rate_limit_settings_are_checked_and_named() {
+        let mut config = Config::default();
+        assert!(config.rate_limit, "rate limits are on unless turned off");
+        assert!(config.header_read_timeout <= Duration::from_secs(30));
+        config
+            .apply(&env(&[
+                ("KEEL_RATE_LIMIT", "off"),
+                ("KEEL_RATE_LIMIT_PER_ADDRESS", "50/1s"),
+                ("KEEL_RATE_LIMIT_MAIL", "3/1h"),
+                ("KEEL_HEADER_READ_TIMEOUT", "5s"),
+                ("KEEL_IDLE_TIMEOUT", "500ms"),
+                ("KEEL_MAX_CONNECTIONS", "2000"),
+                ("KEEL_TRUST_FORWARDED_FOR", "true"),
+            ]))
+            .unwrap();
+        assert!(!config.rate_limit && config.trust_forwarded_for);
+        assert_eq!(config.rate_limit_per_address.requests.get(), 50);
+        assert_eq!(config.rate_limit_mail.window, Duration::from_secs(3600));
+        assert_eq!(
+            (config.header_read_timeout, config.idle_timeout),
+            (Duration::from_secs(5), Duration::from_millis(500))
+        );
+        assert_eq!(config.max_connections, 2000);
+        for (setting, bad) in [
+            ("KEEL_RATE_LIMIT", "sometimes"),
+            ("KEEL_RATE_LIMIT_PER_ADDRESS", "50"),
+            ("KEEL_RATE_LIMIT_PER_TOKEN", "0/1m"),
+            ("KEEL_RATE_LIMIT_MAIL", "3/forever"),
+            ("KEEL_HEADER_READ_TIMEOUT", "0s"),
+            ("KEEL_IDLE_TIMEOUT", "2h"),
+            ("KEEL_MAX_CONNECTIONS", "0"),
+            ("KEEL_TRUST_FORWARDED_FOR", "maybe"),
+        ] {
+            let err = Config::default().apply(&env(&[(setting, bad)])).unwrap_err();
+            assert_eq!(err.setting, setting, "{bad:?}");
+            assert!(err.to_string().contains("environment"), "{err}");
+        }
     }
 }

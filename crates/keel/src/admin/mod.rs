@@ -1,7 +1,9 @@
 //! Administration of the job queues: what is waiting, running and dead across every database (the
-//! catalogue's queue and every shard's), and replaying a dead job.
+//! catalogue's queue and every shard's), and replaying a dead job. The consistency table and the
+//! shop's credits to users' wallets are in their own modules.
 
 pub mod consistency;
+pub mod deposits;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;

@@ -1,8 +1,10 @@
 //! Building and running the HTTP application: `Application::build` binds the listener and assembles
 //! the router ([`routes`]); `run_until_stopped` serves until the shutdown future completes, then
 //! drains in-flight requests — and writes still finishing for clients that left — for at most the
-//! configured time. `keel up`, `keel serve` and the tests all use this.
+//! configured time. `keel up`, `keel serve` and the tests all use this. Connections are accepted and
+//! served by [`connections`]: header-read and idle timeouts, and a cap on open connections.
 
+mod connections;
 mod ops;
 pub mod routes;
 
@@ -29,6 +31,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     shutdown_timeout: Duration,
+    connection_limits: connections::ConnectionLimits,
     config: Arc<Config>,
     likes: Arc<LikeCounter>,
     /// Requests that may change state run as tasks of their own (see [`crate::http::middleware`]).
@@ -42,6 +45,11 @@ impl Application {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {} (KEEL_LISTEN): {e}", config.listen)))?;
         let shutdown_timeout = config.shutdown_timeout;
+        let connection_limits = connections::ConnectionLimits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: connections::connection_cap(config.max_connections),
+        };
         let databases = Arc::new(db);
         let config = Arc::new(config);
         let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;
@@ -55,7 +63,7 @@ impl Application {
         ops::refresh_queue_gauges_once(&databases).await;
         let writes = TaskTracker::new();
         let router = routes::router(state, writes.clone());
-        Ok(Application { databases, listener, router, shutdown_timeout, config, likes, writes })
+        Ok(Application { databases, listener, router, shutdown_timeout, connection_limits, config, likes, writes })
     }
 
     /// The databases this application serves, for workers running beside it.
@@ -87,28 +95,30 @@ impl Application {
     }
 
     async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let (stopping_tx, mut stopping_rx) = watch::channel(false);
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        let (stopping_tx, stopping_rx) = watch::channel(false);
+        let connections = TaskTracker::new();
+        // Accepts until stopping; the listener is closed when it returns, so no new connection waits.
+        let accepting =
+            connections::accept(self.listener, self.router, self.connection_limits, &connections, stopping_rx);
+        let signal = async {
             shutdown.await;
             tracing::info!("shutting down: no new connections, draining in-flight requests");
-            let _ = stopping_tx.send(true);
-        });
-        let timeout = self.shutdown_timeout;
-        let drain_deadline = async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(timeout).await;
+            stopping_tx.send_replace(true);
         };
-        // Connections drain first; then the writes whose clients left before their answer.
+        tokio::join!(accepting, signal);
+        // Connections drain first (each finishes the request it is handling, then closes); then the
+        // writes whose clients left before their answer.
         let writes = self.writes;
         let drained = async move {
-            let served = server.await;
+            connections.close();
+            connections.wait().await;
             writes.close();
             writes.wait().await;
-            served
         };
+        let timeout = self.shutdown_timeout;
         tokio::select! {
-            result = drained => result,
-            () = drain_deadline => {
+            () = drained => Ok(()),
+            () = tokio::time::sleep(timeout) => {
                 tracing::warn!(?timeout, "requests still in flight after the shutdown timeout; stopping anyway");
                 Ok(())
             }

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::consistency::KINDS;
 use crate::db::migrations::{self, Schema};
 use crate::db::Databases;
 use crate::http::error::{ApiError, Problem};
@@ -105,6 +106,11 @@ async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for db in state.db.all() {
         telemetry::record_pool(db.name(), db.pool_status());
+    }
+    for kind in KINDS.iter().map(|row| row.kind) {
+        if let Some(stats) = state.cache_stats(kind) {
+            metrics::gauge!("keel_cache_loads_in_flight", "kind" => kind.name()).set(stats.loads_in_flight as f64);
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], telemetry::render_metrics())
 }

@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::http::error::{self, ApiError};
-use crate::http::middleware;
+use crate::http::{middleware, rate_limit};
 use crate::state::AppState;
 use crate::{admin, carts, catalog, likes, orders, search, users, wallet, webhooks};
 
@@ -48,11 +48,13 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(carts::set_item, carts::delete_item))
         .routes(routes!(wallet::get_wallet))
         .routes(routes!(wallet::deposit))
+        .routes(routes!(wallet::payments::receive_event))
         .routes(routes!(orders::checkout))
         .routes(routes!(orders::get_order))
         .routes(routes!(orders::list_orders))
         .routes(routes!(admin::queues))
         .routes(routes!(admin::retry_job))
+        .routes(routes!(admin::deposits::deposit_for_user))
         .routes(routes!(admin::consistency::table))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))
@@ -62,6 +64,8 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(webhooks::retry_delivery))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    // Inside `observe`, so a refused request is logged and counted like any other.
+    let limits = rate_limit::Limits::from_config(&state.config);
     let observe = middleware::Observe {
         debug_headers: state.config.debug_headers,
         timeout: state.config.request_timeout,
@@ -72,7 +76,10 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this route does not accept that method".into())
         })
+        // Innermost: a retried read runs within the same deadline, and is counted once.
+        .layer(axum::middleware::from_fn(crate::http::retry::retry_reads))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(move |req, next| rate_limit::limit(req, next, limits.clone())))
         .layer(axum::middleware::from_fn(move |req, next| middleware::observe(req, next, observe.clone())))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(middleware::panic_response))
         .with_state(state)

@@ -36,6 +36,9 @@ const CATALOG: &[Migration] = &[
     Migration { version: 8, name: "versions", sql: include_str!("../../migrations/catalog/0009_versions.sql") },
     // Events relayed to NATS stay `relayed` until a handler ran them (relayed again if NATS lost them).
     Migration { version: 9, name: "relayed jobs", sql: keel_outbox::RELAY_SCHEMA },
+    // Stock as on-hand and reserved; reservations held, sold or released.
+    Migration { version: 10, name: "stock", sql: include_str!("../../migrations/catalog/0013_stock.sql") },
+    Migration { version: 11, name: "retention", sql: include_str!("../../migrations/catalog/0016_retention.sql") },
 ];
 
 const SHARD: &[Migration] = &[
@@ -58,6 +61,15 @@ const SHARD: &[Migration] = &[
         sql: include_str!("../../migrations/shard/0011_email_deliveries.sql"),
     },
     Migration { version: 9, name: "relayed jobs", sql: keel_outbox::RELAY_SCHEMA },
+    // Payments credited from the provider's events, once per payment id.
+    Migration { version: 10, name: "payments", sql: include_str!("../../migrations/shard/0012_payments.sql") },
+    // Checkouts charge a snapshot of the cart; reconciling finds pending orders by age.
+    Migration {
+        version: 11,
+        name: "checkout snapshots",
+        sql: include_str!("../../migrations/shard/0014_checkout_snapshots.sql"),
+    },
+    Migration { version: 12, name: "retention", sql: include_str!("../../migrations/shard/0015_retention.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

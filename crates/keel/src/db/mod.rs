@@ -93,16 +93,11 @@ impl Db {
         pool_size: usize,
         settings: &[(&str, &str)],
     ) -> Result<Db, ConnectError> {
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|source| ConnectError::BadUrl {
+        let config = connection_config(url, settings).map_err(|source| ConnectError::BadUrl {
             setting: setting.to_owned(),
             url_hint: redact(url),
             source,
         })?;
-        let mut options = config.get_options().unwrap_or_default().to_owned();
-        for (key, value) in settings {
-            options.push_str(&format!(" -c {key}={value}"));
-        }
-        config.options(options.trim());
         // Fast recycling: a connection that broke is noticed by the query that uses it, and the
         // pool drops it then; checking every connection on checkout would add a round trip.
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -142,6 +137,35 @@ impl Db {
     async fn reachable_client(&self) -> Result<Client, ConnectError> {
         self.client().await.map_err(|e| ConnectError::Unreachable { name: self.name.clone(), detail: e.to_string() })
     }
+}
+
+/// How long a TCP connection to a database may go unanswered before it is given up: a peer that
+/// vanished without closing (a host that froze or lost its network, a partition) leaves a half-open
+/// connection that, without this, a query would wait on for the kernel's default of about 15
+/// minutes of retransmissions — and an idle pooled one for the 2 hours before keepalives start.
+/// Keepalives probe an idle connection after 5 s of silence, every second, and give up after 5
+/// unanswered probes; `tcp_user_timeout` gives up on sent data unacknowledged for 10 s. Either way
+/// the connection errors, the pool drops it, and the request is a 503 worth retrying.
+const DEAD_PEER: (Duration, Duration, u32, Duration) =
+    (Duration::from_secs(5), Duration::from_secs(1), 5, Duration::from_secs(10));
+
+/// The connection settings of `url`, with `settings` (`-c name=value`) for the server and the
+/// dead-peer limits ([`DEAD_PEER`]) for TCP connections.
+fn connection_config(url: &str, settings: &[(&str, &str)]) -> Result<tokio_postgres::Config, PgError> {
+    let mut config = tokio_postgres::Config::from_str(url)?;
+    let mut options = config.get_options().unwrap_or_default().to_owned();
+    for (key, value) in settings {
+        options.push_str(&format!(" -c {key}={value}"));
+    }
+    config.options(options.trim());
+    let (idle, interval, retries, unacknowledged) = DEAD_PEER;
+    config
+        .keepalives(true)
+        .keepalives_idle(idle)
+        .keepalives_interval(interval)
+        .keepalives_retries(retries)
+        .tcp_user_timeout(unacknowledged);
+    Ok(config)
 }
 
 /// Hides a password in a connection URL before it is shown.
@@ -392,6 +416,18 @@ impl<C: GenericClient> Sql for C {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_connections_give_up_on_a_silent_peer_within_seconds() {
+        let config =
+            connection_config("postgres://keel@db.example.org:5432/x", &[("statement_timeout", "5000")]).unwrap();
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(1)));
+        assert_eq!(config.get_keepalives_retries(), Some(5));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5000"));
+    }
 
     #[test]
     fn passwords_are_redacted_from_urls() {

@@ -21,6 +21,21 @@ pub struct Mail {
     pub body: String,
 }
 
+/// Why a message was not sent.
+#[derive(Debug)]
+pub struct MailError {
+    pub message: String,
+    /// The mail server refused it for good (a 5xx answer: no such recipient, say); sending it
+    /// again cannot succeed. Otherwise the failure may pass (a 4xx, a connection lost).
+    pub permanent: bool,
+}
+
+impl MailError {
+    fn transient(message: String) -> MailError {
+        MailError { message, permanent: false }
+    }
+}
+
 pub enum Mailer {
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
     Directory(PathBuf),
@@ -41,7 +56,7 @@ impl Mailer {
     }
 
     /// Sends `mail` as the message of event `event_id`.
-    pub async fn send(&self, event_id: Uuid, from: &Mailbox, mail: Mail) -> Result<(), String> {
+    pub async fn send(&self, event_id: Uuid, from: &Mailbox, mail: Mail) -> Result<(), MailError> {
         let message = Message::builder()
             .from(from.clone())
             .to(mail.to)
@@ -49,22 +64,42 @@ impl Mailer {
             .message_id(Some(format!("<{event_id}@keel>")))
             .header(ContentType::TEXT_PLAIN)
             .body(mail.body)
-            .map_err(|e| format!("cannot build the message: {e}"))?;
+            .map_err(|e| MailError { message: format!("cannot build the message: {e}"), permanent: true })?;
         match self {
             Mailer::Smtp(transport) => {
-                transport.send(message).await.map_err(|e| format!("SMTP: {e}"))?;
+                transport
+                    .send(message)
+                    .await
+                    .map_err(|e| MailError { message: format!("SMTP: {e}"), permanent: e.is_permanent() })?;
             }
-            Mailer::Directory(dir) => write_file(dir, event_id, &message.formatted()).await?,
+            Mailer::Directory(dir) => {
+                write_file(dir, event_id, &message.formatted()).await.map_err(MailError::transient)?
+            }
         }
         Ok(())
     }
 }
 
-/// Writes the message whole or not at all: to a temporary name, then renamed.
+/// Writes the message whole or not at all: to a temporary name, then renamed. Readable by Keel's
+/// user only (the directory 700, the files 600): messages carry names, addresses and orders.
 async fn write_file(dir: &std::path::Path, event_id: Uuid, bytes: &[u8]) -> Result<(), String> {
-    tokio::fs::create_dir_all(dir).await.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncWriteExt;
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder.create(dir).await.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // A directory made by an older Keel, with the default mode.
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .await
+        .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
     let path = dir.join(format!("{event_id}.eml"));
     let partial = dir.join(format!(".{event_id}.eml.partial"));
-    tokio::fs::write(&partial, bytes).await.map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+    let write = async {
+        let mut file =
+            tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial).await?;
+        file.write_all(bytes).await?;
+        file.flush().await
+    };
+    write.await.map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
     tokio::fs::rename(&partial, &path).await.map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

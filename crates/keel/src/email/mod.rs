@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use keel_outbox::{Job, JobError};
 use lettre::message::Mailbox;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -44,6 +45,11 @@ pub struct Sender {
     from: Mailbox,
     /// E-mails this process sent whose record the database has not taken yet (it is being retried).
     unrecorded: Arc<Mutex<HashSet<Uuid>>>,
+    /// Leave to hand an e-mail to the mail server (`KEEL_MAIL_CONCURRENCY`). What a crash can repeat
+    /// is the exchanges in flight at that moment, so this bounds it per crash (with 48 at once, one
+    /// kill could repeat 48 e-mails). Taken before the claim, so no claim lapses while its handler
+    /// waits here.
+    sending: Arc<Semaphore>,
 }
 
 impl Sender {
@@ -52,6 +58,7 @@ impl Sender {
             mailer: Mailer::from_config(config)?,
             from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
             unrecorded: Arc::default(),
+            sending: Arc::new(Semaphore::new(config.mail_concurrency)),
         })
     }
 
@@ -127,6 +134,7 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
         return Ok(()); // sent by this process; its record is on its way
     }
     let shard = db.shard_of(event.user());
+    let _sending = sender.sending.acquire().await.expect("the semaphore is never closed");
     match claim(shard, job.id).await? {
         Claim::Ours => {}
         Claim::Sent => return Ok(()),
@@ -141,9 +149,15 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
     };
     // No connection is held while the mail server answers, which may take seconds.
     if let Err(error) = sender.mailer.send(job.id, &sender.from, mail).await {
-        metrics::counter!("keel_mail_failed_total", "event" => job.kind.clone()).increment(1);
+        metrics::counter!("keel_mail_failed_total", "event" => job.kind.clone(), "permanent" => error.permanent.to_string())
+            .increment(1);
         release(shard, job.id).await?;
-        return Err(JobError::from(error));
+        return Err(if error.permanent {
+            // Dead at once, with the server's reason: retrying a refused recipient for hours helps nobody.
+            JobError::permanent(format!("the mail server refused this e-mail for good: {}", error.message))
+        } else {
+            JobError::from(error.message)
+        });
     }
     sender.record_sent(shard, job.id).await;
     metrics::counter!("keel_mail_sent_total", "event" => job.kind.clone()).increment(1);

@@ -44,9 +44,16 @@ pub enum ApiError {
     /// idempotency key with another body.
     #[error("{0}")]
     Unprocessable(String),
+    /// 429: over a rate limit ([`crate::http::rate_limit`]); `Retry-After` says when to try again.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// 503: a database cannot be reached or the request ran out of time; worth retrying.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: the request's database connection died under it (a restart, a failover). A read is
+    /// run once more before this is answered ([`crate::http::retry`]).
+    #[error("{0}")]
+    ConnectionLost(String),
     /// 500: a bug or an unexpected failure. The cause is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,7 +85,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) | ApiError::ConnectionLost(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,7 +102,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::Unprocessable(_) => "validation-failed",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::TooManyRequests(_) => "too-many-requests",
+            ApiError::Unavailable(_) | ApiError::ConnectionLost(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -122,16 +131,27 @@ impl ApiError {
     }
 }
 
+/// The `Retry-After` of a 503, in seconds.
+pub const UNAVAILABLE_RETRY_AFTER_S: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             ApiError::Internal(cause) => tracing::error!(%cause, "internal error"),
-            ApiError::Unavailable(cause) => tracing::warn!(%cause, "unavailable"),
+            ApiError::Unavailable(cause) | ApiError::ConnectionLost(cause) => tracing::warn!(%cause, "unavailable"),
             _ => {}
         }
         let problem = self.problem();
         let mut response = (self.status(), axum::Json(problem)).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let ApiError::Unavailable(_) | ApiError::ConnectionLost(_) = self {
+            // What makes a 503 here passes in moments (a database restarting, a pool busy, a statement
+            // cut short): tell clients when to try again rather than let them hammer or give up.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_AFTER_S));
+        }
+        if let ApiError::ConnectionLost(_) = self {
+            response.extensions_mut().insert(crate::http::retry::ConnectionLost);
+        }
         response
     }
 }
@@ -151,7 +171,7 @@ impl From<tokio_postgres::Error> for ApiError {
         let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
         let shutting_down = e.code().is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08"));
         if e.is_closed() || io || shutting_down {
-            return ApiError::Unavailable(format!("database connection lost: {e}"));
+            return ApiError::ConnectionLost(format!("database connection lost: {e}"));
         }
         // 57014: cancelled by `statement_timeout` (KEEL_STATEMENT_TIMEOUT): the database was too busy
         // or the query too slow this time, not a fault of the request.

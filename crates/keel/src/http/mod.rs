@@ -9,6 +9,8 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod middleware;
+pub mod rate_limit;
+pub mod retry;
 pub mod trace;
 
 use std::time::SystemTime;

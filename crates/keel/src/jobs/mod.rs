@@ -13,6 +13,7 @@
 
 pub mod maintenance;
 pub mod reactions;
+pub mod reconcile;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -38,6 +39,8 @@ pub struct JobContext {
     pub deliverer: Deliverer,
     /// The carts' cache, to drop a cart a confirmed order emptied (carts live in the shared tier).
     pub carts: CartCache,
+    /// How the checkout saga runs (its lock timeout).
+    pub saga: saga::Settings,
 }
 
 impl JobContext {
@@ -48,21 +51,25 @@ impl JobContext {
             email: email::Sender::from_config(config)?,
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
             carts: crate::carts::cart_cache(config, &shared),
+            saga: saga::Settings::from_config(config),
         })
     }
 }
 
 /// Options for the checkout saga: quick retries, since its failures are transient (a database
-/// restart); refusals (no stock, no money) are outcomes, not failures.
-fn saga_options(timeout: Duration) -> KindOptions {
+/// restart, a lock held); refusals (no stock, no money) are outcomes, not failures. Never dead: an
+/// accepted order must be decided, however long its databases are away (it used to be dead after 20
+/// attempts, minutes of an outage, leaving the order pending and its stock held). The backoff stops
+/// growing at `KEEL_SAGA_BACKOFF_MAX`, so an order is decided at most that long after the outage.
+fn saga_options(timeout: Duration, backoff_max: Duration) -> KindOptions {
     KindOptions {
         timeout,
         concurrency: 16,
-        max_attempts: 20,
         backoff_base: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(60),
+        backoff_max,
         ..KindOptions::default()
     }
+    .retry_forever()
 }
 
 /// User and order events: their e-mail waits for the mail server for up to about a day
@@ -106,11 +113,25 @@ const SHARD_EVENTS: &[&str] =
     &[OrderPlaced::NAME, UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME, Ping::NAME];
 const CATALOG_EVENTS: &[&str] = &[ProductCreated::NAME, ProductUpdated::NAME, ProductStockChanged::NAME];
 
+/// How long the event kinds' runs may take, and the saga's backoff cap.
+#[derive(Clone, Copy)]
+struct EventOptions {
+    timeout: Duration,
+    saga_backoff_max: Duration,
+}
+
+impl EventOptions {
+    fn from_config(config: &Config) -> EventOptions {
+        EventOptions { timeout: config.job_timeout, saga_backoff_max: config.saga_backoff_max }
+    }
+}
+
 /// The handlers of every event, on whichever transport carries them.
-fn register_event_handlers<R: Registry<JobContext>>(registry: R, timeout: Duration) -> R {
+fn register_event_handlers<R: Registry<JobContext>>(registry: R, options: EventOptions) -> R {
+    let EventOptions { timeout, saga_backoff_max } = options;
     let mut registry = registry
-        .register(OrderPlaced::NAME, saga_options(timeout), |ctx, job| async move {
-            saga::run(&ctx.db, &ctx.carts, &job).await
+        .register(OrderPlaced::NAME, saga_options(timeout, saga_backoff_max), |ctx, job| async move {
+            saga::run(&ctx.db, &ctx.carts, &ctx.saga, &job).await
         })
         .register(Ping::NAME, KindOptions::default(), |_, _| async { Ok::<(), JobError>(()) });
     for kind in [UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME] {
@@ -155,7 +176,8 @@ impl Registry<JobContext> for KindNames {
 pub fn kinds() -> &'static [String] {
     static KINDS: OnceLock<Vec<String>> = OnceLock::new();
     KINDS.get_or_init(|| {
-        let registry = register_event_handlers(KindNames::default(), Duration::ZERO);
+        let options = EventOptions { timeout: Duration::ZERO, saga_backoff_max: Duration::ZERO };
+        let registry = register_event_handlers(KindNames::default(), options);
         let KindNames(mut names) = register_deliveries(registry, KindOptions::default());
         names.sort();
         names.dedup();
@@ -176,7 +198,7 @@ pub async fn run_workers(
 ) -> Result<(), String> {
     let stop = Stop::new();
     let context = Arc::new(JobContext::new(db.clone(), &config).await?);
-    let timeout = config.job_timeout;
+    let events = EventOptions::from_config(&config);
     let jetstream = match &config.nats_url {
         Some(url) => {
             Some(JetStream::connect(url, &config.nats_prefix).await.map_err(|e| format!("KEEL_NATS_URL: {e}"))?)
@@ -196,9 +218,9 @@ pub async fn run_workers(
     match &jetstream {
         None => {
             for (_, shard) in db.shards.all() {
-                spawn_runner(shard, &|runner| register_event_handlers(runner, timeout));
+                spawn_runner(shard, &|runner| register_event_handlers(runner, events));
             }
-            spawn_runner(&db.catalog, &|runner| register_event_handlers(deliveries(runner), timeout));
+            spawn_runner(&db.catalog, &|runner| register_event_handlers(deliveries(runner), events));
         }
         Some(js) => {
             for (_, shard) in db.shards.all() {
@@ -209,7 +231,7 @@ pub async fn run_workers(
             for source in db.all() {
                 consumer = consumer.source(source.name(), source.pool().clone());
             }
-            let consumer = register_event_handlers(consumer, timeout);
+            let consumer = register_event_handlers(consumer, events);
             let stopped = stop.stopped();
             runners.spawn(async move {
                 tracing::info!("JetStream consumers started");
@@ -217,10 +239,18 @@ pub async fn run_workers(
             });
         }
     }
+    let retention = maintenance::Retention::from_config(&config);
     for (_, shard) in db.shards.all() {
-        runners.spawn(maintenance::scheduler(shard, context.clone()).run(stop.stopped()));
+        runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
     }
-    runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone()).run(stop.stopped()));
+    runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone(), retention).run(stop.stopped()));
+    // The reconciler of orders pending too long: on each shard, and of reservations held too long, in
+    // the catalogue.
+    let reconciling = reconcile::Reconciler::from_config(&config);
+    for (_, shard) in db.shards.all() {
+        runners.spawn(reconciling.shard_scheduler(shard, context.clone()).run(stop.stopped()));
+    }
+    runners.spawn(reconciling.catalog_scheduler(&db.catalog, context.clone()).run(stop.stopped()));
     shutdown.await;
     stop.trigger();
     while runners.join_next().await.is_some() {}

@@ -1,6 +1,13 @@
 //! Orders: `POST /v1/checkout` accepts an order and answers 202 at once; the checkout saga
 //! ([`saga`]) then reserves stock, debits the wallet and confirms or fails it. Orders are
 //! strongly consistent: always read from the owner's shard primary, never cached.
+//!
+//! **A checkout charges a snapshot of the cart**, the owner's cart version it read (kept with the
+//! order as `cart_version`). The items of a pending order's snapshot are taken: another checkout,
+//! with another Idempotency-Key, leaves them out, and is refused (409) when nothing else is in the
+//! cart, so one cart is never charged twice. They are free again if the order fails, and leave the
+//! cart when it is confirmed; an item added or changed after the checkout is a new one, neither
+//! charged by that order nor removed by its confirmation.
 
 pub mod saga;
 
@@ -13,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
 
-use crate::carts::load_cart;
+use crate::carts::{load_cart, CartItem};
 use crate::db::{PgError, Sql};
 use crate::events::{self, OrderPlaced};
 pub use crate::events::{FailureReason, OrderStatus};
@@ -23,8 +30,12 @@ use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::idempotency::{self, Claim, IdempotencyKey};
 use crate::http::trace::TraceContext;
 use crate::http::{timestamp, Page, PageParams};
-use crate::ids::{OrderId, ProductId};
+use crate::ids::{OrderId, ProductId, UserId};
+use crate::money::Cents;
 use crate::state::AppState;
+
+/// How many times a checkout reads the cart again when it changed before the order could be written.
+const CART_READS: usize = 3;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
@@ -103,6 +114,8 @@ async fn items_of(client: &impl Sql, orders: &[OrderId]) -> Result<HashMap<Order
             headers(("Location" = String, description = "/v1/orders/{id}"))),
         (status = 400, description = "No or a malformed Idempotency-Key", body = Problem),
         (status = 401, body = Problem),
+        (status = 409, description = "Everything in the cart is already being checked out by a pending order (placed \
+            with another key), or the cart kept changing", body = Problem),
         (status = 422, description = "The cart is empty", body = Problem),
     ))]
 pub async fn checkout(
@@ -112,38 +125,79 @@ pub async fn checkout(
     trace: TraceContext,
 ) -> Result<Response, ApiError> {
     let hash = idempotency::request_hash("checkout", &());
-    // Read the cart before taking a connection for the transaction: a request holding one pooled
-    // connection while waiting for another can starve the pool under load.
-    let cart = load_cart(&state.db, user).await?;
-    let mut client = state.db.shard_of(user).client().await?;
-    let tx = client.transaction().await?;
-    if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {
-        return Ok(idempotency::json_response(status, location, body));
+    for _ in 0..CART_READS {
+        // Read the cart before taking a connection for the transaction: a request holding one pooled
+        // connection while waiting for another can starve the pool under load.
+        let cart = load_cart(&state.db, user).await?;
+        let mut client = state.db.shard_of(user).client().await?;
+        let tx = client.transaction().await?;
+        if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {
+            return Ok(idempotency::json_response(status, location, body));
+        }
+        // The owner's row, locked: this user's checkouts and cart writes take turns until the commit,
+        // so the cart read above is the cart now, or it is read again.
+        let version: i64 = tx.row("SELECT owner_version FROM users WHERE id = $1 FOR UPDATE", &[&user]).await?.get(0);
+        if version != cart.version {
+            continue;
+        }
+        if cart.items.is_empty() {
+            // Rolled back with the key, so the key can be used again once the cart has something in it.
+            return Err(ApiError::Unprocessable("the cart is empty: add items before checking out".into()));
+        }
+        let taken = taken_by_pending_orders(&tx, user).await?;
+        let items: Vec<&CartItem> = cart.items.iter().filter(|i| !taken.contains_key(&i.product_id)).collect();
+        if items.is_empty() {
+            let mut pending: Vec<&OrderId> = taken.values().collect();
+            pending.sort();
+            pending.dedup();
+            let orders = pending.iter().map(|id| format!("/v1/orders/{id}")).collect::<Vec<_>>().join(", ");
+            // Rolled back with the key, as an empty cart is.
+            return Err(ApiError::Conflict(format!(
+                "everything in the cart is already being checked out by a pending order ({orders}); items added \
+                 or changed since can be checked out, and the order's items again if it fails"
+            )));
+        }
+        let total = Cents::sum(items.iter().map(|i| Cents(i.price_cents).times(i.quantity)))
+            .map_err(|_| ApiError::Unprocessable("the cart's total is too large to be represented".into()))?;
+        let id = OrderId::new();
+        let products: Vec<ProductId> = items.iter().map(|i| i.product_id).collect();
+        let quantities: Vec<i32> = items.iter().map(|i| i.quantity as i32).collect();
+        let prices: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
+        tx.exec(
+            "WITH new_order AS (
+                 INSERT INTO orders (id, user_id, status, total_cents, cart_version) VALUES ($1, $2, $7, $3, $8)
+             )
+             INSERT INTO order_items (order_id, product_id, quantity, price_cents)
+             SELECT $1, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
+            &[&id, &user, &total.0, &products, &quantities, &prices, &OrderStatus::Pending.as_str(), &version],
+        )
+        .await?;
+        let placed = OrderPlaced { order_id: id, user_id: user };
+        keel_outbox::enqueue(&tx, &events::event(&placed, id, Some(trace.traceparent()))).await?;
+        let location = format!("/v1/orders/{id}");
+        let accepted = Accepted { id, status: OrderStatus::Pending };
+        let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
+        tx.commit().await?;
+        return Ok(response);
     }
-    if cart.items.is_empty() {
-        // Rolled back with the key, so the key can be used again once the cart has something in it.
-        return Err(ApiError::Unprocessable("the cart is empty: add items before checking out".into()));
-    }
-    let id = OrderId::new();
-    let products: Vec<ProductId> = cart.items.iter().map(|i| i.product_id).collect();
-    let quantities: Vec<i32> = cart.items.iter().map(|i| i.quantity as i32).collect();
-    let prices: Vec<i64> = cart.items.iter().map(|i| i.price_cents).collect();
-    tx.exec(
-        "WITH new_order AS (
-             INSERT INTO orders (id, user_id, status, total_cents) VALUES ($1, $2, $7, $3)
-         )
-         INSERT INTO order_items (order_id, product_id, quantity, price_cents)
-         SELECT $1, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
-        &[&id, &user, &cart.total_cents, &products, &quantities, &prices, &OrderStatus::Pending.as_str()],
-    )
-    .await?;
-    let placed = OrderPlaced { order_id: id, user_id: user };
-    keel_outbox::enqueue(&tx, &events::event(&placed, id, Some(trace.traceparent()))).await?;
-    let location = format!("/v1/orders/{id}");
-    let accepted = Accepted { id, status: OrderStatus::Pending };
-    let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
-    tx.commit().await?;
-    Ok(response)
+    Err(ApiError::Conflict("the cart kept changing while checking out: try again".into()))
+}
+
+/// The cart items a pending order of the user's charges, each with that order: an item of its
+/// snapshot still in the cart as it was then (not written since: its revision is not newer than the
+/// order's cart version). Orders placed before snapshots were kept take nothing here.
+async fn taken_by_pending_orders(tx: &impl Sql, user: UserId) -> Result<HashMap<ProductId, OrderId>, ApiError> {
+    let rows = tx
+        .rows(
+            "SELECT c.product_id, o.id
+             FROM orders o
+             JOIN order_items i ON i.order_id = o.id
+             JOIN cart_items c ON c.user_id = o.user_id AND c.product_id = i.product_id AND c.revision <= o.cart_version
+             WHERE o.user_id = $1 AND o.status = $2 AND o.cart_version IS NOT NULL",
+            &[&user, &OrderStatus::Pending.as_str()],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 #[utoipa::path(get, path = "/v1/orders/{id}", tag = "orders",

@@ -113,6 +113,13 @@ async fn without_smtp_messages_are_files_in_the_data_directory() {
     app.check_queues_drained().await;
     workers.stop().await;
     let dir = app.config.data_dir.join("mail");
+    // Names, addresses and orders: readable by Keel's user only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the mail directory");
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+    }
     let mut files: Vec<String> =
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| std::fs::read_to_string(e.path()).unwrap()).collect();
     files.sort();
@@ -217,4 +224,74 @@ async fn two_handlers_given_the_same_event_at_once_send_one_email() {
         recorded.extend(rows.iter().map(|r| (r.get::<_, bool>(0), r.get::<_, i32>(1))));
     }
     assert_eq!(recorded, vec![(true, 1)], "one delivery, recorded as sent, claimed once");
+}
+
+/// A mail server that refuses every recipient for good (`550`), as one does an address it has no
+/// mailbox for; it speaks just enough SMTP for a client to get there. Counts the refusals.
+async fn refusing_smtp_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 refuser ready\r\n").await?;
+                while let Some(line) = lines.next_line().await? {
+                    let verb = line.split_whitespace().next().unwrap_or_default().to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 refuser\r\n",
+                        "RCPT" => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            b"550 5.1.1 no such mailbox here\r\n"
+                        }
+                        "QUIT" => {
+                            write.write_all(b"221 bye\r\n").await?;
+                            break;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    write.write_all(answer).await?;
+                }
+                Ok::<(), std::io::Error>(())
+            });
+        }
+    });
+    (port, refused)
+}
+
+/// A recipient the mail server refuses for good (a 5xx answer) sends the e-mail's job to the dead
+/// letters at once, with the server's reason, instead of retrying it for hours.
+#[tokio::test]
+async fn an_e_mail_the_server_refuses_for_good_is_dead_at_once_with_the_reason() {
+    let (port, refused) = refusing_smtp_server().await;
+    let app = TestApp::spawn_with(|config| config.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
+    let workers = app.start_workers();
+    let (user, _) = app.create_user("Nobody Here").await;
+    let started = Instant::now();
+    let (state, attempts, error) = loop {
+        let mut found = None;
+        for i in 0..crate::helpers::SHARDS {
+            let shard = app.dbs.shard(i).await;
+            let sql = "SELECT state, attempts, last_error FROM keel_jobs WHERE kind = 'user.registered' AND aggregate_id = $1";
+            if let Some(row) = shard.query_opt(sql, &[&user]).await.unwrap() {
+                found = Some((row.get::<_, String>(0), row.get::<_, i32>(1), row.get::<_, Option<String>>(2)));
+            }
+        }
+        if let Some(dead) = found.clone().filter(|(state, ..)| state == "dead") {
+            break dead;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "the refused welcome is not dead: {found:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((state.as_str(), attempts), ("dead", 1), "dead after its first attempt");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("refused") && error.contains("no such mailbox"), "the reason is kept: {error}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1, "not tried again");
+    drop(workers);
 }

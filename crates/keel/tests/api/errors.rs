@@ -75,6 +75,7 @@ async fn no_input_produces_a_server_error() {
         ("PUT", format!("/v1/products/{product}/inventory")),
         ("PUT", format!("/v1/cart/items/{product}")),
         ("POST", "/v1/wallet/deposits".to_owned()),
+        ("POST", format!("/v1/admin/users/{user_id}/deposits")),
         ("POST", "/v1/webhooks".to_owned()),
     ];
     let bodies: Vec<Vec<u8>> = vec![

@@ -255,6 +255,8 @@ impl TestApp {
             shard_urls: dbs.shard_urls.clone(),
             db_pool_size: 8,
             debug_headers: true,
+            // Tests seed freely from one address; the rate-limit tests turn the limits on.
+            rate_limit: false,
             ..Config::default()
         };
         if crate::peers::nats_enabled() {
@@ -333,9 +335,11 @@ impl TestApp {
         product["id"].as_str().unwrap().to_owned()
     }
 
+    /// Credits the wallet of the user whose token this is, as the admin does (users cannot deposit):
+    /// a user's token starts with the user's id.
     pub async fn deposit(&self, token: &str, key: &str, amount: i64) -> Response {
-        self.post("/v1/wallet/deposits")
-            .bearer_auth(token)
+        let user = token.split_once('.').map_or(token, |(id, _)| id);
+        self.admin(self.post(&format!("/v1/admin/users/{user}/deposits")))
             .header("idempotency-key", key)
             .json(&json!({ "amount_cents": amount }))
             .send()
@@ -440,9 +444,42 @@ impl TestApp {
                 .get(0);
             assert_eq!(held, 0, "failed orders on shard {i} still hold stock");
         }
+        // Every product's reserved and sold units are its reservations held and sold.
+        let unbalanced: Vec<String> = self
+            .dbs
+            .catalog()
+            .await
+            .query(
+                "SELECT i.product_id::text FROM inventory i
+                 LEFT JOIN (SELECT product_id, sum(quantity) FILTER (WHERE state = 'held') AS held,
+                                   sum(quantity) FILTER (WHERE state = 'sold') AS sold
+                            FROM stock_reservations GROUP BY product_id) r ON r.product_id = i.product_id
+                 WHERE i.reserved <> coalesce(r.held, 0) OR i.sold <> coalesce(r.sold, 0)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(unbalanced.is_empty(), "products whose stock disagrees with their reservations: {unbalanced:?}");
     }
 
     /// Polls an order until the saga has decided it.
+    /// The product's inventory once nothing is reserved any more: an order's sale or release
+    /// follows its decision, in a transaction of its own.
+    pub async fn settled_inventory(&self, product: &str) -> Value {
+        let started = std::time::Instant::now();
+        loop {
+            let inventory = expect_json(self.get(&format!("/v1/products/{product}/inventory")).send().await, 200).await;
+            if inventory["reserved"] == 0 {
+                return inventory;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "still reserved: {inventory}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_for_order(&self, token: &str, location: &str) -> Value {
         let started = std::time::Instant::now();
         loop {

@@ -1,6 +1,7 @@
 //! The API suite: every endpoint against real PostgreSQL (see `helpers`), plus `keel` itself run as
 //! a process. One binary, so the test cluster is started once.
 
+mod authorization;
 mod carts;
 mod catalog;
 mod checkout;
@@ -10,12 +11,14 @@ mod errors;
 mod hardening;
 mod helpers;
 mod likes;
+mod limits;
 mod nats_faults;
 mod ops;
 mod peers;
 mod processes;
 mod promises;
 mod queue;
+mod saga;
 mod search;
 mod two_nodes;
 mod users;

@@ -9,10 +9,10 @@ use serde_json::{json, Value};
 
 use crate::helpers::{expect_json, TestDatabases, ADMIN_TOKEN};
 
-struct Keel {
+pub(crate) struct Keel {
     child: Child,
     /// `http://127.0.0.1:PORT`, known once [`Keel::wait_ready`] has read it from the log.
-    address: String,
+    pub(crate) address: String,
     log: PathBuf,
     /// Where this process's lines begin in a log file that earlier processes may have written to.
     log_start: usize,
@@ -25,6 +25,8 @@ fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
         command.env_remove(key);
     }
     command.env("KEEL_LOG", "info");
+    // These tests seed data and load keel from one address: no rate limits (a test may turn them on).
+    command.env("KEEL_RATE_LIMIT", "off");
     // E-mail is written under the data directory when no SMTP server is set: keep it out of the tree.
     command.env("KEEL_DATA_DIR", crate::helpers::scratch_root().join("keel-data"));
     for (key, value) in env {
@@ -36,7 +38,7 @@ fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
 impl Keel {
     /// Starts `keel` listening on a port the kernel picks (port 0), so that no other process can take
     /// the port between its choice and keel's bind; keel logs the address it got.
-    fn start(args: &[&str], env: &[(&str, String)], log: &Path) -> Keel {
+    pub(crate) fn start(args: &[&str], env: &[(&str, String)], log: &Path) -> Keel {
         Keel::spawn(keel_command(args, env).env("KEEL_LISTEN", "127.0.0.1:0"), log)
     }
 
@@ -59,7 +61,7 @@ impl Keel {
     }
 
     /// Polls `/readyz` until 200; returns how long that took.
-    async fn wait_ready(&mut self, within: Duration) -> Duration {
+    pub(crate) async fn wait_ready(&mut self, within: Duration) -> Duration {
         let started = Instant::now();
         let client = reqwest::Client::new();
         loop {
@@ -79,6 +81,14 @@ impl Keel {
             assert!(started.elapsed() < within, "not ready within {within:?}; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The process's resident memory, in bytes.
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
     }
 
     fn signal(&self, signal: libc::c_int) {
@@ -362,7 +372,9 @@ async fn no_order_is_lost_when_a_worker_process_is_killed() {
                 .await;
         let token = user["token"].as_str().unwrap().to_owned();
         let amount = if i % 5 == 0 { 50 } else { 1_000 };
-        let deposit = client.post(url("/v1/wallet/deposits")).bearer_auth(&token).header("idempotency-key", "d");
+        let user = user["id"].as_str().unwrap();
+        let deposit = client.post(url(&format!("/v1/admin/users/{user}/deposits"))).bearer_auth(ADMIN_TOKEN);
+        let deposit = deposit.header("idempotency-key", "d");
         expect_json(deposit.json(&json!({ "amount_cents": amount })).send().await, 201).await;
         let cart = client.put(url(&format!("/v1/cart/items/{product}"))).bearer_auth(&token);
         expect_json(cart.json(&json!({ "quantity": 1 })).send().await, 200).await;
@@ -804,7 +816,9 @@ async fn a_postgres_restart_during_sign_ups_loses_and_repeats_no_welcome_email()
         restarted.log_text()
     );
     assert!(refused.iter().all(|s| *s >= 500), "a sign-up was refused other than by the outage: {refused:?}");
-    assert!(acknowledged.len() > i * 3 / 4, "most sign-ups were taken: {} of {i}", acknowledged.len());
+    // Enough taken for the count below to mean something; how many the outage refused depends on how
+    // long the restart takes on a loaded machine (0.5–3.5 s seen).
+    assert!(acknowledged.len() >= 100, "too few sign-ups were taken: {} of {i}", acknowledged.len());
 
     // Wait until every acknowledged user's welcome arrived and the database has recorded every
     // e-mail it claimed as sent (none can then be sent again), with no sign-up's job left to run.
@@ -864,7 +878,8 @@ async fn sign_up_and_buy(client: &reqwest::Client, base: &str, i: usize, product
     let order = if buys {
         let token = user["token"].as_str().unwrap();
         let amount = if i.is_multiple_of(5) { 50 } else { 1_000 };
-        let deposit = client.post(format!("{base}/v1/wallet/deposits")).bearer_auth(token);
+        let deposit = client.post(format!("{base}/v1/admin/users/{}/deposits", user["id"].as_str().unwrap()));
+        let deposit = deposit.bearer_auth(ADMIN_TOKEN);
         let deposit = deposit.header("idempotency-key", "d").json(&json!({ "amount_cents": amount }));
         expect_json(deposit.send().await, 201).await;
         let cart = client.put(format!("{base}/v1/cart/items/{product}")).bearer_auth(token);
@@ -893,6 +908,7 @@ struct Customer {
 async fn a_worker_killed_every_few_seconds_loses_no_email() {
     const USERS: usize = 300;
     const ORDERS: usize = 200;
+    const MAIL_CONCURRENCY: usize = 2;
     let port = crate::peers::free_port();
     let scratch = scratch_dir("killed-worker-mail");
     let smtp = crate::peers::SmtpServer::start(port, &scratch.join("maildir")).await;
@@ -905,6 +921,8 @@ async fn a_worker_killed_every_few_seconds_loses_no_email() {
         ("KEEL_SMTP_URL", format!("smtp://127.0.0.1:{port}")),
         // A killed worker's jobs are claimed again 4.5 s after they started.
         ("KEEL_JOB_TIMEOUT", "3s".to_owned()),
+        // At most this many SMTP exchanges in flight per worker: what one kill can repeat.
+        ("KEEL_MAIL_CONCURRENCY", MAIL_CONCURRENCY.to_string()),
     ];
     let mut api = Keel::start(&["serve"], &env, &scratch.join("api.log"));
     api.wait_ready(Duration::from_secs(30)).await;
@@ -1015,20 +1033,23 @@ async fn a_worker_killed_every_few_seconds_loses_no_email() {
     );
     // For each message sent twice: when its first copy reached the server, from the nearest kill.
     let mut first_copies: Vec<(String, std::time::SystemTime)> = Vec::new();
+    let mut repeated_per_kill = vec![0; kills.len()];
     for (id, _) in counts.iter().filter(|(_, n)| **n > 1) {
         let first = arrivals.iter().filter(|(_, m)| m.contains(id.as_str())).map(|(at, _)| *at).min().unwrap();
         first_copies.push((id.clone(), first));
     }
     first_copies.sort_by_key(|(_, at)| *at);
     for (id, first) in &first_copies {
-        let from_kill = kills
+        let (nearest, from_kill) = kills
             .iter()
             .map(|kill| match first.duration_since(*kill) {
                 Ok(after) => after.as_secs_f64() * 1000.0,
                 Err(before) => -before.duration().as_secs_f64() * 1000.0,
             })
-            .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+            .enumerate()
+            .min_by(|(_, a), (_, b)| a.abs().total_cmp(&b.abs()))
             .unwrap();
+        repeated_per_kill[nearest] += 1;
         eprintln!("  sent twice: {id}, first copy stored {from_kill:+.0} ms from the nearest kill");
         assert!(
             (-100.0..=500.0).contains(&from_kill),
@@ -1040,9 +1061,12 @@ async fn a_worker_killed_every_few_seconds_loses_no_email() {
     app.check_queues_drained().await;
     assert_eq!(unrecorded, 0, "e-mails claimed but never recorded as sent");
     assert_eq!(counts.len(), USERS + ORDERS, "one distinct message per event");
-    // The e-mails a worker sends at once (three kinds, 16 each): no more exchanges can be cut by a kill.
-    let in_flight_per_kill = 3 * 16;
-    assert!(duplicates <= kills.len() * in_flight_per_kill, "{duplicates} e-mails sent twice in {} kills", kills.len());
+    // No kill repeats more e-mails than the worker hands to the mail server at once.
+    eprintln!("e-mails repeated per kill: {repeated_per_kill:?}");
+    assert!(
+        repeated_per_kill.iter().all(|n| *n <= MAIL_CONCURRENCY),
+        "a kill repeated more than the {MAIL_CONCURRENCY} e-mails in flight: {repeated_per_kill:?}"
+    );
     app.check_invariants().await;
     for node in [&mut api, &mut worker] {
         node.signal(libc::SIGTERM);

@@ -326,8 +326,8 @@ async fn clients_that_hang_up_mid_request_on_every_mutating_route_break_no_promi
                 .token(token)
                 .json(json!({ "quantity": quantity })),
             Call::new("DELETE cart item", "DELETE", format!("/v1/cart/items/{product}")).token(token),
-            Call::new("POST deposit", "POST", "/v1/wallet/deposits".into())
-                .token(token)
+            Call::new("POST deposit", "POST", format!("/v1/admin/users/{user}/deposits"))
+                .admin()
                 .key(format!("abandoned-deposit-{i}"))
                 .json(json!({ "amount_cents": 100 })),
             Call::new("POST checkout", "POST", "/v1/checkout".into())
@@ -349,8 +349,8 @@ async fn clients_that_hang_up_mid_request_on_every_mutating_route_break_no_promi
             Call::new("PUT cart item", "PUT", format!("/v1/cart/items/{product}"))
                 .token(token)
                 .json(json!({ "quantity": quantity + 1 })),
-            Call::new("POST deposit", "POST", "/v1/wallet/deposits".into())
-                .token(token)
+            Call::new("POST deposit", "POST", format!("/v1/admin/users/{user}/deposits"))
+                .admin()
                 .key(format!("answered-deposit-{i}"))
                 .json(json!({ "amount_cents": 100 })),
         ];
@@ -536,7 +536,8 @@ async fn report_what_committed(app: &TestApp) {
     for i in 0..app.dbs.shard_urls.len() {
         let shard = app.dbs.shard(i).await;
         users += count(&shard, "SELECT count(*) FROM users WHERE email LIKE 'abandoned-%'").await;
-        deposits += count(&shard, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'abandoned-deposit-%'").await;
+        deposits +=
+            count(&shard, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'admin abandoned-deposit-%'").await;
         checkouts += count(&shard, "SELECT count(*) FROM idempotency_keys WHERE key LIKE 'abandoned-checkout-%'").await;
     }
     eprintln!(

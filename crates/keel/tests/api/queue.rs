@@ -140,6 +140,105 @@ async fn the_job_of_a_worker_that_died_is_run_again_when_its_lease_lapses() {
     app.check_queues_drained().await;
 }
 
+/// A job whose runs never end (each kills or hangs its process, so its lease lapses) counts each
+/// lapsed run as an attempt, and is dead once it has used them all, rather than claimed for ever.
+#[tokio::test]
+async fn a_job_whose_runs_never_end_is_dead_after_its_attempts() {
+    let app = TestApp::spawn().await;
+    let id = enqueue(&app, "test.poison").await;
+    // As the third runner to claim it leaves it when it dies too.
+    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    client
+        .execute(
+            "UPDATE keel_jobs SET state = 'running', attempts = 3, locked_until = now() - interval '1 second' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let probe = Probe::new(0);
+    let stop = keel::shutdown::Stop::new();
+    let options = KindOptions { max_attempts: 3, ..KindOptions::default() };
+    let run = tokio::spawn(runner(&app, probe.clone(), "test.poison", options).run(stop.stopped()));
+    let started = Instant::now();
+    let (state, error) = loop {
+        let row = client.query_one("SELECT state, last_error FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+        let (state, error): (String, Option<String>) = (row.get(0), row.get(1));
+        if state != "running" || started.elapsed() > Duration::from_secs(10) {
+            break (state, error);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(state, "dead", "a job whose three runs all lapsed, with three attempts allowed");
+    assert!(error.as_deref().unwrap_or_default().contains("lease lapsed"), "the reason is stored: {error:?}");
+    assert_eq!(probe.runs.load(Ordering::SeqCst), 0, "it is not run a fourth time");
+    // A kind that retries for ever runs it again, however many runs lapsed.
+    let forever = enqueue(&app, "test.poison").await;
+    client
+        .execute(
+            "UPDATE keel_jobs SET state = 'running', attempts = 50, locked_until = now() - interval '1 second' WHERE id = $1",
+            &[&forever],
+        )
+        .await
+        .unwrap();
+    stop.trigger();
+    run.await.unwrap();
+    let stop = keel::shutdown::Stop::new();
+    let options = KindOptions::default().retry_forever();
+    let run = tokio::spawn(runner(&app, probe.clone(), "test.poison", options).run(stop.stopped()));
+    wait_until("the job of a kind that never gives up runs", || probe.runs.load(Ordering::SeqCst) == 1).await;
+    stop.trigger();
+    run.await.unwrap();
+    client.execute("DELETE FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+    app.check_queues_drained().await;
+}
+
+/// A runner whose lease lapsed while its handler ran (it was paused, say) and whose job another
+/// runner claimed meanwhile must not record its outcome over that claim: neither finish the job
+/// under the other runner nor send it back to wait.
+#[tokio::test]
+async fn an_outcome_is_recorded_only_while_its_claim_holds() {
+    for succeeds in [true, false] {
+        let app = TestApp::spawn().await;
+        let gate = Arc::new((tokio::sync::Notify::new(), tokio::sync::Notify::new()));
+        let shard = app.databases.shards.all().next().unwrap().1;
+        let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), gate.clone()).register(
+            "test.overtaken",
+            KindOptions::default(),
+            move |gate: Arc<(tokio::sync::Notify, tokio::sync::Notify)>, _job| async move {
+                gate.0.notify_one();
+                gate.1.notified().await;
+                if succeeds {
+                    Ok(())
+                } else {
+                    Err("failed".to_owned())
+                }
+            },
+        );
+        let stop = keel::shutdown::Stop::new();
+        let run = tokio::spawn(runner.run(stop.stopped()));
+        let id = enqueue(&app, "test.overtaken").await;
+        gate.0.notified().await;
+        // Meanwhile its lease lapsed and another runner claimed it: the second attempt, leased anew.
+        let client = shard.client().await.unwrap();
+        let sql =
+            "UPDATE keel_jobs SET attempts = attempts + 1, locked_until = now() + interval '1 hour' WHERE id = $1";
+        client.execute(sql, &[&id]).await.unwrap();
+        gate.1.notify_one();
+        // Shutdown waits for the run to end and for its outcome to be written.
+        stop.trigger();
+        run.await.unwrap();
+        let row = client.query_one("SELECT state, attempts FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+        let (state, attempts): (String, i32) = (row.get(0), row.get(1));
+        assert_eq!(
+            (state.as_str(), attempts),
+            ("running", 2),
+            "the first run ({succeeds}) left the second's claim alone"
+        );
+        client.execute("DELETE FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
+        app.check_queues_drained().await;
+    }
+}
+
 /// On an idle queue an enqueued job starts at once: it is woken by NOTIFY, not found by polling.
 #[tokio::test]
 async fn an_enqueued_job_starts_within_milliseconds() {
@@ -261,11 +360,11 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
             )
             .await
             .unwrap();
-        client
-            .execute("UPDATE idempotency_keys SET created_at = now() - interval '2 days' WHERE key = 'recent'", &[])
-            .await
-            .unwrap();
-        keel::jobs::maintenance::prune_finished_jobs(shard).await.unwrap();
+        // The admin's deposit keys are stored in a space of their own ("admin <key>", admin/deposits.rs).
+        let expire = "UPDATE idempotency_keys SET created_at = now() - interval '2 days' WHERE key = 'admin recent'";
+        client.execute(expire, &[]).await.unwrap();
+        let retention = keel::jobs::maintenance::Retention::from_config(&app.config);
+        keel::jobs::maintenance::prune(shard, keel::jobs::maintenance::Records::Shard, retention).await.unwrap();
         keel::jobs::maintenance::prune_idempotency_keys(shard).await.unwrap();
         let kinds: Vec<String> = client
             .query("SELECT kind FROM keel_jobs WHERE kind IN ('old', 'new', 'dead') ORDER BY kind", &[])
@@ -274,7 +373,7 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        assert_eq!(kinds, ["dead", "new"], "old finished jobs go; recent and dead ones stay");
+        assert_eq!(kinds, ["dead", "new"], "old finished jobs go; recent ones and dead ones younger than a month stay");
         let keys: i64 = client.query_one("SELECT count(*) FROM idempotency_keys", &[]).await.unwrap().get(0);
         assert_eq!(keys, 0);
     }
@@ -420,4 +519,70 @@ async fn a_queue_gauge_returns_to_zero_when_its_jobs_are_gone() {
     counted_now().await;
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&metrics, series), Some(0.0), "{metrics}");
+}
+
+/// Past their retention, dead jobs and the records that make a repeated event harmless are deleted
+/// too — processed events, sent e-mails, finished webhook deliveries — in batches, while younger
+/// ones, e-mails not yet sent and deliveries still under way stay.
+#[tokio::test]
+async fn housekeeping_deletes_records_past_their_retention_in_batches() {
+    use keel::jobs::maintenance::{prune, Records, Retention};
+    let app = TestApp::spawn().await;
+    let retention = Retention { finished_jobs: Duration::from_secs(3600), records: Duration::from_secs(7 * 24 * 3600) };
+    let shard = app.databases.shards.all().next().unwrap().1;
+    let client = shard.client().await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO keel_jobs (id, kind, aggregate_id, payload, state, finished_at)
+               SELECT gen_random_uuid(), 'old', 'x', '{}', 'done', now() - interval '2 hours' FROM generate_series(1, 12000);
+             INSERT INTO keel_jobs (id, kind, aggregate_id, payload, state, finished_at) VALUES
+               (gen_random_uuid(), 'dead-old', 'x', '{}', 'dead', now() - interval '8 days'),
+               (gen_random_uuid(), 'dead-young', 'x', '{}', 'dead', now() - interval '6 days');
+             INSERT INTO keel_processed_events (event_id, handler, processed_at) VALUES
+               (gen_random_uuid(), 'old', now() - interval '8 days'), (gen_random_uuid(), 'young', now());
+             INSERT INTO email_deliveries (event_id, claimed_until, sent_at) VALUES
+               (gen_random_uuid(), now() - interval '8 days', now() - interval '8 days'),
+               (gen_random_uuid(), now(), now()),
+               (gen_random_uuid(), now() - interval '8 days', NULL);",
+        )
+        .await
+        .unwrap();
+    let report = prune(shard, Records::Shard, retention).await.unwrap();
+    assert!(report.starts_with("deleted 12000 finished jobs, 1 dead jobs"), "{report}");
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM keel_jobs WHERE kind IN ('old', 'dead-old')").await, 0);
+    assert_eq!(count("SELECT count(*) FROM keel_jobs WHERE kind = 'dead-young'").await, 1);
+    assert_eq!(count("SELECT count(*) FROM keel_processed_events WHERE handler IN ('old', 'young')").await, 1);
+    assert_eq!(count("SELECT count(*) FROM email_deliveries").await, 2, "the young sent one and the unsent one stay");
+    assert_eq!(count("SELECT count(*) FROM email_deliveries WHERE sent_at IS NULL").await, 1);
+
+    // The catalogue: finished webhook deliveries past the retention go, unfinished ones stay.
+    let catalog = app.databases.catalog.client().await.unwrap();
+    catalog
+        .batch_execute(
+            "INSERT INTO webhook_subscriptions (id, url, secret, events)
+               VALUES ('00000000-0000-7000-8000-000000000001', 'https://example.org/hook', 'whsec_x', '{}');
+             INSERT INTO webhook_deliveries (id, subscription_id, event_id, event_type, body, status, updated_at)
+               SELECT gen_random_uuid(), '00000000-0000-7000-8000-000000000001', gen_random_uuid(), 't', '{}', status,
+                      now() - age
+               FROM (VALUES ('succeeded', interval '8 days'), ('dead', interval '8 days'),
+                            ('succeeded', interval '1 day'), ('retrying', interval '8 days')) AS d(status, age);",
+        )
+        .await
+        .unwrap();
+    let report = prune(&app.databases.catalog, Records::Catalog, retention).await.unwrap();
+    assert!(report.ends_with("2 finished webhook deliveries"), "{report}");
+    let left: Vec<String> = catalog
+        .query("SELECT status FROM webhook_deliveries ORDER BY status", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["retrying", "succeeded"]);
+    client.execute("DELETE FROM keel_jobs WHERE kind = 'dead-young'", &[]).await.unwrap();
+    app.check_queues_drained().await;
 }

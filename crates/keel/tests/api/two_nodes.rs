@@ -206,8 +206,8 @@ async fn a_randomized_two_node_run_serves_nothing_older_than_its_budget_even_whe
                         .bearer_auth(&token)
                         .json(&json!({ "quantity": n })),
                     _ => client
-                        .post(format!("{base}/v1/wallet/deposits"))
-                        .bearer_auth(&token)
+                        .post(format!("{base}/v1/admin/users/{user}/deposits"))
+                        .bearer_auth(crate::helpers::ADMIN_TOKEN)
                         .header("idempotency-key", format!("random-{n}"))
                         .json(&json!({ "amount_cents": 1 })),
                 };
