@@ -24,8 +24,11 @@ pub struct Config {
     pub shard_urls: Vec<String>,
     /// `KEEL_LOG` / `log`: a tracing filter such as `info` or `keel=debug,tower_http=info`.
     pub log: String,
-    /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: connections per database per process.
+    /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: the API's connections per database per process.
     pub db_pool_size: usize,
+    /// `KEEL_WORKER_POOL_SIZE` / `worker_pool_size`: the background workers' connections per database
+    /// per process, a pool of their own, so that a backlog of jobs never takes the API's connections.
+    pub worker_pool_size: usize,
     /// `KEEL_SHUTDOWN_TIMEOUT` / `shutdown_timeout`: how long in-flight requests may drain on stop.
     pub shutdown_timeout: Duration,
     /// `KEEL_REQUEST_TIMEOUT` / `request_timeout`: the longest a request may take before a 503.
@@ -137,6 +140,7 @@ impl Default for Config {
             shard_urls: Vec::new(),
             log: "info".to_owned(),
             db_pool_size: 16,
+            worker_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(20),
@@ -197,6 +201,7 @@ const SETTINGS: &[&str] = &[
     "shard_urls",
     "log",
     "db_pool_size",
+    "worker_pool_size",
     "shutdown_timeout",
     "request_timeout",
     "header_read_timeout",
@@ -276,6 +281,7 @@ impl Config {
                 "shard_urls" => self.shard_urls = parse_list(raw).map_err(|m| fail(key, m))?,
                 "log" => self.log = non_empty(raw).map_err(|m| fail(key, m))?,
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
+                "worker_pool_size" => self.worker_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "request_timeout" => self.request_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "header_read_timeout" => {
@@ -294,7 +300,7 @@ impl Config {
                 "debug_headers" => self.debug_headers = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "job_timeout" => self.job_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,
                 "job_retention" => self.job_retention = parse_duration(raw).map_err(|m| fail(key, m))?,
-                "record_retention" => self.record_retention = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "record_retention" => self.record_retention = parse_record_retention(raw).map_err(|m| fail(key, m))?,
                 "saga_backoff_max" => self.saga_backoff_max = parse_positive(raw).map_err(|m| fail(key, m))?,
                 "saga_lock_timeout" => self.saga_lock_timeout = parse_positive(raw).map_err(|m| fail(key, m))?,
                 "order_reconcile_after" => {
@@ -405,6 +411,16 @@ fn parse_range(raw: &str, min: usize, max: usize) -> Result<usize, String> {
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw).map_err(|e| format!("{raw:?} is not a duration such as 10s or 500ms: {e}"))
+}
+
+/// At least an hour: the records it keeps are what make a redelivered event harmless, and a broker's
+/// or a lapsed lease's redelivery may come minutes after the first run.
+fn parse_record_retention(raw: &str) -> Result<Duration, String> {
+    let duration = parse_duration(raw)?;
+    if duration < Duration::from_secs(3600) {
+        return Err(format!("{raw:?} is shorter than an hour: events may be redelivered after their records are gone"));
+    }
+    Ok(duration)
 }
 
 /// A duration of at least a millisecond (a zero wait or period would spin) and at most 24 days (what
@@ -538,6 +554,16 @@ mod tests {
     }
 
     #[test]
+    fn the_workers_have_a_pool_size_of_their_own() {
+        let mut config = Config::default();
+        assert_eq!((config.db_pool_size, config.worker_pool_size), (16, 16));
+        config.apply(&env(&[("KEEL_WORKER_POOL_SIZE", "6")])).unwrap();
+        assert_eq!((config.db_pool_size, config.worker_pool_size), (16, 6));
+        let err = Config::default().apply(&env(&[("KEEL_WORKER_POOL_SIZE", "0")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_WORKER_POOL_SIZE");
+    }
+
+    #[test]
     fn errors_name_the_setting_and_its_source() {
         let err = Config::default().apply(&env(&[("KEEL_LISTEN", "localhost")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_LISTEN");
@@ -614,6 +640,16 @@ mod tests {
         assert_eq!(err.setting, "db_pool_size");
         assert!(err.to_string().contains("bad.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_are_kept_at_least_an_hour() {
+        let mut config = Config::default();
+        config.apply(&env(&[("KEEL_RECORD_RETENTION", "90days")])).unwrap();
+        assert_eq!(config.record_retention, Duration::from_secs(90 * 24 * 3600));
+        let err = Config::default().apply(&env(&[("KEEL_RECORD_RETENTION", "10m")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_RECORD_RETENTION");
+        assert!(err.message.contains("shorter than an hour"), "{}", err.message);
     }
 
     #[test]

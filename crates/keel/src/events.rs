@@ -94,8 +94,9 @@ impl Event for ProductUpdated {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductStockChanged {
     pub product_id: ProductId,
-    /// The stock an admin set; absent when a checkout sold the product out or a failed one gave it
-    /// back (the search index reads the stock from the inventory either way).
+    /// What can be bought (on hand less reserved) after an admin set the stock on hand; absent when a
+    /// checkout sold the product out or a failed one gave it back (the search index reads the stock
+    /// from the inventory either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stock: Option<i64>,
 }

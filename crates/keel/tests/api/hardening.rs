@@ -27,7 +27,7 @@ async fn odd_method_series(app: &TestApp) -> Vec<String> {
 async fn made_up_methods_do_not_make_new_metric_series() {
     let app = TestApp::spawn().await;
     let before = odd_method_series(&app).await;
-    for i in 0..200 {
+    for i in 0..1_000 {
         let method = reqwest::Method::from_bytes(format!("JUNK{i}").as_bytes()).unwrap();
         // A route that exists (answered 405) and one that does not (404).
         let path = if i % 2 == 0 { "/v1/products" } else { "/v1/no-such-route" };
