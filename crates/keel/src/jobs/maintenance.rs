@@ -5,7 +5,8 @@
 //! - `KEEL_JOB_RETENTION` (default a day): finished jobs, kept for inspection.
 //! - `KEEL_RECORD_RETENTION` (default 30 days): dead jobs (until then they can be replayed), and the
 //!   records that make a repeated event harmless — processed-event records, sent e-mails, finished
-//!   webhook deliveries. These must outlive any redelivery of their event: a broker's or a lapsed
+//!   webhook deliveries — and the reservations of failed orders (sold ones stay: the record of what
+//!   was sold). These must outlive any redelivery of their event: a broker's or a lapsed
 //!   lease's come within minutes, a replay of a dead job within its retention, which is this one.
 //!
 //! Every deletion runs in batches of [`keel_outbox::PRUNE_BATCH`] rows, each its own short statement,
@@ -82,6 +83,13 @@ const PROCESSED_EVENTS: (&str, &str) = (
 );
 const CATALOG_RECORDS: &[(&str, &str)] = &[
     PROCESSED_EVENTS,
+    (
+        "released stock reservations",
+        "DELETE FROM stock_reservations WHERE (order_id, product_id) IN (
+             SELECT order_id, product_id FROM stock_reservations
+             WHERE state = 'released' AND coalesce(decided_at, created_at) < now() - $1 * interval '1 second'
+             LIMIT $2)",
+    ),
     (
         "finished webhook deliveries",
         "DELETE FROM webhook_deliveries WHERE id = ANY(ARRAY(

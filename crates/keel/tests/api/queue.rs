@@ -573,8 +573,30 @@ async fn housekeeping_deletes_records_past_their_retention_in_batches() {
         )
         .await
         .unwrap();
+    let product: uuid::Uuid = app.create_product("RETAINED-1", 100, 5).await.parse().unwrap();
+    catalog
+        .execute(
+            "INSERT INTO stock_reservations (order_id, product_id, quantity, state, decided_at, created_at)
+             SELECT gen_random_uuid(), $1, 1, state, now() - age, now() - age
+             FROM (VALUES ('released', interval '8 days'), ('released', interval '1 day'),
+                          ('sold', interval '8 days')) AS r(state, age)",
+            &[&product],
+        )
+        .await
+        .unwrap();
     let report = prune(&app.databases.catalog, Records::Catalog, retention).await.unwrap();
-    assert!(report.ends_with("2 finished webhook deliveries"), "{report}");
+    assert!(report.contains("1 released stock reservations, 2 finished webhook deliveries"), "{report}");
+    let reservations: Vec<String> = catalog
+        .query("SELECT state FROM stock_reservations WHERE product_id = $1 ORDER BY state", &[&product])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reservations, ["released", "sold"], "the young released one and the sold one stay");
+    catalog.execute("DELETE FROM stock_reservations WHERE product_id = $1", &[&product]).await.unwrap();
+    // No workers run here: the product's own event is not this test's.
+    catalog.execute("DELETE FROM keel_jobs WHERE kind = 'product.created'", &[]).await.unwrap();
     let left: Vec<String> = catalog
         .query("SELECT status FROM webhook_deliveries ORDER BY status", &[])
         .await
