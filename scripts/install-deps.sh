@@ -6,7 +6,7 @@
 #   scripts/install-deps.sh --test   also the test suite's peers: nats-server and redis-server (the tests
 #                                     start their own on private ports), a Python virtualenv in
 #                                     target/python with an SMTP server and the Standard Webhooks library,
-#                                     and curl and jq for README's example flow
+#                                     curl and jq for README's example flow, and openssl for the TLS tests
 #
 # Servers installed only for the tests are never left running or enabled as system services: apt is
 # told not to start them while installing, and they are disabled for boot afterwards.
@@ -68,8 +68,9 @@ if $test_peers; then
     for server in nats-server redis-server; do
         command -v "$server" >/dev/null 2>&1 || missing+=("$server")
     done
-    # README's example flow, which make test runs, is written with curl and jq.
-    for tool in curl jq python3; do
+    # README's example flow, which make test runs, is written with curl and jq; the TLS tests make
+    # their certificates with openssl.
+    for tool in curl jq python3 openssl; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

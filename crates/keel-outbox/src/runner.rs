@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use deadpool_postgres::Pool;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Row};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -303,7 +303,8 @@ impl<C: Send + Sync + 'static> Registry<C> for Runner<C> {
 async fn listen<C>(url: String, kinds: Vec<Arc<Kind<C>>>, mut stop: watch::Receiver<bool>) {
     let wake_all = || kinds.iter().for_each(|k| k.wake.notify_one());
     while !*stop.borrow() {
-        match tokio_postgres::connect(&url, NoTls).await {
+        // The pools' TLS policy: libpq's `sslmode` and `sslrootcert` in the connection string.
+        match keel_pgtls::connect(&url).await {
             Ok((client, mut connection)) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {

@@ -103,7 +103,7 @@ async fn run(command: Command, config: Config) -> Result<(), Fatal> {
         }
         Command::Worker => {
             let (catalog, shards) = external_databases(&config)?;
-            let databases = Databases::open(catalog, shards, &config).await?;
+            let databases = crate::jobs::open_databases(catalog, shards, &config).await?;
             crate::telemetry::init_metrics();
             let config = std::sync::Arc::new(config);
             Ok(crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await?)

@@ -29,7 +29,7 @@ pub async fn up(mut config: Config) -> Result<(), Fatal> {
     let data_dir = absolute(&config.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {} (KEEL_DATA_DIR): {e}", data_dir.display()))?;
-    let spec = cluster_spec(&data_dir);
+    let spec = cluster_spec(&data_dir, &config);
     let cluster =
         tokio::task::spawn_blocking(move || Cluster::start(spec)).await?.map_err(|e| format!("PostgreSQL: {e}"))?;
     let result = serve(&config, &data_dir, &cluster).await;
@@ -48,11 +48,27 @@ pub async fn up(mut config: Config) -> Result<(), Fatal> {
     result
 }
 
-fn cluster_spec(data_dir: &Path) -> ClusterSpec {
+/// PostgreSQL's `max_connections` is at least this.
+const MAX_CONNECTIONS_FLOOR: usize = 200;
+/// Connections to the cluster beyond the pools: those of the process outside its pools (the
+/// workers' `LISTEN` connection and each pool's health probe, a few per database), `keel up`'s own
+/// (creating databases, migrating, waiting for clients to leave) and a few for a person with `psql`.
+/// PostgreSQL keeps 3 more for superusers on top of these.
+const SPARE_CONNECTIONS: usize = 20;
+
+/// Enough for both pools of every database (the API's, `KEEL_DB_POOL_SIZE`, and the workers',
+/// `KEEL_WORKER_POOL_SIZE`) and the spares, and never below the floor: a pool that hits the server's
+/// limit fails to connect, which is a 503 for the API. With the defaults, 3 × (16 + 16) + 20 = 116.
+fn max_connections(config: &Config) -> usize {
+    let pools = (1 + SHARDS) * (config.db_pool_size + config.worker_pool_size);
+    (pools + SPARE_CONNECTIONS).max(MAX_CONNECTIONS_FLOOR)
+}
+
+fn cluster_spec(data_dir: &Path, config: &Config) -> ClusterSpec {
     let mut spec = ClusterSpec::new(data_dir.join("postgres"), socket_dir_for(&data_dir.join("run"), PORT))
         // Unix socket only: nothing outside this machine's file permissions can connect.
         .setting("listen_addresses", "")
-        .setting("max_connections", 200);
+        .setting("max_connections", max_connections(config));
     spec.port = PORT;
     spec.log_file = data_dir.join("postgres.log");
     spec
@@ -70,10 +86,12 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     db::migrate_all(&catalog_url, &shard_urls).await?;
     let admin_token = admin_token(config, data_dir)?;
     let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
+    // The workers' pools are their own: a backlog of jobs cannot take the API's connections.
+    let workers = crate::jobs::open_databases(&catalog_url, &shard_urls, config).await?;
     let app = Application::build(config.clone(), databases, &admin_token).await?;
     tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
     eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
-    Ok(serve_with_workers(app).await?)
+    Ok(serve_with_workers(app, workers).await?)
 }
 
 /// Waits until no client but this check is connected to the cluster, for at most `timeout`.
@@ -128,4 +146,16 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 
 fn absolute(path: &Path) -> Result<PathBuf, String> {
     std::path::absolute(path).map_err(|e| format!("invalid setting KEEL_DATA_DIR: {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_takes_both_pools_of_every_database() {
+        assert_eq!(max_connections(&Config::default()), MAX_CONNECTIONS_FLOOR, "3 × (16 + 16) + 20 fits in 200");
+        let big = Config { db_pool_size: 50, worker_pool_size: 30, ..Config::default() };
+        assert_eq!(max_connections(&big), 3 * 80 + SPARE_CONNECTIONS);
+    }
 }

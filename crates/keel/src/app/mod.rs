@@ -66,7 +66,8 @@ impl Application {
         Ok(Application { databases, listener, router, shutdown_timeout, connection_limits, config, likes, writes })
     }
 
-    /// The databases this application serves, for workers running beside it.
+    /// The databases this application serves: the API's pools (workers beside it have their own, see
+    /// [`serve_with_workers`]).
     pub fn databases(&self) -> Arc<Databases> {
         self.databases.clone()
     }
@@ -128,9 +129,13 @@ impl Application {
 
 /// Serves the API and runs the workers in this process until Ctrl-C or SIGTERM; then both stop,
 /// the API draining its requests and the workers finishing or releasing their jobs.
-pub async fn serve_with_workers(app: Application) -> io::Result<()> {
+///
+/// `workers` are the workers' own pools ([`crate::jobs::open_databases`]), not the application's: a
+/// backlog of jobs whose handlers hold connections (waiting on a lock, a slow statement) would
+/// otherwise take every connection of a database, and requests would wait for one until their 503.
+pub async fn serve_with_workers(app: Application, workers: Databases) -> io::Result<()> {
     let stop = Stop::new();
-    let workers = tokio::spawn(crate::jobs::run_workers(app.databases(), app.config.clone(), stop.stopped()));
+    let workers = tokio::spawn(crate::jobs::run_workers(Arc::new(workers), app.config.clone(), stop.stopped()));
     let signal = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;

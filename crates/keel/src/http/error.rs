@@ -159,6 +159,7 @@ impl IntoResponse for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> ApiError {
         match e {
+            DbError::Down(name) => ApiError::Unavailable(format!("the {name} database is not answering")),
             DbError::Pool(e) => ApiError::Unavailable(format!("database unavailable: {e}")),
             DbError::Query(e) => e.into(),
         }

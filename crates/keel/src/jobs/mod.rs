@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::carts::CartCache;
 use crate::config::Config;
-use crate::db::Databases;
+use crate::db::{ConnectError, Databases, PoolOptions};
 use crate::email;
 use crate::events::{
     Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged, ProductUpdated,
@@ -77,7 +77,7 @@ fn saga_options(timeout: Duration, backoff_max: Duration) -> KindOptions {
 fn user_event_options(timeout: Duration) -> KindOptions {
     KindOptions {
         timeout,
-        // Side effects share the pools with the API: a burst of events must leave it connections.
+        // At most a pool's worth of e-mails and fan-outs at once: the other kinds keep connections.
         concurrency: 16,
         max_attempts: 150,
         backoff_base: Duration::from_secs(1),
@@ -185,8 +185,29 @@ pub fn kinds() -> &'static [String] {
     })
 }
 
+/// How the workers' pools are built: `KEEL_WORKER_POOL_SIZE` connections per database, with the
+/// statement timeout of every pool (`KEEL_STATEMENT_TIMEOUT`).
+pub fn pool_options(config: &Config) -> PoolOptions {
+    PoolOptions { size: config.worker_pool_size, ..PoolOptions::from(config) }
+}
+
+/// The workers' own pools, one per database: a process that serves the API too (`keel up`) gives its
+/// workers these, never the API's. A backlog of jobs then holds at most `KEEL_WORKER_POOL_SIZE`
+/// connections per database while the API keeps its `KEEL_DB_POOL_SIZE`: handlers outnumber
+/// connections (every kind has slots of its own), and on a shared pool a backlog whose handlers hold
+/// their connection a while (a lock wait, a slow statement) left requests waiting for one until
+/// their 503.
+pub async fn open_databases(
+    catalog_url: &str,
+    shard_urls: &[String],
+    config: &Config,
+) -> Result<Databases, ConnectError> {
+    Databases::open(catalog_url, shard_urls, pool_options(config)).await
+}
+
 /// Runs every job kind on every database until `shutdown` completes; running jobs then get the
-/// runners' shutdown timeout to finish before they are released to another worker.
+/// runners' shutdown timeout to finish before they are released to another worker. `db` should be
+/// the workers' own pools ([`open_databases`]), never an API's.
 ///
 /// Events run from their database's queue, or, with `KEEL_NATS_URL`, are relayed from it to
 /// JetStream and run from there. Webhook deliveries always run from the catalogue's queue: they

@@ -254,6 +254,7 @@ impl TestApp {
             catalog_url: Some(dbs.catalog_url.clone()),
             shard_urls: dbs.shard_urls.clone(),
             db_pool_size: 8,
+            worker_pool_size: 8,
             debug_headers: true,
             // Tests seed freely from one address; the rate-limit tests turn the limits on.
             rate_limit: false,
@@ -286,9 +287,15 @@ impl TestApp {
     }
 
     /// Starts a set of workers over this app's databases; call more than once for competing workers.
+    /// As in `keel up`, they have pools of their own (`worker_pool_size`), never the app's.
     pub fn start_workers(&self) -> Workers {
         let stop = keel::shutdown::Stop::new();
-        let task = tokio::spawn(keel::jobs::run_workers(self.databases.clone(), self.config.clone(), stop.stopped()));
+        let (config, stopped) = (self.config.clone(), stop.stopped());
+        let (catalog, shards) = (self.dbs.catalog_url.clone(), self.dbs.shard_urls.clone());
+        let task = tokio::spawn(async move {
+            let pools = keel::jobs::open_databases(&catalog, &shards, &config).await.map_err(|e| e.to_string())?;
+            keel::jobs::run_workers(std::sync::Arc::new(pools), config, stopped).await
+        });
         Workers { stop, task }
     }
 

@@ -171,7 +171,10 @@ async fn a_job_whose_runs_never_end_is_dead_after_its_attempts() {
     assert_eq!(state, "dead", "a job whose three runs all lapsed, with three attempts allowed");
     assert!(error.as_deref().unwrap_or_default().contains("lease lapsed"), "the reason is stored: {error:?}");
     assert_eq!(probe.runs.load(Ordering::SeqCst), 0, "it is not run a fourth time");
-    // A kind that retries for ever runs it again, however many runs lapsed.
+    stop.trigger();
+    run.await.unwrap();
+    // A kind that retries for ever runs it again, however many runs lapsed. (Enqueued only once the
+    // first runner has stopped: it would bury the job, or run it, itself.)
     let forever = enqueue(&app, "test.poison").await;
     client
         .execute(
@@ -180,8 +183,6 @@ async fn a_job_whose_runs_never_end_is_dead_after_its_attempts() {
         )
         .await
         .unwrap();
-    stop.trigger();
-    run.await.unwrap();
     let stop = keel::shutdown::Stop::new();
     let options = KindOptions::default().retry_forever();
     let run = tokio::spawn(runner(&app, probe.clone(), "test.poison", options).run(stop.stopped()));
