@@ -153,11 +153,6 @@ impl Db {
         ));
     }
 
-    /// False while the watchdog finds the database not answering.
-    pub fn is_up(&self) -> bool {
-        !self.health.is_down()
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
