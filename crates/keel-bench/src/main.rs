@@ -46,9 +46,25 @@ async fn main() -> ExitCode {
 async fn run(args: &[String]) -> ExitCode {
     let smoke = args.iter().any(|a| a == "--smoke");
     let plan = if smoke {
-        Plan { warmup: Duration::from_millis(500), measure: Duration::from_secs(2), ids: 100, jobs: 500, smoke }
+        Plan {
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_secs(2),
+            ids: 100,
+            jobs: 500,
+            rounds: 2,
+            sign_ins: 20,
+            smoke,
+        }
     } else {
-        Plan { warmup: Duration::from_secs(5), measure: Duration::from_secs(20), ids: 10_000, jobs: 50_000, smoke }
+        Plan {
+            warmup: Duration::from_secs(5),
+            measure: Duration::from_secs(20),
+            ids: 10_000,
+            jobs: 50_000,
+            rounds: 4,
+            sign_ins: 200,
+            smoke,
+        }
     };
     let me = std::env::current_exe().expect("the bench binary's path");
     let keel_binary = arg(args, "--keel").map(PathBuf::from).unwrap_or_else(|| me.with_file_name("keel"));
@@ -57,8 +73,10 @@ async fn run(args: &[String]) -> ExitCode {
 
     eprintln!("keel-bench: starting {} …", keel_binary.display());
     let keel = setup::Keel::start(&keel_binary, &work).await;
-    eprintln!("keel-bench: seeding {} users and {} products …", plan.ids, plan.ids);
-    let seed = setup::seed(&keel.base, plan.ids).await;
+    let with_password = plan.sign_ins.min(plan.ids);
+    eprintln!("keel-bench: seeding {} users ({with_password} with a password) and {} products …", plan.ids, plan.ids);
+    let seed = setup::seed(&keel.base, plan.ids, with_password).await;
+    setup::verify_emails(&keel).await;
 
     // The baseline answers with the very bytes Keel sends for a profile and a product.
     let client = reqwest::Client::new();
@@ -86,13 +104,17 @@ async fn run(args: &[String]) -> ExitCode {
     scenarios::prepare_pgbench(&keel, &plan).await;
 
     let mut results: Vec<ScenarioResult> = Vec::new();
-    let (s1, http_ceiling) = scenarios::s1_cached_read(&keel, &baseline, &seed, &plan).await;
-    report_line(&s1, smoke);
-    results.push(s1);
+    let (s1, s1a, http_ceiling) = scenarios::s1_cached_read(&keel, &baseline, &seed, &plan).await;
+    let anonymous_reads = s1.keel.as_ref().map_or(0.0, |k| k.per_second);
+    results.push(report_line_owned(s1, smoke));
+    results.push(report_line_owned(s1a, smoke));
     results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await, smoke));
     results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await, smoke));
     results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await, smoke));
     results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
+    // A quarter of S1's anonymous maximum: room left for the sign-ins' hashing.
+    let read_rate = (anonymous_reads / 4.0).max(50.0);
+    results.push(report_line_owned(scenarios::s6_sign_in_burst(&keel, &seed, &plan, read_rate).await, smoke));
     eprintln!("keel-bench: side effects …");
     let effects = side_effects::measure(&keel, &seed, &plan, &keel_binary, &work).await;
     eprintln!(
@@ -126,7 +148,7 @@ async fn run(args: &[String]) -> ExitCode {
     // measured something without errors.
     let broken: Vec<&str> = results
         .iter()
-        .filter(|r| r.keel.as_ref().is_some_and(|k| k.requests == 0 || k.errors > 0))
+        .filter(|r| r.keel.is_some() && r.keel.iter().chain(r.also.values()).any(|k| k.requests == 0 || k.errors > 0))
         .map(|r| r.id)
         .collect();
     if !broken.is_empty() || probe.requests == 0 || probe.errors > 0 {
@@ -148,11 +170,10 @@ fn scenarios_pg() -> String {
     dirs.last().map_or_else(|| "postgres".into(), |d| d.join("bin/postgres").display().to_string())
 }
 
-fn report_line(r: &ScenarioResult, smoke: bool) {
-    eprintln!("{}", report::console_line(r, smoke));
-}
-
 fn report_line_owned(r: ScenarioResult, smoke: bool) -> ScenarioResult {
-    report_line(&r, smoke);
+    eprintln!("{}", report::console_line(&r, smoke));
+    for line in report::also_lines(&r) {
+        eprintln!("  {line}");
+    }
     r
 }

@@ -102,6 +102,20 @@ pub fn console_line(r: &ScenarioResult, smoke: bool) -> String {
     )
 }
 
+/// The scenario's further measurements ([`ScenarioResult::also`]), one line each, for the console
+/// and BENCHMARKS.md.
+pub fn also_lines(r: &ScenarioResult) -> Vec<String> {
+    r.also
+        .iter()
+        .map(|(name, k)| {
+            format!(
+                "{} {name}: {:.0}/s p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms | {} answered, {} refused, {} failed, over {:.2} s",
+                r.id, k.per_second, k.p50_ms, k.p99_ms, k.p999_ms, k.requests, k.refused, k.errors, k.seconds
+            )
+        })
+        .collect()
+}
+
 fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "—".to_owned(), |v| format!("{v:.decimals$}"))
 }
@@ -176,6 +190,9 @@ pub fn markdown(
             if r.command.is_empty() { String::new() } else { format!("Command: {}. ", r.command) },
             r.notes
         );
+        for line in also_lines(r) {
+            let _ = writeln!(md, "  - {line}");
+        }
     }
     let _ = writeln!(md, "\n## Side effects\n");
     let _ = writeln!(md, "| measure | figure |\n|---|---|");
@@ -263,6 +280,37 @@ mod tests {
         for text in lines.iter().chain([&md]) {
             assert_plain(text);
         }
+    }
+
+    #[test]
+    fn further_measurements_get_a_line_each_on_the_console_and_in_the_report() {
+        let mut r = result("S6", true, Some(true));
+        assert!(also_lines(&r).is_empty());
+        r.also.insert(
+            "sign-ins",
+            Outcome {
+                requests: 198,
+                errors: 1,
+                refused: 1,
+                seconds: 2.5,
+                per_second: 79.2,
+                p50_ms: 1200.0,
+                p99_ms: 2400.5,
+                p999_ms: 2450.0,
+            },
+        );
+        r.also.insert("reads unloaded", Outcome { requests: 10, per_second: 5.0, ..Outcome::default() });
+        let lines = also_lines(&r);
+        assert_eq!(
+            lines,
+            [
+                "S6 reads unloaded: 5/s p50 0.00 ms p99 0.00 ms p99.9 0.00 ms | 10 answered, 0 refused, 0 failed, over 0.00 s",
+                "S6 sign-ins: 79/s p50 1200.00 ms p99 2400.50 ms p99.9 2450.00 ms | 198 answered, 1 refused, 1 failed, over 2.50 s",
+            ]
+        );
+        let md = markdown(&machine(), &[r], &SideEffects::default(), "make bench", false);
+        assert!(md.contains(&format!("  - {}\n", lines[1])), "{md}");
+        assert_plain(&md);
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! The scenarios. Each measures Keel and, in the same run, the ceiling it is compared with.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderValue;
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
-use crate::load::{closed_loop, open_loop, Call, MakeCall, Outcome, Zipf};
+use crate::load::{
+    bearer, burst, closed_loop, closed_loop_recorded, combine_rounds, open_loop, open_loop_during, Call, MakeCall,
+    Outcome, Recorded, Zipf,
+};
 use crate::setup::{Keel, Seed};
 
 /// Durations and sizes: the full run, or the smoke run that only proves the harness works.
@@ -17,6 +22,10 @@ pub struct Plan {
     pub measure: Duration,
     pub ids: usize,
     pub jobs: usize,
+    /// S1 and S1a each run this many rounds, alternating (see [`alternating`]).
+    pub rounds: usize,
+    /// S6's burst: this many sign-ins at once (and as many seeded users have a password).
+    pub sign_ins: usize,
     pub smoke: bool,
 }
 
@@ -33,6 +42,9 @@ pub struct ScenarioResult {
     pub met: Option<bool>,
     pub command: String,
     pub notes: String,
+    /// Further measurements the scenario made, by name (S6: the reads unloaded, the sign-ins).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub also: BTreeMap<&'static str, Outcome>,
 }
 
 const CONNECTIONS: usize = 64;
@@ -144,6 +156,13 @@ fn judged(mut result: ScenarioResult, ratio: f64, target: f64) -> ScenarioResult
     result
 }
 
+/// For a ratio that must stay at or under `limit` (a slowdown); none measured, nothing judged.
+fn judged_at_most(mut result: ScenarioResult, ratio: Option<f64>, limit: f64) -> ScenarioResult {
+    result.ratio = ratio;
+    result.met = ratio.map(|r| r <= limit);
+    result
+}
+
 /// Served from a cache and loaded from the database, over profiles and products, from Keel's own
 /// counters (`GET /v1/admin/consistency`).
 async fn cache_counters(keel: &Keel) -> (u64, u64) {
@@ -168,24 +187,110 @@ async fn cache_counters(keel: &Keel) -> (u64, u64) {
     (count("hits") + count("shared_hits"), count("misses") + count("coalesced"))
 }
 
-pub async fn s1_cached_read(keel: &Keel, baseline: &str, seed: &Seed, plan: &Plan) -> (ScenarioResult, f64) {
+/// S1's calls: half profile reads, half product reads, Zipf over the seeded ids. With `tokens`, each
+/// call also carries the `Authorization` value of a seeded user (see [`token_for`]); the draws of
+/// the resources are the same either way, so both variants send the same reads.
+fn cached_reads(seed: &Seed, tokens: Option<Arc<Vec<HeaderValue>>>) -> MakeCall {
     let zipf = Arc::new(Zipf::new(seed.users.len().min(seed.products.len()), 1.0));
     let users: Arc<Vec<String>> = Arc::new(seed.users.iter().map(|(id, _)| id.clone()).collect());
     let products = Arc::new(seed.products.clone());
-    let make: MakeCall = Arc::new(move |n, rng| {
+    Arc::new(move |n, rng| {
         let i = zipf.sample(rng);
-        if n % 2 == 0 {
+        let profile = n % 2 == 0;
+        let mut call = if profile {
             Call::get(format!("/v1/users/{}", users[i]))
         } else {
             Call::get(format!("/v1/products/{}", products[i]))
+        };
+        if let Some(tokens) = &tokens {
+            call.authorization = Some(tokens[token_for(n, tokens.len(), profile.then_some(i))].clone());
         }
-    });
+        call
+    })
+}
+
+/// Which of `count` users' tokens the `n`th call carries: spread over all of them by a hash of `n`
+/// (not drawn from the generator, so that the resources drawn stay those of the anonymous run), and
+/// never the token of `owner`, the user whose profile is read: an owner reading their own profile
+/// goes around the cache by design, which is another call than S1's.
+fn token_for(n: u64, count: usize, owner: Option<usize>) -> usize {
+    let j = (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) as usize % count;
+    match owner {
+        Some(owner) if owner == j && count > 1 => (j + 1) % count,
+        _ => j,
+    }
+}
+
+/// The order of S1's and S1a's rounds, `false` anonymous and `true` authenticated: A B B A A B B A …
+/// (`rounds` of each), so that neither variant always runs first, nor later into the run than the
+/// other on average.
+fn alternating(rounds: usize) -> Vec<bool> {
+    (0..rounds).flat_map(|k| if k % 2 == 0 { [false, true] } else { [true, false] }).collect()
+}
+
+/// The status of a read of `path` carrying a token that is not valid: 401 where the route verifies
+/// tokens.
+async fn bad_token_status(keel: &Keel, path: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{}{path}", keel.base))
+        .bearer_auth("not-a-valid-token")
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+fn checks_tokens(status: u16) -> String {
+    match status {
+        401 => "401: the token is verified".to_owned(),
+        200 => "200: the token is not looked at".to_owned(),
+        other => format!("{other}"),
+    }
+}
+
+/// S1 and S1a: the cached reads anonymously and with users' access tokens, in alternating rounds
+/// of the same run; then S1's HTTP ceiling. Returns S1, S1a and the ceiling.
+pub async fn s1_cached_read(
+    keel: &Keel,
+    baseline: &str,
+    seed: &Seed,
+    plan: &Plan,
+) -> (ScenarioResult, ScenarioResult, f64) {
+    let anonymous = cached_reads(seed, None);
+    // Every `Authorization` value is made here, once per user: the load loop only clones them.
+    let tokens: Arc<Vec<HeaderValue>> = Arc::new(seed.users.iter().map(|(_, token)| bearer(token)).collect());
+    let authenticated = cached_reads(seed, Some(tokens));
+    let profile_check = bad_token_status(keel, &format!("/v1/users/{}", seed.users[0].0)).await;
+    let product_check = bad_token_status(keel, &format!("/v1/products/{}", seed.products[0])).await;
+
+    let rounds = plan.rounds.max(1);
+    let round = plan.measure / rounds as u32;
+    let mut recorded: [Vec<Recorded>; 2] = [Vec::new(), Vec::new()];
+    let mut order = Vec::new();
     let before = cache_counters(keel).await;
-    let ours = closed_loop(&keel.base, make.clone(), CONNECTIONS, plan.warmup, plan.measure).await;
+    for authed in alternating(rounds) {
+        let variant = &mut recorded[usize::from(authed)];
+        // A variant's first round warms up in full (caches, connections); later rounds only open
+        // their connections again.
+        let warmup = if variant.is_empty() { plan.warmup } else { plan.warmup / 5 };
+        let make = if authed { authenticated.clone() } else { anonymous.clone() };
+        let run = closed_loop_recorded(&keel.base, make, CONNECTIONS, warmup, round).await;
+        order.push(format!("{} {:.0}", if authed { "B" } else { "A" }, run.per_second()));
+        variant.push(run);
+    }
     let after = cache_counters(keel).await;
+    let (ours, authed) = (combine_rounds(&recorded[0]), combine_rounds(&recorded[1]));
     let (hits, loads) = (after.0 - before.0, after.1 - before.1);
     let hit_ratio = hits as f64 / (hits + loads).max(1) as f64;
-    let ceiling = closed_loop(baseline, make, CONNECTIONS, plan.warmup, plan.measure).await;
+    let ceiling = closed_loop(baseline, anonymous, CONNECTIONS, plan.warmup, plan.measure).await;
+    let how_rounds = format!(
+        "{rounds} rounds each of {:.1} s, alternating with S1a's as A B B A … (A anonymous, B authenticated; \
+         warm-up {:.1} s before each variant's first round, {:.1} s before the others); the rate is the median \
+         of a variant's rounds, the latencies over all its rounds. Rounds in order, /s: {}",
+        round.as_secs_f64(),
+        plan.warmup.as_secs_f64(),
+        (plan.warmup / 5).as_secs_f64(),
+        order.join(", ")
+    );
     let result = ScenarioResult {
         id: "S1",
         name: "cached read: GET /v1/users/{id} and /v1/products/{id}, Zipf over the seeded ids",
@@ -194,18 +299,41 @@ pub async fn s1_cached_read(keel: &Keel, baseline: &str, seed: &Seed, plan: &Pla
         target: "≥ 0.85× the HTTP ceiling".into(),
         command: format!("keel-bench: closed loop, {CONNECTIONS} connections, half users half products"),
         notes: format!(
-            "Cache hit ratio over this run (warm-up included), from Keel's counters: {:.2}% ({hits} hits, {loads} \
-             database loads, profiles and products; the seeded products were written through at creation). \
-             Profiles (cache-aside, 5 min) and products (write-through, 60 s) are cached in process; a product read \
-             adds its like count from memory (the other nodes' components are merged every 250 ms, not per read). \
-             One node, no Redis: the shared tier serves what a node's own memory misses, which a single node's \
-             Zipf run rarely does.",
+            "{how_rounds}. Cache hit ratio over S1's and S1a's rounds (warm-up included), from Keel's counters: \
+             {:.2}% ({hits} hits, {loads} database loads, profiles and products; the seeded products were \
+             written through at creation). Profiles (cache-aside, 5 min) and products (write-through, 60 s) are \
+             cached in process; a product read adds its like count from memory (the other nodes' components are \
+             merged every 250 ms, not per read). One node, no Redis: the shared tier serves what a node's own \
+             memory misses, which a single node's Zipf run rarely does.",
             hit_ratio * 100.0
         ),
         keel: Some(ours.clone()),
         ..Default::default()
     };
-    (judged(result, ours.per_second / ceiling.per_second, 0.85), ceiling.per_second)
+    let authenticated = ScenarioResult {
+        id: "S1a",
+        name: "authenticated cached read: S1's calls, each with Authorization: Bearer <a seeded user's access token>",
+        baseline_name: "anonymous S1, measured in alternating rounds of the same run".into(),
+        baseline_per_second: Some(ours.per_second),
+        target: "≥ 0.9× anonymous S1".into(),
+        command: format!(
+            "keel-bench: closed loop, {CONNECTIONS} connections, S1's calls and draws, tokens spread over the {} \
+             seeded users",
+            seed.users.len()
+        ),
+        notes: format!(
+            "{how_rounds}. Access tokens from the seed's sign-ups; each `Authorization` value is made once per token \
+             before the run. A call never carries the token of the profile it reads: an owner's read of their own \
+             profile goes around the cache by design, a different call. A token that is not valid is answered, on \
+             a profile read: {}; on a product read: {}.",
+            checks_tokens(profile_check),
+            checks_tokens(product_check)
+        ),
+        keel: Some(authed.clone()),
+        ..Default::default()
+    };
+    let ratio = authed.per_second / ours.per_second;
+    (judged(result, ours.per_second / ceiling.per_second, 0.85), judged(authenticated, ratio, 0.9), ceiling.per_second)
 }
 
 pub async fn s2_strong_read(keel: &Keel, seed: &Seed, plan: &Plan, http_ceiling: f64) -> ScenarioResult {
@@ -237,11 +365,12 @@ pub async fn s3_accepted_write(keel: &Keel, seed: &Seed, plan: &Plan) -> Scenari
             method: reqwest::Method::POST,
             path: "/v1/checkout".into(),
             token: Some(token.clone()),
+            authorization: None,
             headers: vec![("idempotency-key", format!("s3-{n}"))],
             json: None,
             // The carts are checked out again and again: one whose last order is still pending has
             // nothing left to charge (its items are that order's) and is refused.
-            refusal: Some(409),
+            refusal: &[409],
         }
     });
     // The baseline first, on a quiet machine: Keel's run leaves a backlog of sagas behind it.
@@ -359,10 +488,11 @@ fn shop_day(seed: &Seed) -> MakeCall {
             method,
             path,
             token: Some(token.clone()),
+            authorization: None,
             headers: if key { vec![("idempotency-key", format!("s5-{n}"))] } else { Vec::new() },
             json,
             // Only checkouts carry a key: a cart whose items a pending order already took is refused.
-            refusal: key.then_some(409),
+            refusal: if key { &[409] } else { &[] },
         };
         match rng.fraction() {
             f if f < 0.30 => Call::get(format!("/v1/users/{}", users[i].0)),
@@ -419,11 +549,170 @@ pub async fn s5_shop_day(keel: &Keel, seed: &Seed, plan: &Plan) -> ScenarioResul
             half.refused,
             most.refused
         ),
+        ..Default::default()
     }
+}
+
+/// The reads' slowdown during the burst: p99 during over p99 unloaded; none without both.
+fn p99_ratio(unloaded: &Outcome, during: &Outcome) -> Option<f64> {
+    (unloaded.requests > 0 && during.requests > 0 && unloaded.p99_ms > 0.0).then(|| during.p99_ms / unloaded.p99_ms)
+}
+
+/// S6's sign-ins: `count` of them, spread over the seeded users that have a password.
+fn sign_in_calls(seed: &Seed, count: usize) -> Vec<Call> {
+    assert!(!seed.accounts.is_empty(), "S6 needs seeded users with a password");
+    (0..count)
+        .map(|i| {
+            let (email, password) = &seed.accounts[i % seed.accounts.len()];
+            Call {
+                method: reqwest::Method::POST,
+                path: "/v1/sessions".into(),
+                token: None,
+                authorization: None,
+                headers: Vec::new(),
+                json: Some(serde_json::json!({ "email": email, "password": password })),
+                // Turned away (rate limit, overload, timeout): a refusal, counted apart from failures.
+                refusal: &[429, 503],
+            }
+        })
+        .collect()
+}
+
+/// S6: S1's anonymous reads at a fixed rate (open loop), unloaded, then during a burst of
+/// `plan.sign_ins` sign-ins sent at once. `read_rate`: the reads per second to send.
+pub async fn s6_sign_in_burst(keel: &Keel, seed: &Seed, plan: &Plan, read_rate: f64) -> ScenarioResult {
+    let reads = cached_reads(seed, None);
+    let unloaded = open_loop(&keel.base, reads.clone(), read_rate, plan.warmup, plan.measure).await;
+    let calls = sign_in_calls(seed, plan.sign_ins);
+    let (during, sign_ins) =
+        open_loop_during(&keel.base, reads, read_rate, plan.warmup, burst(&keel.base, calls)).await;
+    let ratio = p99_ratio(&unloaded, &during);
+    let result = ScenarioResult {
+        id: "S6",
+        name: "sign-in burst: S1's anonymous reads during concurrent POST /v1/sessions (Argon2id)",
+        baseline_name: format!(
+            "the same reads unloaded just before: p50 {:.2} ms, p99 {:.2} ms over {} reads",
+            unloaded.p50_ms, unloaded.p99_ms, unloaded.requests
+        ),
+        baseline_per_second: Some(unloaded.per_second),
+        target: "reads' p99 during the burst ≤ 2× unloaded".into(),
+        command: format!(
+            "keel-bench: S1's anonymous calls in an open loop at {read_rate:.0}/s (a quarter of S1's anonymous rate), \
+             {:.1} s unloaded, then during {} sign-ins sent at once on connections of their own",
+            plan.measure.as_secs_f64(),
+            plan.sign_ins
+        ),
+        notes: format!(
+            "The ratio is of the reads' p99 latencies (from intended send times), during the burst over unloaded; \
+             \"during\" is the reads intended from the burst's start to its last answer ({:.2} s). The burst: {} \
+             signed in, {:.0}/s; sign-in latency from the burst's start p50 {:.0} ms, p99 {:.0} ms; {} refused (429 \
+             or 503), {} failed. Each sign-in checks an Argon2id hash; Keel runs at most \
+             KEEL_PASSWORD_HASH_CONCURRENCY (default: one per core) at once on blocking threads. Only {} seeded \
+             users have a password (the burst's, each signed in {}×): a sign-up with a password costs a hash too, \
+             so the others have none, to keep the seeding short.",
+            sign_ins.seconds,
+            sign_ins.requests,
+            sign_ins.per_second,
+            sign_ins.p50_ms,
+            sign_ins.p99_ms,
+            sign_ins.refused,
+            sign_ins.errors,
+            seed.accounts.len(),
+            plan.sign_ins.div_ceil(seed.accounts.len().max(1)),
+        ),
+        keel: Some(during),
+        also: BTreeMap::from([("reads unloaded", unloaded), ("sign-ins", sign_ins)]),
+        ..Default::default()
+    };
+    judged_at_most(result, ratio, 2.0)
 }
 
 /// Checks the open-loop generator end to end against the baseline (used by the smoke run).
 pub async fn open_loop_probe(baseline: &str, plan: &Plan) -> Outcome {
     let make: MakeCall = Arc::new(|_, _| Call::get("/healthz".into()));
     open_loop(baseline, make, 200.0, plan.warmup, plan.measure).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_alternate_so_that_neither_variant_always_goes_first() {
+        assert_eq!(alternating(1), [false, true]);
+        assert_eq!(alternating(2), [false, true, true, false]);
+        let order = alternating(4);
+        assert_eq!(order.iter().filter(|b| **b).count(), 4);
+        // The mean position of each variant is the same: no drift favours one.
+        let mean = |v: bool| order.iter().enumerate().filter(|(_, b)| **b == v).map(|(i, _)| i).sum::<usize>();
+        assert_eq!(mean(false), mean(true));
+    }
+
+    #[test]
+    fn tokens_spread_over_every_user_and_never_belong_to_the_profile_read() {
+        let count = 50;
+        let mut seen = vec![0u32; count];
+        for n in 0..50_000u64 {
+            let owner = (n % 7 == 0).then_some((n as usize / 3) % count);
+            let j = token_for(n, count, owner);
+            assert!(j < count);
+            assert_ne!(Some(j), owner, "call {n}");
+            seen[j] += 1;
+        }
+        assert!(seen.iter().all(|c| (700..1300).contains(c)), "{seen:?}");
+        // One user only: their token, whatever they read.
+        assert_eq!(token_for(5, 1, Some(0)), 0);
+    }
+
+    fn outcome(requests: u64, p99_ms: f64) -> Outcome {
+        Outcome { requests, p99_ms, ..Outcome::default() }
+    }
+
+    #[test]
+    fn the_burst_ratio_is_p99_during_over_p99_unloaded_and_is_judged_at_most() {
+        assert_eq!(p99_ratio(&outcome(100, 2.0), &outcome(10, 3.0)), Some(1.5));
+        assert_eq!(p99_ratio(&outcome(0, 0.0), &outcome(10, 3.0)), None);
+        assert_eq!(p99_ratio(&outcome(100, 2.0), &outcome(0, 0.0)), None);
+        let judged = |ratio| judged_at_most(ScenarioResult::default(), ratio, 2.0).met;
+        assert_eq!(judged(Some(1.99)), Some(true));
+        assert_eq!(judged(Some(2.0)), Some(true));
+        assert_eq!(judged(Some(2.01)), Some(false));
+        assert_eq!(judged(None), None);
+    }
+
+    #[test]
+    fn authenticated_reads_are_the_anonymous_reads_with_a_prepared_token() {
+        let seed = Seed {
+            users: (0..4).map(|i| (format!("u{i}"), format!("token-{i}"))).collect(),
+            products: (0..4).map(|i| format!("p{i}")).collect(),
+            accounts: Vec::new(),
+        };
+        let tokens = Arc::new(seed.users.iter().map(|(_, t)| bearer(t)).collect::<Vec<_>>());
+        let (anonymous, authenticated) = (cached_reads(&seed, None), cached_reads(&seed, Some(tokens)));
+        let (mut a, mut b) = (crate::load::Rng::new(3), crate::load::Rng::new(3));
+        for n in 0..200 {
+            let (x, y) = (anonymous(n, &mut a), authenticated(n, &mut b));
+            assert_eq!(x.path, y.path);
+            assert!(x.authorization.is_none() && x.token.is_none());
+            let value = y.authorization.expect("a token").to_str().unwrap().to_owned();
+            assert!(value.starts_with("Bearer token-"));
+            if let Some(user) = y.path.strip_prefix("/v1/users/u") {
+                assert_ne!(value, format!("Bearer token-{user}"), "an owner's read");
+            }
+        }
+    }
+
+    #[test]
+    fn sign_ins_spread_over_the_users_with_a_password() {
+        let seed = Seed {
+            users: Vec::new(),
+            products: Vec::new(),
+            accounts: vec![("a@x.example".into(), "pa".into()), ("b@x.example".into(), "pb".into())],
+        };
+        let calls = sign_in_calls(&seed, 5);
+        assert_eq!(calls.len(), 5);
+        assert!(calls.iter().all(|c| c.method == reqwest::Method::POST && c.path == "/v1/sessions"));
+        assert_eq!(calls[3].json, Some(serde_json::json!({ "email": "b@x.example", "password": "pb" })));
+        assert_eq!(calls[0].refusal, &[429, 503]);
+    }
 }

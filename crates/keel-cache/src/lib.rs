@@ -478,10 +478,12 @@ where
     /// Write-through: installs a value just committed, here and in the shared tier (telling the
     /// other nodes). Loads in flight may hold an older value, so this also invalidates them. In a
     /// versioned cache a value older than one already installed changes nothing, in either tier.
-    pub async fn put(&self, key: K, value: V) {
+    /// Returns what the shared tier did with it ([`Written::Taken`] without one): when it
+    /// [`Written::Failed`], Redis may still hold an older value for the other nodes.
+    pub async fn put(&self, key: K, value: V) -> Written {
         let version = self.version(&value);
         if self.local.superseded(&key, version) {
-            return;
+            return Written::Superseded;
         }
         self.local.invalidate(&key);
         if self.keep_local {
@@ -504,16 +506,25 @@ where
                 // node before this write was installed here): this node must not keep the older.
                 self.local.invalidate(&key);
             }
+            return written;
         }
+        Written::Taken
     }
 
     /// Cache-aside: drops the key after its source changed, here, in the shared tier and on the
-    /// other nodes. A load already in flight will not install what it read.
-    pub async fn invalidate(&self, key: &K) {
+    /// other nodes. A load already in flight will not install what it read. Returns what the shared
+    /// tier did ([`Written::Taken`] without one).
+    pub async fn invalidate(&self, key: &K) -> Written {
         self.local.invalidate(key);
-        if let Some(tier2) = &self.tier2 {
-            tier2.shared.write(self.kind, &(tier2.key_text)(key), None, None).await;
+        match &self.tier2 {
+            Some(tier2) => tier2.shared.write(self.kind, &(tier2.key_text)(key), None, None).await,
+            None => Written::Taken,
         }
+    }
+
+    /// How long a value is kept (the kind's budget).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Between 90% and 100% of the TTL, so that entries written together do not expire together.

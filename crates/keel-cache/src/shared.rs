@@ -187,6 +187,27 @@ impl Shared {
         self.listeners.lock().unwrap().insert(kind, on_remote_write);
     }
 
+    /// Hears what other nodes [`Shared::announce`] under `kind` (a name no cache uses): `Some(key)`
+    /// for each announcement, `None` after this node was cut off from the channel, when it may have
+    /// missed some.
+    pub fn on_announcement(&self, kind: &'static str, hear: impl Fn(Option<&str>) + Send + Sync + 'static) {
+        self.listen(kind, Arc::new(hear));
+    }
+
+    /// Tells every other node listening for `kind` about `key`, on the invalidation channel (at most
+    /// once: a node cut off at that moment does not hear it, and is told so with `None`). Whether
+    /// Redis took the message.
+    pub async fn announce(&self, kind: &'static str, key: &str) -> bool {
+        let message = format!("{} {kind} {key}", self.node);
+        let channel = self.channel();
+        let published: Option<i64> = self
+            .call(kind, "announce", true, |mut c| async move {
+                redis::cmd("PUBLISH").arg(channel).arg(message).query_async(&mut c).await
+            })
+            .await;
+        published.is_some()
+    }
+
     /// The value's key, its invalidation counter's and its version's.
     fn keys(&self, kind: &str, key: &str) -> [String; 3] {
         ["v", "i", "n"].map(|part| format!("{}:{kind}:{part}:{key}", self.namespace))

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::consistency::DataKind;
+use crate::http::auth::tokens::TokenKey;
 use crate::webhooks::signing::SigningKey;
 
 #[derive(Clone, Debug)]
@@ -55,6 +56,9 @@ pub struct Config {
     /// `KEEL_RATE_LIMIT_MAIL` / `rate_limit_mail`: requests to routes that send e-mail (sign-up per
     /// address, checkout per token), on top of the limits above.
     pub rate_limit_mail: crate::http::rate_limit::RateQuota,
+    /// `KEEL_RATE_LIMIT_SIGN_IN` / `rate_limit_sign_in`: requests per client address to the routes that
+    /// take a password or a code (signing in, confirming a password reset, verifying an address).
+    pub rate_limit_sign_in: crate::http::rate_limit::RateQuota,
     /// `KEEL_TRUST_FORWARDED_FOR` / `trust_forwarded_for`: rate-limit by the last `X-Forwarded-For`
     /// address instead of the TCP peer's. Only behind a proxy that sets it: else any client can
     /// choose its address. Default off.
@@ -128,6 +132,31 @@ pub struct Config {
     /// provider signs its events with (Standard Webhooks). Unset, `POST /v1/payments/events` answers
     /// 503: no event is accepted unverified.
     pub payment_webhook_secret: Option<SigningKey>,
+    /// `KEEL_TOKEN_KEYS` / `token_keys`: the keys that sign access and refresh tokens, as
+    /// `id:secret` items (the secret 32 or more random bytes in URL-safe base64), comma-separated.
+    /// The first signs; the others are still accepted, so a new key is put first and an old one
+    /// removed once the tokens it signed have expired. Required by `keel serve` (every node the
+    /// same); `keel up` makes one and keeps it in `DATA_DIR/token-keys`.
+    pub token_keys: Vec<TokenKey>,
+    /// `KEEL_ACCESS_TOKEN_TTL` / `access_token_ttl`: how long an access token is valid.
+    pub access_token_ttl: Duration,
+    /// `KEEL_REFRESH_TOKEN_TTL` / `refresh_token_ttl`: how long a session lasts unused; each refresh
+    /// starts it again.
+    pub refresh_token_ttl: Duration,
+    /// `KEEL_REFRESH_REUSE_WINDOW` / `refresh_reuse_window`: a refresh token presented again this soon
+    /// after it was exchanged gets the same answer (a client whose answer was lost retries); later,
+    /// it ends the whole session (a stolen token replayed).
+    pub refresh_reuse_window: Duration,
+    /// `KEEL_PASSWORD_HASH_CONCURRENCY` / `password_hash_concurrency`: password hashes computed at once
+    /// per process, on threads of their own at a lower priority (default: the number of cores); more
+    /// wait their turn, so a burst of sign-ins cannot take the cores from the requests being served.
+    pub password_hash_concurrency: usize,
+    /// `KEEL_RECENT_SIGN_IN` / `recent_sign_in`: how recent a sign-in must be for what needs one
+    /// (deleting one's account).
+    pub recent_sign_in: Duration,
+    /// `KEEL_CHECKOUT_REQUIRES_VERIFIED_EMAIL` / `checkout_requires_verified_email`: refuse a checkout
+    /// until the buyer has verified their e-mail address (default on).
+    pub checkout_requires_verified_email: bool,
 }
 
 impl Default for Config {
@@ -150,6 +179,7 @@ impl Default for Config {
             rate_limit_per_address: quota(1200, 60),
             rate_limit_per_token: quota(600, 60),
             rate_limit_mail: quota(20, 3600),
+            rate_limit_sign_in: quota(20, 60),
             trust_forwarded_for: false,
             statement_timeout: None,
             job_timeout: Duration::from_secs(60),
@@ -172,6 +202,13 @@ impl Default for Config {
             redis_namespace: "keel".to_owned(),
             consistency_budgets: Vec::new(),
             payment_webhook_secret: None,
+            token_keys: Vec::new(),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_window: Duration::from_secs(10),
+            password_hash_concurrency: crate::accounts::password::default_concurrency(),
+            recent_sign_in: Duration::from_secs(10 * 60),
+            checkout_requires_verified_email: true,
         }
     }
 }
@@ -211,6 +248,7 @@ const SETTINGS: &[&str] = &[
     "rate_limit_per_address",
     "rate_limit_per_token",
     "rate_limit_mail",
+    "rate_limit_sign_in",
     "trust_forwarded_for",
     "statement_timeout",
     "debug_headers",
@@ -233,6 +271,13 @@ const SETTINGS: &[&str] = &[
     "redis_namespace",
     "consistency_budgets",
     "payment_webhook_secret",
+    "token_keys",
+    "access_token_ttl",
+    "refresh_token_ttl",
+    "refresh_reuse_window",
+    "password_hash_concurrency",
+    "recent_sign_in",
+    "checkout_requires_verified_email",
 ];
 
 impl Config {
@@ -293,6 +338,7 @@ impl Config {
                 "rate_limit_per_address" => self.rate_limit_per_address = parse_quota(raw).map_err(|m| fail(key, m))?,
                 "rate_limit_per_token" => self.rate_limit_per_token = parse_quota(raw).map_err(|m| fail(key, m))?,
                 "rate_limit_mail" => self.rate_limit_mail = parse_quota(raw).map_err(|m| fail(key, m))?,
+                "rate_limit_sign_in" => self.rate_limit_sign_in = parse_quota(raw).map_err(|m| fail(key, m))?,
                 "trust_forwarded_for" => self.trust_forwarded_for = parse_bool(raw).map_err(|m| fail(key, m))?,
                 "statement_timeout" => {
                     self.statement_timeout = Some(parse_statement_timeout(raw).map_err(|m| fail(key, m))?)
@@ -326,6 +372,17 @@ impl Config {
                 "consistency_budgets" => self.consistency_budgets = parse_budgets(raw).map_err(|m| fail(key, m))?,
                 "payment_webhook_secret" => {
                     self.payment_webhook_secret = Some(parse_webhook_secret(raw).map_err(|m| fail(key, m))?)
+                }
+                "token_keys" => self.token_keys = parse_token_keys(raw).map_err(|m| fail(key, m))?,
+                "access_token_ttl" => self.access_token_ttl = parse_lifetime(raw).map_err(|m| fail(key, m))?,
+                "refresh_token_ttl" => self.refresh_token_ttl = parse_lifetime(raw).map_err(|m| fail(key, m))?,
+                "refresh_reuse_window" => self.refresh_reuse_window = parse_duration(raw).map_err(|m| fail(key, m))?,
+                "password_hash_concurrency" => {
+                    self.password_hash_concurrency = parse_range(raw, 1, 256).map_err(|m| fail(key, m))?
+                }
+                "recent_sign_in" => self.recent_sign_in = parse_lifetime(raw).map_err(|m| fail(key, m))?,
+                "checkout_requires_verified_email" => {
+                    self.checkout_requires_verified_email = parse_bool(raw).map_err(|m| fail(key, m))?
                 }
                 _ => unreachable!("every name in SETTINGS is handled"),
             }
@@ -508,6 +565,22 @@ fn parse_redis_url(raw: &str) -> Result<String, String> {
         Some(rest) if !rest.is_empty() => Ok(raw.to_owned()),
         _ => Err(format!("{raw:?} is not a redis://host:port URL")),
     }
+}
+
+/// Signing keys: `id:secret` items. The message never repeats a secret.
+fn parse_token_keys(raw: &str) -> Result<Vec<TokenKey>, String> {
+    let keys = raw.split(',').map(TokenKey::parse).collect::<Result<Vec<_>, _>>()?;
+    crate::http::auth::tokens::Keys::new(keys.clone())?;
+    Ok(keys)
+}
+
+/// A token's or session's lifetime: from a second to a year.
+fn parse_lifetime(raw: &str) -> Result<Duration, String> {
+    let duration = parse_duration(raw)?;
+    if duration < Duration::from_secs(1) || duration > Duration::from_secs(366 * 24 * 3600) {
+        return Err(format!("{raw:?} is not a duration from 1s to a year"));
+    }
+    Ok(duration)
 }
 
 /// A Standard Webhooks secret: `whsec_` and base64 of at least 16 bytes. The message never repeats

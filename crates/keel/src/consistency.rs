@@ -21,6 +21,7 @@ pub enum DataKind {
     Inventory,
     Wallet,
     Order,
+    Session,
 }
 
 impl DataKind {
@@ -35,6 +36,7 @@ impl DataKind {
             DataKind::Inventory => "inventory",
             DataKind::Wallet => "wallet",
             DataKind::Order => "order",
+            DataKind::Session => "session",
         }
     }
 
@@ -72,6 +74,9 @@ pub enum Policy {
     CountedWithRow,
     /// Made from the source by workers, after it changed.
     Derived,
+    /// Carried by the client (a signed token); what ends it early is announced to every node and
+    /// polled from its source.
+    Revocable,
     NeverCached,
 }
 
@@ -82,6 +87,7 @@ impl Policy {
             Policy::WriteThrough => "write-through",
             Policy::CountedWithRow => "counted with the row",
             Policy::Derived => "derived",
+            Policy::Revocable => "signed token, revocations announced and polled",
             Policy::NeverCached => "never cached",
         }
     }
@@ -178,6 +184,16 @@ pub const KINDS: &[Kind] = &[
         budget: Duration::ZERO,
         policy: Policy::NeverCached,
         source: Source::Direct("shard primary"),
+    },
+    // A session is checked with no query: how soon a revocation (sign-out, a password change, a
+    // lock) reaches every node is this budget (see `crate::http::auth::revocations`).
+    Kind {
+        kind: DataKind::Session,
+        budget: Duration::from_secs(5),
+        policy: Policy::Revocable,
+        source: Source::Direct(
+            "access token; revocations announced to every node, each shard polled every quarter budget",
+        ),
     },
 ];
 

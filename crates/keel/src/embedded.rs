@@ -11,6 +11,7 @@ use crate::app::{serve_with_workers, Application};
 use crate::config::Config;
 use crate::db::{self, Databases};
 use crate::http::auth::new_admin_token;
+use crate::http::auth::tokens::TokenKey;
 use crate::Fatal;
 
 /// `keel up` creates this many user shards, so that sharding is exercised from the first run.
@@ -85,6 +86,7 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     }
     db::migrate_all(&catalog_url, &shard_urls).await?;
     let admin_token = admin_token(config, data_dir)?;
+    let config = &with_token_keys(config, data_dir)?;
     let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
     // The workers' pools are their own: a backlog of jobs cannot take the API's connections.
     let workers = crate::jobs::open_databases(&catalog_url, &shard_urls, config).await?;
@@ -134,6 +136,32 @@ fn admin_token(config: &Config, data_dir: &Path) -> Result<String, String> {
     write_private(&path, &token).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     eprintln!("admin token (kept in {}): {token}", path.display());
     Ok(token)
+}
+
+/// `KEEL_TOKEN_KEYS` if set; else the keys kept in `DIR/token-keys` (one `id:secret` per line, the
+/// signing key first); else a new key, kept there (readable by this user only).
+fn with_token_keys(config: &Config, data_dir: &Path) -> Result<Config, String> {
+    let mut config = config.clone();
+    if !config.token_keys.is_empty() {
+        return Ok(config);
+    }
+    let path = data_dir.join("token-keys");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = TokenKey::generate("k1").to_setting();
+            write_private(&path, &key).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            key
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    config.token_keys = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(TokenKey::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(config)
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

@@ -37,8 +37,14 @@ pub fn event<E: Event>(payload: &E, aggregate: impl ToString, traceparent: Optio
 }
 
 /// The events a webhook may subscribe to. The others are internal steps.
-pub const SUBSCRIBABLE: &[&str] =
-    &[UserRegistered::NAME, ProductCreated::NAME, ProductUpdated::NAME, OrderConfirmed::NAME, OrderFailed::NAME];
+pub const SUBSCRIBABLE: &[&str] = &[
+    UserRegistered::NAME,
+    ProductCreated::NAME,
+    ProductUpdated::NAME,
+    OrderConfirmed::NAME,
+    OrderFailed::NAME,
+    crate::accounts::erasure::UserDeleted::NAME,
+];
 
 /// A user signed up (with their wallet, empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +55,41 @@ pub struct UserRegistered {
 
 impl Event for UserRegistered {
     const NAME: &'static str = "user.registered";
+}
+
+/// A one-time secret was issued to a user's address: its e-mail is to be sent. Internal, never a
+/// webhook: it carries what the e-mail worker needs to make the secret again with the signing key
+/// (`accounts::codes::secret`), never the secret itself, nor the address (read from the code's row
+/// when the e-mail is written, so a code replaced, used or expired meanwhile is not sent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CodeIssued {
+    pub user_id: UserId,
+    pub issued: Issued,
+}
+
+impl Event for CodeIssued {
+    const NAME: &'static str = "account.code_issued";
+}
+
+/// What a one-time secret is for (`accounts::codes`, which says how long each lives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// A 6-digit code to sign in with, instead of a password.
+    SignIn,
+    /// A 6-digit code proving the owner reads the address.
+    VerifyEmail,
+    /// A long token in a link, to set a new password.
+    PasswordReset,
+}
+
+/// What an e-mail needs to carry a secret: the nonce and the key that make it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    pub purpose: Purpose,
+    /// URL-safe base64.
+    pub nonce: String,
+    pub key_id: String,
 }
 
 /// A product as the API shows it (`catalog::Product`) and as its events carry it, committed (in an
@@ -250,6 +291,12 @@ mod tests {
         round_trip(ProductCreated(data.clone()), product, product_json.clone());
         round_trip(ProductUpdated(data), product, product_json);
         round_trip(Ping {}, product, json!({}));
+        let issued = Issued { purpose: Purpose::PasswordReset, nonce: "bm9uY2U".into(), key_id: "k1".into() };
+        round_trip(
+            CodeIssued { user_id: user, issued },
+            user,
+            json!({ "user_id": user, "issued": { "purpose": "password_reset", "nonce": "bm9uY2U", "key_id": "k1" } }),
+        );
         assert_eq!(json!(user), json!(user.to_string()), "ids are their canonical text");
     }
 

@@ -94,6 +94,11 @@ id! {
     OrderId
 }
 
+id! {
+    /// A session's id (a signed-in device), on its user's shard.
+    SessionId
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

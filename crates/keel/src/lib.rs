@@ -10,7 +10,7 @@
 //!   [`events`], [`ids`] (user, product and order ids), [`money`], [`telemetry`], [`shutdown`];
 //! - **[`http`]**: the HTTP toolkit (errors, extractors, auth, trace, middleware, idempotency keys,
 //!   cache headers, pagination), which knows no domain;
-//! - **capabilities**, one home each: [`users`], [`catalog`], [`carts`], [`wallet`], [`orders`]
+//! - **capabilities**, one home each: [`accounts`] (sessions, credentials), [`users`], [`catalog`], [`carts`], [`wallet`], [`orders`]
 //!   (with the checkout saga), [`likes`], [`search`], [`webhooks`], [`email`], and [`admin`];
 //! - **assembly**: [`state`] (what handlers reach), [`app`] (the route list, the OpenAPI document,
 //!   serving and draining), [`jobs`] (which handler runs which job kind, and the worker runtime),
@@ -21,6 +21,7 @@
 /// (which setting, which step) is added where the error is met.
 pub type Fatal = Box<dyn std::error::Error + Send + Sync>;
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod carts;

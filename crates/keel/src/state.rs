@@ -15,12 +15,14 @@ use keel_cache::{Cache, Shared};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::accounts::password::Hasher;
+use crate::accounts::AccountsState;
 use crate::carts::{CartCache, CartsState};
 use crate::catalog::{CatalogState, ProductCache};
 use crate::config::Config;
 use crate::consistency::DataKind;
 use crate::db::Databases;
-use crate::http::auth::AdminToken;
+use crate::http::auth::{AdminToken, Authenticator};
 use crate::likes::LikeCounter;
 use crate::users::{ProfileCache, UsersState};
 
@@ -40,11 +42,23 @@ pub struct AppState {
     pub carts: Arc<CartCache>,
     /// The shared tier (Redis), if configured.
     pub shared: Option<Arc<Shared>>,
+    /// Verifies access tokens with no query; knows the revoked sessions.
+    pub auth: Arc<Authenticator>,
+    /// Password hashing, off the executor and bounded.
+    pub hasher: Arc<Hasher>,
 }
 
 impl AppState {
-    pub fn new(db: Arc<Databases>, config: Arc<Config>, admin_token: AdminToken, shared: Option<Arc<Shared>>) -> Self {
+    pub fn new(
+        db: Arc<Databases>,
+        config: Arc<Config>,
+        admin_token: AdminToken,
+        shared: Option<Arc<Shared>>,
+        auth: Arc<Authenticator>,
+    ) -> Self {
         AppState {
+            hasher: Arc::new(Hasher::new(config.password_hash_concurrency)),
+            auth,
             profiles: Arc::new(cache(&config, DataKind::Profile, &shared)),
             products: Arc::new(cache(&config, DataKind::Product, &shared).versioned(crate::catalog::version_of)),
             carts: Arc::new(crate::carts::cart_cache(&config, &shared)),
@@ -67,7 +81,8 @@ impl AppState {
             | DataKind::Search
             | DataKind::Inventory
             | DataKind::Wallet
-            | DataKind::Order => None,
+            | DataKind::Order
+            | DataKind::Session => None,
         }
     }
 }
@@ -84,9 +99,26 @@ impl FromRef<AppState> for AdminToken {
     }
 }
 
+impl FromRef<AppState> for Arc<Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl FromRef<AppState> for AccountsState {
+    fn from_ref(state: &AppState) -> Self {
+        AccountsState {
+            db: state.db.clone(),
+            auth: state.auth.clone(),
+            hasher: state.hasher.clone(),
+            config: state.config.clone(),
+        }
+    }
+}
+
 impl FromRef<AppState> for UsersState {
     fn from_ref(state: &AppState) -> Self {
-        UsersState { db: state.db.clone(), profiles: state.profiles.clone() }
+        UsersState { db: state.db.clone(), profiles: state.profiles.clone(), accounts: AccountsState::from_ref(state) }
     }
 }
 

@@ -1,20 +1,29 @@
 //! Users and their profiles. A user lives on the shard of its id; its e-mail address is claimed in
 //! the catalogue database's lookup table first, which keeps addresses unique across shards.
+//!
+//! The two databases are written one after the other, never together, so a claim may be left behind
+//! by a failure between them: a sign-up whose user row was never written, or an address changed
+//! away from whose release failed. A claim is only ever taken over when it is old enough and its
+//! holder's row does not have that address ([`claim_email`]): a claim left behind costs an address
+//! for a couple of minutes, never its uniqueness.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
 
+use crate::accounts::codes::{self, Purpose};
+use crate::accounts::sessions::{self, SessionTokens};
+use crate::accounts::AccountsState;
 use crate::db::{bucket_of, Databases, Sql};
 use crate::email::Email;
 use crate::events::{self, UserRegistered};
-use crate::http::auth::{new_user_token, AuthUser, Caller};
+use crate::http::auth::{AuthUser, Caller};
 use crate::http::cache_headers::{bypass_headers, cache_headers};
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Json, Path};
@@ -35,6 +44,9 @@ pub struct CreateUser {
     pub email: String,
     /// Up to 1,000 characters.
     pub bio: Option<String>,
+    /// 8 to 128 characters, not a common or easily guessed one. Optional: without one, the user signs
+    /// in with codes sent to their address (`POST /v1/sessions/codes`).
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -42,19 +54,26 @@ pub struct CreateUser {
 pub struct UpdateUser {
     pub name: Option<String>,
     pub bio: Option<String>,
+    /// A new address, taken at once (409 if another user has it) and unverified until the code
+    /// e-mailed to it is entered (`POST /v1/users/{id}/email-verification`). Codes and password
+    /// reset tokens sent to the old address stop working.
+    pub email: Option<String>,
 }
 
-/// The answer to a sign-up: the only time the token is ever shown.
+/// The answer to a sign-up: the new user, signed in (a session, as `POST /v1/sessions` answers).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CreatedUser {
     #[schema(value_type = String)]
     pub id: UserId,
-    /// The user's bearer token. Keep it: it is stored only as a hash and cannot be shown again.
-    pub token: String,
     pub name: String,
     pub email: String,
     pub bio: String,
     pub created_at: String,
+    #[serde(flatten)]
+    pub session: SessionTokens,
+    /// Deprecated: the same as `access_token`, for clients written before sessions.
+    #[schema(deprecated)]
+    pub token: String,
 }
 
 /// Public profiles (no e-mail), by user id: cache-aside, invalidated by the owner's changes.
@@ -65,9 +84,11 @@ pub type ProfileCache = keel_cache::Cache<UserId, Arc<Profile>>;
 pub struct UsersState {
     pub db: Arc<Databases>,
     pub profiles: Arc<ProfileCache>,
+    /// Sign-up signs the new user in.
+    pub accounts: AccountsState,
 }
 
-/// A profile. `email` is present only when the owner asks.
+/// A profile. `email` and `email_verified` are present only when the owner asks.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Profile {
     #[schema(value_type = String)]
@@ -75,12 +96,16 @@ pub struct Profile {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Whether the owner entered the code sent to `email`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_verified: Option<bool>,
     pub bio: String,
     pub created_at: String,
     pub updated_at: String,
 }
 
-const PROFILE_COLUMNS: &str = "id, name, email, bio, created_at, updated_at";
+const PROFILE_COLUMNS: &str =
+    "id, name, email, email_verified_at IS NOT NULL AS email_verified, bio, created_at, updated_at";
 
 impl Profile {
     fn from_row(row: &Row, show_email: bool) -> Profile {
@@ -88,6 +113,7 @@ impl Profile {
             id: row.get("id"),
             name: row.get("name"),
             email: show_email.then(|| row.get("email")),
+            email_verified: show_email.then(|| row.get("email_verified")),
             bio: row.get("bio"),
             created_at: timestamp(row.get("created_at")),
             updated_at: timestamp(row.get("updated_at")),
@@ -97,54 +123,70 @@ impl Profile {
 
 #[utoipa::path(post, path = "/v1/users", tag = "users", request_body = CreateUser,
     responses(
-        (status = 201, description = "Created; the token is shown only now", body = CreatedUser),
+        (status = 201, description = "Created and signed in", body = CreatedUser),
         (status = 409, description = "The e-mail address is taken", body = Problem),
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn create_user(
     State(state): State<UsersState>,
     trace: TraceContext,
+    headers: HeaderMap,
     Json(input): Json<CreateUser>,
 ) -> Result<impl IntoResponse, ApiError> {
     let name = text("name", &input.name, 1, 100)?;
     let email = Email::parse(&input.email).map_err(|why| ApiError::invalid("email", &why))?;
     let email = email.as_str().to_owned();
     let bio = text("bio", input.bio.as_deref().unwrap_or(""), 0, 1000)?;
+    let password_hash = match &input.password {
+        Some(password) => {
+            let hasher = &state.accounts.hasher;
+            hasher
+                .check_new_password(password, &[&email, &name])
+                .await
+                .map_err(|why| ApiError::invalid("password", &why))?;
+            Some(state.accounts.hasher.hash(password).await)
+        }
+        None => None,
+    };
     let id = UserId::new();
-    let (token, token_digest) = new_user_token(id);
 
     claim_email(&state, &email, id).await?;
     let shard = state.db.shard_of(id);
     let created = async {
         let mut client = shard.client().await?;
-        // One transaction: the user, its wallet and the event exist together or not at all.
+        // One transaction: the user, its wallet, its first session and the event exist together or
+        // not at all.
         let tx = client.transaction().await?;
         let row = tx
             .row(
                 "WITH new_user AS (
-                     INSERT INTO users (id, bucket, name, email, bio, token_hash)
+                     INSERT INTO users (id, bucket, name, email, bio, password_hash)
                      VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, created_at
                  )
                  INSERT INTO wallets (user_id) SELECT id FROM new_user
                  RETURNING (SELECT created_at FROM new_user)",
-                &[&id, &bucket_of(id), &name, &email, &bio, &token_digest.as_slice()],
+                &[&id, &bucket_of(id), &name, &email, &bio, &password_hash],
             )
             .await?;
+        let session = sessions::open(&tx, &state.accounts, id, &sessions::user_agent(&headers)).await?;
+        // The code that verifies the address: the welcome e-mail carries it (one e-mail, not two).
+        codes::issue(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, &email).await?;
         let registered = UserRegistered { user_id: id, name: name.clone() };
         keel_outbox::enqueue(&tx, &events::event(&registered, id, Some(trace.traceparent()))).await?;
         tx.commit().await?;
-        Ok::<SystemTime, ApiError>(row.get(0))
+        Ok::<(SystemTime, SessionTokens), ApiError>((row.get(0), session))
     }
     .await;
-    let created_at = match created {
-        Ok(at) => at,
+    let (created_at, session) = match created {
+        Ok(created) => created,
         Err(e) => {
-            release_email(&state, &email, id).await;
+            release_unless_used(&state, &email, id).await;
             return Err(e);
         }
     };
-    let body = CreatedUser { id, token, name, email, bio, created_at: timestamp(created_at) };
-    // The token is in the body: no cache between here and the client may keep a copy of it.
+    let token = session.access_token.clone();
+    let body = CreatedUser { id, name, email, bio, created_at: timestamp(created_at), session, token };
+    // The tokens are in the body: no cache between here and the client may keep a copy of them.
     let headers = [(header::LOCATION, format!("/v1/users/{id}")), (header::CACHE_CONTROL, "no-store".to_owned())];
     Ok((StatusCode::CREATED, headers, Json(body)))
 }
@@ -176,7 +218,7 @@ async fn claim_email(state: &UsersState, email: &str, user: UserId) -> Result<()
         return Err(taken());
     };
     let holder: UserId = claim.get("user_id");
-    if !claim.get::<_, bool>("abandoned") || user_exists(state, holder).await? {
+    if !claim.get::<_, bool>("abandoned") || has_email(state, holder, email).await? {
         return Err(taken());
     }
     let took_over = catalog
@@ -192,8 +234,8 @@ async fn claim_email(state: &UsersState, email: &str, user: UserId) -> Result<()
     Err(taken())
 }
 
-/// Undoes a claim after the user row could not be written. Best effort: a claim left behind is
-/// taken over later by [`claim_email`].
+/// Releases `user`'s claim of `email` (its row never got it, or has another address now). Best
+/// effort: a claim left behind is taken over later by [`claim_email`].
 async fn release_email(state: &UsersState, email: &str, user: UserId) {
     let result = async {
         let catalog = state.db.catalog.client().await?;
@@ -206,9 +248,20 @@ async fn release_email(state: &UsersState, email: &str, user: UserId) {
     }
 }
 
-async fn user_exists(state: &UsersState, user: UserId) -> Result<bool, ApiError> {
+/// Undoes a claim after writing the user's row with it failed — unless the row has it after all (a
+/// commit whose answer was lost): releasing it then would let another user take an address in use.
+/// When the shard cannot tell, the claim is left, to be taken over once old enough if it holds nothing.
+async fn release_unless_used(state: &UsersState, email: &str, user: UserId) {
+    if let Ok(false) = has_email(state, user, email).await {
+        release_email(state, email, user).await;
+    }
+}
+
+/// Whether `user`'s row has the address `email`: a claim whose holder's row does not (it was never
+/// written, or it changed address since) holds nothing.
+async fn has_email(state: &UsersState, user: UserId, email: &str) -> Result<bool, ApiError> {
     let client = state.db.shard_of(user).client().await?;
-    Ok(client.maybe_row("SELECT 1 FROM users WHERE id = $1", &[&user]).await?.is_some())
+    Ok(client.maybe_row("SELECT 1 FROM users WHERE id = $1 AND email = $2", &[&user, &email]).await?.is_some())
 }
 
 #[utoipa::path(get, path = "/v1/users/{id}", tag = "users",
@@ -234,7 +287,7 @@ pub async fn get_user(
     Ok((cache_headers(served), Json((*profile).clone())))
 }
 
-async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Result<Profile, ApiError> {
+pub(crate) async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Result<Profile, ApiError> {
     let client = state.db.shard_of(id).client().await?;
     let row = client
         .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
@@ -250,11 +303,13 @@ async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Resul
         (status = 200, description = "The updated profile", body = Profile),
         (status = 401, description = "No valid token", body = Problem),
         (status = 403, description = "Not the owner", body = Problem),
+        (status = 409, description = "The new e-mail address is taken, or another request is changing it", body = Problem),
         (status = 422, description = "A field is invalid", body = Problem),
     ))]
 pub async fn update_user(
     State(state): State<UsersState>,
     AuthUser(caller): AuthUser,
+    trace: TraceContext,
     Path(id): Path<String>,
     Json(input): Json<UpdateUser>,
 ) -> Result<Json<Profile>, ApiError> {
@@ -262,11 +317,27 @@ pub async fn update_user(
     if caller != id {
         return Err(ApiError::Forbidden("only the owner may change a profile".into()));
     }
-    if input.name.is_none() && input.bio.is_none() {
-        return Err(ApiError::Unprocessable("give at least one of name, bio".into()));
+    if input.name.is_none() && input.bio.is_none() && input.email.is_none() {
+        return Err(ApiError::Unprocessable("give at least one of name, bio, email".into()));
     }
     let name = input.name.as_deref().map(|n| text("name", n, 1, 100)).transpose()?;
     let bio = input.bio.as_deref().map(|b| text("bio", b, 0, 1000)).transpose()?;
+    let email = input.email.as_deref().map(Email::parse).transpose().map_err(|why| ApiError::invalid("email", &why))?;
+    let profile = match email {
+        Some(email) => change_email(&state, id, email.as_str(), &name, &bio, trace.traceparent()).await?,
+        None => update_profile(&state, id, &name, &bio).await?,
+    };
+    // Cache-aside: the write is committed; others' next read loads it.
+    state.profiles.invalidate(&id).await;
+    Ok(Json(profile))
+}
+
+async fn update_profile(
+    state: &UsersState,
+    id: UserId,
+    name: &Option<String>,
+    bio: &Option<String>,
+) -> Result<Profile, ApiError> {
     let client = state.db.shard_of(id).client().await?;
     let row = client
         .maybe_row(
@@ -278,7 +349,65 @@ pub async fn update_user(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
-    // Cache-aside: the write is committed; others' next read loads it.
-    state.profiles.invalidate(&id).await;
-    Ok(Json(Profile::from_row(&row, true)))
+    Ok(Profile::from_row(&row, true))
+}
+
+/// Moves the user to address `new` (with their name and bio, if given), unverified, and e-mails a
+/// verification code there. As at sign-up, the new address is claimed in the catalogue before the
+/// shard is written, and released again if that fails; the old address is released once the row has
+/// the new one. What a failure between the databases leaves is a claim of this user's that its row
+/// does not have: harmless, and taken over by the next sign-up that wants it ([`claim_email`]).
+async fn change_email(
+    state: &UsersState,
+    id: UserId,
+    new: &str,
+    name: &Option<String>,
+    bio: &Option<String>,
+    traceparent: String,
+) -> Result<Profile, ApiError> {
+    let client = state.db.shard_of(id).client().await?;
+    let old: String = client
+        .maybe_row("SELECT email FROM users WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?
+        .get(0);
+    drop(client);
+    if old == new {
+        // Not a change: the address stays as verified as it was.
+        return update_profile(state, id, name, bio).await;
+    }
+    claim_email(state, new, id).await?;
+    let changed = async {
+        let mut client = state.db.shard_of(id).client().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .maybe_row(
+                &format!(
+                    "UPDATE users SET email = $4, email_verified_at = NULL, name = coalesce($2, name), \
+                     bio = coalesce($3, bio), updated_at = now() WHERE id = $1 AND email = $5 \
+                     RETURNING {PROFILE_COLUMNS}"
+                ),
+                &[&id, name, bio, &new, &old],
+            )
+            .await?
+            .ok_or_else(|| {
+                ApiError::Conflict("the e-mail address was changed by another request meanwhile: try again".into())
+            })?;
+        // Codes and reset tokens went to the old address: they no longer sign in nor reset anything.
+        tx.exec("DELETE FROM one_time_codes WHERE user_id = $1", &[&id]).await?;
+        codes::issue_and_mail(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, new, Some(traceparent)).await?;
+        tx.commit().await?;
+        Ok::<Profile, ApiError>(Profile::from_row(&row, true))
+    }
+    .await;
+    match changed {
+        Ok(profile) => {
+            release_email(state, &old, id).await;
+            Ok(profile)
+        }
+        Err(e) => {
+            release_unless_used(state, new, id).await;
+            Err(e)
+        }
+    }
 }

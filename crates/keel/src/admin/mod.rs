@@ -4,6 +4,7 @@
 
 pub mod consistency;
 pub mod deposits;
+pub mod locks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;

@@ -20,8 +20,11 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::consistency::DataKind;
 use crate::db::Databases;
-use crate::http::auth::AdminToken;
+use crate::http::auth::revocations::Revocations;
+use crate::http::auth::tokens::Keys;
+use crate::http::auth::{AdminToken, Authenticator};
 use crate::likes::LikeCounter;
 use crate::shutdown::{shutdown_signal, Stop};
 use crate::state::AppState;
@@ -34,6 +37,7 @@ pub struct Application {
     connection_limits: connections::ConnectionLimits,
     config: Arc<Config>,
     likes: Arc<LikeCounter>,
+    revocations: Arc<Revocations>,
     /// Requests that may change state run as tasks of their own (see [`crate::http::middleware`]).
     writes: TaskTracker,
 }
@@ -53,7 +57,9 @@ impl Application {
         let databases = Arc::new(db);
         let config = Arc::new(config);
         let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;
-        let state = AppState::new(databases.clone(), config.clone(), AdminToken::new(admin_token), shared);
+        let auth = authenticator(&config, &databases, &shared).await?;
+        let revocations = auth.revocations.clone();
+        let state = AppState::new(databases.clone(), config.clone(), AdminToken::new(admin_token), shared, auth);
         let likes = state.likes.clone();
         // The first merge before serving: a new node's first reads count every like.
         if let Err(e) = likes.merge_shards(&databases).await {
@@ -63,7 +69,17 @@ impl Application {
         ops::refresh_queue_gauges_once(&databases).await;
         let writes = TaskTracker::new();
         let router = routes::router(state, writes.clone());
-        Ok(Application { databases, listener, router, shutdown_timeout, connection_limits, config, likes, writes })
+        Ok(Application {
+            databases,
+            listener,
+            router,
+            shutdown_timeout,
+            connection_limits,
+            config,
+            likes,
+            revocations,
+            writes,
+        })
     }
 
     /// The databases this application serves: the API's pools (workers beside it have their own, see
@@ -88,10 +104,12 @@ impl Application {
         };
         let merger = tokio::spawn(self.likes.clone().run_merger(self.databases.clone(), served_signal()));
         let gauges = tokio::spawn(ops::refresh_queue_gauges(self.databases.clone(), served_signal()));
+        let revocations = tokio::spawn(self.revocations.clone().run(self.databases.clone(), served_signal()));
         let served = self.serve(shutdown).await;
         let _ = served_tx.send(true);
         let _ = merger.await;
         let _ = gauges.await;
+        let _ = revocations.await;
         served
     }
 
@@ -125,6 +143,26 @@ impl Application {
             }
         }
     }
+}
+
+/// The token checker: the configured keys, and the revoked sessions read from every shard before
+/// the node serves (a shard that does not answer is polled again; until then its users' tokens are
+/// refused with 503).
+async fn authenticator(
+    config: &Config,
+    databases: &Arc<Databases>,
+    shared: &Option<Arc<keel_cache::Shared>>,
+) -> io::Result<Arc<Authenticator>> {
+    let keys = Keys::new(config.token_keys.clone()).map_err(|e| {
+        io::Error::other(format!("KEEL_TOKEN_KEYS: {e} (`keel up` makes one; `keel serve` needs it set)"))
+    })?;
+    let shards = databases.shards.all().count();
+    let revocations =
+        Revocations::new(shards, config.budget(DataKind::Session), config.access_token_ttl, shared.clone());
+    if !revocations.poll(databases, revocations.startup_lookback()).await {
+        tracing::warn!("a shard's revoked sessions could not be read; its users' tokens wait until they can");
+    }
+    Ok(Arc::new(Authenticator { keys, revocations, db: databases.clone() }))
 }
 
 /// Serves the API and runs the workers in this process until Ctrl-C or SIGTERM; then both stop,

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use crate::http::error::{self, ApiError};
 use crate::http::{middleware, rate_limit};
 use crate::state::AppState;
-use crate::{admin, carts, catalog, likes, orders, search, users, wallet, webhooks};
+use crate::{accounts, admin, carts, catalog, likes, orders, search, users, wallet, webhooks};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -40,6 +40,18 @@ impl Modify for BearerAuth {
 pub fn router(state: AppState, writes: TaskTracker) -> Router {
     let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(users::create_user))
+        .routes(routes!(
+            accounts::sessions::sign_in,
+            accounts::sessions::list_sessions,
+            accounts::sessions::end_all_sessions
+        ))
+        .routes(routes!(accounts::sessions::refresh))
+        .routes(routes!(accounts::sessions::end_session))
+        .routes(routes!(accounts::by_email::request_code))
+        .routes(routes!(accounts::by_email::request_password_reset))
+        .routes(routes!(accounts::by_email::confirm_password_reset))
+        .routes(routes!(accounts::by_email::verify_email))
+        .routes(routes!(accounts::by_email::resend_verification))
         .routes(routes!(users::get_user, users::update_user))
         .routes(routes!(catalog::create_product, catalog::list_products))
         .routes(routes!(catalog::get_product, catalog::update_product))
@@ -55,6 +67,9 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::queues))
         .routes(routes!(admin::retry_job))
         .routes(routes!(admin::deposits::deposit_for_user))
+        .routes(routes!(accounts::erasure::delete_user))
+        .routes(routes!(admin::locks::lock_user))
+        .routes(routes!(admin::locks::unlock_user))
         .routes(routes!(admin::consistency::table))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))

@@ -70,6 +70,10 @@ const SHARD: &[Migration] = &[
         sql: include_str!("../../migrations/shard/0014_checkout_snapshots.sql"),
     },
     Migration { version: 12, name: "retention", sql: include_str!("../../migrations/shard/0015_retention.sql") },
+    // Accounts: passwords, sessions, one-time codes, locks.
+    Migration { version: 13, name: "accounts", sql: include_str!("../../migrations/shard/0017_accounts.sql") },
+    // Erasure: the users marked, the kept order and ledger rows freed from the user row.
+    Migration { version: 14, name: "erasure", sql: include_str!("../../migrations/shard/0018_erasure.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

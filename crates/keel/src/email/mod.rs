@@ -1,5 +1,10 @@
-//! The e-mail each user event causes: a welcome on sign-up, a receipt when an order is confirmed,
-//! a notice with the reason when it fails.
+//! The e-mail each user event causes: a welcome on sign-up (with the code that verifies the
+//! address), a receipt when an order is confirmed, a notice with the reason when it fails, and the
+//! one-time secrets of accounts (a sign-in code, a verification code, a password reset token).
+//!
+//! A secret is not in the event: it is made again here from its row with the signing key
+//! ([`codes::live`]), and only while it is live — a code replaced, used or expired before its e-mail
+//! went out is not sent. Secrets are never logged.
 //!
 //! Exactly one message per event as far as Keel can make it, with `email_deliveries` on the user's
 //! shard:
@@ -32,9 +37,11 @@ use lettre::message::Mailbox;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::accounts::codes::{self, Purpose};
 use crate::config::Config;
 use crate::db::{Databases, Db, DbError, Sql};
-use crate::events::{Event, FailureReason, OrderConfirmed, OrderFailed, UserRegistered};
+use crate::events::{CodeIssued, Event, FailureReason, OrderConfirmed, OrderFailed, UserRegistered};
+use crate::http::auth::tokens::Keys;
 use crate::ids::{OrderId, ProductId, UserId};
 pub use address::Email;
 pub use mailer::{Mail, Mailer};
@@ -50,6 +57,9 @@ pub struct Sender {
     /// kill could repeat 48 e-mails). Taken before the claim, so no claim lapses while its handler
     /// waits here.
     sending: Arc<Semaphore>,
+    /// The signing keys, which make the e-mailed secrets again (`KEEL_TOKEN_KEYS`, as the API's). A
+    /// worker without them sends every other e-mail; a secret's e-mail fails until they are set.
+    keys: Option<Keys>,
 }
 
 impl Sender {
@@ -59,6 +69,10 @@ impl Sender {
             from: config.mail_from.parse().map_err(|e| format!("KEEL_MAIL_FROM: {e}"))?,
             unrecorded: Arc::default(),
             sending: Arc::new(Semaphore::new(config.mail_concurrency)),
+            keys: match config.token_keys.is_empty() {
+                true => None,
+                false => Some(Keys::new(config.token_keys.clone()).map_err(|e| format!("KEEL_TOKEN_KEYS: {e}"))?),
+            },
         })
     }
 
@@ -102,6 +116,7 @@ enum UserEvent {
     Registered(UserRegistered),
     Confirmed(OrderConfirmed),
     Failed(OrderFailed),
+    Code(CodeIssued),
 }
 
 impl UserEvent {
@@ -111,6 +126,7 @@ impl UserEvent {
             UserRegistered::NAME => UserEvent::Registered(UserRegistered::from_job(job)?),
             OrderConfirmed::NAME => UserEvent::Confirmed(OrderConfirmed::from_job(job)?),
             OrderFailed::NAME => UserEvent::Failed(OrderFailed::from_job(job)?),
+            CodeIssued::NAME => UserEvent::Code(CodeIssued::from_job(job)?),
             _ => return Ok(None),
         }))
     }
@@ -121,6 +137,7 @@ impl UserEvent {
             UserEvent::Registered(e) => e.user_id,
             UserEvent::Confirmed(e) => e.user_id,
             UserEvent::Failed(e) => e.user_id,
+            UserEvent::Code(e) => e.user_id,
         }
     }
 }
@@ -140,8 +157,15 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
         Claim::Sent => return Ok(()),
         Claim::Busy(left) => return Err(JobError::retry_in("another handler is sending this e-mail", left)),
     }
-    let mail = match compose(&db.catalog, shard, &event).await {
-        Ok(mail) => mail,
+    let mail = match compose(&db.catalog, shard, sender.keys.as_ref(), &event).await {
+        Ok(Some(mail)) => mail,
+        Ok(None) => {
+            // Nothing worth sending (a secret no longer live): done, and no later run sends it.
+            release(shard, job.id).await?;
+            metrics::counter!("keel_mail_skipped_total", "event" => job.kind.clone()).increment(1);
+            tracing::info!(event = %job.kind, "e-mail not sent: its secret was replaced, used or expired");
+            return Ok(());
+        }
         Err(error) => {
             release(shard, job.id).await?;
             return Err(error);
@@ -207,21 +231,48 @@ async fn mark_sent(shard: &Db, event: Uuid) -> Result<(), DbError> {
     Ok(())
 }
 
-async fn compose(catalog: &Db, shard: &Db, event: &UserEvent) -> Result<Mail, JobError> {
+/// The e-mail of `event`, or `None` when there is nothing worth sending.
+async fn compose(catalog: &Db, shard: &Db, keys: Option<&Keys>, event: &UserEvent) -> Result<Option<Mail>, JobError> {
     let user = event.user();
     let client = shard.client().await?;
     let Some(Recipient { name, email }) = recipient(&client, user).await? else {
         return Err(JobError::from(format!("user {user} does not exist on its shard")));
     };
-    // Stored only after `Email::parse` accepted it, with the same parser.
-    let email = Email::parse(&email).map_err(JobError::from)?;
-    let to = Mailbox::new(Some(name.clone()), email.address().clone());
+    let mailbox = |email: &str| {
+        // Stored only after `Email::parse` accepted it, with the same parser.
+        let email = Email::parse(email).map_err(JobError::from)?;
+        Ok::<_, JobError>(Mailbox::new(Some(name.clone()), email.address().clone()))
+    };
+    let to = mailbox(&email)?;
+    let no_keys =
+        || JobError::from("KEEL_TOKEN_KEYS is not set: this worker cannot make the secrets of e-mailed codes");
     let mail = match event {
-        UserEvent::Registered(_) => Mail {
-            to,
-            subject: "Welcome to Keel".into(),
-            body: format!("Hello {name},\n\nwelcome to Keel. Your account is ready.\n"),
-        },
+        UserEvent::Registered(_) => {
+            let mut body = format!("Hello {name},\n\nwelcome to Keel. Your account is ready.\n");
+            // The code sign-up issued, if still live and for this address (a resend or a change of
+            // address since has its own e-mail).
+            let code = match keys {
+                Some(keys) => codes::live(&client, keys, user, Purpose::VerifyEmail, None).await?,
+                None => None,
+            };
+            if let Some(code) = code.filter(|code| code.email == email) {
+                body.push_str(&format!(
+                    "\nTo verify your e-mail address, enter this code:\n\n  {}\n\nIt is valid for {}.\n",
+                    code.secret,
+                    validity(Purpose::VerifyEmail)
+                ));
+            }
+            Mail { to, subject: "Welcome to Keel".into(), body }
+        }
+        UserEvent::Code(CodeIssued { issued, .. }) => {
+            let Some(code) =
+                codes::live(&client, keys.ok_or_else(no_keys)?, user, issued.purpose, Some(issued)).await?
+            else {
+                return Ok(None);
+            };
+            // To the address the code was issued for: after a change of address, the new one.
+            secret_mail(mailbox(&code.email)?, &name, user, issued.purpose, &code.secret)
+        }
         UserEvent::Confirmed(confirmed) => {
             let order = confirmed.order_id;
             let (total, items) = order_lines(&client, order).await?;
@@ -244,7 +295,48 @@ async fn compose(catalog: &Db, shard: &Db, event: &UserEvent) -> Result<Mail, Jo
             }
         }
     };
-    Ok(mail)
+    Ok(Some(mail))
+}
+
+/// The e-mail carrying a one-time secret.
+fn secret_mail(to: Mailbox, name: &str, user: UserId, purpose: Purpose, secret: &str) -> Mail {
+    let valid = validity(purpose);
+    let (subject, body) = match purpose {
+        Purpose::SignIn => (
+            "Your Keel sign-in code",
+            format!(
+                "Hello {name},\n\nyour code to sign in to Keel is\n\n  {secret}\n\nIt is valid for {valid}, once. \
+                 If you did not ask for it, ignore this e-mail: nobody can sign in with it but you.\n"
+            ),
+        ),
+        Purpose::VerifyEmail => (
+            "Verify your e-mail address",
+            format!(
+                "Hello {name},\n\nto verify that this address is yours, enter this code:\n\n  {secret}\n\n\
+                 It is valid for {valid}. If you did not ask for it, ignore this e-mail.\n"
+            ),
+        ),
+        Purpose::PasswordReset => (
+            "Reset your Keel password",
+            format!(
+                "Hello {name},\n\nto choose a new password, use this password reset token:\n\n  {}\n\n\
+                 It is valid for {valid} and works once; using it signs you out everywhere. If you did not ask \
+                 for it, ignore this e-mail: your password stays as it is.\n",
+                codes::reset_token(user, secret)
+            ),
+        ),
+    };
+    Mail { to, subject: subject.into(), body }
+}
+
+/// How long a secret is valid, in words: "10 minutes", "24 hours".
+fn validity(purpose: Purpose) -> String {
+    let minutes = purpose.lifetime().as_secs() / 60;
+    if minutes >= 120 && minutes.is_multiple_of(60) {
+        format!("{} hours", minutes / 60)
+    } else {
+        format!("{minutes} minutes")
+    }
 }
 
 struct Recipient {
@@ -314,5 +406,13 @@ mod tests {
     fn money_has_two_decimals() {
         assert_eq!(super::money(123_456), "1234.56");
         assert_eq!(super::money(5), "0.05");
+    }
+
+    #[test]
+    fn secrets_are_valid_for_their_lifetime_in_words() {
+        use super::{validity, Purpose};
+        assert_eq!(validity(Purpose::SignIn), "10 minutes");
+        assert_eq!(validity(Purpose::VerifyEmail), "24 hours");
+        assert_eq!(validity(Purpose::PasswordReset), "30 minutes");
     }
 }

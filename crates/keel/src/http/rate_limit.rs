@@ -1,5 +1,6 @@
 //! Rate limits: token buckets (governor's GCRA) per client address, per bearer token, and a tighter
-//! one for the routes that make Keel send e-mail (sign-up's welcome, checkout's receipt or notice).
+//! one for the routes that make Keel send e-mail (sign-up's welcome, checkout's receipt or notice,
+//! sign-in codes, password resets, verification codes sent again).
 //!
 //! - **Per address**, every request but `/healthz`'s: what one machine may ask of this node. The
 //!   address is the TCP peer's; `X-Forwarded-For` is believed only when `KEEL_TRUST_FORWARDED_FOR`
@@ -8,8 +9,12 @@
 //! - **Per token**, every request with a bearer token: what one credential may do, from however many
 //!   addresses. The token is not verified here (that needs the database): a made-up token gets a
 //!   bucket of its own, but every request still spends its address's bucket too.
-//! - **Mail**, sign-up (per address) and checkout (per token): each costs an e-mail to someone, and
-//!   sign-up also a user row, so a script must not be able to make them at the general rate.
+//! - **Credentials**, per address: the routes that take a password or a code (signing in, a password
+//!   reset's confirmation, an e-mail verification), so that guessing one is slow from any address
+//!   (a code also dies after 5 wrong guesses; a password has only this).
+//! - **Mail**, sign-up, sign-in codes and password resets (anonymous: per address), checkout and
+//!   resending a verification code (per token): each costs an e-mail to someone (sign-up also a user
+//!   row), so a script must not be able to make them at the general rate, nor fill someone's inbox.
 //!
 //! A request over a limit is answered 429 with `Retry-After` and the IETF `RateLimit` /
 //! `RateLimit-Policy` fields (draft-ietf-httpapi-ratelimit-headers); every other limited response
@@ -90,6 +95,7 @@ impl RateQuota {
 pub enum Policy {
     Address,
     Token,
+    Credentials,
     Mail,
 }
 
@@ -98,12 +104,13 @@ impl Policy {
         match self {
             Policy::Address => "address",
             Policy::Token => "token",
+            Policy::Credentials => "credentials",
             Policy::Mail => "mail",
         }
     }
 }
 
-/// The key of a mail bucket: sign-up is anonymous (per address), checkout has a user (per token).
+/// The key of a mail bucket: anonymous routes per address, a user's per token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum MailKey {
     Address(IpAddr),
@@ -120,6 +127,7 @@ fn limiter<K: std::hash::Hash + Eq + Clone>(quota: RateQuota) -> Limiter<K> {
 pub struct Limits {
     address: (RateQuota, Limiter<IpAddr>),
     token: (RateQuota, Limiter<u64>),
+    credentials: (RateQuota, Limiter<IpAddr>),
     mail: (RateQuota, Limiter<MailKey>),
     /// Tokens are keyed by a keyed hash, not kept: a bucket's key says nothing about the token.
     hasher: RandomState,
@@ -167,6 +175,7 @@ impl Limits {
         Limits {
             address: (config.rate_limit_per_address, limiter(config.rate_limit_per_address)),
             token: (config.rate_limit_per_token, limiter(config.rate_limit_per_token)),
+            credentials: (config.rate_limit_sign_in, limiter(config.rate_limit_sign_in)),
             mail: (config.rate_limit_mail, limiter(config.rate_limit_mail)),
             hasher: RandomState::new(),
             trust_forwarded_for: config.trust_forwarded_for,
@@ -179,11 +188,14 @@ impl Limits {
         self.address.1.shrink_to_fit();
         self.token.1.retain_recent();
         self.token.1.shrink_to_fit();
+        self.credentials.1.retain_recent();
+        self.credentials.1.shrink_to_fit();
         self.mail.1.retain_recent();
         self.mail.1.shrink_to_fit();
         for (policy, keys) in [
             (Policy::Address, self.address.1.len()),
             (Policy::Token, self.token.1.len()),
+            (Policy::Credentials, self.credentials.1.len()),
             (Policy::Mail, self.mail.1.len()),
         ] {
             metrics::gauge!("keel_rate_limit_keys", "limit" => policy.name()).set(keys as f64);
@@ -192,11 +204,17 @@ impl Limits {
 
     /// How many buckets are kept, all policies together.
     pub fn keys(&self) -> usize {
-        self.address.1.len() + self.token.1.len() + self.mail.1.len()
+        self.address.1.len() + self.token.1.len() + self.credentials.1.len() + self.mail.1.len()
     }
 
     /// Spends one request from every bucket that applies; the first one that is empty refuses it.
-    fn check(&self, address: Option<IpAddr>, token: Option<u64>, sends_mail: bool) -> Result<Vec<Standing>, Refusal> {
+    fn check(
+        &self,
+        address: Option<IpAddr>,
+        token: Option<u64>,
+        checks_credentials: bool,
+        sends_mail: Option<MailBy>,
+    ) -> Result<Vec<Standing>, Refusal> {
         let mut standings = Vec::with_capacity(3);
         if let Some(address) = address {
             standings.push(spend(Policy::Address, &self.address, &address)?);
@@ -204,11 +222,14 @@ impl Limits {
         if let Some(token) = token {
             standings.push(spend(Policy::Token, &self.token, &token)?);
         }
-        if sends_mail {
-            let key = match (token, address) {
-                (Some(token), _) => Some(MailKey::Token(token)),
-                (None, Some(address)) => Some(MailKey::Address(address)),
-                (None, None) => None,
+        if let (true, Some(address)) = (checks_credentials, address) {
+            standings.push(spend(Policy::Credentials, &self.credentials, &address)?);
+        }
+        if let Some(by) = sends_mail {
+            let key = match (by, token, address) {
+                (MailBy::Token, Some(token), _) => Some(MailKey::Token(token)),
+                (_, _, Some(address)) => Some(MailKey::Address(address)),
+                _ => None,
             };
             if let Some(key) = key {
                 standings.push(spend(Policy::Mail, &self.mail, &key)?);
@@ -265,9 +286,32 @@ fn bucket_of(address: IpAddr) -> IpAddr {
     }
 }
 
-/// The routes that make Keel send e-mail, by method and route template.
-fn sends_mail(method: &Method, route: &str) -> bool {
-    *method == Method::POST && matches!(route, "/v1/users" | "/v1/checkout")
+/// Whose mail bucket a route spends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MailBy {
+    /// An anonymous route's: the client address's. A bearer token, which such a route never checks,
+    /// must not buy a fresh bucket (a made-up one per request would).
+    Address,
+    /// A user's route: the token's (a token that does not verify is refused with 401 anyway).
+    Token,
+}
+
+/// The routes that make Keel send e-mail, by method and route template, and whose bucket they spend.
+fn sends_mail(method: &Method, route: &str) -> Option<MailBy> {
+    if *method != Method::POST {
+        return None;
+    }
+    match route {
+        "/v1/users" | "/v1/sessions/codes" | "/v1/password-resets" => Some(MailBy::Address),
+        "/v1/checkout" | "/v1/users/{id}/email-verification/resend" => Some(MailBy::Token),
+        _ => None,
+    }
+}
+
+/// The routes that take a password or a code.
+fn checks_credentials(method: &Method, route: &str) -> bool {
+    *method == Method::POST
+        && matches!(route, "/v1/sessions" | "/v1/password-resets/confirm" | "/v1/users/{id}/email-verification")
 }
 
 /// Whole seconds, rounded up: a client that waits this long is let through.
@@ -292,8 +336,9 @@ pub async fn limit(req: Request, next: Next, limits: Option<Arc<Limits>>) -> Res
     if route == Some("/healthz") {
         return next.run(req).await;
     }
-    let mail = route.is_some_and(|route| sends_mail(req.method(), route));
-    let standings = match limits.check(limits.client_address(&req), limits.token_key(&req), mail) {
+    let mail = route.and_then(|route| sends_mail(req.method(), route));
+    let credentials = route.is_some_and(|route| checks_credentials(req.method(), route));
+    let standings = match limits.check(limits.client_address(&req), limits.token_key(&req), credentials, mail) {
         Ok(standings) => standings,
         Err(refusal) => return refused(refusal),
     };
@@ -349,6 +394,63 @@ mod tests {
     }
 
     #[test]
+    fn the_routes_that_send_mail_are_in_the_mail_policy() {
+        for route in ["/v1/users", "/v1/sessions/codes", "/v1/password-resets"] {
+            assert_eq!(sends_mail(&Method::POST, route), Some(MailBy::Address), "{route}");
+        }
+        for route in ["/v1/checkout", "/v1/users/{id}/email-verification/resend"] {
+            assert_eq!(sends_mail(&Method::POST, route), Some(MailBy::Token), "{route}");
+        }
+        // Using what was mailed sends nothing.
+        for route in ["/v1/sessions", "/v1/password-resets/confirm", "/v1/users/{id}/email-verification"] {
+            assert_eq!(sends_mail(&Method::POST, route), None, "{route}");
+        }
+        assert_eq!(sends_mail(&Method::GET, "/v1/users"), None);
+    }
+
+    #[test]
+    fn the_routes_that_take_a_password_or_a_code_have_a_tighter_limit_per_address() {
+        let config = Config {
+            rate_limit_sign_in: RateQuota { requests: NonZeroU32::new(2).unwrap(), window: Duration::from_secs(60) },
+            ..Config::default()
+        };
+        let limits = Limits::new(&config);
+        let address = Some("192.0.2.10".parse().unwrap());
+        for token in 0..2 {
+            assert!(limits.check(address, Some(token), true, None).is_ok());
+        }
+        let Err(refusal) = limits.check(address, None, true, None) else { panic!("over the limit") };
+        assert_eq!(refusal.policy, Policy::Credentials);
+        assert!(limits.check(address, None, false, None).is_ok(), "other routes are not held back");
+        for route in ["/v1/sessions", "/v1/password-resets/confirm", "/v1/users/{id}/email-verification"] {
+            assert!(checks_credentials(&Method::POST, route), "{route}");
+        }
+        assert!(!checks_credentials(&Method::GET, "/v1/sessions"));
+        assert!(!checks_credentials(&Method::POST, "/v1/sessions/refresh"));
+    }
+
+    /// An anonymous mail route is limited by address, whatever bearer token comes with it: a made-up
+    /// token per request does not buy more e-mail.
+    #[test]
+    fn made_up_tokens_do_not_lift_the_mail_limit_of_an_anonymous_route() {
+        let config = Config {
+            rate_limit_mail: RateQuota { requests: NonZeroU32::new(2).unwrap(), window: Duration::from_secs(3600) },
+            ..Config::default()
+        };
+        let limits = Limits::new(&config);
+        let address = Some("192.0.2.9".parse().unwrap());
+        for token in 0..2 {
+            assert!(limits.check(address, Some(token), false, Some(MailBy::Address)).is_ok());
+        }
+        let Err(refusal) = limits.check(address, Some(99), false, Some(MailBy::Address)) else {
+            panic!("over the limit")
+        };
+        assert_eq!(refusal.policy, Policy::Mail);
+        // A user's route counts per token.
+        assert!(limits.check(address, Some(7), false, Some(MailBy::Token)).is_ok());
+    }
+
+    #[test]
     fn ipv6_addresses_share_the_bucket_of_their_64() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
@@ -370,7 +472,7 @@ mod tests {
         let limits = Limits::new(&config);
         for i in 0..1_000_000u32 {
             let address = IpAddr::V4(i.into());
-            assert!(limits.check(Some(address), None, false).is_ok());
+            assert!(limits.check(Some(address), None, false, None).is_ok());
         }
         assert_eq!(limits.keys(), 1_000_000);
         limits.sweep();
@@ -391,12 +493,13 @@ mod tests {
         };
         let limits = Limits::new(&config);
         let address = Some("192.0.2.1".parse().unwrap());
-        let remaining: Vec<u32> =
-            (0..3).map(|_| limits.check(address, None, false).unwrap_or_else(|_| panic!())[0].remaining).collect();
+        let remaining: Vec<u32> = (0..3)
+            .map(|_| limits.check(address, None, false, None).unwrap_or_else(|_| panic!())[0].remaining)
+            .collect();
         assert_eq!(remaining, [2, 1, 0]);
-        let Err(refusal) = limits.check(address, None, false) else { panic!("the fourth must be refused") };
+        let Err(refusal) = limits.check(address, None, false, None) else { panic!("the fourth must be refused") };
         assert_eq!(refusal.policy, Policy::Address);
         assert!(refusal.wait > Duration::from_secs(9) && refusal.wait <= Duration::from_secs(10), "{:?}", refusal.wait);
-        assert!(limits.check(Some("192.0.2.2".parse().unwrap()), None, false).is_ok(), "another address");
+        assert!(limits.check(Some("192.0.2.2".parse().unwrap()), None, false, None).is_ok(), "another address");
     }
 }

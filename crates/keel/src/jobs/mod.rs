@@ -5,6 +5,8 @@
 //! |-----------|--------------------------------------------|----------------------------------------|
 //! | shard     | `order.placed`                             | the checkout saga ([`saga`])           |
 //! | shard     | `user.registered`, `order.confirmed`, `order.failed` | webhooks fan-out, e-mail ([`reactions`]) |
+//! | shard     | `account.code_issued`                      | e-mail ([`email::send_for`])           |
+//! | shard     | `user.erasure`, `user.deleted`             | erasure, webhooks fan-out ([`erasure`]) |
 //! | catalogue | `product.created`, `.updated`, `.stock_changed` | search index, webhooks fan-out    |
 //! | catalogue | `webhook.deliver`                          | one delivery ([`crate::webhooks::delivery`]) |
 //!
@@ -19,13 +21,14 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::accounts::erasure::{self, Erasure, UserDeleted};
 use crate::carts::CartCache;
 use crate::config::Config;
 use crate::db::{ConnectError, Databases, PoolOptions};
 use crate::email;
 use crate::events::{
-    Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged, ProductUpdated,
-    UserRegistered,
+    CodeIssued, Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged,
+    ProductUpdated, UserRegistered,
 };
 use crate::orders::saga;
 use crate::shutdown::Stop;
@@ -41,6 +44,8 @@ pub struct JobContext {
     pub carts: CartCache,
     /// How the checkout saga runs (its lock timeout).
     pub saga: saga::Settings,
+    /// The profiles' cache, to drop an erased user's profile on every node and in Redis.
+    pub profiles: crate::users::ProfileCache,
 }
 
 impl JobContext {
@@ -52,6 +57,7 @@ impl JobContext {
             deliverer: Deliverer::new(webhooks::policy(config), config.webhook_retry_schedule.clone()),
             carts: crate::carts::cart_cache(config, &shared),
             saga: saga::Settings::from_config(config),
+            profiles: crate::state::cache(config, crate::consistency::DataKind::Profile, &shared),
         })
     }
 }
@@ -109,8 +115,16 @@ fn delivery_options(deliverer: &Deliverer) -> KindOptions {
 }
 
 /// The events written on a shard, and on the catalogue. Scaled out, these travel through JetStream.
-const SHARD_EVENTS: &[&str] =
-    &[OrderPlaced::NAME, UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME, Ping::NAME];
+const SHARD_EVENTS: &[&str] = &[
+    OrderPlaced::NAME,
+    UserRegistered::NAME,
+    OrderConfirmed::NAME,
+    OrderFailed::NAME,
+    Ping::NAME,
+    CodeIssued::NAME,
+    Erasure::NAME,
+    UserDeleted::NAME,
+];
 const CATALOG_EVENTS: &[&str] = &[ProductCreated::NAME, ProductUpdated::NAME, ProductStockChanged::NAME];
 
 /// How long the event kinds' runs may take, and the saga's backoff cap.
@@ -133,12 +147,22 @@ fn register_event_handlers<R: Registry<JobContext>>(registry: R, options: EventO
         .register(OrderPlaced::NAME, saga_options(timeout, saga_backoff_max), |ctx, job| async move {
             saga::run(&ctx.db, &ctx.carts, &ctx.saga, &job).await
         })
-        .register(Ping::NAME, KindOptions::default(), |_, _| async { Ok::<(), JobError>(()) });
+        .register(Ping::NAME, KindOptions::default(), |_, _| async { Ok::<(), JobError>(()) })
+        .register(Erasure::NAME, erasure::options(timeout), |ctx, job| async move {
+            erasure::erase(&ctx.db, erasure::Caches { profiles: &ctx.profiles, carts: &ctx.carts }, &job).await
+        })
+        .register(UserDeleted::NAME, user_event_options(timeout), |ctx, job| async move {
+            erasure::tell_subscribers(&ctx.db.catalog, &job).await
+        });
     for kind in [UserRegistered::NAME, OrderConfirmed::NAME, OrderFailed::NAME] {
         registry = registry.register(kind, user_event_options(timeout), |ctx, job| async move {
             reactions::on_user_event(&ctx, &job).await
         });
     }
+    // An e-mailed secret: internal, so no webhook fan-out, only its e-mail.
+    registry = registry.register(CodeIssued::NAME, user_event_options(timeout), |ctx, job| async move {
+        email::send_for(&ctx.db, &ctx.email, &job).await
+    });
     for kind in CATALOG_EVENTS {
         registry = registry.register(kind, product_event_options(timeout), |ctx, job| async move {
             reactions::on_catalog_event(&ctx, &job).await

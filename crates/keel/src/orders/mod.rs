@@ -114,6 +114,8 @@ async fn items_of(client: &impl Sql, orders: &[OrderId]) -> Result<HashMap<Order
             headers(("Location" = String, description = "/v1/orders/{id}"))),
         (status = 400, description = "No or a malformed Idempotency-Key", body = Problem),
         (status = 401, body = Problem),
+        (status = 403, description = "The buyer's e-mail address is not verified (when \
+            `KEEL_CHECKOUT_REQUIRES_VERIFIED_EMAIL` is on, the default)", body = Problem),
         (status = 409, description = "Everything in the cart is already being checked out by a pending order (placed \
             with another key), or the cart kept changing", body = Problem),
         (status = 422, description = "The cart is empty", body = Problem),
@@ -135,8 +137,20 @@ pub async fn checkout(
             return Ok(idempotency::json_response(status, location, body));
         }
         // The owner's row, locked: this user's checkouts and cart writes take turns until the commit,
-        // so the cart read above is the cart now, or it is read again.
-        let version: i64 = tx.row("SELECT owner_version FROM users WHERE id = $1 FOR UPDATE", &[&user]).await?.get(0);
+        // so the cart read above is the cart now, or it is read again. Whether the address is verified
+        // comes with it, at no extra round trip.
+        let owner = tx
+            .row("SELECT owner_version, email_verified_at IS NOT NULL FROM users WHERE id = $1 FOR UPDATE", &[&user])
+            .await?;
+        if state.config.checkout_requires_verified_email && !owner.get::<_, bool>(1) {
+            // Rolled back with the key, so the same key works once the address is verified.
+            return Err(ApiError::Forbidden(
+                "verify your e-mail address before checking out: enter the code e-mailed to you at \
+                 POST /v1/users/{id}/email-verification"
+                    .into(),
+            ));
+        }
+        let version: i64 = owner.get(0);
         if version != cart.version {
             continue;
         }

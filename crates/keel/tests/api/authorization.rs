@@ -90,6 +90,34 @@ pub const TABLE: &[Access] = &[
     Access::new("GET /v1/users/{id}", "/v1/users/{owner}", ANYONE),
     Access::new("PATCH /v1/users/{id}", "/v1/users/{owner}", [UNAUTHORIZED, FORBIDDEN, OK, FORBIDDEN])
         .body(r#"{"bio": "changed"}"#),
+    // Signing in and refreshing take credentials in the body, whatever the bearer token: these are
+    // not right for anyone.
+    Access::new("POST /v1/sessions", "/v1/sessions", [UNAUTHORIZED; 4])
+        .body(r#"{"email": "nobody.{unique}@example.org", "password": "not the password"}"#),
+    Access::new("POST /v1/sessions/refresh", "/v1/sessions/refresh", [UNAUTHORIZED; 4])
+        .body(r#"{"refresh_token": "not.a.refresh.token"}"#),
+    Access::new("GET /v1/sessions", "/v1/sessions", USERS),
+    // A session of nobody's: a user is told there is no such session of theirs.
+    Access::new("DELETE /v1/sessions/{id}", "/v1/sessions/{nothing}", [UNAUTHORIZED, NOT_FOUND, NOT_FOUND, FORBIDDEN]),
+    // E-mailed codes and resets: always 202 (whether the address has an account is not told).
+    Access::new("POST /v1/sessions/codes", "/v1/sessions/codes", [ACCEPTED; 4])
+        .body(r#"{"email": "nobody.{unique}@example.org"}"#),
+    Access::new("POST /v1/password-resets", "/v1/password-resets", [ACCEPTED; 4])
+        .body(r#"{"email": "nobody.{unique}@example.org"}"#),
+    Access::new("POST /v1/password-resets/confirm", "/v1/password-resets/confirm", [UNAUTHORIZED; 4])
+        .body(r#"{"token": "not-a-token", "password": "quartz lantern beneath velvet"}"#),
+    // Not a 6-digit code, so that the owner's guess is never right by chance.
+    Access::new(
+        "POST /v1/users/{id}/email-verification",
+        "/v1/users/{owner}/email-verification",
+        [UNAUTHORIZED, FORBIDDEN, UNPROCESSABLE, FORBIDDEN],
+    )
+    .body(r#"{"code": "not-a-code"}"#),
+    Access::new(
+        "POST /v1/users/{id}/email-verification/resend",
+        "/v1/users/{owner}/email-verification/resend",
+        [UNAUTHORIZED, FORBIDDEN, ACCEPTED, FORBIDDEN],
+    ),
     // The catalogue: anyone reads, the admin writes.
     Access::new("GET /v1/products", "/v1/products", ANYONE),
     Access::new("POST /v1/products", "/v1/products", ADMIN_CREATES)
@@ -140,6 +168,12 @@ pub const TABLE: &[Access] = &[
         "/v1/webhooks/{subscription}/deliveries/{nothing}/retry",
         ADMIN_FINDS_NOTHING,
     ),
+    Access::new("POST /v1/admin/users/{id}/lock", "/v1/admin/users/{nothing}/lock", ADMIN_FINDS_NOTHING),
+    Access::new("POST /v1/admin/users/{id}/unlock", "/v1/admin/users/{owner}/unlock", ADMIN_DELETES),
+    // Last, as they end the callers' sessions: deleting one's account (the owner's, whose token is
+    // refused from then on), and signing out everywhere.
+    Access::new("DELETE /v1/users/{id}", "/v1/users/{owner}", [UNAUTHORIZED, FORBIDDEN, ACCEPTED, FORBIDDEN]),
+    Access::new("DELETE /v1/sessions", "/v1/sessions", [UNAUTHORIZED, NO_CONTENT, UNAUTHORIZED, FORBIDDEN]),
 ];
 
 /// What the requests of the table refer to.

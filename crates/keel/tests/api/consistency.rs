@@ -97,7 +97,10 @@ async fn the_consistency_table_is_served_with_live_counters() {
     let table = expect_json(app.admin(app.get("/v1/admin/consistency")).send().await, 200).await;
     let kinds = table["kinds"].as_array().unwrap();
     let names: Vec<&str> = kinds.iter().map(|k| k["kind"].as_str().unwrap()).collect();
-    assert_eq!(names, ["profile", "product", "cart", "like_count", "feed", "search", "inventory", "wallet", "order"]);
+    assert_eq!(
+        names,
+        ["profile", "product", "cart", "like_count", "feed", "search", "inventory", "wallet", "order", "session"]
+    );
     let kind = |name: &str| kinds.iter().find(|k| k["kind"] == name).unwrap().clone();
     let profile = kind("profile");
     assert_eq!((profile["budget_s"].as_f64(), profile["policy"].as_str()), (Some(300.0), Some("cache-aside")));

@@ -22,6 +22,18 @@ const CATALOG_TEMPLATE: &str = "keel_template_catalog";
 const SHARD_TEMPLATE: &str = "keel_template_shard";
 pub const SHARDS: usize = 2;
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The user an access token of these tests' key names (the token as issued; not for tokens a test
+/// makes up).
+pub fn user_of(token: &str) -> String {
+    let keys =
+        keel::http::auth::tokens::Keys::new(vec![keel::http::auth::tokens::TokenKey::parse(TOKEN_KEYS).unwrap()]);
+    let claims = keys.unwrap().verify_access(token, keel::http::auth::tokens::unix_now());
+    claims.unwrap_or_else(|why| panic!("not an access token of the tests' key ({why:?}): {token}")).sub.to_string()
+}
+
+/// The token signing key of every test app and process (`KEEL_TOKEN_KEYS`): nodes of one test must
+/// share it, and nothing is gained by each test having its own.
+pub const TOKEN_KEYS: &str = "test:dGVzdC10b2tlbi1rZXktMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3";
 
 pub struct TestCluster {
     cluster: Cluster,
@@ -258,6 +270,9 @@ impl TestApp {
             debug_headers: true,
             // Tests seed freely from one address; the rate-limit tests turn the limits on.
             rate_limit: false,
+            token_keys: vec![keel::http::auth::tokens::TokenKey::parse(TOKEN_KEYS).unwrap()],
+            // Most tests check out without verifying an address first; the accounts tests turn it on.
+            checkout_requires_verified_email: false,
             ..Config::default()
         };
         if crate::peers::nats_enabled() {
@@ -335,6 +350,18 @@ impl TestApp {
         (body["id"].as_str().unwrap().to_owned(), body["token"].as_str().unwrap().to_owned())
     }
 
+    /// A connection to the shard holding `user`.
+    pub async fn shard_of(&self, user: &str) -> tokio_postgres::Client {
+        for i in 0..SHARDS {
+            let shard = self.dbs.shard(i).await;
+            let found = shard.query_opt("SELECT 1 FROM users WHERE id = $1::text::uuid", &[&user]).await.unwrap();
+            if found.is_some() {
+                return shard;
+            }
+        }
+        panic!("no shard holds user {user}");
+    }
+
     /// Creates a product; returns its id.
     pub async fn create_product(&self, sku: &str, price_cents: i64, stock: i64) -> String {
         let body = json!({ "sku": sku, "name": format!("Product {sku}"), "description": "A thing", "price_cents": price_cents, "stock": stock });
@@ -345,7 +372,11 @@ impl TestApp {
     /// Credits the wallet of the user whose token this is, as the admin does (users cannot deposit):
     /// a user's token starts with the user's id.
     pub async fn deposit(&self, token: &str, key: &str, amount: i64) -> Response {
-        let user = token.split_once('.').map_or(token, |(id, _)| id);
+        self.deposit_for(&user_of(token), key, amount).await
+    }
+
+    /// The admin's deposit for the user with id `user` (any text: unknown and malformed ids too).
+    pub async fn deposit_for(&self, user: &str, key: &str, amount: i64) -> Response {
         self.admin(self.post(&format!("/v1/admin/users/{user}/deposits")))
             .header("idempotency-key", key)
             .json(&json!({ "amount_cents": amount }))

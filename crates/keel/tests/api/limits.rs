@@ -155,6 +155,7 @@ impl Serve {
             .env("KEEL_CATALOG_URL", &dbs.catalog_url)
             .env("KEEL_SHARD_URLS", dbs.shard_urls.join(","))
             .env("KEEL_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("KEEL_TOKEN_KEYS", crate::helpers::TOKEN_KEYS)
             .env("KEEL_DB_POOL_SIZE", "4");
         for (key, value) in env {
             command.env(key, value);

@@ -1,12 +1,14 @@
 //! The API suite: every endpoint against real PostgreSQL (see `helpers`), plus `keel` itself run as
 //! a process. One binary, so the test cluster is started once.
 
+mod accounts_by_email;
 mod authorization;
 mod carts;
 mod catalog;
 mod checkout;
 mod consistency;
 mod email;
+mod erasure;
 mod errors;
 mod half_open;
 mod hardening;
@@ -21,6 +23,7 @@ mod promises;
 mod queue;
 mod saga;
 mod search;
+mod sessions;
 mod starvation;
 mod tls;
 mod two_nodes;

@@ -201,6 +201,8 @@ impl Keel {
             .env("KEEL_LOG", "info")
             // These tests load keel from one address: no rate limits.
             .env("KEEL_RATE_LIMIT", "off")
+            .env("KEEL_TOKEN_KEYS", crate::helpers::TOKEN_KEYS)
+            .env("KEEL_CHECKOUT_REQUIRES_VERIFIED_EMAIL", "off")
             // The kernel picks the port; keel logs the address it got.
             .env("KEEL_LISTEN", "127.0.0.1:0")
             .env("KEEL_DATA_DIR", log.with_extension("data"));

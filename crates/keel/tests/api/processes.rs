@@ -27,6 +27,8 @@ fn keel_command(args: &[&str], env: &[(&str, String)]) -> Command {
     command.env("KEEL_LOG", "info");
     // These tests seed data and load keel from one address: no rate limits (a test may turn them on).
     command.env("KEEL_RATE_LIMIT", "off");
+    command.env("KEEL_TOKEN_KEYS", crate::helpers::TOKEN_KEYS);
+    command.env("KEEL_CHECKOUT_REQUIRES_VERIFIED_EMAIL", "off");
     // E-mail is written under the data directory when no SMTP server is set: keep it out of the tree.
     command.env("KEEL_DATA_DIR", crate::helpers::scratch_root().join("keel-data"));
     for (key, value) in env {

@@ -3,37 +3,62 @@ use serde_json::json;
 use crate::helpers::{expect_json, expect_problem, TestApp, SHARDS};
 
 #[tokio::test]
-async fn signing_up_returns_the_user_and_a_token_once() {
+async fn signing_up_returns_the_user_signed_in_and_stores_no_secret() {
     let app = TestApp::spawn().await;
+    let password = "correct horse battery staple";
     let response = app
         .post("/v1/users")
-        .json(&json!({ "name": " Ada Lovelace ", "email": "Ada@Example.org", "bio": "analyst" }))
+        .json(&json!({ "name": " Ada Lovelace ", "email": "Ada@Example.org", "bio": "analyst", "password": password }))
         .send()
         .await
         .unwrap();
     let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let user = expect_json(Ok(response), 201).await;
     let id = user["id"].as_str().unwrap();
     assert_eq!(location, format!("/v1/users/{id}"));
     assert_eq!(user["name"], "Ada Lovelace");
     assert_eq!(user["email"], "ada@example.org");
     assert_eq!(user["bio"], "analyst");
-    assert!(user["token"].as_str().unwrap().len() > 40);
     assert!(user["created_at"].as_str().unwrap().ends_with('Z'));
+    // A session, as a sign-in answers it; `token` is the deprecated name of the access token.
+    let access = user["access_token"].as_str().unwrap();
+    assert_eq!(user["token"], user["access_token"]);
+    assert_eq!(user["user_id"], user["id"]);
+    assert!(user["session_id"].is_string() && user["refresh_token"].as_str().unwrap().len() > 40);
+    let expires_in = user["access_expires_in"].as_u64().unwrap();
+    assert!((890..=900).contains(&expires_in), "{expires_in}");
+    expect_json(app.get("/v1/wallet").bearer_auth(access).send().await, 200).await;
 
-    // The token is stored only as a hash.
-    let shard_rows: Vec<Vec<u8>> = {
-        let mut all = Vec::new();
-        for i in 0..SHARDS {
-            let rows = app.dbs.shard(i).await.query("SELECT token_hash FROM users", &[]).await.unwrap();
-            all.extend(rows.iter().map(|r| r.get::<_, Vec<u8>>(0)));
-        }
-        all
-    };
-    assert_eq!(shard_rows.len(), 1);
-    let secret = user["token"].as_str().unwrap().split_once('.').unwrap().1;
-    assert_eq!(shard_rows[0], <sha2::Sha256 as sha2::Digest>::digest(secret.as_bytes()).to_vec());
+    // Nothing a client holds is stored: no token in any column, the password only as Argon2id.
+    let shard = app.shard_of(id).await;
+    let row = shard.query_one("SELECT password_hash, token_hash FROM users", &[]).await.unwrap();
+    let hash: String = row.get(0);
+    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    assert!(!hash.contains(password));
+    assert_eq!(row.get::<_, Option<Vec<u8>>>(1), None);
+    let sessions = shard.query("SELECT s::text FROM sessions s", &[]).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    let session_text: String = sessions[0].get(0);
+    for secret in [access, user["refresh_token"].as_str().unwrap()] {
+        let mac = secret.rsplit('.').next().unwrap();
+        assert!(!session_text.contains(mac), "{session_text}");
+    }
     app.check_invariants().await;
+}
+
+#[tokio::test]
+async fn a_weak_password_is_refused_with_what_is_wrong() {
+    let app = TestApp::spawn().await;
+    for (password, why) in
+        [("short", "too short"), ("password", "too easy to guess"), ("p@ssw0rd12", "too easy to guess")]
+    {
+        let request = json!({ "name": "Weak", "email": "weak@example.org", "password": password });
+        expect_problem(app.post("/v1/users").json(&request).send().await, 422, why).await;
+    }
+    let long = "x".repeat(129);
+    let request = json!({ "name": "Long", "email": "long@example.org", "password": long });
+    expect_problem(app.post("/v1/users").json(&request).send().await, 422, "too long").await;
 }
 
 #[tokio::test]

@@ -126,8 +126,8 @@ async fn deposits_are_checked() {
     }
     // Unknown users: a user id of no one, and a path that is no id at all.
     let nobody = uuid::Uuid::now_v7();
-    expect_problem(Ok(app.deposit(&format!("{nobody}.x"), "k", 5).await), 404, &nobody.to_string()).await;
-    expect_problem(Ok(app.deposit("not-an-id", "k", 5).await), 404, "not-an-id").await;
+    expect_problem(Ok(app.deposit_for(&nobody.to_string(), "k", 5).await), 404, &nobody.to_string()).await;
+    expect_problem(Ok(app.deposit_for("not-an-id", "k", 5).await), 404, "not-an-id").await;
     // Bodies that are not a deposit: a 4xx problem each, never a 500.
     let bodies: &[(&str, u16, &str)] = &[
         ("", 400, "not valid JSON"),

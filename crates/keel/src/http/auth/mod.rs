@@ -1,8 +1,12 @@
-//! Who is calling: `Authorization: Bearer <token>`, either the administrator's token or a user's.
+//! Who is calling: `Authorization: Bearer <token>`, either the administrator's token or a user's
+//! access token.
 //!
-//! A user token is `<user id>.<secret>`: the id routes the check to the user's shard, where only a
-//! SHA-256 of the secret is stored. The admin token comes from configuration; requests are checked
-//! against its digest ([`AdminToken`]).
+//! An access token is verified with no query ([`tokens`]): its signature and expiry, and this node's
+//! list of revoked sessions ([`revocations`]), which it learns within the `session` budget. The admin
+//! token comes from configuration; requests are checked against its digest ([`AdminToken`]).
+
+pub mod revocations;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -11,9 +15,11 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 
+use self::revocations::Revocations;
+use self::tokens::{unix_now, AccessClaims, Keys};
 use super::error::ApiError;
-use crate::db::{Databases, Sql};
-use crate::ids::UserId;
+use crate::db::{shard_key, Databases};
+use crate::ids::{SessionId, UserId};
 
 /// A SHA-256 digest, compared instead of the secret it came from.
 pub type Digest32 = [u8; 32];
@@ -30,14 +36,6 @@ impl AdminToken {
 
 pub fn digest(secret: &str) -> Digest32 {
     Sha256::digest(secret.as_bytes()).into()
-}
-
-/// A new user token and the digest of its secret, the part to store.
-pub fn new_user_token(user: UserId) -> (String, Digest32) {
-    let mut secret = [0u8; 32];
-    keel_random::secure_bytes(&mut secret);
-    let secret = hex(&secret);
-    (format!("{user}.{secret}"), digest(&secret))
 }
 
 /// A fresh random token for the administrator.
@@ -69,13 +67,6 @@ impl Caller {
     }
 }
 
-/// Who the token says the caller is, with what the token check read of a user along the way.
-enum Identified {
-    Anonymous,
-    Admin,
-    User { id: UserId, owner_version: u64 },
-}
-
 /// The token of an `Authorization: Bearer <token>` value. The scheme is matched without regard to
 /// case (RFC 9110, 11.1): `bearer` and `BEARER` are the same scheme.
 fn bearer_token(value: &str) -> Option<&str> {
@@ -92,11 +83,51 @@ fn same_digest(a: &Digest32, b: &Digest32) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-/// The extractors ask the application's state for the admin token and the databases only.
-async fn identify<S>(parts: &Parts, state: &S) -> Result<Identified, ApiError>
+/// What verifies users' access tokens: the signing keys, and this node's revoked sessions.
+pub struct Authenticator {
+    pub keys: Keys,
+    pub revocations: Arc<Revocations>,
+    /// To find a user's shard, whose sessions this node must have heard from recently.
+    pub db: Arc<Databases>,
+}
+
+impl Authenticator {
+    /// The claims of a valid access token of a live session: no query.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, ApiError> {
+        let claims = self.keys.verify_access(token, unix_now()).map_err(|why| {
+            metrics::counter!("keel_auth_refused_total", "reason" => format!("{why:?}").to_lowercase()).increment(1);
+            ApiError::Unauthorized(match why {
+                tokens::Refused::Expired => "the access token has expired: refresh it".into(),
+                _ => "the bearer token is not valid".into(),
+            })
+        })?;
+        if self.revocations.is_revoked(claims.sid) {
+            metrics::counter!("keel_auth_refused_total", "reason" => "revoked").increment(1);
+            return Err(ApiError::Unauthorized("the session has ended: sign in again".into()));
+        }
+        let shard = self.db.shards.route(&shard_key(claims.sub)).shard;
+        if !self.revocations.can_vouch_for(usize::from(shard)) {
+            // This node has not heard from the user's shard for a whole budget: the session may have
+            // been revoked there. Refused until it hears again, rather than accepted unchecked.
+            metrics::counter!("keel_auth_refused_total", "reason" => "unverifiable").increment(1);
+            return Err(ApiError::Unavailable("this account's sessions cannot be checked right now".into()));
+        }
+        Ok(claims)
+    }
+}
+
+/// Who the token says the caller is.
+enum Identified {
+    Anonymous,
+    Admin,
+    User(AccessClaims),
+}
+
+/// The extractors ask the application's state for the admin token and the authenticator only.
+fn identify<S>(parts: &Parts, state: &S) -> Result<Identified, ApiError>
 where
     AdminToken: FromRef<S>,
-    Arc<Databases>: FromRef<S>,
+    Arc<Authenticator>: FromRef<S>,
 {
     let Some(value) = parts.headers.get(AUTHORIZATION) else { return Ok(Identified::Anonymous) };
     let token = value
@@ -107,42 +138,24 @@ where
     if same_digest(&digest(token), &AdminToken::from_ref(state).0) {
         return Ok(Identified::Admin);
     }
-    let (id, owner_version) = verify_user_token(&Arc::<Databases>::from_ref(state), token).await?;
-    Ok(Identified::User { id, owner_version })
+    Ok(Identified::User(Arc::<Authenticator>::from_ref(state).verify(token)?))
 }
 
 impl<S> FromRequestParts<S> for Caller
 where
     S: Send + Sync,
     AdminToken: FromRef<S>,
-    Arc<Databases>: FromRef<S>,
+    Arc<Authenticator>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Ok(match identify(parts, state).await? {
+        Ok(match identify(parts, state)? {
             Identified::Anonymous => Caller::Anonymous,
             Identified::Admin => Caller::Admin,
-            Identified::User { id, .. } => Caller::User(id),
+            Identified::User(claims) => Caller::User(claims.sub),
         })
     }
-}
-
-/// The user a token names, and the user's `owner_version` (read in the same query: free).
-async fn verify_user_token(db: &Databases, token: &str) -> Result<(UserId, u64), ApiError> {
-    let invalid = || ApiError::Unauthorized("the bearer token is not valid".into());
-    let (id, secret) = token.split_once('.').ok_or_else(invalid)?;
-    let id: UserId = id.parse().map_err(|_| invalid())?;
-    let client = db.shard_of(id).client().await?;
-    let row = client.maybe_row("SELECT token_hash, owner_version FROM users WHERE id = $1", &[&id]).await?;
-    let row = row.ok_or_else(invalid)?;
-    let stored: Vec<u8> = row.get(0);
-    // Every stored digest is 32 bytes; the length says nothing about the secret.
-    let stored: Digest32 = stored.try_into().map_err(|_| invalid())?;
-    if !same_digest(&stored, &digest(secret)) {
-        return Err(invalid());
-    }
-    Ok((id, row.get::<_, i64>(1) as u64))
 }
 
 /// A caller that must be the administrator.
@@ -152,7 +165,7 @@ impl<S> FromRequestParts<S> for Admin
 where
     S: Send + Sync,
     AdminToken: FromRef<S>,
-    Arc<Databases>: FromRef<S>,
+    Arc<Authenticator>: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -172,34 +185,36 @@ impl<S> FromRequestParts<S> for AuthUser
 where
     S: Send + Sync,
     AdminToken: FromRef<S>,
-    Arc<Databases>: FromRef<S>,
+    Arc<Authenticator>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Owner::from_request_parts(parts, state).await.map(|owner| AuthUser(owner.id))
+        AuthSession::from_request_parts(parts, state).await.map(|session| AuthUser(session.user))
     }
 }
 
-/// A caller that must be a user, and how many of the user's writes to data they read back through a
-/// cache (the cart) had committed when the token was checked (`users.owner_version`): a cached copy
-/// older than that must not be served to them. Read with the token, so it costs nothing.
-pub struct Owner {
-    pub id: UserId,
-    pub version: u64,
+/// A caller that must be a user, with the session their token belongs to and when it was issued.
+pub struct AuthSession {
+    pub user: UserId,
+    pub session: SessionId,
+    /// When the access token was issued (Unix seconds): a sign-in this recent, or a refresh.
+    pub issued_at: u64,
 }
 
-impl<S> FromRequestParts<S> for Owner
+impl<S> FromRequestParts<S> for AuthSession
 where
     S: Send + Sync,
     AdminToken: FromRef<S>,
-    Arc<Databases>: FromRef<S>,
+    Arc<Authenticator>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match identify(parts, state).await? {
-            Identified::User { id, owner_version } => Ok(Owner { id, version: owner_version }),
+        match identify(parts, state)? {
+            Identified::User(claims) => {
+                Ok(AuthSession { user: claims.sub, session: claims.sid, issued_at: claims.iat })
+            }
             Identified::Anonymous => Err(ApiError::Unauthorized("this needs a user's bearer token".into())),
             Identified::Admin => Err(ApiError::Forbidden("this acts for a user: use that user's token".into())),
         }
