@@ -133,11 +133,11 @@ steps=$(grep -cE '^# [0-9]+\.' "$flow.body" || true)
     cat "$flow.body"
 } >"$flow"
 
-# Run it as README shows it, from a directory of its own; KEEL and ADMIN_TOKEN come from here.
+# Run it as README shows it, from a directory of its own; KEEL, KEEL_DATA and ADMIN_TOKEN come from here.
 ADMIN_TOKEN=$(cat "$tmp/data/admin-token") || fail "keel up kept no admin token in $tmp/data/admin-token"
 out="$tmp/flow.out"
 flow_status=0
-(cd "$tmp" && KEEL="$KEEL" ADMIN_TOKEN="$ADMIN_TOKEN" bash -euo pipefail "$flow") >"$out" 2>&1 || flow_status=$?
+(cd "$tmp" && KEEL="$KEEL" KEEL_DATA="$tmp/data" ADMIN_TOKEN="$ADMIN_TOKEN" bash -euo pipefail "$flow") >"$out" 2>&1 || flow_status=$?
 
 # Stop keel as a terminal's Ctrl-C or a service manager would, and expect a clean exit.
 kill -TERM "$keel_pid"

@@ -103,18 +103,36 @@ async fn run(args: &[String]) -> ExitCode {
     setup::wait_ready(&format!("{baseline}/healthz")).await;
     scenarios::prepare_pgbench(&keel, &plan).await;
 
+    // `KEEL_BENCH_ONLY=S1,S6` (say) runs S1 and those scenarios, and no side effects: for trying a
+    // change to one of them quickly. Its report is not `make bench`'s.
+    let only: Option<Vec<String>> =
+        std::env::var("KEEL_BENCH_ONLY").ok().map(|list| list.split(',').map(|s| s.trim().to_owned()).collect());
+    let runs = |id: &str| only.as_ref().is_none_or(|only| only.iter().any(|o| o == id));
     let mut results: Vec<ScenarioResult> = Vec::new();
     let (s1, s1a, http_ceiling) = scenarios::s1_cached_read(&keel, &baseline, &seed, &plan).await;
     let anonymous_reads = s1.keel.as_ref().map_or(0.0, |k| k.per_second);
     results.push(report_line_owned(s1, smoke));
     results.push(report_line_owned(s1a, smoke));
-    results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await, smoke));
-    results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await, smoke));
-    results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await, smoke));
-    results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
+    if runs("S2") {
+        results.push(report_line_owned(scenarios::s2_strong_read(&keel, &seed, &plan, http_ceiling).await, smoke));
+    }
+    if runs("S3") {
+        results.push(report_line_owned(scenarios::s3_accepted_write(&keel, &seed, &plan).await, smoke));
+    }
+    if runs("S4") {
+        results.push(report_line_owned(scenarios::s4_queue(&keel, &plan).await, smoke));
+    }
+    if runs("S5") {
+        results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
+    }
     // A quarter of S1's anonymous maximum: room left for the sign-ins' hashing.
     let read_rate = (anonymous_reads / 4.0).max(50.0);
-    results.push(report_line_owned(scenarios::s6_sign_in_burst(&keel, &seed, &plan, read_rate).await, smoke));
+    if runs("S6") {
+        results.push(report_line_owned(scenarios::s6_sign_in_burst(&keel, &seed, &plan, read_rate).await, smoke));
+    }
+    if only.is_some() {
+        return ExitCode::SUCCESS;
+    }
     eprintln!("keel-bench: side effects …");
     let effects = side_effects::measure(&keel, &seed, &plan, &keel_binary, &work).await;
     eprintln!(

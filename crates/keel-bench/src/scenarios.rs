@@ -607,7 +607,7 @@ pub async fn s6_sign_in_burst(keel: &Keel, seed: &Seed, plan: &Plan, read_rate: 
              \"during\" is the reads intended from the burst's start to its last answer ({:.2} s). The burst: {} \
              signed in, {:.0}/s; sign-in latency from the burst's start p50 {:.0} ms, p99 {:.0} ms; {} refused (429 \
              or 503), {} failed. Each sign-in checks an Argon2id hash; Keel runs at most \
-             KEEL_PASSWORD_HASH_CONCURRENCY (default: one per core) at once on blocking threads. Only {} seeded \
+             KEEL_PASSWORD_HASH_CONCURRENCY (default: one per core) at once, on threads of their own at nice 19. Only {} seeded \
              users have a password (the burst's, each signed in {}×): a sign-up with a password costs a hash too, \
              so the others have none, to keep the seeding short.",
             sign_ins.seconds,

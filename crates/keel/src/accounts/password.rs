@@ -274,11 +274,11 @@ fn dummy_hash() -> &'static str {
 /// clones share the threads, which end when the last clone is dropped.
 ///
 /// Why threads of its own, and not tokio's blocking pool: so that they can run at a lower priority
-/// (nice 10), which a pool shared with other blocking work could not be given (and an unprivileged
-/// process cannot raise a thread's priority back). When hashing and serving both want a core, the
-/// scheduler gives it to serving (a nice-10 thread weighs about a tenth of a nice-0 one), so a burst
-/// of sign-ins takes the cores only while they would otherwise be idle; and with at most `threads`
-/// hashes at once, their memory (19 MiB each) is bounded too.
+/// (nice 19, the lowest), which a pool shared with other blocking work could not be given (and an
+/// unprivileged process cannot raise a thread's priority back). When hashing and serving both want a
+/// core, the scheduler gives it to serving (a nice-19 thread weighs about 1/70 of a nice-0 one, yet
+/// is never starved outright), so a burst of sign-ins takes mostly the CPU the requests leave idle;
+/// and with at most `threads` hashes at once, their memory (19 MiB each) is bounded too.
 ///
 /// Metrics: `keel_password_hash_seconds{op}` (the work itself, per hash, verification or check, `op`
 /// being `hash`, `verify`, `verify_dummy` or `check`), `keel_password_wait_seconds` (time waiting for a turn) and
@@ -381,13 +381,15 @@ impl Hasher {
     }
 }
 
-/// Lowers the calling thread's scheduling priority to nice 10 (Linux keeps one per thread). Best
+/// Lowers the calling thread's scheduling priority to nice 19 (Linux keeps one per thread). Best
 /// effort: where it cannot be done, hashing runs at the normal priority, still bounded.
+const HASHING_NICENESS: libc::c_int = 19;
+
 fn lower_priority() {
     // SAFETY: gettid and setpriority have no memory-safety preconditions.
     let done = unsafe {
         let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, thread, 10)
+        libc::setpriority(libc::PRIO_PROCESS, thread, HASHING_NICENESS)
     };
     if done != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the hashing threads' priority");
@@ -577,8 +579,7 @@ mod tests {
         let priority =
             |_: ()| unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::syscall(libc::SYS_gettid) as libc::id_t) };
         let serving = priority(());
-        // Nice 10, unless the whole process already runs nicer than that.
-        assert_eq!(hasher.run("test", move || priority(())).await, serving.max(10));
+        assert_eq!(hasher.run("test", move || priority(())).await, HASHING_NICENESS);
         assert_eq!(priority(()), serving, "the caller's thread keeps its priority");
     }
 

@@ -39,7 +39,8 @@ pub const PER_ENDPOINT_CONCURRENCY: usize = 16;
 pub struct CreateSubscription {
     /// An `http` or `https` URL; private addresses are refused unless configured.
     pub url: String,
-    /// Any of `user.registered`, `product.created`, `product.updated`, `order.confirmed`, `order.failed`.
+    /// Any of `user.registered`, `user.deleted`, `product.created`, `product.updated`, `order.confirmed`,
+    /// `order.failed`.
     pub events: Vec<String>,
 }
 

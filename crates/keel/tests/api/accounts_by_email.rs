@@ -22,7 +22,7 @@ async fn spawn_with_mail(verified_to_check_out: bool) -> (TestApp, Inbox, Worker
     })
     .await;
     let workers = app.start_workers();
-    (app, Inbox { smtp, read: HashSet::new() }, workers)
+    (app, Inbox::new(smtp), workers)
 }
 
 async fn stop(app: &TestApp, workers: Workers) {
@@ -30,15 +30,19 @@ async fn stop(app: &TestApp, workers: Workers) {
     workers.stop().await;
 }
 
-struct Inbox {
+pub(crate) struct Inbox {
     smtp: SmtpServer,
     /// `Message-ID`s of the messages already read.
     read: HashSet<String>,
 }
 
 impl Inbox {
+    pub(crate) fn new(smtp: SmtpServer) -> Inbox {
+        Inbox { smtp, read: HashSet::new() }
+    }
+
     /// The next message to `to` whose subject is `subject`, not read before, its body decoded.
-    async fn next_mail(&mut self, to: &str, subject: &str) -> String {
+    pub(crate) async fn next_mail(&mut self, to: &str, subject: &str) -> String {
         let started = Instant::now();
         loop {
             let found =
@@ -95,7 +99,7 @@ fn id_of(message: &str) -> String {
 }
 
 /// The 6-digit code a message carries, on a line of its own.
-fn code_in(message: &str) -> String {
+pub(crate) fn code_in(message: &str) -> String {
     let code = message.lines().map(str::trim).find(|l| l.len() == 6 && l.bytes().all(|b| b.is_ascii_digit()));
     code.unwrap_or_else(|| panic!("no code in {message}")).to_owned()
 }

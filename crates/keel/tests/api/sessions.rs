@@ -1,5 +1,5 @@
-//! Sessions: signing in on a second device, signing out one of them on two real `keel serve`
-//! nodes (the revocation timed), refresh rotation with its retry window and reuse detection, tokens
+//! Sessions: signing in on other devices (a password, an e-mailed code), signing out one of them on
+//! two real `keel serve` nodes (the revocation timed), refresh rotation with its retry window and reuse detection, tokens
 //! checked with no query, and what a node does when it cannot hear revocations (Redis gone) or
 //! cannot read them (a shard gone).
 
@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::accounts_by_email::{code_in, Inbox};
 use crate::helpers::{db_queries, expect_json, expect_problem, TestApp, TestDatabases, ADMIN_TOKEN, SHARDS};
-use crate::peers::RedisServer;
+use crate::peers::{free_port, RedisServer, SmtpServer};
 use crate::processes::{scratch_dir, Keel};
 use crate::two_nodes::{app_with_redis, cache_status};
 
@@ -55,34 +56,45 @@ async fn a_session_ended_on_one_serve_node_is_refused_on_both_within_the_budget(
     let dbs = TestDatabases::create(true).await;
     let redis = RedisServer::start().await;
     let scratch = scratch_dir("sessions");
+    let smtp_port = free_port();
+    let mut inbox = Inbox::new(SmtpServer::start(smtp_port, &scratch.join("maildir")).await);
     let env = vec![
         ("KEEL_CATALOG_URL", dbs.catalog_url.clone()),
         ("KEEL_SHARD_URLS", dbs.shard_urls.join(",")),
         ("KEEL_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
         ("KEEL_REDIS_URL", redis.url()),
+        ("KEEL_SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}")),
     ];
     let mut a = Keel::start(&["serve"], &env, &scratch.join("a.log"));
     let mut b = Keel::start(&["serve"], &env, &scratch.join("b.log"));
+    // The e-mail goes out from a worker process of its own.
+    let mut worker = Keel::start(&["worker"], &env, &scratch.join("worker.log"));
     a.wait_ready(Duration::from_secs(30)).await;
     b.wait_ready(Duration::from_secs(30)).await;
     let client = reqwest::Client::new();
     let email = "two.devices@example.org";
 
-    // A laptop signs up through A; a phone signs in with the password through B.
+    // A laptop signs up through A; a phone signs in with the password through B; a tablet with a
+    // code e-mailed to the address (read from the SMTP server), through A.
     let laptop = sign_up(&client, &a.address, email).await;
     let phone = sign_in(&client, &b.address, email, "phone/1.0").await;
-    assert_ne!(laptop["session_id"], phone["session_id"]);
+    let ask = client.post(format!("{}/v1/sessions/codes", b.address)).json(&json!({ "email": email }));
+    assert_eq!(ask.send().await.unwrap().status(), 202);
+    let code = code_in(&inbox.next_mail(email, "Your Keel sign-in code").await);
+    let by_code = client.post(format!("{}/v1/sessions", a.address)).header("user-agent", "tablet");
+    let tablet = expect_json(by_code.json(&json!({ "email": email, "code": code })).send().await, 201).await;
     let listed = client.get(format!("{}/v1/sessions", a.address)).bearer_auth(laptop["access_token"].as_str().unwrap());
     let listed = expect_json(listed.send().await, 200).await;
     let listed = listed.as_array().unwrap();
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed.len(), 3, "{listed:?}");
     assert_eq!(listed[0]["id"], laptop["session_id"]);
     assert_eq!(listed[0]["current"], true);
     assert_eq!(listed[1]["id"], phone["session_id"]);
     assert_eq!(listed[1]["user_agent"], "phone/1.0");
     assert_eq!(listed[1]["current"], false);
+    assert_eq!(listed[2]["id"], tablet["session_id"]);
     for node in [&a.address, &b.address] {
-        for device in [&laptop, &phone] {
+        for device in [&laptop, &phone, &tablet] {
             assert_eq!(wallet_status(&client, node, &device["access_token"]).await, 200);
         }
     }
@@ -98,12 +110,14 @@ async fn a_session_ended_on_one_serve_node_is_refused_on_both_within_the_budget(
     let on_b = refused_within(&client, &b.address, &phone["access_token"], ended, Duration::from_secs(5)).await;
     eprintln!("revocation: refused on the node that ended it after {on_a:?}, on the other node after {on_b:?}");
     for node in [&a.address, &b.address] {
-        assert_eq!(wallet_status(&client, node, &laptop["access_token"]).await, 200);
+        for device in [&laptop, &tablet] {
+            assert_eq!(wallet_status(&client, node, &device["access_token"]).await, 200);
+        }
     }
     let refused = client.get(format!("{}/v1/wallet", b.address)).bearer_auth(phone["access_token"].as_str().unwrap());
     expect_problem(refused.send().await, 401, "session has ended").await;
 
-    for node in [&mut a, &mut b] {
+    for node in [&mut a, &mut b, &mut worker] {
         node.signal(libc::SIGTERM);
         assert!(node.wait_exit(Duration::from_secs(30)).await.success());
     }
