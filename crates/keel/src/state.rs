@@ -46,6 +46,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Password hashing, off the executor and bounded.
     pub hasher: Arc<Hasher>,
+    /// Sign-ins being checked at once (see [`AccountsState::sign_ins`]).
+    pub sign_ins: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -58,6 +60,7 @@ impl AppState {
     ) -> Self {
         AppState {
             hasher: Arc::new(Hasher::new(config.password_hash_concurrency)),
+            sign_ins: Arc::new(tokio::sync::Semaphore::new(2 * config.password_hash_concurrency)),
             auth,
             profiles: Arc::new(cache(&config, DataKind::Profile, &shared)),
             products: Arc::new(cache(&config, DataKind::Product, &shared).versioned(crate::catalog::version_of)),
@@ -111,6 +114,7 @@ impl FromRef<AppState> for AccountsState {
             db: state.db.clone(),
             auth: state.auth.clone(),
             hasher: state.hasher.clone(),
+            sign_ins: state.sign_ins.clone(),
             config: state.config.clone(),
         }
     }

@@ -144,7 +144,7 @@ pub async fn create_user(
                 .check_new_password(password, &[&email, &name])
                 .await
                 .map_err(|why| ApiError::invalid("password", &why))?;
-            Some(state.accounts.hasher.hash(password).await)
+            Some(hasher.hash(password).await)
         }
         None => None,
     };

@@ -20,5 +20,10 @@ pub struct AccountsState {
     pub db: Arc<Databases>,
     pub auth: Arc<Authenticator>,
     pub hasher: Arc<password::Hasher>,
+    /// Sign-ins checked at once: twice the hashing threads, so the next one's queries overlap a hash.
+    /// A burst of sign-ins otherwise sends all its queries at once, and the databases' and this
+    /// process's CPU for them lands on the other requests in one lump; the hashes bound how fast
+    /// sign-ins go anyway.
+    pub sign_ins: Arc<tokio::sync::Semaphore>,
     pub config: Arc<Config>,
 }

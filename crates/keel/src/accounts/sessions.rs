@@ -176,6 +176,7 @@ pub async fn sign_in(
 ) -> Result<impl IntoResponse, ApiError> {
     let email = Email::parse(&input.email).map_err(|why| ApiError::invalid("email", &why))?;
     let email = email.as_str();
+    let _turn = state.sign_ins.acquire().await.expect("the sign-in semaphore is never closed");
     let user = user_by_email(&state, email).await?;
     let user = match (&input.password, &input.code) {
         (Some(password), None) => check_password(&state, email, user, password).await?,
