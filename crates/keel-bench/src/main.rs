@@ -131,6 +131,8 @@ async fn run(args: &[String]) -> ExitCode {
         results.push(report_line_owned(scenarios::s6_sign_in_burst(&keel, &seed, &plan, read_rate).await, smoke));
     }
     if only.is_some() {
+        drop(keel);
+        let _ = std::fs::remove_dir_all(&work);
         return ExitCode::SUCCESS;
     }
     eprintln!("keel-bench: side effects …");
