@@ -5,6 +5,7 @@
 
 mod baseline;
 mod load;
+mod offload;
 mod report;
 mod scenarios;
 mod setup;
@@ -129,6 +130,9 @@ async fn run(args: &[String]) -> ExitCode {
     let read_rate = (anonymous_reads / 4.0).max(50.0);
     if runs("S6") {
         results.push(report_line_owned(scenarios::s6_sign_in_burst(&keel, &seed, &plan, read_rate).await, smoke));
+    }
+    if runs("S7") {
+        results.push(report_line_owned(offload::s7_replica_offload(&keel_binary, &work, &plan).await, smoke));
     }
     if only.is_some() {
         drop(keel);

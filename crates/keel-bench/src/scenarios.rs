@@ -45,9 +45,12 @@ pub struct ScenarioResult {
     /// Further measurements the scenario made, by name (S6: the reads unloaded, the sign-ins).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub also: BTreeMap<&'static str, Outcome>,
+    /// Further figures that are not rates, by name, for BENCHMARKS.json (S7: read shares, lag).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub figures: BTreeMap<String, f64>,
 }
 
-const CONNECTIONS: usize = 64;
+pub const CONNECTIONS: usize = 64;
 
 fn pg_bin(program: &str) -> String {
     let mut dirs: Vec<_> =
@@ -221,10 +224,10 @@ fn token_for(n: u64, count: usize, owner: Option<usize>) -> usize {
     }
 }
 
-/// The order of S1's and S1a's rounds, `false` anonymous and `true` authenticated: A B B A A B B A …
-/// (`rounds` of each), so that neither variant always runs first, nor later into the run than the
-/// other on average.
-fn alternating(rounds: usize) -> Vec<bool> {
+/// The order of two variants' rounds, `false` A and `true` B (S1 anonymous and S1a authenticated; S7
+/// no replica and one): A B B A A B B A … (`rounds` of each), so that neither variant always runs
+/// first, nor later into the run than the other on average.
+pub fn alternating(rounds: usize) -> Vec<bool> {
     (0..rounds).flat_map(|k| if k % 2 == 0 { [false, true] } else { [true, false] }).collect()
 }
 
@@ -476,7 +479,7 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
 
 /// A shop's day: 30% profiles, 30% products, 29% searches (Zipf over the seeded ids), 8% cart
 /// writes, 2% checkouts, 1% likes and unlikes.
-fn shop_day(seed: &Seed) -> MakeCall {
+pub fn shop_day(seed: &Seed) -> MakeCall {
     let zipf = Arc::new(Zipf::new(seed.users.len().min(seed.products.len()), 1.0));
     let users = Arc::new(seed.users.clone());
     let products = Arc::new(seed.products.clone());

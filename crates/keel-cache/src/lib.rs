@@ -332,6 +332,19 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
+        self.fetch(key, 0, || async move { load().await.map(|value| (value, Duration::ZERO)) }).await
+    }
+
+    /// Like [`Cache::get_or_load`], for a source that may itself be behind (a read replica): `load`
+    /// also returns how old its value already was when read. That age counts against the budget like
+    /// time spent in the cache: the value is kept, here and in the shared tier, only for what is left
+    /// of the budget, and is served with its full age; a value read already as old as the budget is
+    /// returned to its caller but not kept.
+    pub async fn get_or_load_aged<F, Fut, E>(&self, key: &K, load: F) -> Result<(V, Served), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(V, Duration), E>>,
+    {
         self.fetch(key, 0, load).await
     }
 
@@ -344,7 +357,7 @@ where
         Fut: Future<Output = Result<V, E>>,
     {
         debug_assert!(self.version_of.is_some(), "get_at_least on a cache without versions");
-        self.fetch(key, min_version, load).await
+        self.fetch(key, min_version, || async move { load().await.map(|value| (value, Duration::ZERO)) }).await
     }
 
     /// Whether `value` may be served to a caller who must see at least `min_version`.
@@ -355,7 +368,7 @@ where
     async fn fetch<F, Fut, E>(&self, key: &K, min_version: u64, load: F) -> Result<(V, Served), E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
+        Fut: Future<Output = Result<(V, Duration), E>>,
     {
         let now = Instant::now();
         // When refreshing a held value early, the shared tier's copy is worth taking only if it is
@@ -371,7 +384,7 @@ where
                 refreshing_age = Some(age);
             }
         } else if !self.tier2.as_ref().is_some_and(|t| t.shared.is_up()) {
-            let value = load().await?;
+            let (value, _) = load().await?;
             self.counters.bypassed.add();
             return Ok((value, Served::Bypass));
         }
@@ -445,7 +458,7 @@ where
     ) -> Result<Loaded<V>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, E>>,
+        Fut: Future<Output = Result<(V, Duration), E>>,
     {
         let mut install_with = None;
         if let Some(tier2) = &self.tier2 {
@@ -463,16 +476,19 @@ where
             }
         }
         let (started, started_us) = (Instant::now(), shared::unix_us());
-        let value = load().await?;
+        let (value, age) = load().await?;
         let load_time = started.elapsed();
-        if let (Some(tier2), Some((text, counter))) = (&self.tier2, install_with) {
+        // The value was as old as its source was behind when the load started.
+        let loaded_at = started.checked_sub(age).unwrap_or(started);
+        let ttl = self.jittered_ttl().saturating_sub(load_time + age);
+        if let (Some(tier2), Some((text, counter)), false) = (&self.tier2, install_with, ttl.is_zero()) {
             if let Some(bytes) = (tier2.encode)(&value) {
-                let stored = Stored { loaded_at_us: started_us, load_time, bytes };
-                let ttl = self.jittered_ttl().saturating_sub(load_time);
+                let loaded_at_us = started_us.saturating_sub(age.as_micros() as u64);
+                let stored = Stored { loaded_at_us, load_time, bytes };
                 tier2.shared.install(self.kind, &text, &counter, &stored, ttl, self.version(&value)).await;
             }
         }
-        Ok(Loaded { value, loaded_at: started, load_time, from_shared: false })
+        Ok(Loaded { value, loaded_at, load_time, from_shared: false })
     }
 
     /// Write-through: installs a value just committed, here and in the shared tier (telling the
@@ -603,6 +619,26 @@ mod tests {
 
     fn cache() -> Cache<String, u32> {
         Cache::new("test", Duration::from_secs(60), 1000)
+    }
+
+    #[tokio::test]
+    async fn a_value_read_from_a_source_behind_is_kept_only_for_what_is_left_of_the_budget() {
+        let cache = cache();
+        let key = "k".to_owned();
+        let behind = Duration::from_secs(50);
+        let (v, served) = cache.get_or_load_aged(&key, || async { Ok::<_, ()>((1, behind)) }).await.unwrap();
+        assert_eq!((v, served), (1, Served::Miss));
+        let Served::Hit { age, ttl_left, .. } = cache.get_or_load(&key, || async { Ok::<_, ()>(2) }).await.unwrap().1
+        else {
+            panic!("the value is kept")
+        };
+        assert!(age >= behind, "served with the age it had when read: {age:?}");
+        assert!(ttl_left <= Duration::from_secs(10), "only what is left of the 60 s budget: {ttl_left:?}");
+        // Read already as old as the budget: returned, not kept.
+        let old = "old".to_owned();
+        let too_old = Duration::from_secs(60);
+        assert_eq!(cache.get_or_load_aged(&old, || async { Ok::<_, ()>((1, too_old)) }).await.unwrap().0, 1);
+        assert_eq!(cache.get_or_load(&old, || async { Ok::<_, ()>(2) }).await.unwrap(), (2, Served::Miss));
     }
 
     #[tokio::test]

@@ -53,6 +53,12 @@ const WRITE: &str = "if ARGV[6] ~= '' then \
     if ARGV[3] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) else redis.call('DEL', KEYS[1]) end \
     redis.call('PUBLISH', ARGV[2], ARGV[5]) return 1";
 
+/// Raises a floor (16 hex digits, so that comparing the text compares the numbers) to ARGV[1], and
+/// keeps it ARGV[2] ms from now either way.
+const RAISE: &str = "local v = redis.call('GET', KEYS[1]) \
+    if not v or ARGV[1] > v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) \
+    else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 1";
+
 /// What the shared tier did with a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -123,6 +129,7 @@ pub struct Shared {
     lookup: redis::Script,
     install: redis::Script,
     write: redis::Script,
+    raise: redis::Script,
 }
 
 /// The state of the shared tier, for reports.
@@ -151,6 +158,7 @@ impl Shared {
             lookup: redis::Script::new(LOOKUP),
             install: redis::Script::new(INSTALL),
             write: redis::Script::new(WRITE),
+            raise: redis::Script::new(RAISE),
         });
         let (first_attempt_tx, first_attempt_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(subscribe(Arc::downgrade(&shared), first_attempt_tx));
@@ -206,6 +214,36 @@ impl Shared {
             })
             .await;
         published.is_some()
+    }
+
+    /// Raises the floor `key` of `kind` to at least `value`, kept `ttl` from now: a number that only
+    /// grows while it lives (what a node must have seen before it answers someone). Whether Redis
+    /// took it.
+    pub async fn raise_floor(&self, kind: &'static str, key: &str, value: u64, ttl: Duration) -> bool {
+        let floor_key = format!("{}:{kind}:f:{key}", self.namespace);
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let done: Option<i64> = self
+            .call(kind, "raise", true, |mut c| async move {
+                self.raise.key(floor_key).arg(format!("{value:016x}")).arg(ttl_ms).invoke_async(&mut c).await
+            })
+            .await;
+        done.is_some()
+    }
+
+    /// The floor `key` of `kind`: `Some(None)` when there is none (never raised, or expired),
+    /// `None` when Redis cannot say (down, or no answer in time).
+    pub async fn floor(&self, kind: &'static str, key: &str) -> Option<Option<u64>> {
+        let floor_key = format!("{}:{kind}:f:{key}", self.namespace);
+        let raw: Option<String> =
+            self.call(kind, "floor", false, |mut c| async move {
+                redis::cmd("GET").arg(floor_key).query_async(&mut c).await
+            })
+            .await?;
+        // Anything but what `raise_floor` writes is no floor at all: say "cannot say".
+        match raw {
+            None => Some(None),
+            Some(text) => u64::from_str_radix(&text, 16).ok().map(Some),
+        }
     }
 
     /// The value's key, its invalidation counter's and its version's.

@@ -11,6 +11,16 @@
 //! ([`OsUser::unprivileged`]) that owns the cluster directory. The classic traps are checked up front
 //! with errors that say what to change: a directory that user cannot reach, a socket path longer than
 //! the kernel allows, a stale `postmaster.pid` left by a crash.
+//!
+//! A cluster may instead be a hot standby of another ([`ClusterSpec::standby_of`]): a read-only copy
+//! that streams the primary's write-ahead log and replays it, answering queries as it goes. On first
+//! start it is copied from the primary with `pg_basebackup` (into a directory beside its own, renamed
+//! into place once complete, so a copy cut short is never mistaken for a cluster); later starts
+//! resume streaming from where its data left off. It streams through a physical replication slot on
+//! the primary, which keeps the WAL the standby has not yet received, however long it is down (the
+//! price: a slot nobody uses any more keeps WAL on the primary for ever, so its owner must drop it).
+//! It sends hot-standby feedback, so the primary's vacuum keeps the row versions its queries still
+//! read, rather than replay cancelling those queries.
 
 use std::fs;
 use std::io;
@@ -167,6 +177,21 @@ pub struct ClusterSpec {
     pub log_file: PathBuf,
     /// How long to wait for the server to accept connections.
     pub start_timeout: Duration,
+    /// Run as a hot standby of another cluster (see the module's comment); `None` for a primary.
+    pub standby_of: Option<Standby>,
+}
+
+/// Where a standby streams from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standby {
+    /// A libpq connection string for the primary in key=value form (`host=/run/keel port=5432
+    /// user=keel`), as `pg_basebackup -d` takes it; it is written into the standby's configuration.
+    /// Its user must be allowed replication connections (the superuser of a cluster this crate
+    /// created is: `initdb` trusts local replication connections).
+    pub primary: String,
+    /// The physical replication slot on the primary that this standby streams through; created by
+    /// the first start.
+    pub slot: String,
 }
 
 impl ClusterSpec {
@@ -182,6 +207,7 @@ impl ClusterSpec {
             fast_initdb: false,
             log_file,
             start_timeout: Duration::from_secs(60),
+            standby_of: None,
         }
     }
 
@@ -220,7 +246,10 @@ impl Cluster {
         check_socket_path(&spec)?;
         prepare_dirs(&spec, user.as_ref())?;
         if !spec.data_dir.join("PG_VERSION").exists() {
-            initdb(&binaries, &spec, user.as_ref())?;
+            match &spec.standby_of {
+                None => initdb(&binaries, &spec, user.as_ref())?,
+                Some(standby) => base_backup(&binaries, &spec, standby, user.as_ref())?,
+            }
         }
         clear_stale_pid_file(&spec.data_dir)?;
         let (pid, exited) = spawn_supervised(&binaries, &spec, user.as_ref())?;
@@ -242,6 +271,11 @@ impl Cluster {
         self.spec.connection_string(database)
     }
 
+    /// Whether this cluster is a standby (see [`ClusterSpec::standby_of`]).
+    pub fn is_standby(&self) -> bool {
+        self.spec.standby_of.is_some()
+    }
+
     fn exited(&self) -> std::sync::MutexGuard<'_, mpsc::Receiver<io::Result<std::process::ExitStatus>>> {
         self.exited.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -253,9 +287,13 @@ impl Cluster {
                 return Err(Error::ExitedDuringStart(self.spec.log_file.clone()));
             }
             // The server's own word, as `pg_ctl start -w` reads it: the last line of postmaster.pid
-            // says "ready" once it accepts connections. (Probing with a connection, as pg_isready
-            // does, logs a FATAL "the database system is starting up" for every early probe.)
-            let ready = postmaster_status(&self.spec.data_dir).is_some_and(|status| status == "ready");
+            // says "ready" once it accepts connections, or "standby" once a hot standby has replayed
+            // enough to be consistent and accepts read-only ones. (Probing with a connection, as
+            // pg_isready does, logs a FATAL "the database system is starting up" for every early
+            // probe.) Only the file of this server: a killed server's file stays behind, with the
+            // status it last had, until the new server replaces it.
+            let ready = postmaster_status(&self.spec.data_dir)
+                .is_some_and(|(pid, status)| pid == self.pid && is_ready(&status));
             if ready {
                 return Ok(());
             }
@@ -285,6 +323,49 @@ impl Cluster {
             }
         }
     }
+
+    /// Kills the server outright (SIGKILL), as a crash would: no checkpoint, so the next start runs
+    /// crash recovery. For tests. Returns once the postmaster and every process it had started have
+    /// exited (they notice their postmaster is gone), so that the cluster can be started again at
+    /// once: a new postmaster refuses to start while an old backend still holds the shared memory.
+    pub fn kill(self, timeout: Duration) -> Result<(), Error> {
+        let children = children_of(self.pid);
+        signal(self.pid, libc::SIGKILL);
+        let _ = self.exited().recv_timeout(timeout);
+        let deadline = Instant::now() + timeout;
+        while children.iter().any(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+            if Instant::now() > deadline {
+                return Err(Error::Command {
+                    what: "killing PostgreSQL".to_owned(),
+                    detail: format!("its processes had not exited after {timeout:?}"),
+                });
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        tracing::info!(pid = self.pid, "PostgreSQL killed");
+        Ok(())
+    }
+}
+
+/// The pids of the processes whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The fourth field, after the command in parentheses (which may hold spaces).
+            let parent: i32 = stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(1)?.parse().ok()?;
+            (parent == pid).then_some(child)
+        })
+        .collect()
+}
+
+/// postmaster.pid's status line of a server that accepts connections: "ready", or "standby" for a
+/// hot standby that accepts read-only ones (`pg_ctl` accepts both).
+fn is_ready(status: &str) -> bool {
+    status == "ready" || status == "standby"
 }
 
 fn signal(pid: i32, sig: libc::c_int) {
@@ -407,6 +488,70 @@ fn initdb(binaries: &Binaries, spec: &ClusterSpec, user: Option<&OsUser>) -> Res
     run(command, "initdb")
 }
 
+/// Copies the primary into `spec.data_dir` with `pg_basebackup`, creating the standby's replication
+/// slot and writing its standby configuration (`-R`: `standby.signal`, and `primary_conninfo` and
+/// `primary_slot_name` in `postgresql.auto.conf`).
+///
+/// The copy goes into a directory beside the data directory and is renamed into place when
+/// complete: a copy cut short (the primary gone, the disk full, this process killed) must not be
+/// taken for a cluster by the next start, which only looks for `PG_VERSION`. The next start removes
+/// such a leftover and copies again.
+fn base_backup(binaries: &Binaries, spec: &ClusterSpec, standby: &Standby, user: Option<&OsUser>) -> Result<(), Error> {
+    tracing::info!(
+        data_dir = %spec.data_dir.display(),
+        slot = %standby.slot,
+        "creating a PostgreSQL standby: taking a base backup of the primary"
+    );
+    let name = spec.data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = spec.data_dir.with_file_name(format!(".{name}.partial"));
+    let attempt = |create_slot: bool| -> Result<(), Error> {
+        if partial.exists() {
+            fs::remove_dir_all(&partial).map_err(io_err(format!("removing {}", partial.display())))?;
+        }
+        fs::create_dir_all(&partial).map_err(io_err(format!("creating {}", partial.display())))?;
+        own_dir(&partial, user)?;
+        let mut command = Command::new(binaries.path("pg_basebackup"));
+        command
+            .arg("-D")
+            .arg(&partial)
+            .args(["-d", &standby.primary, "-X", "stream", "-R", "-S", &standby.slot])
+            // An immediate checkpoint on the primary: the default, spread over minutes, would hold
+            // the standby's first start for as long.
+            .args(["--checkpoint=fast", "--no-password"])
+            // Like initdb: a working directory the server's user can read.
+            .current_dir(&partial);
+        if create_slot {
+            command.arg("-C");
+        }
+        if spec.fast_initdb {
+            command.arg("--no-sync");
+        }
+        as_user(&mut command, user);
+        run(command, "pg_basebackup")
+    };
+    let copied = match attempt(true) {
+        // An earlier attempt that died after creating the slot: use it. (Its WAL, kept since then,
+        // is released as the new standby streams.)
+        Err(Error::Command { detail, .. }) if detail.contains("already exists") => {
+            tracing::info!(slot = %standby.slot, "the replication slot exists already; using it");
+            attempt(false)
+        }
+        other => other,
+    };
+    if let Err(e) = copied {
+        let _ = fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    // prepare_dirs created the (empty) data directory; the complete copy takes its place.
+    fs::remove_dir(&spec.data_dir).map_err(io_err(format!("replacing {} with the copy", spec.data_dir.display())))?;
+    fs::rename(&partial, &spec.data_dir).map_err(io_err(format!(
+        "renaming {} to {}",
+        partial.display(),
+        spec.data_dir.display()
+    )))?;
+    Ok(())
+}
+
 /// A crash leaves `postmaster.pid` behind. PostgreSQL itself ignores one whose pid is dead, but
 /// refuses to start when that pid now belongs to another process (common after a reboot or in a
 /// container); only that case is Keel's to mend, and only when it is sure no server runs there:
@@ -467,6 +612,12 @@ fn spawn_supervised(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
+    if spec.standby_of.is_some() {
+        // Queries on the standby, and feedback so that the primary's vacuum does not remove row
+        // versions they still read (replay would otherwise cancel them). Before the spec's own
+        // settings, which may override them.
+        command.args(["-c", "hot_standby=on", "-c", "hot_standby_feedback=on"]);
+    }
     for (name, value) in &spec.settings {
         command.arg("-c").arg(format!("{name}={value}"));
     }
@@ -512,11 +663,12 @@ fn spawn_supervised(
     Ok((pid, exited_rx))
 }
 
-/// The server's status line in `postmaster.pid` (its eighth line: "starting", "ready", "stopping"),
-/// once written.
-fn postmaster_status(data_dir: &Path) -> Option<String> {
+/// The pid in `postmaster.pid` (its first line) and the server's status line (its eighth:
+/// "starting", "ready", "standby", "stopping"), once written.
+fn postmaster_status(data_dir: &Path) -> Option<(i32, String)> {
     let pid_file = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
-    pid_file.lines().nth(7).map(|line| line.trim().to_owned())
+    let pid = pid_file.lines().next()?.trim().parse().ok()?;
+    pid_file.lines().nth(7).map(|line| (pid, line.trim().to_owned()))
 }
 
 /// Picks a socket directory: `preferred` if the socket path fits the kernel's limit, otherwise a
@@ -539,6 +691,14 @@ pub fn socket_dir_for(preferred: &Path, port: u16) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hot_standby_that_accepts_connections_is_ready() {
+        assert!(is_ready("ready"));
+        assert!(is_ready("standby"));
+        assert!(!is_ready("starting"));
+        assert!(!is_ready("stopping"));
+    }
 
     #[test]
     fn reads_users_from_passwd() {

@@ -30,6 +30,7 @@ use utoipa::ToSchema;
 
 use crate::config::Config;
 use crate::consistency::DataKind;
+use crate::db::replicas::Target;
 use crate::db::{Databases, Sql};
 use crate::http::auth::AuthUser;
 use crate::http::cache_headers::cache_headers;
@@ -137,7 +138,8 @@ pub async fn get_cart(
 ) -> Result<impl IntoResponse, ApiError> {
     let load = || async { load_cart(&state.db, user).await.map(Arc::new) };
     let (cart, served) = state.carts.get_or_load(&user, load).await?;
-    Ok((cache_headers(served), Json(cart)))
+    // Carts are read from the shard's primary, always.
+    Ok((cache_headers(served, Some((Target::Primary, Duration::ZERO))), Json(cart)))
 }
 
 /// Write-through: the cart as committed, read back and put in the cache before the owner hears of it

@@ -17,7 +17,8 @@
 //! being decided; the saga decides within seconds, then the write goes through). Every write of the
 //! row, the saga's included, bumps `inventory.version`, which versions the search document.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -27,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 use utoipa::ToSchema;
 
+use crate::consistency::DataKind;
+use crate::db::replicas::{Floor, Target};
 use crate::db::{Databases, Sql};
 use crate::events::{self, Event, ProductCreated, ProductStockChanged, ProductUpdated};
 use crate::http::auth::Admin;
@@ -84,6 +87,8 @@ pub struct CatalogState {
     pub db: Arc<Databases>,
     pub products: Arc<ProductCache>,
     pub likes: Arc<LikeCounter>,
+    /// The product's staleness budget: product pages and lists may come from a replica this far behind.
+    pub budget: Duration,
 }
 
 /// A product, as the API shows it and as its events carry it.
@@ -276,25 +281,38 @@ pub async fn get_product(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id::<ProductId>("product", &id)?;
-    let (product, served) = cached_product(&state, id).await?;
+    let (product, served, filled) = cached_product(&state, id).await?;
     let mut product = (*product).clone();
     product.like_count = state.likes.count(id);
-    Ok((cache_headers(served), Json(product)))
+    Ok((cache_headers(served, filled), Json(product)))
 }
 
-/// A product from this node's cache (loaded on a miss), without its like count; 404 if none.
-pub async fn cached_product(state: &CatalogState, id: ProductId) -> Result<(Arc<Product>, Served), ApiError> {
-    state
+/// A product from this node's cache (loaded on a miss, from a replica within the product budget or
+/// the primary), without its like count; 404 if none. Also where a miss of this caller's was read
+/// from, and how far behind that source was.
+pub async fn cached_product(
+    state: &CatalogState,
+    id: ProductId,
+) -> Result<(Arc<Product>, Served, Option<(Target, Duration)>), ApiError> {
+    let filled = OnceLock::new();
+    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1");
+    let sql = sql.as_str();
+    let (product, served) = state
         .products
-        .get_or_load(&id, || async {
-            let client = state.db.catalog.client().await?;
-            let row = client
-                .maybe_row(&format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"), &[&id])
-                .await?
-                .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
-            Ok(Arc::new(product_from_row(&row, &state.likes)))
+        .get_or_load_aged(&id, || async {
+            let read = state
+                .db
+                .catalog
+                .read_one(DataKind::Product, state.budget, Floor::Any, |client| async move {
+                    client.maybe_row(sql, &[&id]).await
+                })
+                .await?;
+            let row = read.value.ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
+            let _ = filled.set((read.target, read.lag));
+            Ok::<_, ApiError>((Arc::new(product_from_row(&row, &state.likes)), read.lag))
         })
-        .await
+        .await?;
+    Ok((product, served, filled.get().copied()))
 }
 
 #[utoipa::path(get, path = "/v1/products", tag = "catalog",
@@ -312,16 +330,18 @@ pub async fn list_products(
 ) -> Result<impl IntoResponse, ApiError> {
     let (limit, after) = params.validate()?;
     let after = after.map(ProductId::from_uuid);
-    let client = state.db.catalog.client().await?;
     // Keyset pagination on the primary key: each page is one index range scan, however deep.
-    let rows = client
-        .rows(
-            &format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"),
-            &[&after, &(limit + 1)],
-        )
+    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2");
+    let (sql, limit_plus_one) = (sql.as_str(), limit + 1);
+    let read = state
+        .db
+        .catalog
+        .read(DataKind::Product, state.budget, Floor::Any, |client| async move {
+            client.rows(sql, &[&after, &limit_plus_one]).await
+        })
         .await?;
-    let page = Page::from_rows(rows, limit, |r| product_from_row(r, &state.likes), |p| p.id.to_string());
-    Ok((bypass_headers("list"), Json(page)))
+    let page = Page::from_rows(read.value, limit, |r| product_from_row(r, &state.likes), |p| p.id.to_string());
+    Ok((bypass_headers("list", read.lag), Json(page)))
 }
 
 #[utoipa::path(get, path = "/v1/products/{id}/inventory", tag = "catalog",

@@ -28,6 +28,10 @@ enum Command {
         /// The HTTP address (KEEL_LISTEN; default 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<String>,
+        /// Hot-standby clusters streaming from the primary, routed to as read replicas (KEEL_REPLICAS;
+        /// default 0, at most 8).
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// Serve the API against external databases (KEEL_CATALOG_URL, KEEL_SHARD_URLS).
     Serve,
@@ -70,7 +74,13 @@ pub fn main() -> ExitCode {
 
 fn load_config(command: &Command) -> Result<Config, Fatal> {
     let mut config = Config::load()?;
-    if let Command::Up { data_dir, listen } = command {
+    if let Command::Up { data_dir, listen, replicas } = command {
+        if let Some(n) = replicas {
+            if *n > crate::config::MAX_REPLICAS {
+                return Err(format!("invalid option --replicas: at most {}", crate::config::MAX_REPLICAS).into());
+            }
+            config.replicas = *n;
+        }
         if let Some(dir) = data_dir {
             config.data_dir = dir.clone();
         }

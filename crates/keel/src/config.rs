@@ -23,6 +23,16 @@ pub struct Config {
     pub catalog_url: Option<String>,
     /// `KEEL_SHARD_URLS` / `shard_urls`: the user-shard databases; position = shard number.
     pub shard_urls: Vec<String>,
+    /// `KEEL_CATALOG_REPLICA_URLS` / `catalog_replica_urls`: streaming replicas of the catalogue,
+    /// comma-separated. Reads that may be a little stale go to one whose lag is within their budget.
+    pub catalog_replica_urls: Vec<String>,
+    /// `KEEL_SHARD_REPLICA_URLS` / `shard_replica_urls`: streaming replicas of each shard, shards
+    /// separated by `;` in shard order, each a comma-separated list (`a0,b0;a1`); an empty entry is a
+    /// shard without replicas. In `keel.toml`, also a list with one string per shard.
+    pub shard_replica_urls: Vec<Vec<String>>,
+    /// `KEEL_REPLICAS` / `replicas`: `keel up` only: hot-standby clusters streaming from its own,
+    /// kept in the data directory and routed to as replicas of every database (0 to 8; default 0).
+    pub replicas: usize,
     /// `KEEL_LOG` / `log`: a tracing filter such as `info` or `keel=debug,tower_http=info`.
     pub log: String,
     /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: the API's connections per database per process.
@@ -167,6 +177,9 @@ impl Default for Config {
             admin_token: None,
             catalog_url: None,
             shard_urls: Vec::new(),
+            catalog_replica_urls: Vec::new(),
+            shard_replica_urls: Vec::new(),
+            replicas: 0,
             log: "info".to_owned(),
             db_pool_size: 16,
             worker_pool_size: 16,
@@ -236,6 +249,9 @@ const SETTINGS: &[&str] = &[
     "admin_token",
     "catalog_url",
     "shard_urls",
+    "catalog_replica_urls",
+    "shard_replica_urls",
+    "replicas",
     "log",
     "db_pool_size",
     "worker_pool_size",
@@ -286,6 +302,13 @@ impl Config {
         self.consistency_budgets.iter().find(|(k, _)| *k == kind).map_or(kind.row().budget, |(_, b)| *b)
     }
 
+    /// The longest staleness budget of any kind: how long what a read may still depend on is kept
+    /// (the primary's recent WAL positions, read-your-writes floors), with a second to spare.
+    pub fn longest_budget(&self) -> Duration {
+        let longest = crate::consistency::KINDS.iter().map(|k| self.budget(k.kind)).max().unwrap_or_default();
+        longest + Duration::from_secs(1)
+    }
+
     /// The statement timeout of every pooled connection ([`crate::db::PoolOptions`]); zero for none.
     /// Unset, the longer of the request and job timeouts: the pools serve both requests and jobs, so
     /// no statement a request or a job is still waiting for is cut, and none outlives the 503 of its
@@ -324,6 +347,9 @@ impl Config {
                 "admin_token" => self.admin_token = Some(parse_token(raw).map_err(|m| fail(key, m))?),
                 "catalog_url" => self.catalog_url = Some(non_empty(raw).map_err(|m| fail(key, m))?),
                 "shard_urls" => self.shard_urls = parse_list(raw).map_err(|m| fail(key, m))?,
+                "catalog_replica_urls" => self.catalog_replica_urls = parse_list(raw).map_err(|m| fail(key, m))?,
+                "shard_replica_urls" => self.shard_replica_urls = parse_shard_lists(raw).map_err(|m| fail(key, m))?,
+                "replicas" => self.replicas = parse_range(raw, 0, MAX_REPLICAS).map_err(|m| fail(key, m))?,
                 "log" => self.log = non_empty(raw).map_err(|m| fail(key, m))?,
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "worker_pool_size" => self.worker_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
@@ -423,7 +449,8 @@ fn file_layer(path: &Path) -> Result<Layer<'static>, ConfigError> {
                 .iter()
                 .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| fail(&key, "expected a list of strings".into())))
                 .collect::<Result<Vec<_>, _>>()?
-                .join(","),
+                // One string per shard, each a comma-separated list of its replicas.
+                .join(if key == "shard_replica_urls" { ";" } else { "," }),
             other => {
                 return Err(fail(&key, format!("expected a string, number or boolean, found {}", other.type_str())))
             }
@@ -458,6 +485,20 @@ fn parse_list(raw: &str) -> Result<Vec<String>, String> {
     }
     Ok(items)
 }
+
+/// `KEEL_SHARD_REPLICA_URLS`: `;` between shards, `,` between a shard's replicas; an entry may be
+/// empty (that shard has none), a replica's URL may not.
+fn parse_shard_lists(raw: &str) -> Result<Vec<Vec<String>>, String> {
+    raw.split(';')
+        .map(|shard| match shard.trim() {
+            "" => Ok(Vec::new()),
+            urls => parse_list(urls).map_err(|m| format!("{m} (shards are separated by ';')")),
+        })
+        .collect()
+}
+
+/// The most hot standbys `keel up --replicas` starts.
+pub const MAX_REPLICAS: usize = 8;
 
 fn parse_range(raw: &str, min: usize, max: usize) -> Result<usize, String> {
     match raw.parse::<usize>() {
@@ -624,6 +665,25 @@ mod tests {
             .unwrap();
         assert_eq!(config.webhook_retry_schedule, [Duration::from_secs(1), Duration::from_millis(500)]);
         assert_eq!(config.smtp_url.as_deref(), Some("smtp://127.0.0.1:2525"));
+    }
+
+    #[test]
+    fn replicas_are_listed_per_database_and_shards_are_separated_by_semicolons() {
+        let mut config = Config::default();
+        let replicas = [
+            ("KEEL_CATALOG_REPLICA_URLS", "c1, c2"),
+            ("KEEL_SHARD_REPLICA_URLS", "a0,b0; ;a2"),
+            ("KEEL_REPLICAS", "2"),
+        ];
+        config.apply(&env(&replicas)).unwrap();
+        assert_eq!(config.catalog_replica_urls, ["c1", "c2"]);
+        assert_eq!(config.shard_replica_urls, [vec!["a0", "b0"], vec![], vec!["a2"]]);
+        assert_eq!(config.replicas, 2);
+        let err = Config::default().apply(&env(&[("KEEL_SHARD_REPLICA_URLS", "a0,,b0;a1")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_SHARD_REPLICA_URLS");
+        assert!(err.message.contains("';'"), "{err}");
+        let err = Config::default().apply(&env(&[("KEEL_REPLICAS", "9")])).unwrap_err();
+        assert_eq!(err.setting, "KEEL_REPLICAS");
     }
 
     #[test]

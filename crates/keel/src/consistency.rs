@@ -134,13 +134,13 @@ pub const KINDS: &[Kind] = &[
         kind: DataKind::Profile,
         budget: Duration::from_secs(300),
         policy: Policy::CacheAside,
-        source: Source::Cached { tiers: Tiers::Both, origin: "shard" },
+        source: Source::Cached { tiers: Tiers::Both, origin: "shard replica within budget, else primary" },
     },
     Kind {
         kind: DataKind::Product,
         budget: Duration::from_secs(60),
         policy: Policy::WriteThrough,
-        source: Source::Cached { tiers: Tiers::Both, origin: "catalogue" },
+        source: Source::Cached { tiers: Tiers::Both, origin: "catalogue replica within budget, else primary" },
     },
     // Only in the shared tier: a cart's owner may come back through any node (see `crate::carts`).
     Kind {
@@ -165,7 +165,7 @@ pub const KINDS: &[Kind] = &[
         kind: DataKind::Search,
         budget: Duration::from_secs(2),
         policy: Policy::Derived,
-        source: Source::Direct("search index"),
+        source: Source::Direct("search index: catalogue replica within budget, else primary"),
     },
     Kind {
         kind: DataKind::Inventory,
@@ -225,9 +225,9 @@ mod tests {
 
     #[test]
     fn the_shared_tier_is_a_source_only_where_there_is_one() {
-        assert_eq!(source("profile", true), "memory → Redis → shard");
-        assert_eq!(source("profile", false), "memory → shard");
-        assert_eq!(source("product", false), "memory → catalogue");
+        assert_eq!(source("profile", true), "memory → Redis → shard replica within budget, else primary");
+        assert_eq!(source("profile", false), "memory → shard replica within budget, else primary");
+        assert_eq!(source("product", false), "memory → catalogue replica within budget, else primary");
         assert_eq!(source("cart", true), "Redis → shard primary");
         assert_eq!(source("cart", false), "shard primary");
         assert_eq!(source("wallet", true), "shard primary");

@@ -1,11 +1,16 @@
 //! `keel up`: one process that owns a private PostgreSQL cluster under its data directory, creates
 //! the catalogue and shard databases, migrates them, and serves the API. Stopping it stops the
 //! cluster cleanly; starting it again finds everything as it was.
+//!
+//! With `--replicas N` (`KEEL_REPLICAS`), it also runs N hot standbys of that cluster
+//! (`DATA_DIR/postgres-replica-<i>`, copied from it on first start, streaming through the slot
+//! `keel_replica_<i>`) and serves reads that may be a little stale from them, as a deployment with
+//! streaming replicas would. The workers use the primary only.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keel_pg::{socket_dir_for, Cluster, ClusterSpec};
+use keel_pg::{socket_dir_for, Cluster, ClusterSpec, Standby};
 
 use crate::app::{serve_with_workers, Application};
 use crate::config::Config;
@@ -33,20 +38,123 @@ pub async fn up(mut config: Config) -> Result<(), Fatal> {
     let spec = cluster_spec(&data_dir, &config);
     let cluster =
         tokio::task::spawn_blocking(move || Cluster::start(spec)).await?.map_err(|e| format!("PostgreSQL: {e}"))?;
-    let result = serve(&config, &data_dir, &cluster).await;
-    // Keel's connections close as the pools and workers that held them are dropped, on this
-    // runtime, just after serving ends: stopping PostgreSQL at once would cut some of them while
-    // still open (a FATAL line each in its log). Wait for them to go, but not for ever: a `psql`
-    // someone left open is cut by the fast shutdown, as it should be.
-    let maintenance = cluster.connection_string("postgres");
-    if let Err(e) = wait_for_clients_to_leave(&maintenance, Duration::from_secs(5)).await {
-        tracing::warn!(error = %e, "could not wait for Keel's connections to close; stopping PostgreSQL anyway");
-    }
-    tracing::info!("stopping PostgreSQL");
-    tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(60)))
-        .await?
-        .map_err(|e| format!("stopping PostgreSQL: {e}"))?;
+    let result = match start_replicas(&config, &data_dir, &cluster).await {
+        Ok(replicas) => {
+            let result = serve(&config, &data_dir, &cluster, &replicas).await;
+            // Standbys first: stopping the primary first would leave them retrying to stream from it.
+            stop_clusters(replicas).await;
+            result
+        }
+        Err(e) => Err(e),
+    };
+    stop_clusters(vec![cluster]).await;
     result
+}
+
+/// Stops each cluster in turn, once Keel's connections to it have closed.
+///
+/// Keel's connections close as the pools and workers that held them are dropped, on this runtime,
+/// just after serving ends: stopping PostgreSQL at once would cut some of them while still open (a
+/// FATAL line each in its log). Wait for them to go, but not for ever: a `psql` someone left open is
+/// cut by the fast shutdown, as it should be. A failure to stop is logged: the others must still
+/// be stopped, and the kernel's parent-death signal stops a server this process leaves behind.
+async fn stop_clusters(clusters: Vec<Cluster>) {
+    for cluster in clusters {
+        let maintenance = cluster.connection_string("postgres");
+        if let Err(e) = wait_for_clients_to_leave(&maintenance, Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "could not wait for Keel's connections to close; stopping PostgreSQL anyway");
+        }
+        let data_dir = cluster.spec().data_dir.display().to_string();
+        tracing::info!(%data_dir, "stopping PostgreSQL");
+        match tokio::task::spawn_blocking(move || cluster.stop(Duration::from_secs(60))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(%data_dir, error = %e, "stopping PostgreSQL"),
+            Err(e) => tracing::error!(%data_dir, error = %e, "stopping PostgreSQL"),
+        }
+    }
+}
+
+/// The replication slot of replica `i` (from 1).
+fn replica_slot(i: usize) -> String {
+    format!("keel_replica_{i}")
+}
+
+/// Starts the `config.replicas` standbys of `primary`, creating those that do not exist yet; first
+/// drops the slots of replicas no longer wanted. On failure, stops those it started.
+async fn start_replicas(config: &Config, data_dir: &Path, primary: &Cluster) -> Result<Vec<Cluster>, Fatal> {
+    let maintenance = primary.connection_string("postgres");
+    let kept = retire_replicas(&maintenance, data_dir, config.replicas)
+        .await
+        .map_err(|e| format!("checking the replication slots: {e}"))?;
+    let mut started = Vec::new();
+    for i in 1..=config.replicas {
+        let spec = replica_spec(data_dir, config, primary.spec(), i);
+        if spec.data_dir.join("PG_VERSION").exists() && !kept.contains(&replica_slot(i)) {
+            // Its slot is gone (dropped when fewer replicas were wanted, or by hand): the primary
+            // may no longer have the WAL it needs, so it is copied afresh.
+            tracing::warn!(
+                data_dir = %spec.data_dir.display(),
+                "the replica's replication slot is gone; removing its data to copy it again from the primary"
+            );
+            if let Err(e) = std::fs::remove_dir_all(&spec.data_dir) {
+                stop_clusters(started).await;
+                return Err(format!("removing {}: {e}", spec.data_dir.display()).into());
+            }
+        }
+        match tokio::task::spawn_blocking(move || Cluster::start(spec)).await? {
+            Ok(replica) => started.push(replica),
+            Err(e) => {
+                stop_clusters(started).await;
+                return Err(format!("PostgreSQL replica {i}: {e}").into());
+            }
+        }
+    }
+    Ok(started)
+}
+
+/// Drops the slots `keel_replica_<j>` for `j > wanted` (a replica of an earlier start with more of
+/// them), and removes those replicas' data, which could not stream without its slot. Returns the
+/// `keel_replica_*` slots kept.
+async fn retire_replicas(
+    maintenance_url: &str,
+    data_dir: &Path,
+    wanted: usize,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(maintenance_url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let slots: Vec<String> = client
+        .query("SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'keel\\_replica\\_%'", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut kept = Vec::new();
+    for slot in slots {
+        let number = slot.strip_prefix("keel_replica_").and_then(|n| n.parse::<usize>().ok());
+        match number {
+            Some(j) if j > wanted => {
+                // A slot keeps every byte of WAL its standby has not received: unused, it would fill
+                // the primary's disk.
+                tracing::info!(
+                    %slot,
+                    replicas = wanted,
+                    "dropping the replication slot of a replica no longer run: an unused slot keeps WAL on the primary for ever"
+                );
+                client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await?;
+                let replica_dir = data_dir.join(format!("postgres-replica-{j}"));
+                if replica_dir.exists() {
+                    tracing::info!(data_dir = %replica_dir.display(), "removing the replica's data: it cannot stream without its slot");
+                    if let Err(e) = std::fs::remove_dir_all(&replica_dir) {
+                        tracing::warn!(data_dir = %replica_dir.display(), error = %e, "could not remove the replica's data");
+                    }
+                }
+            }
+            _ => kept.push(slot),
+        }
+    }
+    drop(client);
+    let _ = connection.await;
+    Ok(kept)
 }
 
 /// PostgreSQL's `max_connections` is at least this.
@@ -60,6 +168,10 @@ const SPARE_CONNECTIONS: usize = 20;
 /// Enough for both pools of every database (the API's, `KEEL_DB_POOL_SIZE`, and the workers',
 /// `KEEL_WORKER_POOL_SIZE`) and the spares, and never below the floor: a pool that hits the server's
 /// limit fails to connect, which is a 503 for the API. With the defaults, 3 × (16 + 16) + 20 = 116.
+///
+/// Replicas get the same: PostgreSQL refuses to run a hot standby with a lower `max_connections`
+/// than its primary's, and it covers what a replica serves (the API's replica pools, one of
+/// `KEEL_DB_POOL_SIZE` per database, and the spares) with room to spare.
 fn max_connections(config: &Config) -> usize {
     let pools = (1 + SHARDS) * (config.db_pool_size + config.worker_pool_size);
     (pools + SPARE_CONNECTIONS).max(MAX_CONNECTIONS_FLOOR)
@@ -75,7 +187,61 @@ fn cluster_spec(data_dir: &Path, config: &Config) -> ClusterSpec {
     spec
 }
 
-async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<(), Fatal> {
+/// Replica `i` (from 1): beside the primary, its socket in the same directory (port `PORT + i` only
+/// names the socket file), its settings the primary's.
+fn replica_spec(data_dir: &Path, config: &Config, primary: &ClusterSpec, i: usize) -> ClusterSpec {
+    let mut spec = cluster_spec(data_dir, config);
+    spec.data_dir = data_dir.join(format!("postgres-replica-{i}"));
+    spec.log_file = data_dir.join(format!("postgres-replica-{i}.log"));
+    spec.port = PORT + i as u16;
+    spec.socket_dir = primary.socket_dir.clone();
+    // The maintenance database's name is only for the conninfo's completeness: a replication
+    // connection is to the cluster.
+    let primary = format!("host={} port={} user={}", primary.socket_dir.display(), primary.port, primary.superuser);
+    spec.standby_of = Some(Standby { primary, slot: replica_slot(i) });
+    spec
+}
+
+/// Waits until each replica has replayed all the primary had written when the wait began (the
+/// databases just created and migrated), for at most `timeout`: a replica the API reads from at once
+/// should have them. One that takes longer is logged, not fatal: reads that may be stale go to a
+/// replica only within their lag budget.
+async fn wait_for_replicas(primary: &Cluster, replicas: &[Cluster], timeout: Duration) -> Result<(), Fatal> {
+    if replicas.is_empty() {
+        return Ok(());
+    }
+    let (client, connection) =
+        tokio_postgres::connect(&primary.connection_string("postgres"), tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let target: String = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
+    drop(client);
+    let _ = connection.await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    for replica in replicas {
+        let (client, connection) =
+            tokio_postgres::connect(&replica.connection_string("postgres"), tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(connection);
+        loop {
+            let caught_up: bool = client
+                .query_one("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)", &[&target])
+                .await?
+                .get(0);
+            if caught_up {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(data_dir = %replica.spec().data_dir.display(), "the replica has not caught up with the primary yet");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(client);
+        let _ = connection.await;
+    }
+    Ok(())
+}
+
+async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster, replicas: &[Cluster]) -> Result<(), Fatal> {
     let maintenance = cluster.connection_string("postgres");
     let catalog_url = cluster.connection_string(CATALOG_DB);
     let shard_urls: Vec<String> = (0..SHARDS).map(|i| cluster.connection_string(&shard_db(i))).collect();
@@ -86,13 +252,24 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster) -> Result<()
     }
     db::migrate_all(&catalog_url, &shard_urls).await?;
     let admin_token = admin_token(config, data_dir)?;
-    let config = &with_token_keys(config, data_dir)?;
+    let mut config = with_token_keys(config, data_dir)?;
+    // Every replica holds every database.
+    config.catalog_replica_urls = replicas.iter().map(|r| r.connection_string(CATALOG_DB)).collect();
+    config.shard_replica_urls =
+        (0..SHARDS).map(|i| replicas.iter().map(|r| r.connection_string(&shard_db(i))).collect()).collect();
+    wait_for_replicas(cluster, replicas, Duration::from_secs(30)).await?;
+    let config = &config;
     let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
     // The workers' pools are their own: a backlog of jobs cannot take the API's connections.
     let workers = crate::jobs::open_databases(&catalog_url, &shard_urls, config).await?;
     let app = Application::build(config.clone(), databases, &admin_token).await?;
-    tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), "keel is up");
-    eprintln!("keel is up: http://{}  (data in {})", app.local_addr(), data_dir.display());
+    tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), replicas = replicas.len(), "keel is up");
+    let with_replicas = match replicas.len() {
+        0 => String::new(),
+        1 => ", 1 read replica".to_owned(),
+        n => format!(", {n} read replicas"),
+    };
+    eprintln!("keel is up: http://{}  (data in {}{with_replicas})", app.local_addr(), data_dir.display());
     Ok(serve_with_workers(app, workers).await?)
 }
 
@@ -185,5 +362,21 @@ mod tests {
         assert_eq!(max_connections(&Config::default()), MAX_CONNECTIONS_FLOOR, "3 × (16 + 16) + 20 fits in 200");
         let big = Config { db_pool_size: 50, worker_pool_size: 30, ..Config::default() };
         assert_eq!(max_connections(&big), 3 * 80 + SPARE_CONNECTIONS);
+    }
+
+    #[test]
+    fn a_replica_has_its_primarys_connections_which_cover_the_replica_pools() {
+        for config in [Config::default(), Config { db_pool_size: 300, worker_pool_size: 1, ..Config::default() }] {
+            let data_dir = Path::new("/srv/keel");
+            let primary = cluster_spec(data_dir, &config);
+            let replica = replica_spec(data_dir, &config, &primary, 2);
+            assert_eq!(replica.settings, primary.settings, "a standby refuses a lower max_connections");
+            assert!(max_connections(&config) >= (1 + SHARDS) * config.db_pool_size + SPARE_CONNECTIONS);
+            assert_eq!(replica.port, PORT + 2);
+            assert_eq!(replica.socket_dir, primary.socket_dir);
+            assert_eq!(replica.data_dir, data_dir.join("postgres-replica-2"));
+            assert_eq!(replica.log_file, data_dir.join("postgres-replica-2.log"));
+            assert_eq!(replica.standby_of.unwrap().slot, "keel_replica_2");
+        }
     }
 }

@@ -30,6 +30,8 @@ use uuid::Uuid;
 
 use sha2::{Digest, Sha256};
 
+use crate::consistency::DataKind;
+use crate::db::replicas::Floor;
 use crate::db::Sql;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{Json, Query};
@@ -216,44 +218,56 @@ pub async fn search(
     if after.is_some_and(|a| a.query != query) {
         return Err(ApiError::BadRequest("cursor was returned for another query: give the same q".into()));
     }
-    let client = state.db.catalog.client().await?;
     let (score, id) = (after.map(|a| a.score), after.map(|a| a.id));
-    let mut mode = after.map_or(Mode::FullText, |a| a.mode);
-    let mut rows = Vec::new();
-    if mode == Mode::FullText {
-        rows = client
-            .rows(
-                "SELECT product_id, name, description, price_cents, in_stock, score FROM (
-                     SELECT product_id, name, description, price_cents, in_stock, ts_rank(document, query) AS score
-                     FROM product_search, to_tsquery('english', $1) AS query
-                     WHERE document @@ query
-                 ) AS hits
-                 WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
-                 ORDER BY score DESC, product_id
-                 LIMIT $2",
-                &[&prefix_query(&terms), &(limit + 1), &score, &id],
-            )
-            .await?;
-        if rows.is_empty() && after.is_none() {
-            // No exact match at all: perhaps a typo.
-            mode = Mode::Typos;
-        }
-    }
-    // A typo cursor is only issued for a query with a phrase; the same terms give the same phrase.
-    if let (Mode::Typos, Some(phrase)) = (mode, typo_phrase(&terms)) {
-        rows = client
-            .rows(
-                "SELECT product_id, name, description, price_cents, in_stock, score FROM (
-                     SELECT product_id, name, description, price_cents, in_stock, word_similarity($1, name) AS score
-                     FROM product_search WHERE $1 <% name
-                 ) AS hits
-                 WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
-                 ORDER BY score DESC, product_id
-                 LIMIT $2",
-                &[&phrase, &(limit + 1), &score, &id],
-            )
-            .await?;
-    }
+    let (terms, mut mode) = (&terms, after.map_or(Mode::FullText, |a| a.mode));
+    // The index is derived, eventually: a replica within the search budget answers as well as the
+    // primary. Both queries of a search (exact, then typos) run on the one connection chosen.
+    let budget = state.config.budget(DataKind::Search);
+    let read = state
+        .db
+        .catalog
+        .read(DataKind::Search, budget, Floor::Any, |client| async move {
+            let mut mode = mode;
+            let mut rows = Vec::new();
+            if mode == Mode::FullText {
+                rows = client
+                    .rows(
+                        "SELECT product_id, name, description, price_cents, in_stock, score FROM (
+                             SELECT product_id, name, description, price_cents, in_stock, ts_rank(document, query) AS score
+                             FROM product_search, to_tsquery('english', $1) AS query
+                             WHERE document @@ query
+                         ) AS hits
+                         WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
+                         ORDER BY score DESC, product_id
+                         LIMIT $2",
+                        &[&prefix_query(terms), &(limit + 1), &score, &id],
+                    )
+                    .await?;
+                if rows.is_empty() && after.is_none() {
+                    // No exact match at all: perhaps a typo.
+                    mode = Mode::Typos;
+                }
+            }
+            // A typo cursor is only issued for a query with a phrase; the same terms give the same phrase.
+            if let (Mode::Typos, Some(phrase)) = (mode, typo_phrase(terms)) {
+                rows = client
+                    .rows(
+                        "SELECT product_id, name, description, price_cents, in_stock, score FROM (
+                             SELECT product_id, name, description, price_cents, in_stock, word_similarity($1, name) AS score
+                             FROM product_search WHERE $1 <% name
+                         ) AS hits
+                         WHERE $3::real IS NULL OR score < $3 OR (score = $3 AND product_id > $4::uuid)
+                         ORDER BY score DESC, product_id
+                         LIMIT $2",
+                        &[&phrase, &(limit + 1), &score, &id],
+                    )
+                    .await?;
+            }
+            Ok((mode, rows))
+        })
+        .await?;
+    let rows;
+    (mode, rows) = read.value;
     let items = rows.iter().take(limit as usize).map(SearchHit::from_row).collect();
     let next_cursor = match rows.get(limit as usize - 1) {
         Some(last) if rows.len() as i64 > limit => {

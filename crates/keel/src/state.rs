@@ -21,6 +21,7 @@ use crate::carts::{CartCache, CartsState};
 use crate::catalog::{CatalogState, ProductCache};
 use crate::config::Config;
 use crate::consistency::DataKind;
+use crate::db::floors::Floors;
 use crate::db::Databases;
 use crate::http::auth::{AdminToken, Authenticator};
 use crate::likes::LikeCounter;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub hasher: Arc<Hasher>,
     /// Sign-ins being checked at once (see [`AccountsState::sign_ins`]).
     pub sign_ins: Arc<tokio::sync::Semaphore>,
+    /// Users' read-your-writes floors, for reads that may go to replicas.
+    pub floors: Floors,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
         AppState {
             hasher: Arc::new(Hasher::new(config.password_hash_concurrency)),
             sign_ins: Arc::new(tokio::sync::Semaphore::new(2 * config.password_hash_concurrency)),
+            floors: Floors::new(shared.clone(), config.longest_budget()),
             auth,
             profiles: Arc::new(cache(&config, DataKind::Profile, &shared)),
             products: Arc::new(cache(&config, DataKind::Product, &shared).versioned(crate::catalog::version_of)),
@@ -122,13 +126,24 @@ impl FromRef<AppState> for AccountsState {
 
 impl FromRef<AppState> for UsersState {
     fn from_ref(state: &AppState) -> Self {
-        UsersState { db: state.db.clone(), profiles: state.profiles.clone(), accounts: AccountsState::from_ref(state) }
+        UsersState {
+            db: state.db.clone(),
+            profiles: state.profiles.clone(),
+            accounts: AccountsState::from_ref(state),
+            floors: state.floors.clone(),
+            budget: state.config.budget(DataKind::Profile),
+        }
     }
 }
 
 impl FromRef<AppState> for CatalogState {
     fn from_ref(state: &AppState) -> Self {
-        CatalogState { db: state.db.clone(), products: state.products.clone(), likes: state.likes.clone() }
+        CatalogState {
+            db: state.db.clone(),
+            products: state.products.clone(),
+            likes: state.likes.clone(),
+            budget: state.config.budget(DataKind::Product),
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 //! holder's row does not have that address ([`claim_email`]): a claim left behind costs an address
 //! for a couple of minutes, never its uniqueness.
 
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -20,6 +20,9 @@ use utoipa::ToSchema;
 use crate::accounts::codes::{self, Purpose};
 use crate::accounts::sessions::{self, SessionTokens};
 use crate::accounts::AccountsState;
+use crate::consistency::DataKind;
+use crate::db::floors::Floors;
+use crate::db::replicas::{Floor, Read};
 use crate::db::{bucket_of, Databases, Sql};
 use crate::email::Email;
 use crate::events::{self, UserRegistered};
@@ -86,6 +89,10 @@ pub struct UsersState {
     pub profiles: Arc<ProfileCache>,
     /// Sign-up signs the new user in.
     pub accounts: AccountsState,
+    /// The owner's reads see their own writes through these, even from a replica.
+    pub floors: Floors,
+    /// The profile's staleness budget.
+    pub budget: Duration,
 }
 
 /// A profile. `email` and `email_verified` are present only when the owner asks.
@@ -174,6 +181,7 @@ pub async fn create_user(
         let registered = UserRegistered { user_id: id, name: name.clone() };
         keel_outbox::enqueue(&tx, &events::event(&registered, id, Some(trace.traceparent()))).await?;
         tx.commit().await?;
+        state.floors.wrote(shard, &client, id).await;
         Ok::<(SystemTime, SessionTokens), ApiError>((row.get(0), session))
     }
     .await;
@@ -278,13 +286,40 @@ pub async fn get_user(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_id::<UserId>("user", &id)?;
     if caller.user() == Some(id) {
-        // The owner reads their own writes on any node: from the shard, around the cache.
-        let profile = load_profile(&state, id, true).await?;
-        return Ok((bypass_headers("owner"), Json(profile)));
+        // The owner reads their own writes on any node, around the cache: from a replica that has
+        // replayed their last write, or else the primary.
+        let floor = state.floors.of(state.db.shard_of(id), id).await;
+        let read = read_profile(&state, id, true, floor).await?;
+        return Ok((bypass_headers("owner", read.lag), Json(read.value)));
     }
-    let (profile, served) =
-        state.profiles.get_or_load(&id, || async { load_profile(&state, id, false).await.map(Arc::new) }).await?;
-    Ok((cache_headers(served), Json((*profile).clone())))
+    let filled = OnceLock::new();
+    let (profile, served) = state
+        .profiles
+        .get_or_load_aged(&id, || async {
+            let read = read_profile(&state, id, false, Floor::Any).await?;
+            let _ = filled.set((read.target, read.lag));
+            Ok::<_, ApiError>((Arc::new(read.value), read.lag))
+        })
+        .await?;
+    Ok((cache_headers(served, filled.get().copied()), Json((*profile).clone())))
+}
+
+/// A profile from a replica within the profile budget that is past `floor`, or the primary.
+async fn read_profile(
+    state: &UsersState,
+    id: UserId,
+    show_email: bool,
+    floor: Floor,
+) -> Result<Read<Profile>, ApiError> {
+    let sql = format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1");
+    let sql = sql.as_str();
+    let read = state
+        .db
+        .shard_of(id)
+        .read_one(DataKind::Profile, state.budget, floor, |client| async move { client.maybe_row(sql, &[&id]).await })
+        .await?;
+    let row = read.value.ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
+    Ok(Read { value: Profile::from_row(&row, show_email), target: read.target, lag: read.lag })
 }
 
 pub(crate) async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Result<Profile, ApiError> {
@@ -349,6 +384,7 @@ async fn update_profile(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
+    state.floors.wrote(state.db.shard_of(id), &client, id).await;
     Ok(Profile::from_row(&row, true))
 }
 
@@ -397,6 +433,7 @@ async fn change_email(
         tx.exec("DELETE FROM one_time_codes WHERE user_id = $1", &[&id]).await?;
         codes::issue_and_mail(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, new, Some(traceparent)).await?;
         tx.commit().await?;
+        state.floors.wrote(state.db.shard_of(id), &client, id).await;
         Ok::<Profile, ApiError>(Profile::from_row(&row, true))
     }
     .await;

@@ -212,6 +212,7 @@ pub async fn verify_email(
         return Err(ApiError::Conflict("this code was sent to an address that is no longer yours".into()));
     }
     tx.commit().await?;
+    state.floors.wrote(state.db.shard_of(id), &client, id).await;
     drop(client);
     // Not a public field: the cached profiles need no invalidation.
     Ok(Json(users::load_profile(&state, id, true).await?))

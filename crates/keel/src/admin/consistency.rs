@@ -27,6 +27,11 @@ pub struct KindReport {
     pub coalesced: u64,
     pub evictions: u64,
     pub served_age_p99_ms: f64,
+    /// Database reads of this kind on this node served by a replica, and by the primary, since
+    /// start: the reads routed by the kind's budget (cache misses, lists, searches). Strong kinds
+    /// read the primary without routing, and count none here.
+    pub replica_reads: u64,
+    pub primary_reads: u64,
     /// For the like count: how long ago this node merged the shards' tallies (every read is served
     /// from the merged copy, counted in `hits`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,7 +69,14 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
                 stats.hits = reads;
                 merged_ms_ago = merged_ago.map(|ago| ago.as_millis() as u64);
             }
+            let [primary_reads, replica_reads] = state
+                .db
+                .all()
+                .filter_map(|db| db.routing().map(|r| r.reads_of(k.kind)))
+                .fold([0, 0], |[p, r], [dp, dr]| [p + dp, r + dr]);
             KindReport {
+                replica_reads,
+                primary_reads,
                 kind: k.kind.name(),
                 budget_s: state.config.budget(k.kind).as_secs_f64(),
                 policy: k.policy.as_str(),

@@ -5,6 +5,7 @@
 pub mod consistency;
 pub mod deposits;
 pub mod locks;
+pub mod replicas;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;

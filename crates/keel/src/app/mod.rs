@@ -54,6 +54,8 @@ impl Application {
             idle_timeout: config.idle_timeout,
             max_connections: connections::connection_cap(config.max_connections),
         };
+        // Replicas and read counters: after the metrics recorder, before the first read.
+        db.route_reads(&config).map_err(|e| io::Error::other(e.to_string()))?;
         let databases = Arc::new(db);
         let config = Arc::new(config);
         let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;

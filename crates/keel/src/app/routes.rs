@@ -71,6 +71,7 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::locks::lock_user))
         .routes(routes!(admin::locks::unlock_user))
         .routes(routes!(admin::consistency::table))
+        .routes(routes!(admin::replicas::list))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))
         .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))

@@ -13,13 +13,15 @@
 //! alike. A database that stops answering is failed fast ([`health`]): requests for it get a 503 at
 //! once instead of waiting on its connections, and those of other databases are unaffected.
 
+pub mod floors;
 pub mod health;
 pub mod migrations;
+pub mod replicas;
 
 use std::cell::Cell;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -48,6 +50,8 @@ pub struct Db {
     config: tokio_postgres::Config,
     tls: keel_pgtls::Connector,
     health: Arc<Health>,
+    /// Where reads of this database may go ([`replicas`]); set once, by [`Databases::route_reads`].
+    routing: Arc<OnceLock<Arc<replicas::Routing>>>,
 }
 
 /// A database operation that failed: no connection could be had, or the query failed.
@@ -92,6 +96,8 @@ pub enum ConnectError {
     Query(#[from] PgError),
     #[error("{0}")]
     Db(#[from] DbError),
+    #[error("{0}")]
+    Replicas(String),
 }
 
 impl Db {
@@ -137,7 +143,16 @@ impl Db {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| ConnectError::Pool { name: name.to_owned(), detail: e.to_string() })?;
-        Ok(Db { name: name.to_owned(), url: url.to_owned(), pool, config, tls, health, setting: setting.to_owned() })
+        Ok(Db {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            pool,
+            config,
+            tls,
+            health,
+            setting: setting.to_owned(),
+            routing: Arc::default(),
+        })
     }
 
     /// Starts this pool's watchdog ([`health`]): from then on, `client()` fails at once while the
@@ -318,6 +333,27 @@ impl PoolOptions {
     }
 }
 
+/// A shard's name in the API and in the replicas' metrics (`shard_0`).
+pub fn database_label(shard: usize) -> String {
+    format!("shard_{shard}")
+}
+
+impl PoolOptions {
+    /// A pool of the catalogue database (or one of its replicas), with its session settings.
+    fn catalog_pool(&self, name: &str, setting: &str, url: &str) -> Result<Db, ConnectError> {
+        let timeout = self.statement_timeout_setting();
+        let every = [("statement_timeout", timeout.as_str())];
+        let settings: Vec<(&str, &str)> = CATALOG_SESSION.iter().chain(&every).copied().collect();
+        Db::with_session_settings(name, setting, url, self.size, &settings)
+    }
+
+    /// A pool of a shard database (or one of its replicas).
+    fn shard_pool(&self, name: &str, setting: &str, url: &str) -> Result<Db, ConnectError> {
+        let timeout = self.statement_timeout_setting();
+        Db::with_session_settings(name, setting, url, self.size, &[("statement_timeout", timeout.as_str())])
+    }
+}
+
 /// Settings of every catalogue connection. Search's typo tolerance: the trigram index finds names
 /// with a word this similar to the query (the default, 0.6, misses most one-letter typos in short
 /// words; 0.3 catches them with few false matches, and ranking puts exact matches first).
@@ -338,18 +374,11 @@ impl Databases {
         options: impl Into<PoolOptions>,
     ) -> Result<Databases, ConnectError> {
         let options = options.into();
-        let timeout = options.statement_timeout_setting();
-        let every = [("statement_timeout", timeout.as_str())];
-        let catalog_settings: Vec<(&str, &str)> = CATALOG_SESSION.iter().chain(&every).copied().collect();
-        let catalog =
-            Db::with_session_settings("catalog", "KEEL_CATALOG_URL", catalog_url, options.size, &catalog_settings)?;
+        let catalog = options.catalog_pool("catalog", "KEEL_CATALOG_URL", catalog_url)?;
         let shards = shard_urls
             .iter()
             .enumerate()
-            .map(|(i, url)| {
-                let (name, setting) = (format!("shard{i}"), format!("KEEL_SHARD_URLS[{i}]"));
-                Db::with_session_settings(&name, &setting, url, options.size, &every)
-            })
+            .map(|(i, url)| options.shard_pool(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url))
             .collect::<Result<Vec<_>, _>>()?;
         let map = load_shard_map(&catalog, shard_urls.len()).await?;
         for shard in &shards {
@@ -359,6 +388,54 @@ impl Databases {
         shards.iter().for_each(Db::watch);
         let shards = Router::new(map, shards).map_err(ConnectError::ShardMapMismatch)?;
         Ok(Databases { catalog, shards })
+    }
+
+    /// Sets up the read routing of every database ([`replicas`]): the replicas `config` names
+    /// (`KEEL_CATALOG_REPLICA_URLS`, `KEEL_SHARD_REPLICA_URLS`), their lag monitors, and the read
+    /// counters (also for databases without replicas). Once per process, after the metrics recorder
+    /// is installed; a second call changes nothing.
+    pub fn route_reads(&self, config: &Config) -> Result<(), ConnectError> {
+        let shard_lists = &config.shard_replica_urls;
+        let shards = self.shards.all().count();
+        if shard_lists.len() > shards {
+            return Err(ConnectError::Replicas(format!(
+                "KEEL_SHARD_REPLICA_URLS lists replicas for {} shards, but there are {} (KEEL_SHARD_URLS)",
+                shard_lists.len(),
+                shards
+            )));
+        }
+        let options = PoolOptions::from(config);
+        // WAL positions, and read-your-writes floors, are kept as long as the longest budget.
+        let horizon = config.longest_budget();
+        let databases = std::iter::once((&self.catalog, "catalog".to_owned(), &config.catalog_replica_urls[..]));
+        let shards = self
+            .shards
+            .all()
+            .enumerate()
+            .map(|(i, (_, db))| (db, database_label(i), shard_lists.get(i).map(Vec::as_slice).unwrap_or_default()));
+        for (db, label, urls) in databases.chain(shards) {
+            let replicas = urls
+                .iter()
+                .enumerate()
+                .map(|(i, url)| {
+                    let name = replicas::replica_name(i);
+                    let setting = match label.as_str() {
+                        "catalog" => format!("KEEL_CATALOG_REPLICA_URLS[{i}]"),
+                        _ => format!("KEEL_SHARD_REPLICA_URLS[{}][{i}]", &label["shard_".len()..]),
+                    };
+                    let pool = match label.as_str() {
+                        "catalog" => options.catalog_pool(&format!("{label}_{name}"), &setting, url)?,
+                        _ => options.shard_pool(&format!("{label}_{name}"), &setting, url)?,
+                    };
+                    Ok((name, pool))
+                })
+                .collect::<Result<Vec<_>, ConnectError>>()?;
+            let routing = Arc::new(replicas::Routing::new(&label, replicas, horizon));
+            if db.routing.set(routing.clone()).is_ok() {
+                replicas::start_monitor(&routing, db);
+            }
+        }
+        Ok(())
     }
 
     /// The shard database that owns a user. Only a user id routes: whatever else lives on a shard

@@ -152,6 +152,7 @@ pub const TABLE: &[Access] = &[
     // Administration.
     Access::new("GET /v1/admin/queues", "/v1/admin/queues", ADMIN_ONLY),
     Access::new("GET /v1/admin/consistency", "/v1/admin/consistency", ADMIN_ONLY),
+    Access::new("GET /v1/admin/replicas", "/v1/admin/replicas", ADMIN_ONLY),
     // No dead job has this id.
     Access::new("POST /v1/admin/jobs/{id}/retry", "/v1/admin/jobs/{nothing}/retry", ADMIN_FINDS_NOTHING),
     // The owner's own wallet included: only the admin credits it.

@@ -44,7 +44,7 @@ async fn cached_profiles_say_what_they_served_and_writes_invalidate_them() {
     let (id, token) = app.create_user("Cached").await;
     let path = format!("/v1/users/{id}");
     let first = app.get(&path).send().await.unwrap();
-    assert_eq!((cache_status(&first).as_str(), db_queries(&first)), ("keel; fwd=miss; stored", 1));
+    assert_eq!((cache_status(&first).as_str(), db_queries(&first)), ("keel; fwd=miss; stored; detail=primary", 1));
     assert_eq!(first.headers()["age"], "0");
     let second = app.get(&path).send().await.unwrap();
     let status = cache_status(&second);
@@ -65,7 +65,7 @@ async fn cached_profiles_say_what_they_served_and_writes_invalidate_them() {
     assert_eq!((own["name"].as_str(), own["email"].is_string()), (Some("Renamed"), true));
     // Everyone else: the write invalidated the cached copy on this node.
     let other = app.get(&path).send().await.unwrap();
-    assert_eq!(cache_status(&other), "keel; fwd=miss; stored");
+    assert_eq!(cache_status(&other), "keel; fwd=miss; stored; detail=primary");
     assert_eq!(other.json::<serde_json::Value>().await.unwrap()["name"], "Renamed");
 }
 
@@ -114,8 +114,8 @@ async fn the_consistency_table_is_served_with_live_counters() {
     // This node has no shared tier: the table says what it reads, with no Redis in it.
     assert!(table.get("shared_tier").is_none(), "{table}");
     let source = |name: &str| kind(name)["source"].as_str().unwrap().to_owned();
-    assert_eq!(source("profile"), "memory → shard");
-    assert_eq!(source("product"), "memory → catalogue");
+    assert_eq!(source("profile"), "memory → shard replica within budget, else primary");
+    assert_eq!(source("product"), "memory → catalogue replica within budget, else primary");
     assert_eq!(source("cart"), "shard primary", "carts are cached only in the shared tier");
     assert_eq!(source("wallet"), "shard primary");
     for kind in kinds {
@@ -177,8 +177,8 @@ async fn with_redis_the_consistency_table_names_the_shared_tier() {
         let kind = kinds.iter().find(|k| k["kind"] == name).unwrap();
         kind["source"].as_str().unwrap().to_owned()
     };
-    assert_eq!(source("profile"), "memory → Redis → shard");
-    assert_eq!(source("product"), "memory → Redis → catalogue");
+    assert_eq!(source("profile"), "memory → Redis → shard replica within budget, else primary");
+    assert_eq!(source("product"), "memory → Redis → catalogue replica within budget, else primary");
     assert_eq!(source("cart"), "Redis → shard primary");
     assert_eq!(source("wallet"), "shard primary", "strong kinds are never cached, with Redis or not");
 }

@@ -5,6 +5,12 @@
 //! Everything a run writes (the cluster, NATS's store, mail, `keel` processes' data and logs) lives
 //! under one directory of this binary's, [`scratch_root`], removed when the binary exits, whether
 //! its tests passed or failed. A binary killed outright leaves it behind; the next run removes it.
+//!
+//! Tests of read replicas use a second cluster, [`replicated_cluster`]: a primary with [`STANDBYS`]
+//! hot standbys streaming from it, started on first use ([`TestApp::spawn_replicated`],
+//! [`TestDatabases::create_replicated`]). Pausing replay or killing a standby affects every test
+//! using it, so each such test first takes [`exclusive_replicas`], and controls the standbys with
+//! the functions of [`standby`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -39,6 +45,38 @@ pub struct TestCluster {
     cluster: Cluster,
 }
 
+/// Fast settings for a throwaway test cluster.
+fn test_spec(data_dir: PathBuf, socket_dir: PathBuf, log_file: PathBuf) -> ClusterSpec {
+    let mut spec = ClusterSpec::new(data_dir, socket_dir)
+        .setting("listen_addresses", "")
+        .setting("max_connections", 500)
+        // Throwaway data: durability only slows the tests down.
+        .setting("fsync", "off")
+        .setting("synchronous_commit", "off")
+        .setting("full_page_writes", "off");
+    spec.fast_initdb = true;
+    spec.log_file = log_file;
+    spec
+}
+
+/// Creates and migrates the template databases the tests' databases are cloned from.
+fn create_templates(cluster: &TestCluster) {
+    let maintenance = cluster.maintenance_url();
+    let catalog = cluster.url(CATALOG_TEMPLATE);
+    let shard = cluster.url(SHARD_TEMPLATE);
+    // Tests run inside a tokio runtime, which may not block on another: use a thread of our own.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            db::create_database(&maintenance, CATALOG_TEMPLATE, None).await.unwrap();
+            db::create_database(&maintenance, SHARD_TEMPLATE, None).await.unwrap();
+            db::migrate_all(&catalog, &vec![shard; SHARDS]).await.unwrap();
+        });
+    })
+    .join()
+    .expect("migrating the template databases");
+}
+
 impl TestCluster {
     pub fn url(&self, database: &str) -> String {
         self.cluster.connection_string(database)
@@ -55,34 +93,191 @@ pub fn cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| {
         remove_stale_test_dirs();
         let base = scratch_root();
-        let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
-            .setting("listen_addresses", "")
-            .setting("max_connections", 500)
-            // Throwaway data: durability only slows the tests down.
-            .setting("fsync", "off")
-            .setting("synchronous_commit", "off")
-            .setting("full_page_writes", "off");
-        spec.fast_initdb = true;
-        spec.log_file = base.join("postgres.log");
+        let spec = test_spec(base.join("data"), base.join("run"), base.join("postgres.log"));
         let cluster = Cluster::start(spec).expect("starting the test PostgreSQL cluster");
         CLUSTER_PID.store(cluster.pid(), Ordering::SeqCst);
         let test_cluster = TestCluster { cluster };
-        let maintenance = test_cluster.maintenance_url();
-        let catalog = test_cluster.url(CATALOG_TEMPLATE);
-        let shard = test_cluster.url(SHARD_TEMPLATE);
-        // Tests run inside a tokio runtime, which may not block on another: use a thread of our own.
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                db::create_database(&maintenance, CATALOG_TEMPLATE, None).await.unwrap();
-                db::create_database(&maintenance, SHARD_TEMPLATE, None).await.unwrap();
-                db::migrate_all(&catalog, &vec![shard; SHARDS]).await.unwrap();
-            });
-        })
-        .join()
-        .expect("migrating the template databases");
+        create_templates(&test_cluster);
         test_cluster
     })
+}
+
+/// How many hot standbys [`replicated_cluster`] has.
+pub const STANDBYS: usize = 2;
+
+/// A primary with [`STANDBYS`] hot standbys streaming from it (see the module's comment).
+pub struct ReplicatedCluster {
+    pub primary: TestCluster,
+    standbys: Vec<TestStandby>,
+}
+
+/// A standby of the replicated cluster; `None` while killed.
+struct TestStandby {
+    spec: ClusterSpec,
+    cluster: Mutex<Option<Cluster>>,
+}
+
+impl ReplicatedCluster {
+    /// Standby `i`'s connection string for `database`.
+    pub fn standby_url(&self, i: usize, database: &str) -> String {
+        self.standbys[i].spec.connection_string(database)
+    }
+
+    /// Every standby's connection string for `database`, in standby order.
+    pub fn standby_urls(&self, database: &str) -> Vec<String> {
+        (0..STANDBYS).map(|i| self.standby_url(i, database)).collect()
+    }
+
+    fn is_running(&self, i: usize) -> bool {
+        self.standbys[i].cluster.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+/// The replicated cluster shared by this binary's replica tests, started on first use and stopped
+/// when the binary exits (as [`cluster`] is). Its primary has the migrated templates.
+pub fn replicated_cluster() -> &'static ReplicatedCluster {
+    static REPLICATED: OnceLock<ReplicatedCluster> = OnceLock::new();
+    REPLICATED.get_or_init(|| {
+        remove_stale_test_dirs();
+        let base = scratch_root().join("replicated");
+        let socket_dir = base.join("run");
+        let mut spec = test_spec(base.join("primary"), socket_dir.clone(), base.join("primary.log"));
+        spec.port = 5440;
+        let primary = Cluster::start(spec).expect("starting the replicated cluster's primary");
+        REPLICATED_PIDS[0].store(primary.pid(), Ordering::SeqCst);
+        let primary = TestCluster { cluster: primary };
+        create_templates(&primary);
+        let standbys = (0..STANDBYS)
+            .map(|i| {
+                let mut spec = test_spec(
+                    base.join(format!("standby{i}")),
+                    socket_dir.clone(),
+                    base.join(format!("standby{i}.log")),
+                );
+                spec.port = 5441 + i as u16;
+                let source = primary.cluster.spec();
+                spec.standby_of = Some(keel_pg::Standby {
+                    primary: format!(
+                        "host={} port={} user={}",
+                        source.socket_dir.display(),
+                        source.port,
+                        source.superuser
+                    ),
+                    slot: format!("keel_test_standby_{i}"),
+                });
+                let cluster = Cluster::start(spec.clone()).expect("starting a standby of the replicated cluster");
+                REPLICATED_PIDS[1 + i].store(cluster.pid(), Ordering::SeqCst);
+                TestStandby { spec, cluster: Mutex::new(Some(cluster)) }
+            })
+            .collect();
+        ReplicatedCluster { primary, standbys }
+    })
+}
+
+/// Held by every test of the replicated cluster, for its whole length: see [`exclusive_replicas`].
+static REPLICAS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes the replicated cluster for this test alone, first putting it back in order: a test that
+/// failed while holding it may have left replay paused or a standby killed, so every standby is
+/// restarted if down and has its replay resumed. (Here rather than when the guard drops: a guard
+/// dropped while its test unwinds could not wait on the standbys, and this covers every way a test
+/// can end.) Take it before anything else, and hold it until the test ends.
+pub async fn exclusive_replicas() -> tokio::sync::MutexGuard<'static, ()> {
+    let guard = REPLICAS_LOCK.lock().await;
+    let replicated = blocking(replicated_cluster).await;
+    for i in 0..STANDBYS {
+        if !replicated.is_running(i) {
+            standby::restart(i).await;
+        }
+        let client = connect(&replicated.standby_url(i, "postgres")).await;
+        client.execute("SELECT pg_wal_replay_resume()", &[]).await.unwrap();
+    }
+    guard
+}
+
+/// Runs blocking work (starting or killing servers) on a thread of its own, as a test's runtime
+/// must not block.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work).await.unwrap()
+}
+
+/// Control of the replicated cluster's standbys (numbered from 0), for tests holding
+/// [`exclusive_replicas`].
+pub mod standby {
+    use super::*;
+
+    /// Stops replay on standby `i` (it still receives WAL); returns once it has paused.
+    pub async fn pause_replay(i: usize) {
+        let client = connect(&replicated_cluster().standby_url(i, "postgres")).await;
+        client.execute("SELECT pg_wal_replay_pause()", &[]).await.unwrap();
+        // A pause is requested, and confirmed by the standby's startup process before it replays
+        // anything more (even while it waits for WAL): once confirmed, nothing written on the
+        // primary afterwards shows on it.
+        let started = std::time::Instant::now();
+        loop {
+            let state: String = client.query_one("SELECT pg_get_wal_replay_pause_state()", &[]).await.unwrap().get(0);
+            if state == "paused" {
+                return;
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "standby {i}: replay still {state}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Resumes replay on standby `i`.
+    pub async fn resume_replay(i: usize) {
+        let client = connect(&replicated_cluster().standby_url(i, "postgres")).await;
+        client.execute("SELECT pg_wal_replay_resume()", &[]).await.unwrap();
+    }
+
+    /// Kills standby `i`'s postmaster (SIGKILL), as a crash would; returns once its processes are
+    /// gone, so connections to it fail from then on. [`restart`] starts it again.
+    pub async fn kill(i: usize) {
+        let replicated = replicated_cluster();
+        let cluster = replicated.standbys[i].cluster.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let cluster = cluster.unwrap_or_else(|| panic!("standby {i} is not running"));
+        REPLICATED_PIDS[1 + i].store(0, Ordering::SeqCst);
+        blocking(move || cluster.kill(std::time::Duration::from_secs(30))).await.expect("killing a standby");
+    }
+
+    /// Starts standby `i` again on its data (crash recovery, if it was killed); returns once it
+    /// accepts connections. It then catches up with the primary through its slot.
+    pub async fn restart(i: usize) {
+        let replicated = replicated_cluster();
+        let spec = replicated.standbys[i].spec.clone();
+        let cluster = blocking(move || Cluster::start(spec)).await.expect("restarting a standby");
+        REPLICATED_PIDS[1 + i].store(cluster.pid(), Ordering::SeqCst);
+        let previous = replicated.standbys[i].cluster.lock().unwrap_or_else(|e| e.into_inner()).replace(cluster);
+        assert!(previous.is_none(), "standby {i} was running already");
+    }
+
+    /// Waits (up to 30 s) until standby `i` has replayed everything the primary had written when the
+    /// wait began.
+    pub async fn wait_caught_up(i: usize) {
+        let replicated = replicated_cluster();
+        let primary = connect(&replicated.primary.maintenance_url()).await;
+        let target: String = primary.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+        let standby = connect(&replicated.standby_url(i, "postgres")).await;
+        let started = std::time::Instant::now();
+        loop {
+            let row = standby
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false), pg_last_wal_replay_lsn()::text",
+                    &[&target],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, bool>(0) {
+                return;
+            }
+            let replayed: Option<String> = row.get(1);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "standby {i} has replayed up to {replayed:?}, not {target}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// A directory of this test binary's, removed when it exits (see the module's comment).
@@ -96,6 +291,8 @@ pub fn scratch_root() -> PathBuf {
 }
 
 static CLUSTER_PID: AtomicI32 = AtomicI32::new(0);
+/// The replicated cluster's primary, then its standbys (0 while not running).
+static REPLICATED_PIDS: [AtomicI32; 1 + STANDBYS] = [const { AtomicI32::new(0) }; 1 + STANDBYS];
 
 /// Servers started by this binary that write under [`scratch_root`]: stopped before it is removed,
 /// so that none of them writes into it again while it goes (their parent-death signal would only
@@ -111,9 +308,12 @@ pub fn stop_at_exit(pid: i32) {
 /// `exit`, and both run `atexit` handlers.
 extern "C" fn remove_scratch_root_at_exit() {
     let servers = SERVER_PIDS.lock().map(|p| p.clone()).unwrap_or_default();
-    let cluster = CLUSTER_PID.load(Ordering::SeqCst);
+    let clusters = std::iter::once(&CLUSTER_PID).chain(&REPLICATED_PIDS).map(|pid| pid.load(Ordering::SeqCst));
     // PostgreSQL's fast shutdown (SIGINT) writes a checkpoint; the others just stop.
-    let stops = servers.iter().map(|&pid| (pid, libc::SIGTERM)).chain((cluster > 0).then_some((cluster, libc::SIGINT)));
+    let stops = servers
+        .iter()
+        .map(|&pid| (pid, libc::SIGTERM))
+        .chain(clusters.filter(|&pid| pid > 0).map(|pid| (pid, libc::SIGINT)));
     let stops: Vec<(i32, i32)> = stops.collect();
     for &(pid, signal) in &stops {
         // SAFETY: kill has no memory-safety preconditions; the pids are our own children.
@@ -153,17 +353,41 @@ fn unique_name(kind: &str) -> String {
     format!("t{}_{}_{kind}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A set of empty (unmigrated) databases, dropped with it: for `keel migrate` and `keel serve` tests.
+/// A set of databases (empty, unmigrated ones for `keel migrate` and `keel serve` tests), dropped
+/// with it.
 pub struct TestDatabases {
     pub catalog_url: String,
     pub shard_urls: Vec<String>,
+    /// On the replicated cluster, each standby's URL for the catalogue; empty on the main cluster.
+    pub catalog_replica_urls: Vec<String>,
+    /// On the replicated cluster, per shard, each standby's URL for it; empty on the main cluster.
+    pub shard_replica_urls: Vec<Vec<String>>,
     names: Vec<String>,
+    /// The cluster they are on, to drop them there.
+    maintenance_url: String,
 }
 
 impl TestDatabases {
-    /// Fresh databases; `migrated` clones them from the migrated templates.
+    /// Fresh databases on the main cluster; `migrated` clones them from the migrated templates.
     pub async fn create(migrated: bool) -> TestDatabases {
-        let cluster = cluster();
+        TestDatabases::create_on(cluster(), migrated).await
+    }
+
+    /// Fresh databases on the replicated cluster's primary, with their standbys' URLs; returns once
+    /// every running standby has them. Hold [`exclusive_replicas`].
+    pub async fn create_replicated(migrated: bool) -> TestDatabases {
+        let replicated = blocking(replicated_cluster).await;
+        let mut dbs = TestDatabases::create_on(&replicated.primary, migrated).await;
+        let (catalog, shards) = (&dbs.names[0], &dbs.names[1..]);
+        dbs.catalog_replica_urls = replicated.standby_urls(catalog);
+        dbs.shard_replica_urls = shards.iter().map(|s| replicated.standby_urls(s)).collect();
+        for i in (0..STANDBYS).filter(|&i| replicated.is_running(i)) {
+            standby::wait_caught_up(i).await;
+        }
+        dbs
+    }
+
+    async fn create_on(cluster: &TestCluster, migrated: bool) -> TestDatabases {
         let maintenance = cluster.maintenance_url();
         let catalog = unique_name("catalog");
         let shards: Vec<String> = (0..SHARDS).map(|i| unique_name(&format!("shard{i}"))).collect();
@@ -175,7 +399,10 @@ impl TestDatabases {
         TestDatabases {
             catalog_url: cluster.url(&catalog),
             shard_urls: shards.iter().map(|s| cluster.url(s)).collect(),
+            catalog_replica_urls: Vec::new(),
+            shard_replica_urls: Vec::new(),
             names: std::iter::once(catalog).chain(shards).collect(),
+            maintenance_url: maintenance,
         }
     }
 
@@ -198,7 +425,7 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 impl Drop for TestDatabases {
     fn drop(&mut self) {
         let names = std::mem::take(&mut self.names);
-        let maintenance = cluster().maintenance_url();
+        let maintenance = self.maintenance_url.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
@@ -256,7 +483,24 @@ impl TestApp {
 
     /// An app whose configuration `configure` adjusts first (the workers started later use it too).
     pub async fn spawn_with(configure: impl FnOnce(&mut Config)) -> TestApp {
-        let dbs = TestDatabases::create(true).await;
+        TestApp::spawn_on(TestDatabases::create(true).await, configure).await
+    }
+
+    /// An app over databases on the replicated cluster, reading from both standbys
+    /// (`catalog_replica_urls`, `shard_replica_urls`, set before `configure` runs, which may change
+    /// them). Take [`exclusive_replicas`] first.
+    pub async fn spawn_replicated(configure: impl FnOnce(&mut Config)) -> TestApp {
+        let dbs = TestDatabases::create_replicated(true).await;
+        let (catalog_replicas, shard_replicas) = (dbs.catalog_replica_urls.clone(), dbs.shard_replica_urls.clone());
+        TestApp::spawn_on(dbs, |config| {
+            config.catalog_replica_urls = catalog_replicas;
+            config.shard_replica_urls = shard_replicas;
+            configure(config);
+        })
+        .await
+    }
+
+    async fn spawn_on(dbs: TestDatabases, configure: impl FnOnce(&mut Config)) -> TestApp {
         let mut config = Config {
             data_dir: scratch_root().join(unique_name("data")),
             // Test peers (webhook receivers) listen on loopback.

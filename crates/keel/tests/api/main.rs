@@ -21,6 +21,8 @@ mod peers;
 mod processes;
 mod promises;
 mod queue;
+mod replica_reads;
+mod replicated;
 mod saga;
 mod search;
 mod sessions;
