@@ -92,7 +92,7 @@ pub struct CartsState {
 /// Reads a cart and prices it: two queries whatever its size, one per database. The items and the
 /// owner's version come from one statement, so they are of one moment.
 pub(crate) async fn load_cart(db: &Databases, user: UserId) -> Result<Cart, ApiError> {
-    let shard = db.shard_of(user).client().await?;
+    let shard = db.shard_of(user).primary_for(DataKind::Cart).await?;
     let rows = shard
         .rows(
             "SELECT u.owner_version, c.product_id, c.quantity

@@ -295,11 +295,11 @@ pub async fn cached_product(
     id: ProductId,
 ) -> Result<(Arc<Product>, Served, Option<(Target, Duration)>), ApiError> {
     let filled = OnceLock::new();
-    let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1");
-    let sql = sql.as_str();
     let (product, served) = state
         .products
         .get_or_load_aged(&id, || async {
+            let sql = format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1");
+            let sql = sql.as_str();
             let read = state
                 .db
                 .catalog
@@ -354,7 +354,7 @@ pub async fn get_inventory(
     Path(id): Path<String>,
 ) -> Result<Json<Inventory>, ApiError> {
     let id = parse_id::<ProductId>("product", &id)?;
-    let client = state.db.catalog.client().await?;
+    let client = state.db.catalog.primary_for(DataKind::Inventory).await?;
     let row = client
         .maybe_row(&format!("SELECT {INVENTORY_COLUMNS} FROM inventory WHERE product_id = $1"), &[&id])
         .await?

@@ -164,17 +164,22 @@ const MAX_CONNECTIONS_FLOOR: usize = 200;
 /// (creating databases, migrating, waiting for clients to leave) and a few for a person with `psql`.
 /// PostgreSQL keeps 3 more for superusers on top of these.
 const SPARE_CONNECTIONS: usize = 20;
+/// Room for clients that are not Keel's at all, however large its pools: a load or maintenance tool
+/// run against the same cluster (`keel-bench` runs its pgbench baselines here with 64 clients, and
+/// with its pools grown to `KEEL_DB_POOL_SIZE=32` Keel alone holds 144 connections).
+const OTHER_CLIENTS: usize = 64;
 
 /// Enough for both pools of every database (the API's, `KEEL_DB_POOL_SIZE`, and the workers',
-/// `KEEL_WORKER_POOL_SIZE`) and the spares, and never below the floor: a pool that hits the server's
-/// limit fails to connect, which is a 503 for the API. With the defaults, 3 × (16 + 16) + 20 = 116.
+/// `KEEL_WORKER_POOL_SIZE`), the spares and other clients, and never below the floor: a pool that
+/// hits the server's limit fails to connect, which is a 503 for the API. With the defaults,
+/// 3 × (16 + 16) + 20 + 64 = 180.
 ///
 /// Replicas get the same: PostgreSQL refuses to run a hot standby with a lower `max_connections`
 /// than its primary's, and it covers what a replica serves (the API's replica pools, one of
 /// `KEEL_DB_POOL_SIZE` per database, and the spares) with room to spare.
 fn max_connections(config: &Config) -> usize {
     let pools = (1 + SHARDS) * (config.db_pool_size + config.worker_pool_size);
-    (pools + SPARE_CONNECTIONS).max(MAX_CONNECTIONS_FLOOR)
+    (pools + SPARE_CONNECTIONS + OTHER_CLIENTS).max(MAX_CONNECTIONS_FLOOR)
 }
 
 fn cluster_spec(data_dir: &Path, config: &Config) -> ClusterSpec {
@@ -359,9 +364,9 @@ mod tests {
 
     #[test]
     fn the_cluster_takes_both_pools_of_every_database() {
-        assert_eq!(max_connections(&Config::default()), MAX_CONNECTIONS_FLOOR, "3 × (16 + 16) + 20 fits in 200");
+        assert_eq!(max_connections(&Config::default()), MAX_CONNECTIONS_FLOOR, "3 × (16 + 16) + 20 + 64 fits in 200");
         let big = Config { db_pool_size: 50, worker_pool_size: 30, ..Config::default() };
-        assert_eq!(max_connections(&big), 3 * 80 + SPARE_CONNECTIONS);
+        assert_eq!(max_connections(&big), 3 * 80 + SPARE_CONNECTIONS + OTHER_CLIENTS);
     }
 
     #[test]

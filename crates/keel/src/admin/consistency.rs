@@ -28,8 +28,8 @@ pub struct KindReport {
     pub evictions: u64,
     pub served_age_p99_ms: f64,
     /// Database reads of this kind on this node served by a replica, and by the primary, since
-    /// start: the reads routed by the kind's budget (cache misses, lists, searches). Strong kinds
-    /// read the primary without routing, and count none here.
+    /// start: cache misses, lists and searches, routed by the kind's budget, and the strong kinds'
+    /// reads, always from the primary. Kinds not read from a database per request count none.
     pub replica_reads: u64,
     pub primary_reads: u64,
     /// For the like count: how long ago this node merged the shards' tallies (every read is served

@@ -295,6 +295,17 @@ impl Db {
         Ok(read)
     }
 
+    /// A connection to the primary for a read of `kind` that never goes to a replica (a strong kind,
+    /// the owner's cart), counted with the routed reads so that the table shows where every kind is
+    /// read from.
+    pub async fn primary_for(&self, kind: DataKind) -> Result<Client, DbError> {
+        let client = self.client().await?;
+        if let Some(routing) = self.routing.get() {
+            routing.count(kind, Target::Primary);
+        }
+        Ok(client)
+    }
+
     /// This database's read routing, once set up.
     pub fn routing(&self) -> Option<&Routing> {
         self.routing.get().map(|r| &**r)

@@ -21,6 +21,7 @@ use tokio_postgres::Row;
 use utoipa::ToSchema;
 
 use crate::carts::{load_cart, CartItem};
+use crate::consistency::DataKind;
 use crate::db::{PgError, Sql};
 use crate::events::{self, OrderPlaced};
 pub use crate::events::{FailureReason, OrderStatus};
@@ -225,7 +226,7 @@ pub async fn get_order(
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
     let id = parse_id::<OrderId>("order", &id)?;
-    let client = state.db.shard_of(user).client().await?;
+    let client = state.db.shard_of(user).primary_for(DataKind::Order).await?;
     // Another user's order is simply not found: its existence is not theirs to learn.
     let row = client
         .maybe_row(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"), &[&id, &user])
@@ -249,7 +250,7 @@ pub async fn list_orders(
 ) -> Result<Json<Page<Order>>, ApiError> {
     let (limit, before) = params.validate()?;
     let before = before.map(OrderId::from_uuid);
-    let client = state.db.shard_of(user).client().await?;
+    let client = state.db.shard_of(user).primary_for(DataKind::Order).await?;
     let rows = client
         .rows(
             &format!(

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::consistency::DataKind;
 use crate::db::{Sql, Transaction};
 use crate::http::auth::{AuthUser, Caller};
 use crate::http::error::{ApiError, Problem};
@@ -52,7 +53,7 @@ pub struct DepositMade {
     responses((status = 200, description = "The balance, read from the primary", body = Wallet),
         (status = 401, body = Problem)))]
 pub async fn get_wallet(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<Wallet>, ApiError> {
-    let client = state.db.shard_of(user).client().await?;
+    let client = state.db.shard_of(user).primary_for(DataKind::Wallet).await?;
     let row = client
         .maybe_row("SELECT balance_cents FROM wallets WHERE user_id = $1", &[&user])
         .await?
