@@ -87,8 +87,6 @@ pub struct CatalogState {
     pub db: Arc<Databases>,
     pub products: Arc<ProductCache>,
     pub likes: Arc<LikeCounter>,
-    /// The product's staleness budget: product pages and lists may come from a replica this far behind.
-    pub budget: Duration,
 }
 
 /// A product, as the API shows it and as its events carry it.
@@ -303,7 +301,7 @@ pub async fn cached_product(
             let read = state
                 .db
                 .catalog
-                .read_one(DataKind::Product, state.budget, Floor::Any, |client| async move {
+                .read_one(DataKind::Product, state.products.ttl(), Floor::Any, |client| async move {
                     client.maybe_row(sql, &[&id]).await
                 })
                 .await?;
@@ -336,7 +334,7 @@ pub async fn list_products(
     let read = state
         .db
         .catalog
-        .read(DataKind::Product, state.budget, Floor::Any, |client| async move {
+        .read(DataKind::Product, state.products.ttl(), Floor::Any, |client| async move {
             client.rows(sql, &[&after, &limit_plus_one]).await
         })
         .await?;

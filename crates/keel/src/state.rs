@@ -131,19 +131,13 @@ impl FromRef<AppState> for UsersState {
             profiles: state.profiles.clone(),
             accounts: AccountsState::from_ref(state),
             floors: state.floors.clone(),
-            budget: state.config.budget(DataKind::Profile),
         }
     }
 }
 
 impl FromRef<AppState> for CatalogState {
     fn from_ref(state: &AppState) -> Self {
-        CatalogState {
-            db: state.db.clone(),
-            products: state.products.clone(),
-            likes: state.likes.clone(),
-            budget: state.config.budget(DataKind::Product),
-        }
+        CatalogState { db: state.db.clone(), products: state.products.clone(), likes: state.likes.clone() }
     }
 }
 

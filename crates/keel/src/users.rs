@@ -8,7 +8,7 @@
 //! for a couple of minutes, never its uniqueness.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -91,8 +91,6 @@ pub struct UsersState {
     pub accounts: AccountsState,
     /// The owner's reads see their own writes through these, even from a replica.
     pub floors: Floors,
-    /// The profile's staleness budget.
-    pub budget: Duration,
 }
 
 /// A profile. `email` and `email_verified` are present only when the owner asks.
@@ -304,8 +302,9 @@ pub async fn get_user(
     Ok((cache_headers(served, filled.get().copied()), Json((*profile).clone())))
 }
 
-/// A profile from a replica within the profile budget that is past `floor`, or the primary.
-async fn read_profile(
+/// A profile from a replica within the profile budget (the profile cache's) that is past `floor`, or
+/// the primary.
+pub(crate) async fn read_profile(
     state: &UsersState,
     id: UserId,
     show_email: bool,
@@ -316,19 +315,12 @@ async fn read_profile(
     let read = state
         .db
         .shard_of(id)
-        .read_one(DataKind::Profile, state.budget, floor, |client| async move { client.maybe_row(sql, &[&id]).await })
+        .read_one(DataKind::Profile, state.profiles.ttl(), floor, |client| async move {
+            client.maybe_row(sql, &[&id]).await
+        })
         .await?;
     let row = read.value.ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
     Ok(Read { value: Profile::from_row(&row, show_email), target: read.target, lag: read.lag })
-}
-
-pub(crate) async fn load_profile(state: &UsersState, id: UserId, show_email: bool) -> Result<Profile, ApiError> {
-    let client = state.db.shard_of(id).client().await?;
-    let row = client
-        .maybe_row(&format!("SELECT {PROFILE_COLUMNS} FROM users WHERE id = $1"), &[&id])
-        .await?
-        .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
-    Ok(Profile::from_row(&row, show_email))
 }
 
 #[utoipa::path(patch, path = "/v1/users/{id}", tag = "users", request_body = UpdateUser,

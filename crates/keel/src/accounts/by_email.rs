@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::codes::{self, Purpose};
 use super::sessions;
 use super::AccountsState;
+use crate::db::replicas::Floor;
 use crate::db::Sql;
 use crate::email::Email;
 use crate::http::auth::AuthUser;
@@ -215,7 +216,8 @@ pub async fn verify_email(
     state.floors.wrote(state.db.shard_of(id), &client, id).await;
     drop(client);
     // Not a public field: the cached profiles need no invalidation.
-    Ok(Json(users::load_profile(&state, id, true).await?))
+    // From the primary: the address was verified just now.
+    Ok(Json(users::read_profile(&state, id, true, Floor::Primary).await?.value))
 }
 
 #[utoipa::path(post, path = "/v1/users/{id}/email-verification/resend", tag = "users",

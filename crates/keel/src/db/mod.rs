@@ -407,26 +407,27 @@ impl Databases {
         let options = PoolOptions::from(config);
         // WAL positions, and read-your-writes floors, are kept as long as the longest budget.
         let horizon = config.longest_budget();
-        let databases = std::iter::once((&self.catalog, "catalog".to_owned(), &config.catalog_replica_urls[..]));
-        let shards = self
-            .shards
-            .all()
-            .enumerate()
-            .map(|(i, (_, db))| (db, database_label(i), shard_lists.get(i).map(Vec::as_slice).unwrap_or_default()));
-        for (db, label, urls) in databases.chain(shards) {
+        // Each database with its label, the setting its replicas come from, and how its pools are made.
+        type MakePool = fn(&PoolOptions, &str, &str, &str) -> Result<Db, ConnectError>;
+        let catalog: (&Db, String, String, &[String], MakePool) = (
+            &self.catalog,
+            "catalog".to_owned(),
+            "KEEL_CATALOG_REPLICA_URLS".to_owned(),
+            &config.catalog_replica_urls,
+            PoolOptions::catalog_pool,
+        );
+        let shards = self.shards.all().enumerate().map(|(i, (_, db))| {
+            let urls = shard_lists.get(i).map(Vec::as_slice).unwrap_or_default();
+            let make: MakePool = PoolOptions::shard_pool;
+            (db, database_label(i), format!("KEEL_SHARD_REPLICA_URLS[{i}]"), urls, make)
+        });
+        for (db, label, setting, urls, make_pool) in std::iter::once(catalog).chain(shards) {
             let replicas = urls
                 .iter()
                 .enumerate()
                 .map(|(i, url)| {
                     let name = replicas::replica_name(i);
-                    let setting = match label.as_str() {
-                        "catalog" => format!("KEEL_CATALOG_REPLICA_URLS[{i}]"),
-                        _ => format!("KEEL_SHARD_REPLICA_URLS[{}][{i}]", &label["shard_".len()..]),
-                    };
-                    let pool = match label.as_str() {
-                        "catalog" => options.catalog_pool(&format!("{label}_{name}"), &setting, url)?,
-                        _ => options.shard_pool(&format!("{label}_{name}"), &setting, url)?,
-                    };
+                    let pool = make_pool(&options, &format!("{label}_{name}"), &format!("{setting}[{i}]"), url)?;
                     Ok((name, pool))
                 })
                 .collect::<Result<Vec<_>, ConnectError>>()?;

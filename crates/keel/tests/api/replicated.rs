@@ -9,6 +9,12 @@ async fn rows(url: &str, id: i32) -> i64 {
     client.query_one("SELECT count(*) FROM replication_probe WHERE id = $1", &[&id]).await.unwrap().get(0)
 }
 
+/// The table these tests watch the standbys through, with row 1 in it.
+async fn create_probe(primary: &tokio_postgres::Client) {
+    let sql = "CREATE TABLE replication_probe (id int PRIMARY KEY); INSERT INTO replication_probe VALUES (1)";
+    primary.batch_execute(sql).await.unwrap();
+}
+
 #[tokio::test]
 async fn standbys_follow_the_primary_and_a_paused_one_falls_behind_until_resumed() {
     let _replicas = exclusive_replicas().await;
@@ -20,10 +26,7 @@ async fn standbys_follow_the_primary_and_a_paused_one_falls_behind_until_resumed
     let standbys = app.dbs.catalog_replica_urls.clone();
 
     let primary = app.dbs.catalog().await;
-    primary
-        .batch_execute("CREATE TABLE replication_probe (id int PRIMARY KEY); INSERT INTO replication_probe VALUES (1)")
-        .await
-        .unwrap();
+    create_probe(&primary).await;
     for (i, url) in standbys.iter().enumerate() {
         standby::wait_caught_up(i).await;
         assert_eq!(rows(url, 1).await, 1, "standby {i} has the row");
@@ -50,10 +53,7 @@ async fn a_killed_standby_restarts_and_catches_up() {
     let app = TestApp::spawn_replicated(|_| {}).await;
     let standbys = app.dbs.catalog_replica_urls.clone();
     let primary = app.dbs.catalog().await;
-    primary
-        .batch_execute("CREATE TABLE replication_probe (id int PRIMARY KEY); INSERT INTO replication_probe VALUES (1)")
-        .await
-        .unwrap();
+    create_probe(&primary).await;
 
     standby::kill(1).await;
     assert!(tokio_postgres::connect(&standbys[1], tokio_postgres::NoTls).await.is_err(), "standby 1 is down");
