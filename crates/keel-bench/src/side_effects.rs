@@ -180,7 +180,21 @@ async fn jetstream(keel_binary: &Path, work: &Path, plan: &Plan, result: &mut Si
         if relayed >= n && stream.backlog().await.unwrap() == 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "JetStream events did not finish");
+        if started.elapsed() > Duration::from_secs(300) {
+            let states = shard
+                .query("SELECT state, count(*) FROM keel_jobs WHERE kind = 'keel.ping' GROUP BY 1", &[])
+                .await
+                .map(|rows| rows.iter().map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
+                .unwrap_or_else(|e| vec![e.to_string()]);
+            let log = std::fs::read_to_string(keel.data_dir.join("keel.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "JetStream events did not finish in 300 s: rows {}; {:?} in the stream; keel's last log lines:\n{}",
+                states.join(", "),
+                stream.backlog().await,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let per_second = n as f64 / started.elapsed().as_secs_f64();

@@ -185,6 +185,15 @@ pub async fn stats(client: &impl GenericClient) -> Result<Vec<KindStats>, PgErro
         .collect())
 }
 
+/// A PostgreSQL error for the log: the server's SQLSTATE and message where it gave one (its
+/// `Display` alone says only "db error"), else the client's error.
+pub(crate) fn db_error(error: &PgError) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
 /// Exponential backoff with full jitter: before retry `n` (1-based), wait a uniformly random time in
 /// `[0, min(max, base · 2^(n-1))]`. The ceiling grows exponentially; the jitter spreads retries of
 /// jobs that failed together so they do not return together.

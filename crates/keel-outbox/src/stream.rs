@@ -374,13 +374,21 @@ async fn relay_again(js: JetStream, pool: Pool, kinds: Vec<String>, mut stop: wa
         let result = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
             client
+                // Locked in id order, as the consumers' batches lock the rows they finish: locked
+                // in scan order, the two deadlock.
                 .execute(
-                    "UPDATE keel_jobs SET state = 'pending', run_at = now()
-                     WHERE state = 'relayed' AND kind = ANY($1) AND started_at < greatest($2::timestamptz, $3::timestamptz)",
+                    "WITH locked AS MATERIALIZED (
+                         SELECT id FROM keel_jobs
+                         WHERE state = 'relayed' AND kind = ANY($1)
+                             AND started_at < greatest($2::timestamptz, $3::timestamptz)
+                         ORDER BY id FOR UPDATE
+                     )
+                     UPDATE keel_jobs j SET state = 'pending', run_at = now()
+                     FROM locked WHERE j.id = locked.id AND j.state = 'relayed'",
                     &[&kinds, &(made + CLOCK_MARGIN), &(SystemTime::now() - STALE_RELAYED)],
                 )
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::db_error(&e))
         };
         match result.await {
             Ok(0) => {}
