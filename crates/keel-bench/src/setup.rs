@@ -59,6 +59,9 @@ impl Keel {
             .env("KEEL_RATE_LIMIT", "off")
             .env("KEEL_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KEEL_DB_POOL_SIZE", "32")
+            // The scenarios read and drain keel_shard_0 and keel_shard_1: not a count from the
+            // caller's environment or keel.toml.
+            .env("KEEL_SHARDS", "2")
             // The scenarios use the access tokens the seed's sign-ups answered, up to the end of the
             // run: a whole `make bench` takes longer than the default lifetime (15 min).
             .env("KEEL_ACCESS_TOKEN_TTL", "4h")

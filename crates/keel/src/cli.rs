@@ -32,6 +32,10 @@ enum Command {
         /// default 0, at most 8).
         #[arg(long)]
         replicas: Option<usize>,
+        /// User-shard databases to create in a new data directory (KEEL_SHARDS; default 2, from 1 to
+        /// 100). An existing data directory keeps the shards it has.
+        #[arg(long)]
+        shards: Option<usize>,
     },
     /// Serve the API against external databases (KEEL_CATALOG_URL, KEEL_SHARD_URLS).
     Serve,
@@ -74,12 +78,18 @@ pub fn main() -> ExitCode {
 
 fn load_config(command: &Command) -> Result<Config, Fatal> {
     let mut config = Config::load()?;
-    if let Command::Up { data_dir, listen, replicas } = command {
+    if let Command::Up { data_dir, listen, replicas, shards } = command {
         if let Some(n) = replicas {
             if *n > crate::config::MAX_REPLICAS {
                 return Err(format!("invalid option --replicas: at most {}", crate::config::MAX_REPLICAS).into());
             }
             config.replicas = *n;
+        }
+        if let Some(n) = shards {
+            if !(1..=crate::config::MAX_SHARDS).contains(n) {
+                return Err(format!("invalid option --shards: from 1 to {}", crate::config::MAX_SHARDS).into());
+            }
+            config.shards = Some(*n);
         }
         if let Some(dir) = data_dir {
             config.data_dir = dir.clone();

@@ -33,6 +33,11 @@ pub struct Config {
     /// `KEEL_REPLICAS` / `replicas`: `keel up` only: hot-standby clusters streaming from its own,
     /// kept in the data directory and routed to as replicas of every database (0 to 8; default 0).
     pub replicas: usize,
+    /// `KEEL_SHARDS` / `shards`: `keel up` only: the user-shard databases it creates in a new data
+    /// directory (1 to 100; default 2). `None` when not set, so that `keel up` can tell a count asked
+    /// for from the default: an existing data directory keeps the shards it has, and one asked for
+    /// that differs is warned about.
+    pub shards: Option<usize>,
     /// `KEEL_LOG` / `log`: a tracing filter such as `info` or `keel=debug,tower_http=info`.
     pub log: String,
     /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: the API's connections per database per process.
@@ -180,6 +185,7 @@ impl Default for Config {
             catalog_replica_urls: Vec::new(),
             shard_replica_urls: Vec::new(),
             replicas: 0,
+            shards: None,
             log: "info".to_owned(),
             db_pool_size: 16,
             worker_pool_size: 16,
@@ -252,6 +258,7 @@ const SETTINGS: &[&str] = &[
     "catalog_replica_urls",
     "shard_replica_urls",
     "replicas",
+    "shards",
     "log",
     "db_pool_size",
     "worker_pool_size",
@@ -350,6 +357,7 @@ impl Config {
                 "catalog_replica_urls" => self.catalog_replica_urls = parse_list(raw).map_err(|m| fail(key, m))?,
                 "shard_replica_urls" => self.shard_replica_urls = parse_shard_lists(raw).map_err(|m| fail(key, m))?,
                 "replicas" => self.replicas = parse_range(raw, 0, MAX_REPLICAS).map_err(|m| fail(key, m))?,
+                "shards" => self.shards = Some(parse_range(raw, 1, MAX_SHARDS).map_err(|m| fail(key, m))?),
                 "log" => self.log = non_empty(raw).map_err(|m| fail(key, m))?,
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "worker_pool_size" => self.worker_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
@@ -499,6 +507,12 @@ fn parse_shard_lists(raw: &str) -> Result<Vec<Vec<String>>, String> {
 
 /// The most hot standbys `keel up --replicas` starts.
 pub const MAX_REPLICAS: usize = 8;
+
+/// The user shards `keel up` creates in a new data directory unless told otherwise: more than one, so
+/// that sharding is exercised from the first run.
+pub const DEFAULT_SHARDS: usize = 2;
+/// The most user shards `keel up --shards` creates.
+pub const MAX_SHARDS: usize = 100;
 
 fn parse_range(raw: &str, min: usize, max: usize) -> Result<usize, String> {
     match raw.parse::<usize>() {
@@ -684,6 +698,33 @@ mod tests {
         assert!(err.message.contains("';'"), "{err}");
         let err = Config::default().apply(&env(&[("KEEL_REPLICAS", "9")])).unwrap_err();
         assert_eq!(err.setting, "KEEL_REPLICAS");
+    }
+
+    #[test]
+    fn shards_are_unset_unless_asked_for_and_from_1_to_100() {
+        // Unset is not the default count: `keel up` tells a count asked for from none.
+        assert_eq!(Config::default().shards, None);
+        let mut config = Config::default();
+        config.apply(&env(&[("KEEL_SHARDS", "4")])).unwrap();
+        assert_eq!(config.shards, Some(4));
+        config.apply(&env(&[("KEEL_SHARDS", "100")])).unwrap();
+        assert_eq!(config.shards, Some(MAX_SHARDS));
+        for bad in ["0", "101", "two", "-1"] {
+            let err = Config::default().apply(&env(&[("KEEL_SHARDS", bad)])).unwrap_err();
+            assert_eq!(err.setting, "KEEL_SHARDS");
+            assert!(err.message.contains("from 1 to 100"), "{err}");
+        }
+        let dir = std::env::temp_dir().join(format!("keel-config-shards-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keel.toml");
+        std::fs::write(&file, "shards = 3\n").unwrap();
+        let mut config = Config::default();
+        config.apply(&file_layer(&file).unwrap()).unwrap();
+        assert_eq!(config.shards, Some(3));
+        std::fs::write(&file, "shards = 0\n").unwrap();
+        let err = Config::default().apply(&file_layer(&file).unwrap()).unwrap_err();
+        assert_eq!(err.setting, "shards");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

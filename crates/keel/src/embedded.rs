@@ -6,6 +6,9 @@
 //! (`DATA_DIR/postgres-replica-<i>`, copied from it on first start, streaming through the slot
 //! `keel_replica_<i>`) and serves reads that may be a little stale from them, as a deployment with
 //! streaming replicas would. The workers use the primary only.
+//!
+//! With `--shards N` (`KEEL_SHARDS`), a new data directory gets N user shards instead of 2. An
+//! existing one keeps the shards it has: the count is a property of the data, not of a start.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,15 +16,16 @@ use std::time::Duration;
 use keel_pg::{socket_dir_for, Cluster, ClusterSpec, Standby};
 
 use crate::app::{serve_with_workers, Application};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_SHARDS};
 use crate::db::{self, Databases};
 use crate::http::auth::new_admin_token;
 use crate::http::auth::tokens::TokenKey;
 use crate::Fatal;
 
-/// `keel up` creates this many user shards, so that sharding is exercised from the first run.
-pub const SHARDS: usize = 2;
 const CATALOG_DB: &str = "keel_catalog";
+/// `DATA_DIR/shards`: how many user shards this data directory has, as far as `keel up` knows before
+/// PostgreSQL runs (see [`planned_shards`]).
+const SHARDS_FILE: &str = "shards";
 /// Only names the socket file: the embedded cluster listens on no TCP port, so it cannot clash.
 const PORT: u16 = 5432;
 
@@ -35,12 +39,27 @@ pub async fn up(mut config: Config) -> Result<(), Fatal> {
     let data_dir = absolute(&config.data_dir)?;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {} (KEEL_DATA_DIR): {e}", data_dir.display()))?;
-    let spec = cluster_spec(&data_dir, &config);
-    let cluster =
-        tokio::task::spawn_blocking(move || Cluster::start(spec)).await?.map_err(|e| format!("PostgreSQL: {e}"))?;
-    let result = match start_replicas(&config, &data_dir, &cluster).await {
+    let planned = planned_shards(&config, &data_dir)?;
+    let cluster = start_cluster(cluster_spec(&data_dir, &config, planned)).await?;
+    let shards = match settle_shards(&config, &data_dir, &cluster, planned).await {
+        Ok(shards) => shards,
+        Err(e) => {
+            stop_clusters(vec![cluster]).await;
+            return Err(e);
+        }
+    };
+    let cluster = if max_connections(&config, shards) == max_connections(&config, planned) {
+        cluster
+    } else {
+        // The directory has more shards than recorded (added since its last start): their pools need
+        // connections, and `max_connections` only changes when PostgreSQL starts.
+        tracing::info!(shards, "restarting PostgreSQL with max_connections for every shard");
+        stop_clusters(vec![cluster]).await;
+        start_cluster(cluster_spec(&data_dir, &config, shards)).await?
+    };
+    let result = match start_replicas(&config, &data_dir, &cluster, shards).await {
         Ok(replicas) => {
-            let result = serve(&config, &data_dir, &cluster, &replicas).await;
+            let result = serve(&config, &data_dir, &cluster, &replicas, shards).await;
             // Standbys first: stopping the primary first would leave them retrying to stream from it.
             stop_clusters(replicas).await;
             result
@@ -49,6 +68,92 @@ pub async fn up(mut config: Config) -> Result<(), Fatal> {
     };
     stop_clusters(vec![cluster]).await;
     result
+}
+
+async fn start_cluster(spec: ClusterSpec) -> Result<Cluster, Fatal> {
+    Ok(tokio::task::spawn_blocking(move || Cluster::start(spec)).await?.map_err(|e| format!("PostgreSQL: {e}"))?)
+}
+
+/// How many user shards to start PostgreSQL for, before it runs: its `max_connections` depends on
+/// the count and is fixed at start, before the databases can be listed ([`settle_shards`] checks).
+///
+/// A new data directory (no cluster in it yet) gets the count asked for, or 2, recorded in
+/// `DATA_DIR/shards` before the cluster is created, so that a first start cut short resumes with
+/// the same count. An existing one has the count recorded there; without a record (made before the
+/// count could be chosen, always with 2), or with one that cannot be read, 2, which the listing of
+/// its databases then corrects.
+fn planned_shards(config: &Config, data_dir: &Path) -> Result<usize, String> {
+    let path = data_dir.join(SHARDS_FILE);
+    if !data_dir.join("postgres").join("PG_VERSION").exists() {
+        let shards = config.shards.unwrap_or(DEFAULT_SHARDS);
+        record_shards(data_dir, shards)?;
+        return Ok(shards);
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().parse().ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+            tracing::warn!(file = %path.display(), "not a number of shards; listing the shard databases instead");
+            DEFAULT_SHARDS
+        })),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the number of shards; listing the shard databases instead");
+            }
+            Ok(DEFAULT_SHARDS)
+        }
+    }
+}
+
+fn record_shards(data_dir: &Path, shards: usize) -> Result<(), String> {
+    let path = data_dir.join(SHARDS_FILE);
+    std::fs::write(&path, format!("{shards}\n")).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The user shards this data directory has: `keel_shard_0` up to the highest `keel_shard_<i>`
+/// database in the cluster, and at least the `planned` count (databases a first start cut short did
+/// not create yet are created by [`serve`]). Warns when a count asked for differs: it is not applied,
+/// since changing it means moving users between shards.
+///
+/// The databases are listed rather than read from the catalogue's `shard_map`: the map names only
+/// shards that own a bucket, so a shard added but not yet given buckets (or emptied of them) would
+/// be left out of the router, and it is seeded only after every shard is created and migrated. This
+/// cluster is private to `keel up`, so a `keel_shard_<i>` database is one of its shards (one made
+/// there to add with POST /v1/admin/shards is counted too, so that `max_connections` covers it).
+async fn settle_shards(config: &Config, data_dir: &Path, cluster: &Cluster, planned: usize) -> Result<usize, Fatal> {
+    let found = shard_databases(&cluster.connection_string("postgres"))
+        .await
+        .map_err(|e| format!("listing the shard databases: {e}"))?;
+    let shards = found.iter().map(|i| i + 1).max().unwrap_or(0).max(planned);
+    if let Some(asked) = config.shards.filter(|asked| *asked != shards) {
+        let message = format!(
+            "this data directory has {shards} shards; --shards {asked} (KEEL_SHARDS) applies only to a new data \
+             directory, so keel starts with its {shards}; to grow, add shards with POST /v1/admin/shards and move \
+             buckets to them (docs/SHARDING.md)"
+        );
+        tracing::warn!(shards, asked, data_dir = %data_dir.display(), "{message}");
+        eprintln!("keel: warning: {message}");
+    }
+    // Kept current, so that the next start sizes PostgreSQL right (and a directory from before the
+    // record, or with a damaged one, gets a good one).
+    record_shards(data_dir, shards)?;
+    Ok(shards)
+}
+
+/// The numbers `i` of the `keel_shard_<i>` databases in the cluster.
+async fn shard_databases(maintenance_url: &str) -> Result<Vec<usize>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(maintenance_url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let rows = client.query("SELECT datname::text FROM pg_database WHERE datname LIKE 'keel\\_shard\\_%'", &[]).await?;
+    drop(client);
+    let _ = connection.await;
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            // Only the names keel gives (`keel_shard_01` is no shard of it).
+            let i: usize = name.strip_prefix("keel_shard_")?.parse().ok()?;
+            (shard_db(i) == name).then_some(i)
+        })
+        .collect())
 }
 
 /// Stops each cluster in turn, once Keel's connections to it have closed.
@@ -81,14 +186,19 @@ fn replica_slot(i: usize) -> String {
 
 /// Starts the `config.replicas` standbys of `primary`, creating those that do not exist yet; first
 /// drops the slots of replicas no longer wanted. On failure, stops those it started.
-async fn start_replicas(config: &Config, data_dir: &Path, primary: &Cluster) -> Result<Vec<Cluster>, Fatal> {
+async fn start_replicas(
+    config: &Config,
+    data_dir: &Path,
+    primary: &Cluster,
+    shards: usize,
+) -> Result<Vec<Cluster>, Fatal> {
     let maintenance = primary.connection_string("postgres");
     let kept = retire_replicas(&maintenance, data_dir, config.replicas)
         .await
         .map_err(|e| format!("checking the replication slots: {e}"))?;
     let mut started = Vec::new();
     for i in 1..=config.replicas {
-        let spec = replica_spec(data_dir, config, primary.spec(), i);
+        let spec = replica_spec(data_dir, config, shards, primary.spec(), i);
         if spec.data_dir.join("PG_VERSION").exists() && !kept.contains(&replica_slot(i)) {
             // Its slot is gone (dropped when fewer replicas were wanted, or by hand): the primary
             // may no longer have the WAL it needs, so it is copied afresh.
@@ -172,21 +282,23 @@ const OTHER_CLIENTS: usize = 64;
 /// Enough for both pools of every database (the API's, `KEEL_DB_POOL_SIZE`, and the workers',
 /// `KEEL_WORKER_POOL_SIZE`), the spares and other clients, and never below the floor: a pool that
 /// hits the server's limit fails to connect, which is a 503 for the API. With the defaults,
-/// 3 × (16 + 16) + 20 + 64 = 180.
+/// 3 × (16 + 16) + 20 + 64 = 180 for 2 shards.
 ///
 /// Replicas get the same: PostgreSQL refuses to run a hot standby with a lower `max_connections`
 /// than its primary's, and it covers what a replica serves (the API's replica pools, one of
 /// `KEEL_DB_POOL_SIZE` per database, and the spares) with room to spare.
-fn max_connections(config: &Config) -> usize {
-    let pools = (1 + SHARDS) * (config.db_pool_size + config.worker_pool_size);
+fn max_connections(config: &Config, shards: usize) -> usize {
+    // Linear in the shards (3,316 for 100 with the defaults): bounding it for many shards, e.g. with
+    // pools shared across them, is future work.
+    let pools = (1 + shards) * (config.db_pool_size + config.worker_pool_size);
     (pools + SPARE_CONNECTIONS + OTHER_CLIENTS).max(MAX_CONNECTIONS_FLOOR)
 }
 
-fn cluster_spec(data_dir: &Path, config: &Config) -> ClusterSpec {
+fn cluster_spec(data_dir: &Path, config: &Config, shards: usize) -> ClusterSpec {
     let mut spec = ClusterSpec::new(data_dir.join("postgres"), socket_dir_for(&data_dir.join("run"), PORT))
         // Unix socket only: nothing outside this machine's file permissions can connect.
         .setting("listen_addresses", "")
-        .setting("max_connections", max_connections(config));
+        .setting("max_connections", max_connections(config, shards));
     spec.port = PORT;
     spec.log_file = data_dir.join("postgres.log");
     spec
@@ -194,8 +306,8 @@ fn cluster_spec(data_dir: &Path, config: &Config) -> ClusterSpec {
 
 /// Replica `i` (from 1): beside the primary, its socket in the same directory (port `PORT + i` only
 /// names the socket file), its settings the primary's.
-fn replica_spec(data_dir: &Path, config: &Config, primary: &ClusterSpec, i: usize) -> ClusterSpec {
-    let mut spec = cluster_spec(data_dir, config);
+fn replica_spec(data_dir: &Path, config: &Config, shards: usize, primary: &ClusterSpec, i: usize) -> ClusterSpec {
+    let mut spec = cluster_spec(data_dir, config, shards);
     spec.data_dir = data_dir.join(format!("postgres-replica-{i}"));
     spec.log_file = data_dir.join(format!("postgres-replica-{i}.log"));
     spec.port = PORT + i as u16;
@@ -246,11 +358,17 @@ async fn wait_for_replicas(primary: &Cluster, replicas: &[Cluster], timeout: Dur
     Ok(())
 }
 
-async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster, replicas: &[Cluster]) -> Result<(), Fatal> {
+async fn serve(
+    config: &Config,
+    data_dir: &Path,
+    cluster: &Cluster,
+    replicas: &[Cluster],
+    shards: usize,
+) -> Result<(), Fatal> {
     let maintenance = cluster.connection_string("postgres");
     let catalog_url = cluster.connection_string(CATALOG_DB);
-    let shard_urls: Vec<String> = (0..SHARDS).map(|i| cluster.connection_string(&shard_db(i))).collect();
-    for name in std::iter::once(CATALOG_DB.to_owned()).chain((0..SHARDS).map(shard_db)) {
+    let shard_urls: Vec<String> = (0..shards).map(|i| cluster.connection_string(&shard_db(i))).collect();
+    for name in std::iter::once(CATALOG_DB.to_owned()).chain((0..shards).map(shard_db)) {
         if db::create_database(&maintenance, &name, None).await.map_err(|e| format!("creating {name}: {e}"))? {
             tracing::info!(database = %name, "created database");
         }
@@ -261,20 +379,25 @@ async fn serve(config: &Config, data_dir: &Path, cluster: &Cluster, replicas: &[
     // Every replica holds every database.
     config.catalog_replica_urls = replicas.iter().map(|r| r.connection_string(CATALOG_DB)).collect();
     config.shard_replica_urls =
-        (0..SHARDS).map(|i| replicas.iter().map(|r| r.connection_string(&shard_db(i))).collect()).collect();
+        (0..shards).map(|i| replicas.iter().map(|r| r.connection_string(&shard_db(i))).collect()).collect();
     wait_for_replicas(cluster, replicas, Duration::from_secs(30)).await?;
     let config = &config;
     let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
     // The workers' pools are their own: a backlog of jobs cannot take the API's connections.
     let workers = crate::jobs::open_databases(&catalog_url, &shard_urls, config).await?;
     let app = Application::build(config.clone(), databases, &admin_token).await?;
-    tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), replicas = replicas.len(), "keel is up");
+    tracing::info!(address = %app.local_addr(), data_dir = %data_dir.display(), shards, replicas = replicas.len(), "keel is up");
     let with_replicas = match replicas.len() {
         0 => String::new(),
         1 => ", 1 read replica".to_owned(),
         n => format!(", {n} read replicas"),
     };
-    eprintln!("keel is up: http://{}  (data in {}{with_replicas})", app.local_addr(), data_dir.display());
+    eprintln!(
+        "keel is up: http://{}  (data in {}, {shards} shard{}{with_replicas})",
+        app.local_addr(),
+        data_dir.display(),
+        if shards == 1 { "" } else { "s" }
+    );
     Ok(serve_with_workers(app, workers).await?)
 }
 
@@ -364,24 +487,62 @@ mod tests {
 
     #[test]
     fn the_cluster_takes_both_pools_of_every_database() {
-        assert_eq!(max_connections(&Config::default()), MAX_CONNECTIONS_FLOOR, "3 × (16 + 16) + 20 + 64 fits in 200");
+        assert_eq!(
+            max_connections(&Config::default(), 2),
+            MAX_CONNECTIONS_FLOOR,
+            "3 × (16 + 16) + 20 + 64 fits in 200"
+        );
         let big = Config { db_pool_size: 50, worker_pool_size: 30, ..Config::default() };
-        assert_eq!(max_connections(&big), 3 * 80 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        assert_eq!(max_connections(&big, 2), 3 * 80 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        assert_eq!(max_connections(&big, 1), 2 * 80 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        assert_eq!(max_connections(&Config::default(), 1), MAX_CONNECTIONS_FLOOR, "2 × 32 + 20 + 64 fits in 200");
+        assert_eq!(max_connections(&Config::default(), 4), 5 * 32 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        assert_eq!(
+            max_connections(&Config::default(), crate::config::MAX_SHARDS),
+            101 * 32 + SPARE_CONNECTIONS + OTHER_CLIENTS
+        );
     }
 
     #[test]
     fn a_replica_has_its_primarys_connections_which_cover_the_replica_pools() {
         for config in [Config::default(), Config { db_pool_size: 300, worker_pool_size: 1, ..Config::default() }] {
-            let data_dir = Path::new("/srv/keel");
-            let primary = cluster_spec(data_dir, &config);
-            let replica = replica_spec(data_dir, &config, &primary, 2);
-            assert_eq!(replica.settings, primary.settings, "a standby refuses a lower max_connections");
-            assert!(max_connections(&config) >= (1 + SHARDS) * config.db_pool_size + SPARE_CONNECTIONS);
-            assert_eq!(replica.port, PORT + 2);
-            assert_eq!(replica.socket_dir, primary.socket_dir);
-            assert_eq!(replica.data_dir, data_dir.join("postgres-replica-2"));
-            assert_eq!(replica.log_file, data_dir.join("postgres-replica-2.log"));
-            assert_eq!(replica.standby_of.unwrap().slot, "keel_replica_2");
+            for shards in [1, 2, 7] {
+                let data_dir = Path::new("/srv/keel");
+                let primary = cluster_spec(data_dir, &config, shards);
+                let replica = replica_spec(data_dir, &config, shards, &primary, 2);
+                assert_eq!(replica.settings, primary.settings, "a standby refuses a lower max_connections");
+                assert!(max_connections(&config, shards) >= (1 + shards) * config.db_pool_size + SPARE_CONNECTIONS);
+                assert_eq!(replica.port, PORT + 2);
+                assert_eq!(replica.socket_dir, primary.socket_dir);
+                assert_eq!(replica.data_dir, data_dir.join("postgres-replica-2"));
+                assert_eq!(replica.log_file, data_dir.join("postgres-replica-2.log"));
+                assert_eq!(replica.standby_of.unwrap().slot, "keel_replica_2");
+            }
         }
+    }
+
+    #[test]
+    fn a_new_data_directory_records_the_shards_asked_for_and_an_existing_one_keeps_its_own() {
+        let dir = std::env::temp_dir().join(format!("keel-embedded-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let asked = |n: Option<usize>| Config { shards: n, ..Config::default() };
+
+        // New: the count asked for, or the default, recorded before the cluster is created.
+        assert_eq!(planned_shards(&asked(None), &dir).unwrap(), DEFAULT_SHARDS);
+        assert_eq!(planned_shards(&asked(Some(4)), &dir).unwrap(), 4);
+        assert_eq!(std::fs::read_to_string(dir.join(SHARDS_FILE)).unwrap(), "4\n");
+
+        // Existing (a cluster in it): the record, whatever is asked.
+        std::fs::create_dir_all(dir.join("postgres")).unwrap();
+        std::fs::write(dir.join("postgres/PG_VERSION"), "17\n").unwrap();
+        assert_eq!(planned_shards(&asked(Some(3)), &dir).unwrap(), 4);
+        assert_eq!(planned_shards(&asked(None), &dir).unwrap(), 4);
+        // Without a usable record (a directory from before it was kept): 2, as such a directory was made.
+        std::fs::write(dir.join(SHARDS_FILE), "many\n").unwrap();
+        assert_eq!(planned_shards(&asked(Some(3)), &dir).unwrap(), DEFAULT_SHARDS);
+        std::fs::remove_file(dir.join(SHARDS_FILE)).unwrap();
+        assert_eq!(planned_shards(&asked(Some(3)), &dir).unwrap(), DEFAULT_SHARDS);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -156,7 +156,7 @@ pub async fn create_user(
     let id = UserId::new();
 
     claim_email(&state, &email, id).await?;
-    let shard = state.db.shard_of(id);
+    let shard = &*state.db.shard_of(id);
     let created = async {
         let mut client = shard.client().await?;
         // One transaction: the user, its wallet, its first session and the event exist together or
@@ -286,7 +286,7 @@ pub async fn get_user(
     if caller.user() == Some(id) {
         // The owner reads their own writes on any node, around the cache: from a replica that has
         // replayed their last write, or else the primary.
-        let floor = state.floors.of(state.db.shard_of(id), id).await;
+        let floor = state.floors.of(&state.db.shard_of(id), id).await;
         let read = read_profile(&state, id, true, floor).await?;
         return Ok((bypass_headers("owner", read.lag), Json(read.value)));
     }
@@ -376,7 +376,7 @@ async fn update_profile(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id.to_string()))?;
-    state.floors.wrote(state.db.shard_of(id), &client, id).await;
+    state.floors.wrote(&state.db.shard_of(id), &client, id).await;
     Ok(Profile::from_row(&row, true))
 }
 
@@ -425,7 +425,7 @@ async fn change_email(
         tx.exec("DELETE FROM one_time_codes WHERE user_id = $1", &[&id]).await?;
         codes::issue_and_mail(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, new, Some(traceparent)).await?;
         tx.commit().await?;
-        state.floors.wrote(state.db.shard_of(id), &client, id).await;
+        state.floors.wrote(&state.db.shard_of(id), &client, id).await;
         Ok::<Profile, ApiError>(Profile::from_row(&row, true))
     }
     .await;

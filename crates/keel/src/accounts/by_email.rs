@@ -129,7 +129,7 @@ pub async fn confirm_password_reset(
     };
     let (user, secret) = codes::open_reset_token(&input.token).ok_or_else(invalid)?;
     let keys = &state.auth.keys;
-    let shard = state.db.shard_of(user);
+    let shard = &*state.db.shard_of(user);
     // The token is checked before anything costly, without using it up: a made-up token costs no
     // hashing, and a refused password leaves the token usable.
     let client = shard.client().await?;
@@ -213,7 +213,7 @@ pub async fn verify_email(
         return Err(ApiError::Conflict("this code was sent to an address that is no longer yours".into()));
     }
     tx.commit().await?;
-    state.floors.wrote(state.db.shard_of(id), &client, id).await;
+    state.floors.wrote(&state.db.shard_of(id), &client, id).await;
     drop(client);
     // Not a public field: the cached profiles need no invalidation.
     // From the primary: the address was verified just now.

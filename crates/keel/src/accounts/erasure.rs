@@ -193,7 +193,7 @@ pub struct Caches<'a> {
 /// Runs (or resumes) the erasure of one user (see the module's comment for the steps).
 pub async fn erase(db: &Databases, caches: Caches<'_>, job: &Job) -> Result<(), JobError> {
     let Erasure { user_id: user } = Erasure::from_job(job)?;
-    let shard = db.shard_of(user);
+    let shard = &*db.shard_of(user);
     if let Some(marked) = marked(shard, user).await? {
         refuse_unknown_tables(&shard.client().await?, &[&["likes"], ERASED, KEPT].concat()).await?;
         refuse_unknown_tables(&db.catalog.client().await?, CATALOG_TABLES).await?;

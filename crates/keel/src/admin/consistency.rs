@@ -72,6 +72,7 @@ pub async fn table(State(state): State<AppState>, _: Admin) -> Result<Json<Table
             let [primary_reads, replica_reads] = state
                 .db
                 .all()
+                .into_iter()
                 .filter_map(|db| db.routing().map(|r| r.reads_of(k.kind)))
                 .fold([0, 0], |[p, r], [dp, dr]| [p + dp, r + dr]);
             KindReport {

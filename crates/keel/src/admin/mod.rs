@@ -6,6 +6,8 @@ pub mod consistency;
 pub mod deposits;
 pub mod locks;
 pub mod replicas;
+pub mod shards;
+pub mod stats;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;

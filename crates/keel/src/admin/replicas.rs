@@ -30,9 +30,9 @@ pub struct DatabaseReplicas {
         reads each served", body = Replicas),
         (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Replicas>, ApiError> {
-    let databases = state
-        .db
-        .all()
+    let all = state.db.all();
+    let databases = all
+        .iter()
         .filter_map(|db| db.routing())
         .map(|routing| DatabaseReplicas { database: routing.database().to_owned(), replicas: routing.status() })
         .collect();

@@ -57,6 +57,8 @@ impl Application {
         // Replicas and read counters: after the metrics recorder, before the first read.
         db.route_reads(&config).map_err(|e| io::Error::other(e.to_string()))?;
         let databases = Arc::new(db);
+        // Shards added and buckets moved while this node runs are routed to at once.
+        crate::db::shard_map::follow(&databases);
         let config = Arc::new(config);
         let shared = crate::state::shared_tier(&config).await.map_err(io::Error::other)?;
         let auth = authenticator(&config, &databases, &shared).await?;
@@ -158,7 +160,7 @@ async fn authenticator(
     let keys = Keys::new(config.token_keys.clone()).map_err(|e| {
         io::Error::other(format!("KEEL_TOKEN_KEYS: {e} (`keel up` makes one; `keel serve` needs it set)"))
     })?;
-    let shards = databases.shards.all().count();
+    let shards = databases.shards().all().count();
     let revocations =
         Revocations::new(shards, config.budget(DataKind::Session), config.access_token_ttl, shared.clone());
     if !revocations.poll(databases, revocations.startup_lookback()).await {

@@ -72,8 +72,10 @@ async fn healthz() -> Json<Status> {
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let mut problems = Vec::new();
-    for (db, schema) in state.db.all().zip(std::iter::once(Schema::Catalog).chain(std::iter::repeat(Schema::Shard))) {
-        match tokio::time::timeout(READY_CHECK_TIMEOUT, migrations::current_version(db)).await {
+    for (db, schema) in
+        state.db.all().into_iter().zip(std::iter::once(Schema::Catalog).chain(std::iter::repeat(Schema::Shard)))
+    {
+        match tokio::time::timeout(READY_CHECK_TIMEOUT, migrations::current_version(&db)).await {
             Ok(Ok(version)) if version == schema.latest() => {}
             Ok(Ok(version)) => problems.push(format!(
                 "{} is at schema version {version}, this binary needs {}: run `keel migrate`",

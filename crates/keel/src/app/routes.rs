@@ -72,6 +72,8 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::locks::unlock_user))
         .routes(routes!(admin::consistency::table))
         .routes(routes!(admin::replicas::list))
+        .routes(routes!(admin::shards::list, admin::shards::add))
+        .routes(routes!(admin::stats::stats))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))
         .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))

@@ -39,6 +39,11 @@ const CATALOG: &[Migration] = &[
     // Stock as on-hand and reserved; reservations held, sold or released.
     Migration { version: 10, name: "stock", sql: include_str!("../../migrations/catalog/0013_stock.sql") },
     Migration { version: 11, name: "retention", sql: include_str!("../../migrations/catalog/0016_retention.sql") },
+    Migration {
+        version: 12,
+        name: "shard registry",
+        sql: include_str!("../../migrations/catalog/0019_shard_registry.sql"),
+    },
 ];
 
 const SHARD: &[Migration] = &[

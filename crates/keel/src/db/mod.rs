@@ -17,6 +17,7 @@ pub mod floors;
 pub mod health;
 pub mod migrations;
 pub mod replicas;
+pub mod shard_map;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -25,7 +26,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
-use keel_shard::{Router, ShardMap};
+use keel_shard::{ShardId, ShardMap};
+
+pub use self::shard_map::ShardSet;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -98,6 +101,9 @@ pub enum ConnectError {
     Db(#[from] DbError),
     #[error("{0}")]
     Replicas(String),
+    /// The catalogue's list of shards does not fit this process's configuration ([`shard_map`]).
+    #[error("{0}")]
+    Registry(String),
 }
 
 impl Db {
@@ -360,9 +366,22 @@ impl PoolOptions {
 const CATALOG_SESSION: &[(&str, &str)] = &[("pg_trgm.word_similarity_threshold", "0.3")];
 
 /// Every database of a Keel deployment: the catalogue and the user shards behind their router.
+///
+/// The shards and their map can change while the process runs (a shard added, buckets moved,
+/// [`shard_map`]): [`Databases::shards`] is the set as of one version of the map, and
+/// [`Databases::shard_of`] routes by the newest this process has loaded.
 pub struct Databases {
     pub catalog: Db,
-    pub shards: Router<Db>,
+    shards: std::sync::RwLock<Arc<ShardSet>>,
+    /// How this process's pools are built, for shards that appear later.
+    options: PoolOptions,
+    /// `KEEL_SHARD_URLS`: the connection strings of the first shards, in order.
+    configured: Vec<String>,
+    /// The version of the map in use, for whoever must act on a change (the workers start runners
+    /// for a new shard).
+    changed: tokio::sync::watch::Sender<i64>,
+    /// Serialises loads of the map, so that two never build pools for the same new shard.
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl Databases {
@@ -375,28 +394,76 @@ impl Databases {
     ) -> Result<Databases, ConnectError> {
         let options = options.into();
         let catalog = options.catalog_pool("catalog", "KEEL_CATALOG_URL", catalog_url)?;
-        let shards = shard_urls
-            .iter()
-            .enumerate()
-            .map(|(i, url)| options.shard_pool(&format!("shard{i}"), &format!("KEEL_SHARD_URLS[{i}]"), url))
-            .collect::<Result<Vec<_>, _>>()?;
-        let map = load_shard_map(&catalog, shard_urls.len()).await?;
-        for shard in &shards {
+        let stored = shard_map::load(&catalog.reachable_client().await?).await?;
+        let set = shard_map::build(&stored, shard_urls, options, &[])?;
+        for (_, shard) in set.all() {
             drop(shard.reachable_client().await?);
         }
         catalog.watch();
-        shards.iter().for_each(Db::watch);
-        let shards = Router::new(map, shards).map_err(ConnectError::ShardMapMismatch)?;
-        Ok(Databases { catalog, shards })
+        set.all().for_each(|(_, db)| db.watch());
+        let (changed, _) = tokio::sync::watch::channel(set.version);
+        Ok(Databases {
+            catalog,
+            shards: std::sync::RwLock::new(Arc::new(set)),
+            options,
+            configured: shard_urls.to_vec(),
+            changed,
+            loading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The shards and their map as of the newest version this process has loaded. Hold it for one
+    /// piece of work (a scatter-gather question, a loop over the shards), not for ever.
+    pub fn shards(&self) -> Arc<ShardSet> {
+        self.shards.read().expect("the shard set's lock is never poisoned").clone()
+    }
+
+    /// Shard `n`'s database, if there is a shard `n`.
+    pub fn shard(&self, n: ShardId) -> Option<Arc<Db>> {
+        self.shards().all().find(|(shard, _)| *shard == n).map(|(_, db)| db.clone())
+    }
+
+    /// Loads the shard map again if its version in the catalogue differs from the one in use, and
+    /// swaps it in; pools of shards that stay are kept, new shards get pools of their own. True if
+    /// the map changed.
+    pub async fn reload_shard_map(&self) -> Result<bool, ConnectError> {
+        let _one_at_a_time = self.loading.lock().await;
+        let client = self.catalog.client().await?;
+        let version = shard_map::version(&client).await?;
+        let current = self.shards();
+        if version == current.version {
+            return Ok(false);
+        }
+        let stored = shard_map::load(&client).await?;
+        drop(client);
+        let known: Vec<(ShardId, Arc<Db>)> = current.all().map(|(n, db)| (n, db.clone())).collect();
+        let set = shard_map::build(&stored, &self.configured, self.options, &known)?;
+        for (n, db) in set.all() {
+            if !known.iter().any(|(k, _)| *k == n) {
+                db.watch();
+                tracing::info!(shard = n, "a new shard");
+            }
+        }
+        let version = set.version;
+        *self.shards.write().expect("the shard set's lock is never poisoned") = Arc::new(set);
+        self.changed.send_replace(version);
+        tracing::info!(version, "shard map loaded");
+        Ok(true)
+    }
+
+    /// The version of the map in use, changing whenever another is swapped in.
+    pub fn map_changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changed.subscribe()
     }
 
     /// Sets up the read routing of every database ([`replicas`]): the replicas `config` names
     /// (`KEEL_CATALOG_REPLICA_URLS`, `KEEL_SHARD_REPLICA_URLS`), their lag monitors, and the read
     /// counters (also for databases without replicas). Once per process, after the metrics recorder
-    /// is installed; a second call changes nothing.
+    /// is installed; a second call changes nothing. Shards added later read from their primary.
     pub fn route_reads(&self, config: &Config) -> Result<(), ConnectError> {
         let shard_lists = &config.shard_replica_urls;
-        let shards = self.shards.all().count();
+        let set = self.shards();
+        let shards = set.all().count();
         if shard_lists.len() > shards {
             return Err(ConnectError::Replicas(format!(
                 "KEEL_SHARD_REPLICA_URLS lists replicas for {} shards, but there are {} (KEEL_SHARD_URLS)",
@@ -416,10 +483,11 @@ impl Databases {
             &config.catalog_replica_urls,
             PoolOptions::catalog_pool,
         );
-        let shards = self.shards.all().enumerate().map(|(i, (_, db))| {
+        let shards = set.all().map(|(i, db)| {
+            let i = usize::from(i);
             let urls = shard_lists.get(i).map(Vec::as_slice).unwrap_or_default();
             let make: MakePool = PoolOptions::shard_pool;
-            (db, database_label(i), format!("KEEL_SHARD_REPLICA_URLS[{i}]"), urls, make)
+            (&**db, database_label(i), format!("KEEL_SHARD_REPLICA_URLS[{i}]"), urls, make)
         });
         for (db, label, setting, urls, make_pool) in std::iter::once(catalog).chain(shards) {
             let replicas = urls
@@ -441,45 +509,43 @@ impl Databases {
 
     /// The shard database that owns a user. Only a user id routes: whatever else lives on a shard
     /// lives there with its user.
-    pub fn shard_of(&self, user: UserId) -> &Db {
-        self.shards.route(&shard_key(user)).handle
+    pub fn shard_of(&self, user: UserId) -> Arc<Db> {
+        self.shards().route(&shard_key(user)).handle.clone()
     }
 
     /// Every database, catalogue first.
-    pub fn all(&self) -> impl Iterator<Item = &Db> {
-        std::iter::once(&self.catalog).chain(self.shards.all().map(|(_, db)| db))
+    pub fn all(&self) -> Vec<Db> {
+        let set = self.shards();
+        std::iter::once(self.catalog.clone()).chain(set.all().map(|(_, db)| (**db).clone())).collect()
     }
 }
 
-async fn load_shard_map(catalog: &Db, shards: usize) -> Result<ShardMap, ConnectError> {
-    let client = catalog.reachable_client().await?;
-    let exists: bool = client.row("SELECT to_regclass('shard_map') IS NOT NULL", &[]).await?.get(0);
-    if !exists {
-        return Err(ConnectError::NoShardMap);
-    }
-    let rows = client.rows("SELECT bucket, shard FROM shard_map", &[]).await?;
-    if rows.is_empty() {
-        return Err(ConnectError::NoShardMap);
-    }
-    let assignments = rows.iter().map(|r| (r.get::<_, i16>(0) as u16, r.get::<_, i16>(1) as u16));
-    ShardMap::from_assignments(shards as u16, assignments).map_err(ConnectError::ShardMapMismatch)
-}
-
-/// Stores the initial shard map for `shards` shards, unless one is stored already.
+/// Stores the initial shard map for `shards` shards, unless one is stored already, and registers
+/// the configured shards the catalogue does not know yet (with no buckets).
 pub async fn seed_shard_map(catalog: &Db, shards: usize) -> Result<(), ConnectError> {
     let map = ShardMap::uniform(shards as u16).map_err(ConnectError::ShardMapMismatch)?;
     let (buckets, owners): (Vec<i16>, Vec<i16>) = map.assignments().map(|(b, s)| (b as i16, s as i16)).unzip();
-    let client = catalog.reachable_client().await?;
-    client
+    let mut client = catalog.reachable_client().await?;
+    let tx = client.transaction().await?;
+    tx.exec(
+        "INSERT INTO shard_map (bucket, shard) SELECT * FROM unnest($1::smallint[], $2::smallint[]) \
+         ON CONFLICT (bucket) DO NOTHING",
+        &[&buckets, &owners],
+    )
+    .await?;
+    let registered = tx
         .exec(
-            "INSERT INTO shard_map (bucket, shard) SELECT * FROM unnest($1::smallint[], $2::smallint[]) \
-             ON CONFLICT (bucket) DO NOTHING",
-            &[&buckets, &owners],
+            "INSERT INTO shards (shard) SELECT generate_series(0, $1::int - 1) ON CONFLICT (shard) DO NOTHING",
+            &[&(shards as i32)],
         )
         .await?;
-    drop(client);
+    if registered > 0 {
+        shard_map::announce(&tx).await?;
+    }
+    tx.commit().await?;
     // Fails with a clear message when an existing map names shards that are not configured.
-    load_shard_map(catalog, shards).await.map(drop)
+    let stored = shard_map::load(&client).await?;
+    shard_map::check(&stored, shards).map(drop)
 }
 
 /// What a user id is hashed as: its canonical text form, so that the bucket can be computed by any

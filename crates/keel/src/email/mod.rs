@@ -150,7 +150,7 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
     if sender.unrecorded.lock().unwrap().contains(&job.id) {
         return Ok(()); // sent by this process; its record is on its way
     }
-    let shard = db.shard_of(event.user());
+    let shard = &*db.shard_of(event.user());
     let _sending = sender.sending.acquire().await.expect("the semaphore is never closed");
     match claim(shard, job.id).await? {
         Claim::Ours => {}

@@ -251,7 +251,9 @@ pub async fn run_workers(
         None => None,
     };
     let mut runners = tokio::task::JoinSet::new();
-    let mut spawn_runner = |db: &crate::db::Db, build: &dyn Fn(Runner<JobContext>) -> Runner<JobContext>| {
+    let spawn_runner = |runners: &mut tokio::task::JoinSet<()>,
+                        db: &crate::db::Db,
+                        build: &dyn Fn(Runner<JobContext>) -> Runner<JobContext>| {
         let runner = build(Runner::new(db.pool().clone(), Some(db.url().to_owned()), context.clone()));
         let (stopped, name) = (stop.stopped(), db.name().to_owned());
         runners.spawn(async move {
@@ -260,44 +262,87 @@ pub async fn run_workers(
         });
     };
     let deliveries = |runner: Runner<JobContext>| register_deliveries(runner, delivery_options(&context.deliverer));
-    match &jetstream {
-        None => {
-            for (_, shard) in db.shards.all() {
-                spawn_runner(shard, &|runner| register_event_handlers(runner, events));
-            }
-            spawn_runner(&db.catalog, &|runner| register_event_handlers(deliveries(runner), events));
-        }
-        Some(js) => {
-            for (_, shard) in db.shards.all() {
-                spawn_runner(shard, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS));
-            }
-            spawn_runner(&db.catalog, &|runner| deliveries(runner).relay(js, db.catalog.name(), CATALOG_EVENTS));
-            let mut consumer = StreamRunner::new(js.clone(), context.clone());
-            for source in db.all() {
-                consumer = consumer.source(source.name(), source.pool().clone());
-            }
-            let consumer = register_event_handlers(consumer, events);
-            let stopped = stop.stopped();
-            runners.spawn(async move {
-                tracing::info!("JetStream consumers started");
-                consumer.run(stopped).await;
-            });
-        }
-    }
     let retention = maintenance::Retention::from_config(&config);
-    for (_, shard) in db.shards.all() {
-        runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
-    }
-    runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone(), retention).run(stop.stopped()));
     // The reconciler of orders pending too long: on each shard, and of reservations held too long, in
     // the catalogue.
     let reconciling = reconcile::Reconciler::from_config(&config);
-    for (_, shard) in db.shards.all() {
+    // Everything that runs per shard: its queue (run here, or relayed to JetStream), its
+    // maintenance and its reconciler. For the shards there are at start, and for each added later.
+    let start_shard = |runners: &mut tokio::task::JoinSet<()>, shard: &crate::db::Db| {
+        match &jetstream {
+            None => spawn_runner(runners, shard, &|runner| register_event_handlers(runner, events)),
+            Some(js) => spawn_runner(runners, shard, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS)),
+        }
+        runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
         runners.spawn(reconciling.shard_scheduler(shard, context.clone()).run(stop.stopped()));
+    };
+    // Shards added while running get workers of their own (below), on this process's own pools.
+    crate::db::shard_map::follow(&db);
+    let mut started: Vec<keel_shard::ShardId> = Vec::new();
+    let mut map_changes = db.map_changes();
+    for (n, shard) in db.shards().all() {
+        start_shard(&mut runners, shard);
+        started.push(n);
     }
+    match &jetstream {
+        None => spawn_runner(&mut runners, &db.catalog, &|runner| register_event_handlers(deliveries(runner), events)),
+        Some(js) => spawn_runner(&mut runners, &db.catalog, &|runner| {
+            deliveries(runner).relay(js, db.catalog.name(), CATALOG_EVENTS)
+        }),
+    }
+    runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone(), retention).run(stop.stopped()));
     runners.spawn(reconciling.catalog_scheduler(&db.catalog, context.clone()).run(stop.stopped()));
-    shutdown.await;
+    // The JetStream consumers know the databases events come from (to record them done there):
+    // started again, with the new shard among them, when a shard is added.
+    let mut consumers: Option<(Stop, tokio::task::JoinHandle<()>)> = None;
+    let start_consumers = |js: &JetStream| {
+        let mut consumer = StreamRunner::new(js.clone(), context.clone());
+        for source in db.all() {
+            consumer = consumer.source(source.name(), source.pool().clone());
+        }
+        let consumer = register_event_handlers(consumer, events);
+        let own = Stop::new();
+        let stopped = own.stopped();
+        let task = tokio::spawn(async move {
+            tracing::info!("JetStream consumers started");
+            consumer.run(stopped).await;
+        });
+        (own, task)
+    };
+    if let Some(js) = &jetstream {
+        consumers = Some(start_consumers(js));
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            changed = map_changes.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let added: Vec<_> =
+                    db.shards().all().filter(|(n, _)| !started.contains(n)).map(|(n, d)| (n, d.clone())).collect();
+                if added.is_empty() {
+                    continue;
+                }
+                for (n, shard) in added {
+                    tracing::info!(shard = n, "workers started for a new shard");
+                    start_shard(&mut runners, &shard);
+                    started.push(n);
+                }
+                if let (Some(js), Some((own, task))) = (&jetstream, consumers.take()) {
+                    own.trigger();
+                    let _ = task.await;
+                    consumers = Some(start_consumers(js));
+                }
+            }
+        }
+    }
     stop.trigger();
+    if let Some((own, task)) = consumers {
+        own.trigger();
+        let _ = task.await;
+    }
     while runners.join_next().await.is_some() {}
     tracing::info!("workers stopped");
     Ok(())

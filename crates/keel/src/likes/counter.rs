@@ -75,7 +75,7 @@ impl LikeCounter {
     /// Returns how many rows were read.
     pub async fn merge_shards(&self, db: &Databases) -> Result<usize, DbError> {
         let mut read = 0;
-        for (_, shard) in db.shards.all() {
+        for (_, shard) in db.shards().all() {
             read += self.merge_shard(shard).await?;
         }
         *self.merged_at.lock().unwrap() = Some(Instant::now());

@@ -30,7 +30,7 @@ pub use counter::{LikeCounter, MERGE_INTERVAL};
 async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> Result<StatusCode, ApiError> {
     let product = parse_id::<ProductId>("product", id)?;
     crate::catalog::cached_product(state, product).await?;
-    let shard = state.db.shard_of(user);
+    let shard = &*state.db.shard_of(user);
     // The row changes (or not: a like that exists, an unlike of nothing) and, only if it did, the
     // tally with it.
     let (change, column) = if like {

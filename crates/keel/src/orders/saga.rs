@@ -96,7 +96,7 @@ struct Saga<'a> {
 pub async fn run(db: &Databases, carts: &CartCache, settings: &Settings, job: &Job) -> Result<(), JobError> {
     let OrderPlaced { order_id, user_id } = OrderPlaced::from_job(job)?;
     let saga = Saga { db, carts, settings, traceparent: job.traceparent.clone() };
-    let Some(order) = load(db.shard_of(user_id), order_id, user_id).await? else {
+    let Some(order) = load(&db.shard_of(user_id), order_id, user_id).await? else {
         return Err(JobError::from(format!("order {order_id} does not exist on its user's shard")));
     };
     saga.advance(&order).await?;
@@ -123,7 +123,7 @@ pub async fn reconcile(
     user: UserId,
 ) -> Result<Reconciled, DbError> {
     let saga = Saga { db, carts, settings, traceparent: None };
-    match load(db.shard_of(user), order, user).await? {
+    match load(&db.shard_of(user), order, user).await? {
         Some(order) => Ok(Reconciled::Decided(saga.advance(&order).await?)),
         None => Ok(Reconciled::NoSuchOrder),
     }

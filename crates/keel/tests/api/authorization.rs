@@ -153,6 +153,11 @@ pub const TABLE: &[Access] = &[
     Access::new("GET /v1/admin/queues", "/v1/admin/queues", ADMIN_ONLY),
     Access::new("GET /v1/admin/consistency", "/v1/admin/consistency", ADMIN_ONLY),
     Access::new("GET /v1/admin/replicas", "/v1/admin/replicas", ADMIN_ONLY),
+    Access::new("GET /v1/admin/shards", "/v1/admin/shards", ADMIN_ONLY),
+    Access::new("GET /v1/admin/stats", "/v1/admin/stats", ADMIN_ONLY),
+    // Nothing listens there: the admin is told the database cannot be reached.
+    Access::new("POST /v1/admin/shards", "/v1/admin/shards", [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, UNPROCESSABLE])
+        .body(r#"{"url": "postgres://keel@127.0.0.1:1/nothing"}"#),
     // No dead job has this id.
     Access::new("POST /v1/admin/jobs/{id}/retry", "/v1/admin/jobs/{nothing}/retry", ADMIN_FINDS_NOTHING),
     // The owner's own wallet included: only the admin credits it.

@@ -190,7 +190,7 @@ async fn scrapes_do_not_query_the_job_tables_and_the_queue_gauges_still_follow_t
     // counts, so the test looks often.)
     let kind = "test.ops_refreshed";
     let series = format!(r#"keel_queue_depth{{kind="{kind}",state="pending"}}"#);
-    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let client = app.databases.shard(0).unwrap().client().await.unwrap();
     let enqueued = Instant::now();
     for _ in 0..3 {
         keel_outbox::enqueue(&client, &NewJob::new(kind, "test", json!({}))).await.unwrap();

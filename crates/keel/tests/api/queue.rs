@@ -38,14 +38,14 @@ impl Probe {
 }
 
 fn runner(app: &TestApp, probe: Arc<Probe>, kind: &str, options: KindOptions) -> Runner<Probe> {
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), probe)
         .poll_interval(Duration::from_millis(200))
         .register(kind, options, |probe, _job| async move { probe.run() })
 }
 
 async fn enqueue(app: &TestApp, kind: &str) -> uuid::Uuid {
-    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let client = app.databases.shard(0).unwrap().client().await.unwrap();
     let job = NewJob::new(kind, "test", json!({}));
     keel_outbox::enqueue(&client, &job).await.unwrap();
     job.id
@@ -123,7 +123,7 @@ async fn the_job_of_a_worker_that_died_is_run_again_when_its_lease_lapses() {
     let app = TestApp::spawn().await;
     let id = enqueue(&app, "test.orphan").await;
     // As a worker that claimed the job and was killed leaves it.
-    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let client = app.databases.shard(0).unwrap().client().await.unwrap();
     client
         .execute(
             "UPDATE keel_jobs SET state = 'running', attempts = 1, locked_until = now() - interval '1 second' WHERE id = $1",
@@ -147,7 +147,7 @@ async fn a_job_whose_runs_never_end_is_dead_after_its_attempts() {
     let app = TestApp::spawn().await;
     let id = enqueue(&app, "test.poison").await;
     // As the third runner to claim it leaves it when it dies too.
-    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let client = app.databases.shard(0).unwrap().client().await.unwrap();
     client
         .execute(
             "UPDATE keel_jobs SET state = 'running', attempts = 3, locked_until = now() - interval '1 second' WHERE id = $1",
@@ -201,7 +201,7 @@ async fn an_outcome_is_recorded_only_while_its_claim_holds() {
     for succeeds in [true, false] {
         let app = TestApp::spawn().await;
         let gate = Arc::new((tokio::sync::Notify::new(), tokio::sync::Notify::new()));
-        let shard = app.databases.shards.all().next().unwrap().1;
+        let shard = app.databases.shard(0).unwrap();
         let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), gate.clone()).register(
             "test.overtaken",
             KindOptions::default(),
@@ -278,7 +278,7 @@ async fn an_enqueued_job_starts_within_milliseconds() {
 async fn a_job_still_running_at_shutdown_is_released() {
     let app = TestApp::spawn().await;
     let probe = Probe::new(0);
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), probe.clone())
         .shutdown_timeout(Duration::from_millis(200))
         .register("test.slow", KindOptions::default(), |probe, _job| async move {
@@ -302,7 +302,7 @@ async fn a_job_still_running_at_shutdown_is_released() {
 #[tokio::test]
 async fn a_scheduled_task_runs_once_per_period_across_nodes() {
     let app = TestApp::spawn().await;
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     let runs: Arc<Mutex<Vec<(usize, Instant)>>> = Arc::default();
     let stop = keel::shutdown::Stop::new();
     let mut nodes = Vec::new();
@@ -347,8 +347,8 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
     let app = TestApp::spawn().await;
     let (_, token) = app.create_user("Keeper").await;
     expect_json(Ok(app.deposit(&token, "recent", 5).await), 201).await;
-    let shard_db = app.databases.shards.all().next().unwrap().1;
-    let shard1 = app.databases.shards.all().nth(1).unwrap().1;
+    let shard_db = app.databases.shard(0).unwrap();
+    let shard1 = app.databases.shard(1).unwrap();
     for shard in [shard_db, shard1] {
         let client = shard.client().await.unwrap();
         client
@@ -365,8 +365,8 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
         let expire = "UPDATE idempotency_keys SET created_at = now() - interval '2 days' WHERE key = 'admin recent'";
         client.execute(expire, &[]).await.unwrap();
         let retention = keel::jobs::maintenance::Retention::from_config(&app.config);
-        keel::jobs::maintenance::prune(shard, keel::jobs::maintenance::Records::Shard, retention).await.unwrap();
-        keel::jobs::maintenance::prune_idempotency_keys(shard).await.unwrap();
+        keel::jobs::maintenance::prune(&shard, keel::jobs::maintenance::Records::Shard, retention).await.unwrap();
+        keel::jobs::maintenance::prune_idempotency_keys(&shard).await.unwrap();
         let kinds: Vec<String> = client
             .query("SELECT kind FROM keel_jobs WHERE kind IN ('old', 'new', 'dead') ORDER BY kind", &[])
             .await
@@ -388,7 +388,7 @@ async fn housekeeping_deletes_old_finished_jobs_and_expired_idempotency_keys() {
 #[tokio::test]
 async fn a_processed_event_is_recorded_once_and_only_when_committed() {
     let app = TestApp::spawn().await;
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     let event = uuid::Uuid::now_v7();
     let mut client = shard.client().await.unwrap();
     let rolled_back = client.transaction().await.unwrap();
@@ -407,7 +407,7 @@ async fn a_processed_event_is_recorded_once_and_only_when_committed() {
 #[tokio::test]
 async fn over_jetstream_a_failing_job_is_retried_dead_lettered_and_replayed() {
     let app = TestApp::spawn().await;
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     let prefix = format!("q{}", uuid::Uuid::now_v7().simple());
     let js = keel_outbox::JetStream::connect(crate::peers::nats_url(), &prefix).await.unwrap();
     let probe = Probe::new(usize::MAX);
@@ -515,7 +515,7 @@ async fn a_queue_gauge_returns_to_zero_when_its_jobs_are_gone() {
     counted_now().await;
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
     assert_eq!(sample(&metrics, series), Some(1.0), "{metrics}");
-    let client = app.databases.shards.all().next().unwrap().1.client().await.unwrap();
+    let client = app.databases.shard(0).unwrap().client().await.unwrap();
     client.execute("DELETE FROM keel_jobs WHERE id = $1", &[&id]).await.unwrap();
     counted_now().await;
     let metrics = app.get("/metrics").send().await.unwrap().text().await.unwrap();
@@ -530,7 +530,7 @@ async fn housekeeping_deletes_records_past_their_retention_in_batches() {
     use keel::jobs::maintenance::{prune, Records, Retention};
     let app = TestApp::spawn().await;
     let retention = Retention { finished_jobs: Duration::from_secs(3600), records: Duration::from_secs(7 * 24 * 3600) };
-    let shard = app.databases.shards.all().next().unwrap().1;
+    let shard = app.databases.shard(0).unwrap();
     let client = shard.client().await.unwrap();
     client
         .batch_execute(
@@ -548,7 +548,7 @@ async fn housekeeping_deletes_records_past_their_retention_in_batches() {
         )
         .await
         .unwrap();
-    let report = prune(shard, Records::Shard, retention).await.unwrap();
+    let report = prune(&shard, Records::Shard, retention).await.unwrap();
     assert!(report.starts_with("deleted 12000 finished jobs, 1 dead jobs"), "{report}");
     let count = |sql: &'static str| {
         let client = &client;

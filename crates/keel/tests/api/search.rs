@@ -268,7 +268,7 @@ async fn a_statement_longer_than_the_statement_timeout_is_cancelled_on_the_serve
     let databases = keel::db::Databases::open(&app.dbs.catalog_url, &app.dbs.shard_urls, &*app.config).await.unwrap();
     let observer = app.dbs.catalog().await;
     for db in databases.all() {
-        assert_eq!(statement_timeout(db).await, "200ms", "{}", db.name());
+        assert_eq!(statement_timeout(&db).await, "200ms", "{}", db.name());
         let client = db.client().await.unwrap();
         let started = Instant::now();
         let err = client.query_one("SELECT pg_sleep(1) AS statement_timeout_probe", &[]).await.unwrap_err();

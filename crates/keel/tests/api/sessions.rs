@@ -218,8 +218,8 @@ async fn a_node_that_cannot_read_a_shards_revocations_refuses_its_tokens_with_50
     let mut users: Vec<Option<(String, String)>> = vec![None; SHARDS];
     while users.iter().any(Option::is_none) {
         let (id, token) = app.create_user("Sharded").await;
-        let route = app.databases.shards.route(&keel::db::shard_key(id.parse().unwrap()));
-        users[usize::from(route.shard)].get_or_insert((id, token));
+        let shard = app.databases.shards().route(&keel::db::shard_key(id.parse().unwrap())).shard;
+        users[usize::from(shard)].get_or_insert((id, token));
     }
     let users: Vec<(String, String)> = users.into_iter().map(Option::unwrap).collect();
     let app = &app;

@@ -183,7 +183,7 @@ async fn connections_follow_sslmode_with_rustls() {
     db::migrate_all(&require("catalog"), &[require("shard")]).await.unwrap();
     let databases = Databases::open(&require("catalog"), &[require("shard")], 2).await.unwrap();
     assert!(encrypted(&databases.catalog).await, "sslmode=require encrypts");
-    assert!(encrypted(databases.shards.all().next().unwrap().1).await);
+    assert!(encrypted(&databases.shard(0).unwrap()).await);
 
     // verify-full with the CA that signed the certificate and the host it names: encrypted.
     let full = format!("sslmode=verify-full sslrootcert='{ca}'");
@@ -193,7 +193,7 @@ async fn connections_follow_sslmode_with_rustls() {
     assert!(encrypted(&databases.catalog).await, "sslmode=verify-full encrypts");
 
     // The queue's LISTEN connection takes the same policy: it is encrypted too.
-    let shard = databases.shards.all().next().unwrap().1.clone();
+    let shard = &*databases.shard(0).unwrap().clone();
     let stop = keel::shutdown::Stop::new();
     let runner = Runner::new(shard.pool().clone(), Some(shard.url().to_owned()), Arc::new(()))
         .register("tls-probe", KindOptions::default(), |_, _| async { Ok::<(), String>(()) })

@@ -105,7 +105,7 @@ impl Authenticator {
             metrics::counter!("keel_auth_refused_total", "reason" => "revoked").increment(1);
             return Err(ApiError::Unauthorized("the session has ended: sign in again".into()));
         }
-        let shard = self.db.shards.route(&shard_key(claims.sub)).shard;
+        let shard = self.db.shards().route(&shard_key(claims.sub)).shard;
         if !self.revocations.can_vouch_for(usize::from(shard)) {
             // This node has not heard from the user's shard for a whole budget: the session may have
             // been revoked there. Refused until it hears again, rather than accepted unchecked.

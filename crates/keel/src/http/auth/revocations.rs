@@ -53,7 +53,9 @@ impl Revocations {
     pub fn new(shards: usize, budget: Duration, remember: Duration, shared: Option<Arc<Shared>>) -> Arc<Revocations> {
         let revocations = Arc::new(Revocations {
             revoked: Mutex::default(),
-            polled: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            // One slot for every shard there could be (one per bucket at most), not only today's:
+            // a shard added while the node runs is polled, and vouched for, like the others.
+            polled: (0..shards.max(usize::from(keel_shard::BUCKETS))).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             budget,
             remember,
@@ -121,7 +123,8 @@ impl Revocations {
     /// Reads every shard's revocations of the last `lookback`, all shards at once; false if a shard
     /// did not answer within a budget.
     pub async fn poll(&self, db: &Databases, lookback: Duration) -> bool {
-        let polls = db.shards.all().map(|(shard, handle)| self.poll_shard(usize::from(shard), handle, lookback));
+        let shards = db.shards();
+        let polls = shards.all().map(|(shard, handle)| self.poll_shard(usize::from(shard), handle, lookback));
         futures_util::future::join_all(polls).await.into_iter().all(|answered| answered)
     }
 
@@ -153,7 +156,8 @@ impl Revocations {
     pub async fn run(self: Arc<Self>, db: Arc<Databases>, stop: impl std::future::Future<Output = ()>) {
         let every = (self.budget / 4).max(Duration::from_millis(50));
         let this = &self;
-        let shards = db.shards.all().map(|(shard, handle)| async move {
+        let set = db.shards();
+        let shards = set.all().map(|(shard, handle)| async move {
             // The first poll, before serving, began after `epoch`.
             let mut last = this.epoch;
             loop {

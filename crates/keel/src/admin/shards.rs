@@ -1,0 +1,104 @@
+//! The shards: `GET /v1/admin/shards` (the map as this node routes by it, and each shard's users)
+//! and `POST /v1/admin/shards` (a new, empty shard: see [`crate::db::shard_map::register`]).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::db::shard_map::{self, AddError};
+use crate::db::{ConnectError, Sql};
+use crate::http::auth::Admin;
+use crate::http::error::{ApiError, Problem};
+use crate::http::extract::Json;
+use crate::state::AppState;
+
+/// How long a shard may take to count its users before it is reported down.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Shards {
+    /// The map's version this node routes by; every change raises it.
+    pub version: i64,
+    pub shards: Vec<ShardStatus>,
+    /// Bucket moves, newest first.
+    pub moves: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShardStatus {
+    pub shard: u16,
+    /// The buckets (0–1023) this shard holds.
+    pub buckets: Vec<u16>,
+    /// Users on the shard; null when it did not answer.
+    pub users: Option<i64>,
+    /// Whether it answered within 2 s.
+    pub up: bool,
+}
+
+#[utoipa::path(get, path = "/v1/admin/shards", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "The shard map this node routes by, and each shard's users", body = Shards),
+        (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Shards>, ApiError> {
+    let set = state.db.shards();
+    let counts = set.all().map(|(_, db)| async move {
+        let count =
+            async { Ok::<i64, ApiError>(db.client().await?.row("SELECT count(*) FROM users", &[]).await?.get(0)) };
+        tokio::time::timeout(COUNT_TIMEOUT, count).await.ok().and_then(Result::ok)
+    });
+    let counts = futures_util::future::join_all(counts).await;
+    let map = set.map();
+    let shards = set
+        .all()
+        .zip(counts)
+        .map(|((n, _), users)| ShardStatus {
+            shard: n,
+            buckets: map.assignments().filter(|(_, s)| *s == n).map(|(b, _)| b).collect(),
+            users,
+            up: users.is_some(),
+        })
+        .collect();
+    Ok(Json(Shards { version: set.version, shards, moves: Vec::new() }))
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewShard {
+    /// A PostgreSQL connection string (URL or key=value) of an empty database that every Keel process
+    /// can reach. Stored in the catalogue: prefer one without a password (a `.pgpass` file, a
+    /// certificate) where the deployment allows it.
+    pub url: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ShardAdded {
+    pub shard: u16,
+}
+
+#[utoipa::path(post, path = "/v1/admin/shards", tag = "admin", request_body = NewShard, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "Migrated and registered, with no buckets yet", body = ShardAdded),
+        (status = 400, description = "Not a PostgreSQL connection string, or a body that is not JSON", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 409, description = "Already a shard, or the database holds users", body = Problem),
+        (status = 422, description = "The database cannot be reached or migrated", body = Problem)))]
+pub async fn add(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(input): Json<NewShard>,
+) -> Result<(StatusCode, Json<ShardAdded>), ApiError> {
+    if input.url.trim().is_empty() {
+        return Err(ApiError::BadRequest("url: a PostgreSQL connection string is required".into()));
+    }
+    let shard = shard_map::register(&state.db, input.url.trim()).await.map_err(|e| match e {
+        AddError::BadUrl(m) => ApiError::BadRequest(format!("url: {m}")),
+        AddError::Unreachable(m) => ApiError::Unprocessable(format!("url: {m}")),
+        AddError::Conflict(m) => ApiError::Conflict(m),
+        AddError::Connect(ConnectError::Db(e)) => ApiError::from(e),
+        AddError::Connect(ConnectError::Query(e)) => ApiError::from(e),
+        AddError::Connect(other) => ApiError::Internal(other.to_string()),
+    })?;
+    Ok((StatusCode::CREATED, Json(ShardAdded { shard })))
+}
