@@ -215,6 +215,8 @@ pub(crate) type Background =
 pub struct Runner<C> {
     shared: Arc<Shared<C>>,
     listen_url: Option<String>,
+    /// How often one statement looks for every kind's ready jobs ([`Runner::check_ready_every`]).
+    ready_check: Option<Duration>,
     kinds: Vec<Arc<Kind<C>>>,
     background: Vec<Background>,
 }
@@ -225,7 +227,16 @@ impl<C: Send + Sync + 'static> Runner<C> {
     pub fn new(pool: Pool, listen_url: Option<String>, ctx: Arc<C>) -> Runner<C> {
         let shared =
             Shared { pool, ctx, poll_interval: Duration::from_secs(1), shutdown_timeout: Duration::from_secs(10) };
-        Runner { shared: Arc::new(shared), listen_url, kinds: Vec::new(), background: Vec::new() }
+        Runner { shared: Arc::new(shared), listen_url, ready_check: None, kinds: Vec::new(), background: Vec::new() }
+    }
+
+    /// Looks for ready jobs of every kind with one statement every `interval`, and wakes the kinds
+    /// that have some: for a runner without a `LISTEN` connection whose kinds poll rarely (a process
+    /// with many databases, where a connection per database for `LISTEN` and a claim per kind per
+    /// second on each would be most of its connections and CPU). Off by default.
+    pub fn check_ready_every(mut self, interval: Duration) -> Self {
+        self.ready_check = Some(interval);
+        self
     }
 
     /// How often to look for jobs when no notification arrives (default 1 s).
@@ -274,6 +285,9 @@ impl<C: Send + Sync + 'static> Runner<C> {
         let mut tasks = JoinSet::new();
         if let Some(url) = self.listen_url.clone() {
             tasks.spawn(listen(url, self.kinds.clone(), stop_rx.clone()));
+        }
+        if let Some(interval) = self.ready_check {
+            tasks.spawn(check_ready(self.shared.pool.clone(), self.kinds.clone(), interval, stop_rx.clone()));
         }
         for kind in &self.kinds {
             tasks.spawn(run_kind(self.shared.clone(), kind.clone(), stop_rx.clone()));
@@ -335,6 +349,35 @@ async fn listen<C>(url: String, kinds: Vec<Arc<Kind<C>>>, mut stop: watch::Recei
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Every `interval`, wakes the kinds that have a job ready to claim (pending and due, or running with
+/// a lapsed lease), found with one statement for all of them: an index probe per kind, not a claim.
+async fn check_ready<C>(pool: Pool, kinds: Vec<Arc<Kind<C>>>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let names: Vec<String> = kinds.iter().map(|k| k.name.clone()).collect();
+    while !*stop.borrow() {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => break,
+        }
+        let ready = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT k FROM unnest($1::text[]) AS k
+                     WHERE EXISTS (SELECT 1 FROM keel_jobs WHERE kind = k AND state = 'pending' AND run_at <= now())
+                        OR EXISTS (SELECT 1 FROM keel_jobs WHERE kind = k AND state = 'running' AND locked_until < now())",
+                )
+                .await
+                .map_err(|e| db_error(&e))?;
+            let rows = client.query(&statement, &[&names]).await.map_err(|e| db_error(&e))?;
+            Ok::<Vec<String>, String>(rows.iter().map(|row| row.get(0)).collect())
+        };
+        match ready.await {
+            Ok(ready) => kinds.iter().filter(|k| ready.contains(&k.name)).for_each(|k| k.wake.notify_one()),
+            Err(e) => tracing::warn!(error = %e, "checking for ready jobs failed; retrying"),
         }
     }
 }

@@ -279,18 +279,46 @@ const SPARE_CONNECTIONS: usize = 20;
 /// with its pools grown to `KEEL_DB_POOL_SIZE=32` Keel alone holds 144 connections).
 const OTHER_CLIENTS: usize = 64;
 
+/// Beyond this many shards, `keel up` puts its pools under a connection budget ([`connection_budget`]).
+/// Up to it, every database keeps both full pools, a `LISTEN` connection and its watchdogs' (some 35
+/// connections each while busy), as a deployment with few shards always has: 9 databases take ~300.
+const MANY_SHARDS: usize = 8;
+/// The connections all pools together keep under the budget: PostgreSQL's default `max_connections`
+/// (100) less room for the connections outside the pools (the catalogue's `LISTEN` connections — the
+/// catalogue queue's, and the shard map's, the API's and the workers' — and the watchdogs' probes of
+/// databases with a connection in use, a few at a time).
+const POOL_BUDGET: usize = 90;
+
+/// With more than [`MANY_SHARDS`] shards, one process's pools keep at most [`POOL_BUDGET`]
+/// connections once a burst is over, shard pools are sized down to share what [`MANY_SHARDS`]
+/// shards would hold, and the shards' queues have no `LISTEN` connection ([`db::budget`]): 100 shards
+/// then fit PostgreSQL's default `max_connections` while idle, instead of ~1,500 connections.
+fn connection_budget(shards: usize) -> Option<db::budget::Budget> {
+    (shards > MANY_SHARDS).then_some(db::budget::Budget {
+        connections: POOL_BUDGET,
+        shards,
+        full_size_shards: MANY_SHARDS,
+    })
+}
+
 /// Enough for both pools of every database (the API's, `KEEL_DB_POOL_SIZE`, and the workers',
 /// `KEEL_WORKER_POOL_SIZE`), the spares and other clients, and never below the floor: a pool that
 /// hits the server's limit fails to connect, which is a 503 for the API. With the defaults,
 /// 3 × (16 + 16) + 20 + 64 = 180 for 2 shards.
 ///
+/// With many shards the shard pools are smaller ([`connection_budget`]), and this counts them at
+/// that size: 32 + 100 × (2 + 2) + 20 + 64 = 516 for 100. The budget keeps the connections held
+/// within PostgreSQL's default once a burst is over; this leaves room for the burst itself (every
+/// shard asked at once), which a server at the default would refuse in part.
+///
 /// Replicas get the same: PostgreSQL refuses to run a hot standby with a lower `max_connections`
 /// than its primary's, and it covers what a replica serves (the API's replica pools, one of
 /// `KEEL_DB_POOL_SIZE` per database, and the spares) with room to spare.
 fn max_connections(config: &Config, shards: usize) -> usize {
-    // Linear in the shards (3,316 for 100 with the defaults): bounding it for many shards, e.g. with
-    // pools shared across them, is future work.
-    let pools = (1 + shards) * (config.db_pool_size + config.worker_pool_size);
+    let shard_pool = |size| connection_budget(shards).map_or(size, |b| b.shard_pool_size(size));
+    let pools = config.db_pool_size
+        + config.worker_pool_size
+        + shards * (shard_pool(config.db_pool_size) + shard_pool(config.worker_pool_size));
     (pools + SPARE_CONNECTIONS + OTHER_CLIENTS).max(MAX_CONNECTIONS_FLOOR)
 }
 
@@ -299,6 +327,10 @@ fn cluster_spec(data_dir: &Path, config: &Config, shards: usize) -> ClusterSpec 
         // Unix socket only: nothing outside this machine's file permissions can connect.
         .setting("listen_addresses", "")
         .setting("max_connections", max_connections(config, shards));
+    // Logical replication and two-phase commit: what moving buckets between shards needs.
+    for (name, value) in db::moves::SERVER_SETTINGS {
+        spec = spec.setting(name, value);
+    }
     spec.port = PORT;
     spec.log_file = data_dir.join("postgres.log");
     spec
@@ -382,6 +414,15 @@ async fn serve(
         (0..shards).map(|i| replicas.iter().map(|r| r.connection_string(&shard_db(i))).collect()).collect();
     wait_for_replicas(cluster, replicas, Duration::from_secs(30)).await?;
     let config = &config;
+    // Before the pools are built: each registers with the budget as it is.
+    if let Some(budget) = connection_budget(shards) {
+        db::budget::set(budget);
+        tracing::info!(
+            shards,
+            connections = budget.connections,
+            "many shards: pooled connections kept within a budget"
+        );
+    }
     let databases = Databases::open(&catalog_url, &shard_urls, config).await?;
     // The workers' pools are their own: a backlog of jobs cannot take the API's connections.
     let workers = crate::jobs::open_databases(&catalog_url, &shard_urls, config).await?;
@@ -497,10 +538,15 @@ mod tests {
         assert_eq!(max_connections(&big, 1), 2 * 80 + SPARE_CONNECTIONS + OTHER_CLIENTS);
         assert_eq!(max_connections(&Config::default(), 1), MAX_CONNECTIONS_FLOOR, "2 × 32 + 20 + 64 fits in 200");
         assert_eq!(max_connections(&Config::default(), 4), 5 * 32 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        assert_eq!(max_connections(&Config::default(), MANY_SHARDS), 9 * 32 + SPARE_CONNECTIONS + OTHER_CLIENTS);
+        // Beyond, the shards' pools share what MANY_SHARDS would hold, at least 2 each.
+        assert_eq!(max_connections(&Config::default(), 16), 32 + 16 * (8 + 8) + SPARE_CONNECTIONS + OTHER_CLIENTS);
         assert_eq!(
             max_connections(&Config::default(), crate::config::MAX_SHARDS),
-            101 * 32 + SPARE_CONNECTIONS + OTHER_CLIENTS
+            32 + 100 * (2 + 2) + SPARE_CONNECTIONS + OTHER_CLIENTS
         );
+        assert!(connection_budget(MANY_SHARDS).is_none() && connection_budget(2).is_none());
+        assert!(connection_budget(MANY_SHARDS + 1).is_some());
     }
 
     #[test]

@@ -22,6 +22,11 @@ impl Stop {
         self.tx.send_replace(true);
     }
 
+    /// The flag itself, for loops that look at it between steps.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
     pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.tx.subscribe();
         async move {

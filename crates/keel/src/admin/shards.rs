@@ -8,11 +8,12 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::db::moves::{self, Move, StartError};
 use crate::db::shard_map::{self, AddError};
 use crate::db::{ConnectError, Sql};
 use crate::http::auth::Admin;
 use crate::http::error::{ApiError, Problem};
-use crate::http::extract::Json;
+use crate::http::extract::{Json, Path};
 use crate::state::AppState;
 
 /// How long a shard may take to count its users before it is reported down.
@@ -23,8 +24,8 @@ pub struct Shards {
     /// The map's version this node routes by; every change raises it.
     pub version: i64,
     pub shards: Vec<ShardStatus>,
-    /// Bucket moves, newest first.
-    pub moves: Vec<serde_json::Value>,
+    /// Bucket moves: unfinished ones, then the newest finished, 20 at most.
+    pub moves: Vec<Move>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -60,7 +61,8 @@ pub async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<Shards
             up: users.is_some(),
         })
         .collect();
-    Ok(Json(Shards { version: set.version, shards, moves: Vec::new() }))
+    let moves = moves::recent(&state.db, 20).await.map_err(connect_error)?;
+    Ok(Json(Shards { version: set.version, shards, moves }))
 }
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
@@ -96,9 +98,60 @@ pub async fn add(
         AddError::BadUrl(m) => ApiError::BadRequest(format!("url: {m}")),
         AddError::Unreachable(m) => ApiError::Unprocessable(format!("url: {m}")),
         AddError::Conflict(m) => ApiError::Conflict(m),
-        AddError::Connect(ConnectError::Db(e)) => ApiError::from(e),
-        AddError::Connect(ConnectError::Query(e)) => ApiError::from(e),
-        AddError::Connect(other) => ApiError::Internal(other.to_string()),
+        AddError::Connect(e) => connect_error(e),
     })?;
     Ok((StatusCode::CREATED, Json(ShardAdded { shard })))
+}
+
+fn connect_error(e: ConnectError) -> ApiError {
+    match e {
+        ConnectError::Db(e) => ApiError::from(e),
+        ConnectError::Query(e) => ApiError::from(e),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewMove {
+    /// Bucket numbers (0–1023), from whichever shards hold them now.
+    pub buckets: Vec<u16>,
+    /// The shard they move to.
+    pub to: u16,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MoveStarted {
+    pub id: String,
+}
+
+#[utoipa::path(post, path = "/v1/admin/shards/moves", tag = "admin", request_body = NewMove, security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Recorded; a worker carries it out (GET the move for its progress)", body = MoveStarted),
+        (status = 400, description = "A body that is not JSON or not a move", body = Problem),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 409, description = "A bucket is moving already, or every one is on that shard", body = Problem),
+        (status = 422, description = "No such shard or bucket", body = Problem)))]
+pub async fn start_move(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(input): Json<NewMove>,
+) -> Result<(StatusCode, Json<MoveStarted>), ApiError> {
+    let started = moves::start(&state.db, &input.buckets, input.to).await.map_err(|e| match e {
+        StartError::Invalid(m) => ApiError::Unprocessable(m),
+        StartError::Conflict(m) => ApiError::Conflict(m),
+        StartError::Connect(e) => connect_error(e),
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(MoveStarted { id: started.id.to_string() })))
+}
+
+#[utoipa::path(get, path = "/v1/admin/shards/moves/{id}", tag = "admin",
+    params(("id" = String, Path, description = "The move's id")), security(("bearer" = [])),
+    responses((status = 200, description = "The move's state and progress", body = Move),
+        (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "No such move", body = Problem)))]
+pub async fn get_move(State(state): State<AppState>, _: Admin, Path(id): Path<String>) -> Result<Json<Move>, ApiError> {
+    let not_found = || ApiError::not_found("move", &id);
+    let parsed: uuid::Uuid = id.parse().map_err(|_| not_found())?;
+    moves::get(&state.db, parsed).await.map_err(connect_error)?.map(Json).ok_or_else(not_found)
 }

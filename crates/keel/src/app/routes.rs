@@ -73,6 +73,8 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::consistency::table))
         .routes(routes!(admin::replicas::list))
         .routes(routes!(admin::shards::list, admin::shards::add))
+        .routes(routes!(admin::shards::start_move))
+        .routes(routes!(admin::shards::get_move))
         .routes(routes!(admin::stats::stats))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(search::search))

@@ -24,6 +24,12 @@
 //! server stopped, no new request is handed one of its connections. A client deadline would have to
 //! be longer than `statement_timeout` not to cut legitimate statements short, and so would add nothing.
 //!
+//! Under a process-wide connection budget ([`super::budget`], `keel up` with many shards), a watchdog
+//! probes only while its pool has a connection handed out (or the database is down), and closes its
+//! own connection otherwise: a request's connection is what can hang, so a freeze is still noticed
+//! within `PROBE_EVERY + PROBE_TIMEOUT` of the first request caught by it, while an idle database
+//! costs no connection.
+//!
 //! Timings are constants, not settings: they are the same in tests and in production, and what they
 //! trade off (detection in ~3 s against one `SELECT 1` a second per database) suits any deployment.
 
@@ -104,11 +110,19 @@ pub(crate) async fn watch(
     let up = metrics::gauge!("keel_db_up", "db" => name.clone());
     let mut probe: Option<Probe> = None;
     let mut answered_in_a_row = 0u32;
+    // Under a connection budget, a watchdog keeping a connection of its own to every database would
+    // be most of the budget with many shards ([`super::budget`]).
+    let budgeted = super::budget::get().is_some();
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(health) = health.upgrade() else { return };
+        if budgeted && !health.is_down() && !in_use(&pool) {
+            // Nothing of this pool's can hang on the server: no probe, and no connection kept for one.
+            probe = None;
+            continue;
+        }
         let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe_once(&mut probe, &config, &tls)).await;
         match outcome {
             Ok(Ok(())) => {
@@ -158,6 +172,16 @@ async fn probe_once(probe: &mut Option<Probe>, config: &Config, tls: &keel_pgtls
     }
     let client = &probe.as_ref().expect("connected above").client;
     client.simple_query("SELECT 1").await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Whether some connection of the pool is handed out: only such a connection can be waiting on a
+/// server that stopped answering (an idle one is refused by the pre-recycle hook once the breaker
+/// opens, and a new one is refused by `Db::client()`).
+fn in_use(pool: &WeakPool) -> bool {
+    pool.upgrade().is_some_and(|pool| {
+        let status = pool.status();
+        status.size > status.available
+    })
 }
 
 /// Closes the idle connections the breaker condemned (those in use are refused on their return, by

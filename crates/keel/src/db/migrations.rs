@@ -44,6 +44,7 @@ const CATALOG: &[Migration] = &[
         name: "shard registry",
         sql: include_str!("../../migrations/catalog/0019_shard_registry.sql"),
     },
+    Migration { version: 13, name: "shard moves", sql: include_str!("../../migrations/catalog/0021_shard_moves.sql") },
 ];
 
 const SHARD: &[Migration] = &[
@@ -79,6 +80,8 @@ const SHARD: &[Migration] = &[
     Migration { version: 13, name: "accounts", sql: include_str!("../../migrations/shard/0017_accounts.sql") },
     // Erasure: the users marked, the kept order and ledger rows freed from the user row.
     Migration { version: 14, name: "erasure", sql: include_str!("../../migrations/shard/0018_erasure.sql") },
+    // Each user's rows carry the user's bucket, and each bucket a fence: what moving buckets needs.
+    Migration { version: 15, name: "buckets", sql: include_str!("../../migrations/shard/0020_buckets.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

@@ -13,9 +13,11 @@
 //! alike. A database that stops answering is failed fast ([`health`]): requests for it get a 503 at
 //! once instead of waiting on its connections, and those of other databases are unaffected.
 
+pub mod budget;
 pub mod floors;
 pub mod health;
 pub mod migrations;
+pub mod moves;
 pub mod replicas;
 pub mod shard_map;
 
@@ -149,6 +151,7 @@ impl Db {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| ConnectError::Pool { name: name.to_owned(), detail: e.to_string() })?;
+        budget::register(&pool);
         Ok(Db {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -354,9 +357,11 @@ impl PoolOptions {
     }
 
     /// A pool of a shard database (or one of its replicas).
+    /// Under a connection budget ([`budget`]), its size is the shard's share of the configured one.
     fn shard_pool(&self, name: &str, setting: &str, url: &str) -> Result<Db, ConnectError> {
         let timeout = self.statement_timeout_setting();
-        Db::with_session_settings(name, setting, url, self.size, &[("statement_timeout", timeout.as_str())])
+        let size = budget::get().map_or(self.size, |b| b.shard_pool_size(self.size));
+        Db::with_session_settings(name, setting, url, size, &[("statement_timeout", timeout.as_str())])
     }
 }
 
@@ -397,7 +402,11 @@ impl Databases {
         let stored = shard_map::load(&catalog.reachable_client().await?).await?;
         let set = shard_map::build(&stored, shard_urls, options, &[])?;
         for (_, shard) in set.all() {
-            drop(shard.reachable_client().await?);
+            let client = shard.reachable_client().await?;
+            if budget::get().is_some() {
+                // Checked, not kept: with many shards, one idle connection each is most of the budget.
+                drop(deadpool_postgres::Object::take(client));
+            }
         }
         catalog.watch();
         set.all().for_each(|(_, db)| db.watch());

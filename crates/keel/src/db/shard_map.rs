@@ -22,6 +22,9 @@ use super::{database_label, ConnectError, Databases, Db, PoolOptions, Sql};
 
 /// The channel changes are announced on.
 pub const CHANNEL: &str = "keel_shard_map";
+/// The SQLSTATE a shard answers a write with when the row's bucket has moved away from it (its
+/// `keel_guard_bucket` trigger): the writer routed by an older map.
+pub const BUCKET_MOVED: &str = "KB001";
 /// How often a process checks the map's version without an announcement.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 

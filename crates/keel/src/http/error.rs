@@ -179,6 +179,12 @@ impl From<tokio_postgres::Error> for ApiError {
         if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
             return ApiError::Unavailable(format!("a database statement took too long: {e}"));
         }
+        // KB001: the user's bucket has just moved to another shard, and this node routed by the map
+        // from before (it learns the new one within moments): the retry goes to the new shard.
+        if e.code().is_some_and(|c| c.code() == crate::db::shard_map::BUCKET_MOVED) {
+            metrics::counter!("keel_bucket_moved_refusals_total").increment(1);
+            return ApiError::Unavailable("this account has just moved to another database: retry".into());
+        }
         ApiError::Internal(format!("{e:?}"))
     }
 }

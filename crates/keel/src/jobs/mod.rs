@@ -229,6 +229,11 @@ pub async fn open_databases(
     Databases::open(catalog_url, shard_urls, pool_options(config)).await
 }
 
+/// Under a connection budget: how often a shard's queue is checked for ready jobs, and how often
+/// each kind still claims on its own (a check that failed is made up for by the next one).
+const QUIET_READY_CHECK: Duration = Duration::from_secs(5);
+const QUIET_POLL: Duration = Duration::from_secs(60);
+
 /// Runs every job kind on every database until `shutdown` completes; running jobs then get the
 /// runners' shutdown timeout to finish before they are released to another worker. `db` should be
 /// the workers' own pools ([`open_databases`]), never an API's.
@@ -251,10 +256,22 @@ pub async fn run_workers(
         None => None,
     };
     let mut runners = tokio::task::JoinSet::new();
+    // Under a connection budget (many shards, `crate::db::budget`), a shard's queue has no `LISTEN`
+    // connection of its own and its kinds do not each poll every second: one statement looks for
+    // every kind's ready jobs every few seconds. New jobs on a shard then wait up to that long.
+    let quiet_shards = crate::db::budget::get().is_some();
     let spawn_runner = |runners: &mut tokio::task::JoinSet<()>,
                         db: &crate::db::Db,
+                        shard: bool,
                         build: &dyn Fn(Runner<JobContext>) -> Runner<JobContext>| {
-        let runner = build(Runner::new(db.pool().clone(), Some(db.url().to_owned()), context.clone()));
+        let runner = if shard && quiet_shards {
+            Runner::new(db.pool().clone(), None, context.clone())
+                .check_ready_every(QUIET_READY_CHECK)
+                .poll_interval(QUIET_POLL)
+        } else {
+            Runner::new(db.pool().clone(), Some(db.url().to_owned()), context.clone())
+        };
+        let runner = build(runner);
         let (stopped, name) = (stop.stopped(), db.name().to_owned());
         runners.spawn(async move {
             tracing::info!(db = %name, "worker started");
@@ -270,8 +287,8 @@ pub async fn run_workers(
     // maintenance and its reconciler. For the shards there are at start, and for each added later.
     let start_shard = |runners: &mut tokio::task::JoinSet<()>, shard: &crate::db::Db| {
         match &jetstream {
-            None => spawn_runner(runners, shard, &|runner| register_event_handlers(runner, events)),
-            Some(js) => spawn_runner(runners, shard, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS)),
+            None => spawn_runner(runners, shard, true, &|runner| register_event_handlers(runner, events)),
+            Some(js) => spawn_runner(runners, shard, true, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS)),
         }
         runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
         runners.spawn(reconciling.shard_scheduler(shard, context.clone()).run(stop.stopped()));
@@ -285,12 +302,16 @@ pub async fn run_workers(
         started.push(n);
     }
     match &jetstream {
-        None => spawn_runner(&mut runners, &db.catalog, &|runner| register_event_handlers(deliveries(runner), events)),
-        Some(js) => spawn_runner(&mut runners, &db.catalog, &|runner| {
+        None => spawn_runner(&mut runners, &db.catalog, false, &|runner| {
+            register_event_handlers(deliveries(runner), events)
+        }),
+        Some(js) => spawn_runner(&mut runners, &db.catalog, false, &|runner| {
             deliveries(runner).relay(js, db.catalog.name(), CATALOG_EVENTS)
         }),
     }
     runners.spawn(maintenance::catalog_scheduler(&db.catalog, context.clone(), retention).run(stop.stopped()));
+    // Bucket moves, carried out by one worker process at a time.
+    runners.spawn(crate::db::moves::drive(db.clone(), stop.watch()));
     runners.spawn(reconciling.catalog_scheduler(&db.catalog, context.clone()).run(stop.stopped()));
     // The JetStream consumers know the databases events come from (to record them done there):
     // started again, with the new shard among them, when a shard is added.

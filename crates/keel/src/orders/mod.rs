@@ -182,9 +182,21 @@ pub async fn checkout(
             "WITH new_order AS (
                  INSERT INTO orders (id, user_id, status, total_cents, cart_version) VALUES ($1, $2, $7, $3, $8)
              )
-             INSERT INTO order_items (order_id, product_id, quantity, price_cents)
-             SELECT $1, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
-            &[&id, &user, &total.0, &products, &quantities, &prices, &OrderStatus::Pending.as_str(), &version],
+             -- The bucket given, not left to the trigger: it would look for the order, which this
+             -- statement's CTE inserts out of its sight.
+             INSERT INTO order_items (order_id, bucket, product_id, quantity, price_cents)
+             SELECT $1, $9, * FROM unnest($4::uuid[], $5::int[], $6::bigint[])",
+            &[
+                &id,
+                &user,
+                &total.0,
+                &products,
+                &quantities,
+                &prices,
+                &OrderStatus::Pending.as_str(),
+                &version,
+                &crate::db::bucket_of(user),
+            ],
         )
         .await?;
         let placed = OrderPlaced { order_id: id, user_id: user };

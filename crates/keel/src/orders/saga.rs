@@ -266,6 +266,11 @@ impl Saga<'_> {
             &[&order.id, &OrderStatus::Confirmed.as_str()],
         )
         .await?;
+        // The owner's next read of their cart must not be an older cached copy (see `crate::carts`).
+        // Bumped before the items are deleted: a cart write locks the user's row and then its
+        // item, so locking them the other way round here deadlocked with one (seen with a client
+        // adding to its cart while its previous order was confirmed).
+        tx.exec(crate::carts::BUMP_OWNER_VERSION, &[&order.user]).await?;
         // The bought items leave the cart as the checkout saw them: an item written after it (added,
         // or its quantity changed) has a newer revision and stays. Orders from before snapshots were
         // kept take their products out whatever their revision.
@@ -275,8 +280,6 @@ impl Saga<'_> {
             &[&order.user, &products, &order.cart_version],
         )
         .await?;
-        // The owner's next read of their cart must not be an older cached copy (see `crate::carts`).
-        tx.exec(crate::carts::BUMP_OWNER_VERSION, &[&order.user]).await?;
         let confirmed = OrderConfirmed { order_id: order.id, user_id: order.user, total_cents: order.total_cents };
         keel_outbox::enqueue(&tx, &self.follow_up(&confirmed, order.id)).await?;
         tx.commit().await?;

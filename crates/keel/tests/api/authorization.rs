@@ -154,6 +154,14 @@ pub const TABLE: &[Access] = &[
     Access::new("GET /v1/admin/consistency", "/v1/admin/consistency", ADMIN_ONLY),
     Access::new("GET /v1/admin/replicas", "/v1/admin/replicas", ADMIN_ONLY),
     Access::new("GET /v1/admin/shards", "/v1/admin/shards", ADMIN_ONLY),
+    // Shard 9 does not exist: the admin is told so.
+    Access::new(
+        "POST /v1/admin/shards/moves",
+        "/v1/admin/shards/moves",
+        [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, UNPROCESSABLE],
+    )
+    .body(r#"{"buckets": [1], "to": 9}"#),
+    Access::new("GET /v1/admin/shards/moves/{id}", "/v1/admin/shards/moves/{nothing}", ADMIN_FINDS_NOTHING),
     Access::new("GET /v1/admin/stats", "/v1/admin/stats", ADMIN_ONLY),
     // Nothing listens there: the admin is told the database cannot be reached.
     Access::new("POST /v1/admin/shards", "/v1/admin/shards", [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, UNPROCESSABLE])

@@ -54,6 +54,10 @@ fn test_spec(data_dir: PathBuf, socket_dir: PathBuf, log_file: PathBuf) -> Clust
         .setting("fsync", "off")
         .setting("synchronous_commit", "off")
         .setting("full_page_writes", "off");
+    // Logical replication and two-phase commit, for moving buckets between shards.
+    for (name, value) in keel::db::moves::SERVER_SETTINGS {
+        spec = spec.setting(name, value);
+    }
     spec.fast_initdb = true;
     spec.log_file = log_file;
     spec

@@ -27,6 +27,7 @@ mod saga;
 mod search;
 mod sessions;
 mod shard_map;
+mod shard_moves;
 mod shard_stats;
 mod shards_up;
 mod starvation;

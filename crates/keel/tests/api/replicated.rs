@@ -190,6 +190,8 @@ async fn a_failed_standby_copy_leaves_nothing_behind_and_a_leftover_slot_is_reus
         spec.port = 5450;
         spec.fast_initdb = true;
         spec.settings = vec![("listen_addresses".into(), "".into()), ("max_connections".into(), "500".into())];
+        // A standby refuses to start with less of these than its primary has.
+        spec.settings.extend(keel::db::moves::SERVER_SETTINGS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         spec.standby_of = Some(keel_pg::Standby { primary, slot: slot.to_owned() });
         spec
     };

@@ -170,3 +170,26 @@ async fn a_changed_map_is_routed_by_without_a_restart() {
     drop(app);
     drop_database(&name).await;
 }
+
+/// The shard database computes a user's bucket as keel-shard does (its rows carry it, and a move
+/// selects rows by it): the reference vector and a thousand random ids agree.
+#[tokio::test]
+async fn the_database_computes_the_same_bucket_as_the_router() {
+    let app = TestApp::spawn().await;
+    let shard = app.dbs.shard(0).await;
+    let reference: uuid::Uuid = "0190c5a2-7b3e-7c4d-9e8f-0123456789ab".parse().unwrap();
+    let bucket: i16 = shard.query_one("SELECT keel_bucket($1)", &[&reference]).await.unwrap().get(0);
+    assert_eq!(bucket, 418);
+    let ids: Vec<uuid::Uuid> = (0..1000).map(|_| uuid::Uuid::new_v4()).collect();
+    let rows = shard.query("SELECT id, keel_bucket(id) FROM unnest($1::uuid[]) AS id", &[&ids]).await.unwrap();
+    for row in rows {
+        let (id, bucket): (uuid::Uuid, i16) = (row.get(0), row.get(1));
+        assert_eq!(bucket, keel::db::bucket_of(keel::ids::UserId::from_uuid(id)), "{id}");
+    }
+    // A user's rows carry its bucket, filled in on insert.
+    let (user, _) = app.create_user("Bucketed").await;
+    let on = app.shard_of(&user).await;
+    let stored: i16 =
+        on.query_one("SELECT bucket FROM users WHERE id = $1::text::uuid", &[&user]).await.unwrap().get(0);
+    assert_eq!(stored, keel::db::bucket_of(user.parse().unwrap()));
+}

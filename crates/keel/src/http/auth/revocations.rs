@@ -155,30 +155,44 @@ impl Revocations {
     /// time.
     pub async fn run(self: Arc<Self>, db: Arc<Databases>, stop: impl std::future::Future<Output = ()>) {
         let every = (self.budget / 4).max(Duration::from_millis(50));
-        let this = &self;
-        let set = db.shards();
-        let shards = set.all().map(|(shard, handle)| async move {
-            // The first poll, before serving, began after `epoch`.
-            let mut last = this.epoch;
+        // A loop per shard, and one more for each shard added while running (looked for every
+        // quarter budget): a shard's users may arrive there (a bucket move) with their sessions.
+        let polling = async {
+            let mut loops = tokio::task::JoinSet::new();
+            let mut started = std::collections::HashSet::new();
             loop {
-                tokio::time::sleep(every).await;
-                let began = Instant::now();
-                let lookback = (began - last + this.budget).min(this.remember);
-                if this.poll_shard(usize::from(shard), handle, lookback).await {
-                    last = began;
+                for (shard, handle) in db.shards().all() {
+                    if started.insert(shard) {
+                        loops.spawn(self.clone().poll_forever(usize::from(shard), handle.clone(), every));
+                    }
                 }
+                tokio::time::sleep(every).await;
             }
-        });
+        };
         let forget = async {
             loop {
                 tokio::time::sleep(every).await;
-                this.forget_expired();
+                self.forget_expired();
             }
         };
         tokio::select! {
-            _ = futures_util::future::join_all(shards) => {}
+            () = polling => {}
             () = forget => {}
             () = stop => {}
+        }
+    }
+
+    async fn poll_forever(self: Arc<Self>, shard: usize, handle: Arc<Db>, every: Duration) {
+        // The first poll, before serving, began after `epoch`; a shard added later looks back as
+        // far as a token lives.
+        let mut last = self.epoch;
+        loop {
+            tokio::time::sleep(every).await;
+            let began = Instant::now();
+            let lookback = (began - last + self.budget).min(self.remember);
+            if self.poll_shard(shard, &handle, lookback).await {
+                last = began;
+            }
         }
     }
 

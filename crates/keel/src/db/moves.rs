@@ -1,0 +1,649 @@
+//! Moving buckets between shards while they are written to: PostgreSQL's logical replication copies
+//! and follows the moving buckets' rows, a fence on those buckets alone makes the switch, and the
+//! rows left behind are deleted (docs/SHARDING.md).
+//!
+//! A move goes through its states one step at a time, each recorded in the catalogue's
+//! `shard_moves` before the next begins, so that the worker that takes over after a crash (the
+//! movers' advisory lock is held by one process at a time) carries on from the last one:
+//!
+//! - **copying**: on each shard the buckets come from, a publication of the moving rows (row
+//!   filters on `bucket`) and a logical replication slot; on the target, a subscription that copies
+//!   them and then follows every change. Done when every table is synchronised.
+//! - **catching_up**: the subscription's slot is close to the source's WAL position.
+//! - **cutover**: on each source, the moving buckets' `keel_buckets` rows are locked (writes to those
+//!   buckets wait at their trigger; others go on), a marker row is committed and awaited on the
+//!   target — it has every write before the fence then — the rows are marked moved, and the
+//!   transaction is prepared (two-phase commit). The catalogue's map then switches and is announced
+//!   in one transaction, and the prepared transactions commit: waiting writes find their bucket
+//!   moved and are refused (`KB001`, a 503 worth retrying) by a node that still routes by the old
+//!   map. A crash in between leaves a prepared transaction that the next worker commits if the map
+//!   switched and rolls back if it did not.
+//! - **cleanup**: the subscription, slot and publication are dropped; after every node has had
+//!   time to load the new map, the moved rows are deleted from their old shard.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_shard::ShardId;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{shard_map, ConnectError, Databases, Db, DbError, Sql};
+
+/// Server settings a shard needs for moves: logical decoding, two-phase commit, and room for the
+/// slots, senders and workers of a few moves at once (each table's initial copy has a worker).
+pub const SERVER_SETTINGS: &[(&str, &str)] = &[
+    ("wal_level", "logical"),
+    ("max_prepared_transactions", "64"),
+    ("max_replication_slots", "64"),
+    ("max_wal_senders", "64"),
+    ("max_logical_replication_workers", "16"),
+    ("max_worker_processes", "32"),
+];
+
+/// The tables that hold users' rows, each with a `bucket` column (shard migration `buckets`).
+const TABLES: &[&str] = &[
+    "users",
+    "wallets",
+    "wallet_deposits",
+    "wallet_debits",
+    "cart_items",
+    "idempotency_keys",
+    "orders",
+    "order_items",
+    "likes",
+    "payments",
+    "sessions",
+    "one_time_codes",
+];
+
+/// The same tables, those that refer to others first: the order the old rows are deleted in.
+const DELETE_ORDER: &[&str] = &[
+    "order_items",
+    "wallet_debits",
+    "payments",
+    "wallet_deposits",
+    "orders",
+    "cart_items",
+    "likes",
+    "sessions",
+    "one_time_codes",
+    "idempotency_keys",
+    "wallets",
+    "users",
+];
+
+/// How long nodes get to load the new map before the rows they might still read are deleted: the
+/// announcement arrives at once, the version check every [`shard_map::CHECK_EVERY`] catches a
+/// missed one.
+const GRACE: Duration = Duration::from_secs(3);
+/// How close (bytes of WAL) the slot must be to the source's position before the fence.
+const CAUGHT_UP_BYTES: i64 = 1 << 20;
+/// The longest the fence waits for the marker to arrive before giving up (and trying again).
+const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the mover looks at its moves.
+const TICK: Duration = Duration::from_millis(100);
+/// An arbitrary constant naming the movers' advisory lock in the catalogue.
+const MOVER_LOCK: i64 = 0x006b_6565_6c6d_6f76; // "keelmov"
+
+crate::text_enum::text_enum! {
+    /// Where a move is.
+    MoveState, "a move state" {
+        Copying = "copying",
+        CatchingUp = "catching_up",
+        Cutover = "cutover",
+        Cleanup = "cleanup",
+        Done = "done",
+        Failed = "failed",
+    }
+}
+
+/// A move as `GET /v1/admin/shards/moves/{id}` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Move {
+    #[schema(value_type = String)]
+    pub id: Uuid,
+    #[schema(value_type = String)]
+    pub state: MoveState,
+    pub buckets: Vec<u16>,
+    pub to: u16,
+    /// Rows of the moving buckets on the target, and on their shards of origin (while copying).
+    pub rows_copied: i64,
+    pub rows_total: i64,
+    /// The last error met (the step is tried again), or why the move failed.
+    pub error: Option<String>,
+    /// How long writes to the moving buckets waited at the cutover, in milliseconds.
+    pub pause_ms: Option<f64>,
+    #[serde(skip)]
+    sources: Vec<ShardId>,
+}
+
+const COLUMNS: &str = "id, state, buckets, to_shard, rows_copied, rows_total, error, pause_ms, sources";
+
+impl Move {
+    fn from_row(row: &tokio_postgres::Row) -> Result<Move, ConnectError> {
+        let state: String = row.get(1);
+        let buckets: Vec<i16> = row.get(2);
+        let sources: Vec<i16> = row.get(8);
+        Ok(Move {
+            id: row.get(0),
+            state: state.parse().map_err(|e: crate::text_enum::UnknownValue| ConnectError::Registry(e.to_string()))?,
+            buckets: buckets.into_iter().map(|b| b as u16).collect(),
+            to: row.get::<_, i16>(3) as u16,
+            rows_copied: row.get(4),
+            rows_total: row.get(5),
+            error: row.get(6),
+            pause_ms: row.get(7),
+            sources: sources.into_iter().map(|s| s as ShardId).collect(),
+        })
+    }
+
+    /// The moving buckets grouped by the shard they come from.
+    fn by_source(&self) -> BTreeMap<ShardId, Vec<i16>> {
+        let mut groups: BTreeMap<ShardId, Vec<i16>> = BTreeMap::new();
+        for (bucket, source) in self.buckets.iter().zip(&self.sources) {
+            groups.entry(*source).or_default().push(*bucket as i16);
+        }
+        groups
+    }
+
+    fn buckets_i16(&self) -> Vec<i16> {
+        self.buckets.iter().map(|b| *b as i16).collect()
+    }
+
+    /// The name of its publication, slot, subscription and prepared transaction on `source`.
+    fn name(&self, source: ShardId) -> String {
+        format!("keel_move_{}_{source}", self.id.simple())
+    }
+}
+
+/// Why a move could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+impl From<DbError> for StartError {
+    fn from(e: DbError) -> StartError {
+        StartError::Connect(e.into())
+    }
+}
+
+impl From<tokio_postgres::Error> for StartError {
+    fn from(e: tokio_postgres::Error) -> StartError {
+        StartError::Connect(e.into())
+    }
+}
+
+/// Records a move of `buckets` to shard `to`; a worker carries it out.
+pub async fn start(db: &Databases, buckets: &[u16], to: u16) -> Result<Move, StartError> {
+    if buckets.is_empty() {
+        return Err(StartError::Invalid("buckets: name at least one bucket".into()));
+    }
+    if let Some(b) = buckets.iter().find(|b| **b >= keel_shard::BUCKETS) {
+        return Err(StartError::Invalid(format!("buckets: {b} is not a bucket (0 to {})", keel_shard::BUCKETS - 1)));
+    }
+    let mut wanted: Vec<u16> = buckets.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut client = db.catalog.client().await?;
+    let tx = client.transaction().await?;
+    // The map and the moves change one at a time: the version row is the lock.
+    tx.row("SELECT version FROM shard_map_version FOR UPDATE", &[]).await?;
+    let shards: i64 = tx.row("SELECT count(*) FROM shards", &[]).await?.get(0);
+    if i64::from(to) >= shards {
+        return Err(StartError::Invalid(format!("to: there is no shard {to} (there are {shards})")));
+    }
+    let wanted_i16: Vec<i16> = wanted.iter().map(|b| *b as i16).collect();
+    let busy = tx
+        .rows(
+            "SELECT DISTINCT b FROM shard_moves, unnest(buckets) AS b
+             WHERE state NOT IN ('done', 'failed') AND b = ANY($1) ORDER BY b",
+            &[&wanted_i16],
+        )
+        .await?;
+    if !busy.is_empty() {
+        let busy: Vec<String> = busy.iter().map(|r| r.get::<_, i16>(0).to_string()).collect();
+        return Err(StartError::Conflict(format!("buckets {} are moving already", busy.join(", "))));
+    }
+    let owners = tx
+        .rows(
+            "SELECT bucket, shard FROM shard_map WHERE bucket = ANY($1) AND shard <> $2 ORDER BY bucket",
+            &[&wanted_i16, &(to as i16)],
+        )
+        .await?;
+    if owners.is_empty() {
+        return Err(StartError::Conflict(format!("every one of those buckets is on shard {to} already")));
+    }
+    let (moving, sources): (Vec<i16>, Vec<i16>) =
+        owners.iter().map(|r| (r.get::<_, i16>(0), r.get::<_, i16>(1))).unzip();
+    let id = Uuid::now_v7();
+    let row = tx
+        .row(
+            &format!(
+                "INSERT INTO shard_moves (id, buckets, sources, to_shard, state) VALUES ($1, $2, $3, $4, 'copying')
+                 RETURNING {COLUMNS}"
+            ),
+            &[&id, &moving, &sources, &(to as i16)],
+        )
+        .await?;
+    tx.commit().await?;
+    let started = Move::from_row(&row)?;
+    tracing::info!(id = %id, buckets = moving.len(), to, "bucket move asked for");
+    Ok(started)
+}
+
+pub async fn get(db: &Databases, id: Uuid) -> Result<Option<Move>, ConnectError> {
+    let client = db.catalog.client().await?;
+    let row = client.maybe_row(&format!("SELECT {COLUMNS} FROM shard_moves WHERE id = $1"), &[&id]).await?;
+    row.as_ref().map(Move::from_row).transpose()
+}
+
+/// The newest moves, unfinished ones first.
+pub async fn recent(db: &Databases, limit: i64) -> Result<Vec<Move>, ConnectError> {
+    let client = db.catalog.client().await?;
+    let rows = client
+        .rows(
+            &format!(
+                "SELECT {COLUMNS} FROM shard_moves
+                 ORDER BY state IN ('done', 'failed'), created_at DESC LIMIT $1"
+            ),
+            &[&limit],
+        )
+        .await?;
+    rows.iter().map(Move::from_row).collect()
+}
+
+/// Carries out moves until `stop`: in one process at a time (the movers' advisory lock, held on a
+/// connection of its own: a process that dies lets the next one take over).
+pub async fn drive(db: Arc<Databases>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut holder: Option<tokio_postgres::Client> = None;
+    while !*stop.borrow() {
+        if holder.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            holder = take_lock(&db.catalog).await;
+        }
+        if holder.is_some() {
+            if let Err(e) = step_all(&db).await {
+                tracing::warn!(error = %e, "a bucket move step failed; trying again");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(if holder.is_some() { TICK } else { Duration::from_secs(1) }) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+async fn take_lock(catalog: &Db) -> Option<tokio_postgres::Client> {
+    let (client, connection) = catalog.config.connect(catalog.tls.clone()).await.ok()?;
+    tokio::spawn(connection);
+    let got: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&MOVER_LOCK]).await.ok()?.get(0);
+    got.then_some(client)
+}
+
+async fn step_all(db: &Databases) -> Result<(), String> {
+    let client = db.catalog.client().await.map_err(|e| e.to_string())?;
+    let rows = client
+        .rows(
+            &format!("SELECT {COLUMNS} FROM shard_moves WHERE state NOT IN ('done', 'failed') ORDER BY created_at"),
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(client);
+    for row in rows {
+        let mv = Move::from_row(&row).map_err(|e| e.to_string())?;
+        if let Err(e) = step(db, &mv).await {
+            tracing::warn!(id = %mv.id, state = %mv.state, error = %e, "bucket move: trying the step again");
+            let _ = record(db, mv.id, None, |sql| sql.error(&e)).await;
+        }
+    }
+    Ok(())
+}
+
+/// One step of `mv` in its current state; records the next state when the step is done.
+async fn step(db: &Databases, mv: &Move) -> Result<(), String> {
+    match mv.state {
+        MoveState::Copying => copy(db, mv).await,
+        MoveState::CatchingUp => catch_up(db, mv).await,
+        MoveState::Cutover => cutover(db, mv).await,
+        MoveState::Cleanup => cleanup(db, mv).await,
+        MoveState::Done | MoveState::Failed => Ok(()),
+    }
+}
+
+fn shard(db: &Databases, n: ShardId) -> Result<Arc<Db>, String> {
+    db.shard(n).ok_or_else(|| format!("there is no shard {n}"))
+}
+
+fn describe(e: impl Into<DbError>) -> String {
+    let e: DbError = e.into();
+    match &e {
+        DbError::Query(q) => match q.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
+}
+
+/// Sets up what is missing of the publications, slots and subscriptions, and moves on once every
+/// table is copied.
+async fn copy(db: &Databases, mv: &Move) -> Result<(), String> {
+    let target = shard(db, mv.to)?;
+    let target_client = target.client().await.map_err(describe)?;
+    // Buckets coming back to a shard they once left are written there again.
+    target_client
+        .exec("UPDATE keel_buckets SET moved_to = NULL WHERE bucket = ANY($1)", &[&mv.buckets_i16()])
+        .await
+        .map_err(describe)?;
+    let mut synced = true;
+    for (source, buckets) in mv.by_source() {
+        let name = mv.name(source);
+        let from = shard(db, source)?;
+        let from_client = from.client().await.map_err(describe)?;
+        let exists = from_client.maybe_row("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name]).await;
+        if exists.map_err(describe)?.is_none() {
+            let list = buckets.iter().map(i16::to_string).collect::<Vec<_>>().join(", ");
+            let tables: Vec<String> = TABLES.iter().map(|t| format!("{t} WHERE (bucket IN ({list}))")).collect();
+            let marker = format!("keel_move_markers WHERE (move_id = '{}')", mv.id);
+            from_client
+                .batch_execute(&format!("CREATE PUBLICATION {name} FOR TABLE {}, {marker}", tables.join(", ")))
+                .await
+                .map_err(describe)?;
+        }
+        let slot = from_client.maybe_row("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&name]).await;
+        if slot.map_err(describe)?.is_none() {
+            // Made here rather than by CREATE SUBSCRIPTION: that waits forever when both databases
+            // are in one cluster (as in `keel up`).
+            from_client
+                .exec("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&name])
+                .await
+                .map_err(describe)?;
+        }
+        let subscribed = target_client.maybe_row("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&name]).await;
+        if subscribed.map_err(describe)?.is_none() {
+            let connection = from.url().replace('\'', "''");
+            target_client
+                .batch_execute(&format!(
+                    "CREATE SUBSCRIPTION {name} CONNECTION '{connection}' PUBLICATION {name}
+                     WITH (create_slot = false, slot_name = '{name}', copy_data = true)"
+                ))
+                .await
+                .map_err(describe)?;
+        }
+        let pending: i64 = target_client
+            .row(
+                "SELECT count(*) FILTER (WHERE r.srsubstate <> 'r') + greatest($2 - count(r.srrelid), 0)
+                 FROM pg_subscription s LEFT JOIN pg_subscription_rel r ON r.srsubid = s.oid WHERE s.subname = $1",
+                &[&name, &((TABLES.len() + 1) as i64)],
+            )
+            .await
+            .map_err(describe)?
+            .get(0);
+        synced &= pending == 0;
+    }
+    let (copied, total) = progress(db, mv).await?;
+    let next = synced.then_some(MoveState::CatchingUp);
+    record(db, mv.id, next, |sql| sql.progress(copied, total)).await
+}
+
+/// Rows of the moving buckets on the target, and on their sources.
+async fn progress(db: &Databases, mv: &Move) -> Result<(i64, i64), String> {
+    let count = TABLES.iter().map(|t| format!("(SELECT count(*) FROM {t} WHERE bucket = ANY($1))")).collect::<Vec<_>>();
+    let sql = format!("SELECT {}", count.join(" + "));
+    let target = shard(db, mv.to)?.client().await.map_err(describe)?;
+    let copied: i64 = target.row(&sql, &[&mv.buckets_i16()]).await.map_err(describe)?.get(0);
+    let mut total = 0;
+    for (source, buckets) in mv.by_source() {
+        let client = shard(db, source)?.client().await.map_err(describe)?;
+        total += client.row(&sql, &[&buckets]).await.map_err(describe)?.get::<_, i64>(0);
+    }
+    Ok((copied, total))
+}
+
+/// Moves on once every slot is within [`CAUGHT_UP_BYTES`] of its source's WAL position.
+async fn catch_up(db: &Databases, mv: &Move) -> Result<(), String> {
+    let mut caught_up = true;
+    for source in mv.by_source().into_keys() {
+        let client = shard(db, source)?.client().await.map_err(describe)?;
+        let behind: Option<i64> = client
+            .row(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::bigint
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&mv.name(source)],
+            )
+            .await
+            .map_err(describe)?
+            .get(0);
+        caught_up &= behind.is_some_and(|b| b <= CAUGHT_UP_BYTES);
+    }
+    let (copied, total) = progress(db, mv).await?;
+    record(db, mv.id, caught_up.then_some(MoveState::Cutover), |sql| sql.progress(copied, total)).await
+}
+
+/// The fence, the switch, and the release (see the module's documentation).
+async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
+    let target = shard(db, mv.to)?;
+    // A cutover of an earlier process that died before the map switched: undone, and done again.
+    for source in mv.by_source().into_keys() {
+        finish_prepared(&*shard(db, source)?, &mv.name(source), false).await?;
+    }
+    let mut fences = Vec::new();
+    let fenced_at = Instant::now();
+    for (source, buckets) in mv.by_source() {
+        let from = shard(db, source)?;
+        let (client, connection) = from.config.connect(from.tls.clone()).await.map_err(describe)?;
+        tokio::spawn(connection);
+        client.batch_execute("BEGIN").await.map_err(describe)?;
+        // Writes to these buckets take a KEY SHARE lock on their rows: they wait from here on,
+        // and this waits for those already under way to commit.
+        client
+            .execute("SELECT 1 FROM keel_buckets WHERE bucket = ANY($1) ORDER BY bucket FOR UPDATE", &[&buckets])
+            .await
+            .map_err(describe)?;
+        fences.push((source, client));
+    }
+    // Every write to the moving buckets committed before the fences comes before the markers in
+    // each source's WAL: once the target has a marker, it has them all.
+    for (source, _) in &fences {
+        let marker = shard(db, *source)?.client().await.map_err(describe)?;
+        marker
+            .exec(
+                "INSERT INTO keel_move_markers (move_id, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&mv.id, &(*source as i16)],
+            )
+            .await
+            .map_err(describe)?;
+    }
+    let target_client = target.client().await.map_err(describe)?;
+    for (source, _) in &fences {
+        let deadline = Instant::now() + MARKER_TIMEOUT;
+        loop {
+            let arrived = target_client
+                .maybe_row(
+                    "SELECT 1 FROM keel_move_markers WHERE move_id = $1 AND source = $2",
+                    &[&mv.id, &(*source as i16)],
+                )
+                .await
+                .map_err(describe)?;
+            if arrived.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                // Dropping the fences' connections rolls them back: writes go on, and the
+                // cutover is tried again.
+                return Err(format!(
+                    "shard {source}'s changes did not reach shard {} within {MARKER_TIMEOUT:?}",
+                    mv.to
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for (source, client) in &fences {
+        let buckets = &mv.by_source()[source];
+        client
+            .execute("UPDATE keel_buckets SET moved_to = $2 WHERE bucket = ANY($1)", &[buckets, &(mv.to as i16)])
+            .await
+            .map_err(describe)?;
+        client.batch_execute(&format!("PREPARE TRANSACTION '{}'", mv.name(*source))).await.map_err(describe)?;
+    }
+    // The switch: the map, its announcement and the move's next state in one transaction.
+    let mut catalog = db.catalog.client().await.map_err(describe)?;
+    let tx = catalog.transaction().await.map_err(describe)?;
+    tx.row("SELECT version FROM shard_map_version FOR UPDATE", &[]).await.map_err(describe)?;
+    tx.exec("UPDATE shard_map SET shard = $2 WHERE bucket = ANY($1)", &[&mv.buckets_i16(), &(mv.to as i16)])
+        .await
+        .map_err(describe)?;
+    shard_map::announce(&tx).await.map_err(|e| e.to_string())?;
+    tx.exec("UPDATE shard_moves SET state = 'cleanup', updated_at = now(), error = NULL WHERE id = $1", &[&mv.id])
+        .await
+        .map_err(describe)?;
+    tx.commit().await.map_err(describe)?;
+    for (source, client) in &fences {
+        client.batch_execute(&format!("COMMIT PREPARED '{}'", mv.name(*source))).await.map_err(describe)?;
+    }
+    let pause = fenced_at.elapsed();
+    metrics::histogram!("keel_shard_move_pause_seconds").record(pause.as_secs_f64());
+    let client = db.catalog.client().await.map_err(describe)?;
+    client
+        .exec("UPDATE shard_moves SET pause_ms = $2 WHERE id = $1", &[&mv.id, &(pause.as_secs_f64() * 1000.0)])
+        .await
+        .map_err(describe)?;
+    tracing::info!(id = %mv.id, pause_ms = pause.as_secs_f64() * 1000.0, "buckets switched to shard {}", mv.to);
+    let _ = db.reload_shard_map().await;
+    Ok(())
+}
+
+/// Commits (`commit`) or rolls back the prepared transaction `name` on `shard`, if there is one.
+async fn finish_prepared(shard: &Db, name: &str, commit: bool) -> Result<(), String> {
+    let client = shard.client().await.map_err(describe)?;
+    let prepared = client.maybe_row("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&name]).await;
+    if prepared.map_err(describe)?.is_some() {
+        let verb = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
+        client.batch_execute(&format!("{verb} '{name}'")).await.map_err(describe)?;
+        tracing::warn!(name, verb, "finished a move's prepared transaction left by an earlier process");
+    }
+    Ok(())
+}
+
+/// Drops the replication set up for the move, then (after [`GRACE`]) the moved rows on their old
+/// shards.
+async fn cleanup(db: &Databases, mv: &Move) -> Result<(), String> {
+    let target = shard(db, mv.to)?;
+    let target_client = target.client().await.map_err(describe)?;
+    for (source, buckets) in mv.by_source() {
+        let name = mv.name(source);
+        let from = shard(db, source)?;
+        // The switch committed: a cutover prepared and not committed by a process that died
+        // commits now.
+        finish_prepared(&from, &name, true).await?;
+        let subscribed = target_client.maybe_row("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&name]).await;
+        if subscribed.map_err(describe)?.is_some() {
+            // Detached from its slot first, so that dropping it does not connect to the source.
+            target_client
+                .batch_execute(&format!(
+                    "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE);
+                     DROP SUBSCRIPTION {name}"
+                ))
+                .await
+                .map_err(describe)?;
+        }
+        let from_client = from.client().await.map_err(describe)?;
+        // A disabled subscription's sender may take a moment to let go of the slot.
+        let slot = from_client
+            .maybe_row("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+            .await
+            .map_err(describe)?;
+        match slot.map(|r| r.get::<_, bool>(0)) {
+            Some(true) => return Err(format!("the slot {name} is still in use; dropping it later")),
+            Some(false) => {
+                from_client.exec("SELECT pg_drop_replication_slot($1)", &[&name]).await.map_err(describe)?;
+            }
+            None => {}
+        }
+        from_client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(describe)?;
+        let _ = buckets;
+    }
+    let switched: f64 = db
+        .catalog
+        .client()
+        .await
+        .map_err(describe)?
+        .row("SELECT extract(epoch FROM now() - updated_at)::float8 FROM shard_moves WHERE id = $1", &[&mv.id])
+        .await
+        .map_err(describe)?
+        .get(0);
+    if switched < GRACE.as_secs_f64() {
+        return Ok(());
+    }
+    for (source, buckets) in mv.by_source() {
+        let mut client = shard(db, source)?.client().await.map_err(describe)?;
+        let tx = client.transaction().await.map_err(describe)?;
+        // Past the fence's trigger: these rows are the move's to delete.
+        tx.batch_execute("SET LOCAL keel.moving_buckets = 'on'").await.map_err(describe)?;
+        for table in DELETE_ORDER {
+            tx.exec(&format!("DELETE FROM {table} WHERE bucket = ANY($1)"), &[&buckets]).await.map_err(describe)?;
+        }
+        tx.exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&mv.id]).await.map_err(describe)?;
+        tx.commit().await.map_err(describe)?;
+    }
+    target_client.exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&mv.id]).await.map_err(describe)?;
+    let (copied, _) = progress(db, mv).await?;
+    record(db, mv.id, Some(MoveState::Done), |sql| sql.progress(copied, copied)).await?;
+    tracing::info!(id = %mv.id, rows = copied, "bucket move done");
+    Ok(())
+}
+
+/// What a step records besides the state.
+struct Update {
+    progress: Option<(i64, i64)>,
+    error: Option<String>,
+}
+
+impl Update {
+    fn progress(mut self, copied: i64, total: i64) -> Update {
+        self.progress = Some((copied, total));
+        self
+    }
+
+    fn error(mut self, error: &str) -> Update {
+        self.error = Some(error.to_owned());
+        self
+    }
+}
+
+async fn record(
+    db: &Databases,
+    id: Uuid,
+    next: Option<MoveState>,
+    what: impl FnOnce(Update) -> Update,
+) -> Result<(), String> {
+    let update = what(Update { progress: None, error: None });
+    let (copied, total) = update.progress.unzip();
+    let state = next.map(|s| s.as_str().to_owned());
+    let client = db.catalog.client().await.map_err(describe)?;
+    client
+        .exec(
+            "UPDATE shard_moves SET
+                 state = coalesce($2, state),
+                 rows_copied = coalesce($3, rows_copied),
+                 rows_total = coalesce($4, rows_total),
+                 error = CASE WHEN $2 IS NOT NULL THEN NULL ELSE coalesce($5, error) END,
+                 updated_at = CASE WHEN $2 IS NOT NULL THEN now() ELSE updated_at END,
+                 finished_at = CASE WHEN $2 IN ('done', 'failed') THEN now() END
+             WHERE id = $1",
+            &[&id, &state, &copied, &total, &update.error],
+        )
+        .await
+        .map_err(describe)?;
+    Ok(())
+}

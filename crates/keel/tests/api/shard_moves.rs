@@ -1,0 +1,332 @@
+//! Moving buckets between shards while they are written to (`POST /v1/admin/shards/moves`): two
+//! API nodes and a worker, clients depositing (each deposit retried with its key until answered),
+//! filling carts, liking and checking out on both nodes, while half of shard 0's buckets move to a
+//! new shard. Nothing acknowledged is lost or doubled, and the old shard keeps none of the rows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{cluster, connect, expect_json, TestApp, ADMIN_TOKEN};
+
+/// Every table that holds users' rows, with its `bucket` column.
+const TABLES: &[&str] = &[
+    "users",
+    "wallets",
+    "wallet_deposits",
+    "wallet_debits",
+    "cart_items",
+    "idempotency_keys",
+    "orders",
+    "order_items",
+    "likes",
+    "payments",
+    "sessions",
+    "one_time_codes",
+];
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    /// (user, key, deposit id, amount) of every acknowledged deposit.
+    deposits: Vec<(String, String, String, i64)>,
+    /// (token, order location) of every accepted checkout.
+    orders: Vec<(String, String)>,
+    /// Answers that are not allowed: a 5xx other than a 503 with Retry-After, or an unexpected 4xx.
+    bad: Vec<String>,
+    /// 503s with Retry-After (allowed during the fence).
+    unavailable: usize,
+    /// The longest a write took to be answered.
+    longest_write: Duration,
+}
+
+/// Sends `request` until it is answered with something other than a 503 carrying Retry-After
+/// (for 20 s at most: a fence lasts a moment, so a write refused that long is not waiting on one).
+async fn until_answered(
+    seen: &Mutex<Seen>,
+    what: &str,
+    send: impl Fn() -> reqwest::RequestBuilder,
+) -> reqwest::Response {
+    let first = Instant::now();
+    loop {
+        let began = Instant::now();
+        let response = send().send().await;
+        let took = began.elapsed();
+        let retry = {
+            let mut s = seen.lock().unwrap();
+            s.longest_write = s.longest_write.max(took);
+            match &response {
+                Ok(r) if r.status() == 503 && r.headers().contains_key("retry-after") => {
+                    s.unavailable += 1;
+                    first.elapsed() < Duration::from_secs(20)
+                }
+                Ok(r) => {
+                    if r.status().is_server_error() {
+                        s.bad.push(format!("{what}: {}", r.status()));
+                    }
+                    false
+                }
+                Err(e) => {
+                    s.bad.push(format!("{what}: {e}"));
+                    true
+                }
+            }
+        };
+        match response {
+            Ok(r) if !retry => {
+                if r.status() == 503 {
+                    let text = r.text().await.unwrap_or_default();
+                    seen.lock().unwrap().bad.push(format!("{what}: still 503 after 20 s: {text}"));
+                    return send().send().await.unwrap();
+                }
+                return r;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn client_loop(
+    bases: [String; 2],
+    user: String,
+    token: String,
+    product: String,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+) {
+    let http = reqwest::Client::new();
+    let mut round = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let base = &bases[round % 2];
+        let key = format!("d-{user}-{round}");
+        let amount = 100 + (round as i64 % 7);
+        let url = format!("{base}/v1/admin/users/{user}/deposits");
+        let deposit = || {
+            http.post(&url)
+                .bearer_auth(ADMIN_TOKEN)
+                .header("idempotency-key", &key)
+                .json(&json!({ "amount_cents": amount }))
+        };
+        let response = until_answered(&seen, "deposit", deposit).await;
+        if response.status() == 201 {
+            let body: Value = response.json().await.unwrap();
+            let id = body["deposit_id"].as_str().unwrap().to_owned();
+            seen.lock().unwrap().deposits.push((user.clone(), key.clone(), id, amount));
+        } else {
+            seen.lock().unwrap().bad.push(format!("deposit: {}", response.status()));
+        }
+        let like = format!("{base}/v1/products/{product}/like");
+        let liked = if round.is_multiple_of(2) {
+            until_answered(&seen, "like", || http.put(&like).bearer_auth(&token)).await
+        } else {
+            until_answered(&seen, "unlike", || http.delete(&like).bearer_auth(&token)).await
+        };
+        if !liked.status().is_success() {
+            seen.lock().unwrap().bad.push(format!("like: {}", liked.status()));
+        }
+        if round % 3 == 2 {
+            let item = format!("{base}/v1/cart/items/{product}");
+            let put =
+                until_answered(&seen, "cart", || http.put(&item).bearer_auth(&token).json(&json!({ "quantity": 1 })))
+                    .await;
+            if !put.status().is_success() {
+                seen.lock().unwrap().bad.push(format!("cart: {}", put.status()));
+            }
+            let checkout = format!("{base}/v1/checkout");
+            let order_key = format!("o-{user}-{round}");
+            let placed = until_answered(&seen, "checkout", || {
+                http.post(&checkout).bearer_auth(&token).header("idempotency-key", &order_key)
+            })
+            .await;
+            match placed.status().as_u16() {
+                202 => {
+                    let location = placed.headers()["location"].to_str().unwrap().to_owned();
+                    seen.lock().unwrap().orders.push((token.clone(), location));
+                }
+                // An empty cart, or one whose item a pending order is still checking out, is
+                // refused as such.
+                409 | 422 => {}
+                other => seen.lock().unwrap().bad.push(format!("checkout: {other}")),
+            }
+        }
+        round += 1;
+    }
+}
+
+async fn rows_in(url: &str, buckets: &[i16]) -> i64 {
+    let client = connect(url).await;
+    let mut total = 0;
+    for table in TABLES {
+        let sql = format!("SELECT count(*) FROM {table} WHERE bucket = ANY($1)");
+        total += client.query_one(&sql, &[&buckets]).await.unwrap().get::<_, i64>(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
+    let _ = keel::telemetry::init_logging("warn");
+    let app = TestApp::spawn().await;
+    let other = app.second_node().await;
+    let workers = app.start_workers();
+    let name = format!("t_moved_shard_{}", uuid::Uuid::now_v7().simple());
+    keel::db::create_database(&cluster().maintenance_url(), &name, None).await.unwrap();
+    let new_url = cluster().url(&name);
+    let added = app.admin(app.post("/v1/admin/shards")).json(&json!({ "url": new_url })).send().await;
+    assert_eq!(expect_json(added, 201).await["shard"], 2);
+
+    // Half of shard 0's buckets move; enough users live in them.
+    let map = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
+    let shard0: Vec<i16> =
+        map["shards"][0]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
+    let moving: Vec<i16> = shard0.iter().copied().step_by(2).collect();
+    let product = app.create_product("MOVE-1", 150, 100_000).await;
+    let mut users = Vec::new();
+    while users
+        .iter()
+        .filter(|(id, _): &&(String, String)| moving.contains(&keel::db::bucket_of(id.parse().unwrap())))
+        .count()
+        < 4
+        || users.len() < 12
+    {
+        users.push(app.create_user("Mover").await);
+    }
+    let moved_users: HashSet<String> = users
+        .iter()
+        .filter(|(id, _)| moving.contains(&keel::db::bucket_of(id.parse().unwrap())))
+        .map(|(id, _)| id.clone())
+        .collect();
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bases = [app.address.clone(), other.address.clone()];
+    let clients: Vec<_> = users
+        .iter()
+        .map(|(id, token)| {
+            tokio::spawn(client_loop(
+                bases.clone(),
+                id.clone(),
+                token.clone(),
+                product.clone(),
+                seen.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let body = json!({ "buckets": moving, "to": 2 });
+    let started = expect_json(app.admin(app.post("/v1/admin/shards/moves")).json(&body).send().await, 202).await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    let began = Instant::now();
+    let mut states = Vec::new();
+    let finished = loop {
+        let mv = expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
+        let state = mv["state"].as_str().unwrap().to_owned();
+        if states.last() != Some(&state) {
+            states.push(state.clone());
+        }
+        if state == "done" || state == "failed" {
+            break mv;
+        }
+        assert!(began.elapsed() < Duration::from_secs(120), "the move did not finish: {mv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("move: {states:?} in {:?}: {finished}", began.elapsed());
+    assert_eq!(finished["state"], "done", "{finished}");
+    // Writes went on after the switch too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "{} deposits, {} orders acknowledged; {} 503s with Retry-After; longest write {:?}; cutover pause {} ms",
+        seen.deposits.len(),
+        seen.orders.len(),
+        seen.unavailable,
+        seen.longest_write,
+        finished["pause_ms"]
+    );
+    assert!(seen.bad.is_empty(), "answers that are not allowed: {:?}", seen.bad);
+    assert!(seen.deposits.iter().any(|(user, ..)| moved_users.contains(user)), "no moved user deposited");
+
+    // Both nodes route by the new map.
+    let here = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
+    let there = expect_json(
+        app.client.get(format!("{}/v1/admin/shards", other.address)).bearer_auth(ADMIN_TOKEN).send().await,
+        200,
+    )
+    .await;
+    let on_new: Vec<i16> =
+        here["shards"][2]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
+    assert_eq!(on_new, moving);
+    assert_eq!(here["version"], there["version"]);
+    assert_eq!(here["shards"][2]["buckets"], there["shards"][2]["buckets"]);
+
+    // Every order decided once.
+    for (token, location) in &seen.orders {
+        let order = app.wait_for_order(token, location).await;
+        assert!(order["status"] == "confirmed" || order["status"] == "failed", "{order}");
+    }
+
+    // Every acknowledged deposit exactly once, on its user's shard; every wallet its ledger.
+    let urls: Vec<String> = app.dbs.shard_urls.iter().cloned().chain([new_url.clone()]).collect();
+    let mut found: HashMap<String, i64> = HashMap::new();
+    for url in &urls {
+        let client = connect(url).await;
+        for row in client.query("SELECT id::text FROM wallet_deposits", &[]).await.unwrap() {
+            *found.entry(row.get(0)).or_default() += 1;
+        }
+        let unbalanced: i64 = client
+            .query_one(
+                "SELECT count(*) FROM wallets w WHERE balance_cents <>
+                   (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)
+                 - (SELECT coalesce(sum(amount_cents), 0) FROM wallet_debits d WHERE d.user_id = w.user_id)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(unbalanced, 0, "a wallet that is not its deposits less its debits on {url}");
+        let undecided: i64 =
+            client.query_one("SELECT count(*) FROM orders WHERE status = 'pending'", &[]).await.unwrap().get(0);
+        assert_eq!(undecided, 0);
+    }
+    for (user, key, deposit, _) in &seen.deposits {
+        assert_eq!(found.get(deposit), Some(&1), "deposit {deposit} ({user}, {key}) is not stored exactly once");
+    }
+
+    // A key replayed after the move answers as the first time.
+    for (user, key, deposit, amount) in seen.deposits.iter().filter(|(user, ..)| moved_users.contains(user)).take(5) {
+        let replay = app
+            .admin(app.post(&format!("/v1/admin/users/{user}/deposits")))
+            .header("idempotency-key", key)
+            .json(&json!({ "amount_cents": amount }))
+            .send()
+            .await;
+        assert_eq!(expect_json(replay, 201).await["deposit_id"], deposit.as_str());
+    }
+
+    // The old shard keeps no row of the moved buckets; the new one has the moved users.
+    assert_eq!(rows_in(&app.dbs.shard_urls[0], &moving).await, 0, "rows of moved buckets left on shard 0");
+    let new_shard = connect(&new_url).await;
+    let ids: Vec<uuid::Uuid> = moved_users.iter().map(|u| u.parse().unwrap()).collect();
+    let there: i64 =
+        new_shard.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await.unwrap().get(0);
+    assert_eq!(there, ids.len() as i64);
+    // No replication left behind.
+    let subscriptions: i64 = new_shard.query_one("SELECT count(*) FROM pg_subscription", &[]).await.unwrap().get(0);
+    assert_eq!(subscriptions, 0);
+
+    workers.stop().await;
+    other.stop().await;
+    drop(new_shard);
+    drop(app);
+    keel::db::drop_database(&cluster().maintenance_url(), &name).await.unwrap();
+}
