@@ -5,6 +5,7 @@
 
 mod baseline;
 mod load;
+mod moves;
 mod offload;
 mod report;
 mod scenarios;
@@ -137,6 +138,9 @@ async fn run(args: &[String]) -> ExitCode {
     }
     if runs("S7") {
         results.push(report_line_owned(offload::s7_replica_offload(&keel_binary, &work, &plan).await, smoke));
+    }
+    if runs("S8") {
+        results.push(report_line_owned(moves::s8_bucket_moves(&keel_binary, &work, &plan).await, smoke));
     }
     if only.is_some() {
         drop(keel);

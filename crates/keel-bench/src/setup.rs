@@ -191,7 +191,8 @@ pub async fn verify_emails(keel: &Keel) {
     }
 }
 
-async fn run_many<T: Send + 'static, F, Fut>(n: usize, concurrency: usize, make: F) -> Vec<T>
+/// Runs `make(i)` for every `i` in `0..n`, `concurrency` at a time; their values in order.
+pub async fn run_many<T: Send + 'static, F, Fut>(n: usize, concurrency: usize, make: F) -> Vec<T>
 where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = T> + Send + 'static,

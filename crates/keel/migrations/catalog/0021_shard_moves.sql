@@ -10,7 +10,8 @@ CREATE TABLE shard_moves (
     rows_copied   bigint NOT NULL DEFAULT 0,
     rows_total    bigint NOT NULL DEFAULT 0,
     error         text,
-    -- The longest time the moving buckets' writes waited at a cutover.
+    -- How long the moving buckets' writes were fenced at the cutover that switched the map (from
+    -- the fences' first lock to their commit); null if the worker died before it could record it.
     pause_ms      double precision,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),

@@ -107,8 +107,11 @@ END $$;
 
 -- A move's marker, written on the shard it moves from once the moving buckets are fenced and
 -- replicated with them: when the new shard has it, it has every write committed before the fence.
+-- Each cutover attempt writes a new nonce: a retried cutover must not take the marker of an earlier
+-- attempt for its own.
 CREATE TABLE keel_move_markers (
     move_id uuid NOT NULL,
     source  smallint NOT NULL,
+    nonce   uuid NOT NULL,
     PRIMARY KEY (move_id, source)
 );

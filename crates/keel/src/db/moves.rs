@@ -88,6 +88,40 @@ const TICK: Duration = Duration::from_millis(100);
 /// An arbitrary constant naming the movers' advisory lock in the catalogue.
 const MOVER_LOCK: i64 = 0x006b_6565_6c6d_6f76; // "keelmov"
 
+/// Where a test may hold a move, as if its worker died there: the next worker must finish or undo
+/// what it left (`tests/api/shard_moves.rs`). Keyed by the target shard's URL, so that tests running
+/// side by side hold only their own moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldPoint {
+    /// Copying: the publication, slot and subscription made.
+    Copying,
+    /// Cutover: the fences prepared, the map not yet switched.
+    Prepared,
+    /// Cutover: the map switched, the fences' prepared transactions not yet committed.
+    Switched,
+}
+
+static HOLDS: std::sync::Mutex<Vec<(String, HoldPoint)>> = std::sync::Mutex::new(Vec::new());
+
+/// Holds every move to the shard at `target_url` when it reaches `point`, until [`release`].
+pub fn hold(target_url: &str, point: HoldPoint) {
+    HOLDS.lock().unwrap().push((target_url.to_owned(), point));
+}
+
+pub fn release(target_url: &str) {
+    HOLDS.lock().unwrap().retain(|(url, _)| url != target_url);
+}
+
+async fn maybe_hold(target: &Db, point: HoldPoint) {
+    let held = || HOLDS.lock().unwrap().iter().any(|(url, p)| url == target.url() && *p == point);
+    if held() {
+        tracing::warn!(?point, "a bucket move held here (a test)");
+    }
+    while held() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 crate::text_enum::text_enum! {
     /// Where a move is.
     MoveState, "a move state" {
@@ -379,6 +413,7 @@ async fn copy(db: &Databases, mv: &Move) -> Result<(), String> {
                 .await
                 .map_err(describe)?;
         }
+        maybe_hold(&target, HoldPoint::Copying).await;
         let pending: i64 = target_client
             .row(
                 "SELECT count(*) FILTER (WHERE r.srsubstate <> 'r') + greatest($2 - count(r.srrelid), 0)
@@ -452,13 +487,16 @@ async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
         fences.push((source, client));
     }
     // Every write to the moving buckets committed before the fences comes before the markers in
-    // each source's WAL: once the target has a marker, it has them all.
+    // each source's WAL: once the target has a marker, it has them all. A nonce of this attempt's
+    // own: an earlier attempt's marker may be on the target already.
+    let nonce = Uuid::new_v4();
     for (source, _) in &fences {
         let marker = shard(db, *source)?.client().await.map_err(describe)?;
         marker
             .exec(
-                "INSERT INTO keel_move_markers (move_id, source) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                &[&mv.id, &(*source as i16)],
+                "INSERT INTO keel_move_markers (move_id, source, nonce) VALUES ($1, $2, $3)
+                 ON CONFLICT (move_id, source) DO UPDATE SET nonce = EXCLUDED.nonce",
+                &[&mv.id, &(*source as i16), &nonce],
             )
             .await
             .map_err(describe)?;
@@ -469,8 +507,8 @@ async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
         loop {
             let arrived = target_client
                 .maybe_row(
-                    "SELECT 1 FROM keel_move_markers WHERE move_id = $1 AND source = $2",
-                    &[&mv.id, &(*source as i16)],
+                    "SELECT 1 FROM keel_move_markers WHERE move_id = $1 AND source = $2 AND nonce = $3",
+                    &[&mv.id, &(*source as i16), &nonce],
                 )
                 .await
                 .map_err(describe)?;
@@ -496,6 +534,7 @@ async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
             .map_err(describe)?;
         client.batch_execute(&format!("PREPARE TRANSACTION '{}'", mv.name(*source))).await.map_err(describe)?;
     }
+    maybe_hold(&target, HoldPoint::Prepared).await;
     // The switch: the map, its announcement and the move's next state in one transaction.
     let mut catalog = db.catalog.client().await.map_err(describe)?;
     let tx = catalog.transaction().await.map_err(describe)?;
@@ -508,6 +547,7 @@ async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
         .await
         .map_err(describe)?;
     tx.commit().await.map_err(describe)?;
+    maybe_hold(&target, HoldPoint::Switched).await;
     for (source, client) in &fences {
         client.batch_execute(&format!("COMMIT PREPARED '{}'", mv.name(*source))).await.map_err(describe)?;
     }
@@ -540,7 +580,7 @@ async fn finish_prepared(shard: &Db, name: &str, commit: bool) -> Result<(), Str
 async fn cleanup(db: &Databases, mv: &Move) -> Result<(), String> {
     let target = shard(db, mv.to)?;
     let target_client = target.client().await.map_err(describe)?;
-    for (source, buckets) in mv.by_source() {
+    for source in mv.by_source().into_keys() {
         let name = mv.name(source);
         let from = shard(db, source)?;
         // The switch committed: a cutover prepared and not committed by a process that died
@@ -571,7 +611,6 @@ async fn cleanup(db: &Databases, mv: &Move) -> Result<(), String> {
             None => {}
         }
         from_client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(describe)?;
-        let _ = buckets;
     }
     let switched: f64 = db
         .catalog

@@ -478,6 +478,13 @@ impl Workers {
         self.stop.trigger();
         self.task.await.unwrap().unwrap();
     }
+
+    /// Ends them at once, wherever they are, as a killed process would: every connection they
+    /// held is dropped (transactions in progress roll back; prepared ones stay).
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 impl TestApp {
