@@ -347,7 +347,8 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
     let probe_for = (plan.measure / 4).max(Duration::from_millis(500));
     let max = closed_loop(&keel.base, make.clone(), CONNECTIONS, plan.warmup, probe_for).await;
     assert!(max.requests > 0, "S8: the mix's closed loop had no answer ({} failed)", max.errors);
-    let rate = (max.per_second * 0.5).max(20.0);
+    // At least 100/s: some 11 writes a second, so that no window is without writes.
+    let rate = (max.per_second * 0.5).max(100.0);
     scenarios::drain_queues(&keel).await;
 
     // The new shard: a database in keel up's own cluster, registered with no buckets.
@@ -458,12 +459,13 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
     let pause_text = pause_ms.map_or("none reported".to_owned(), |p| format!("{p:.1} ms"));
     eprintln!(
         "  S8 move: {} buckets, {rows} rows and {users_moved} users in {seconds:.2} s ({:.0} rows/s, {:.0} users/s; \
-         switched after {to_switch:.2} s); phases: {phases_text}; pause_ms {pause_text}; writes before p99 {:.2} ms \
+         switched after {to_switch:.2} s: {:.0} rows/s to the switch); phases: {phases_text}; pause_ms {pause_text}; writes before p99 {:.2} ms \
          max {before_max:.2} ms, around the cutover ({:.2} s) p99 {:.2} ms max {around_max:.2} ms over {} writes; \
          503s with Retry-After {unavailable} (on {met_unavailable} requests); failed: {failed_text}",
         moving.len(),
         rows as f64 / seconds,
         users_moved as f64 / seconds,
+        rows as f64 / to_switch,
         before.p99_ms,
         (around_to - around_from).as_secs_f64(),
         around.p99_ms,
@@ -477,6 +479,7 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
     figures.insert("move seconds to the switch (POST to cleanup seen)".into(), to_switch);
     figures.insert("rows moved (rows_copied at done)".into(), rows as f64);
     figures.insert("rows per second".into(), rows as f64 / seconds);
+    figures.insert("rows per second to the switch".into(), rows as f64 / to_switch);
     figures.insert("users moved (users on the new shard at done)".into(), users_moved as f64);
     figures.insert("users per second".into(), users_moved as f64 / seconds);
     figures.insert("shard 0 users before less after".into(), shard0_delta as f64);
@@ -508,7 +511,7 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
             "keel-bench: a keel up of its own (KEEL_SHARDS=2) seeded through the API with {} users (sign-up, a \
              deposit, a cart item; every fourth a like and a checkout) and {} products; CREATE DATABASE {NEW_SHARD_DB} \
              in its cluster and POST /v1/admin/shards with its connection string; S5's mix in an open loop at \
-             {rate:.0}/s (half its closed-loop maximum on this keel up, {:.0}/s over {:.1} s); after {:.1} s of \
+             {rate:.0}/s (half its closed-loop maximum on this keel up, 100/s at least; {:.0}/s over {:.1} s); after {:.1} s of \
              warm-up and {:.1} s more, POST /v1/admin/shards/moves with every other bucket of shard 0 ({} buckets) \
              to shard {to}, GET /v1/admin/shards/moves/{{id}} every {} ms until done; the mix stops {:.0} s after",
             sizes.users,
@@ -528,7 +531,7 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
              rows (rows_copied at done: the moved buckets' rows, every user table, on the new shard) and \
              {users_moved} users (the new shard's count in GET /v1/admin/shards; shard 0 lost {shard0_delta}) in \
              {seconds:.2} s from the POST to done: {:.0} rows/s, {:.0} users/s. The switch was seen {to_switch:.2} s \
-             after the POST; the rest is cleanup, which waits a 3 s grace for nodes to load the new map before \
+             after the POST ({:.0} rows/s to the switch: copy, catch-up and cutover); the rest is cleanup, which waits a 3 s grace for nodes to load the new map before \
              deleting the old rows. Phases as polled (every {} ms): {phases_text}. The cutover's own pause_ms \
              (writes to the moving buckets held from its fence to the prepared transactions' commit): \
              {pause_text}. The mix's writes (cart writes, checkouts, likes and unlikes; 11% of it) as the load \
@@ -544,6 +547,7 @@ pub async fn s8_bucket_moves(keel_binary: &Path, work: &Path, plan: &Plan) -> Sc
              (source and target in the same cluster) and the mover share it.",
             rows as f64 / seconds,
             users_moved as f64 / seconds,
+            rows as f64 / to_switch,
             POLL_EVERY.as_millis(),
             before.p50_ms,
             before.p99_ms,

@@ -181,6 +181,21 @@ pub fn replicated_cluster() -> &'static ReplicatedCluster {
 /// Held by every test of the replicated cluster, for its whole length: see [`exclusive_replicas`].
 static REPLICAS_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Tests that load this 2-core machine heavily (a hundred shards, moves under load) and tests whose
+/// assertions are about timing under faults (how far from a kill a duplicate may be, how many 503s
+/// a restart may cost) do not run side by side: the first take it to write, the second to read.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// For a test that loads the machine heavily: none whose assertions are about timing runs beside it.
+pub async fn heavy_load() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().await
+}
+
+/// For a test whose assertions are about timing under faults: no heavy test runs beside it.
+pub async fn timing_sensitive() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().await
+}
+
 /// Takes the replicated cluster for this test alone, first putting it back in order: a test that
 /// failed while holding it may have left replay paused or a standby killed, so every standby is
 /// restarted if down and has its replay resumed. (Here rather than when the guard drops: a guard

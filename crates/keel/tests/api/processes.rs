@@ -751,6 +751,7 @@ fn postmaster_pid(pgdata: &Path) -> Option<i32> {
 /// take is retried, never answered by sending again.
 #[tokio::test]
 async fn a_postgres_restart_during_sign_ups_loses_and_repeats_no_welcome_email() {
+    let _quiet = crate::helpers::timing_sensitive().await;
     let scratch = scratch_dir("pg-restart-mail");
     let data_dir = scratch.join("data");
     let data_arg = data_dir.to_str().unwrap().to_owned();
@@ -908,6 +909,7 @@ struct Customer {
 /// sends at once, per kill.
 #[tokio::test]
 async fn a_worker_killed_every_few_seconds_loses_no_email() {
+    let _quiet = crate::helpers::timing_sensitive().await;
     const USERS: usize = 300;
     const ORDERS: usize = 200;
     const MAIL_CONCURRENCY: usize = 2;
@@ -1114,6 +1116,7 @@ impl Answer {
 ///   is rare, since the pool drops the connections the server closed before a request can use them.
 #[tokio::test]
 async fn a_postgres_restart_under_load_loses_no_accepted_write_and_reads_see_a_brief_burst() {
+    let _quiet = crate::helpers::timing_sensitive().await;
     const LOAD: Duration = Duration::from_secs(8);
     const RESTART_AT: Duration = Duration::from_secs(3);
     let scratch = scratch_dir("pg-restart-load");

@@ -170,6 +170,7 @@ async fn rows_in(url: &str, buckets: &[i16]) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
+    let _heavy = crate::helpers::heavy_load().await;
     let app = TestApp::spawn().await;
     let other = app.second_node().await;
     let workers = app.start_workers();
@@ -343,6 +344,7 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
 /// with the same guarantees — nothing acknowledged lost or doubled, no row left on the old shard,
 /// no prepared transaction or replication left behind.
 async fn a_move_killed_at(point: HoldPoint) {
+    let _heavy = crate::helpers::heavy_load().await;
     // A killed worker's jobs run again once their leases lapse: short ones, so the orders it was
     // deciding are decided again within the test's wait.
     let app = TestApp::spawn_with(|config| config.job_timeout = Duration::from_secs(4)).await;

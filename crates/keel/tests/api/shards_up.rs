@@ -122,6 +122,7 @@ const HELD_AT_MOST: i64 = 125;
 /// stats of all 100, and its connections stay within the budget once the work is done.
 #[tokio::test]
 async fn keel_up_with_100_shards_serves_every_shard_within_a_connection_budget() {
+    let _heavy = crate::helpers::heavy_load().await;
     const SHARDS: usize = 100;
     let started = Instant::now();
     let scratch = scratch_dir("up-100-shards");
