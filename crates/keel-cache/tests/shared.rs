@@ -107,9 +107,17 @@ async fn a_load_older_than_another_nodes_write_is_not_installed_anywhere() {
             .unwrap()
         })
     };
+    // A probe B holds in memory: once B has dropped it, B has heard A's invalidation of `key` too,
+    // which A announced first on the same channel (a fixed sleep here failed under load).
+    let probe = "race-probe".to_owned();
+    b.get_or_load(&probe, || async { Ok::<_, ()>(10) }).await.unwrap();
     read_rx.await.unwrap();
     a.invalidate(&key).await; // v2 committed at the source
-    tokio::time::sleep(Duration::from_millis(100)).await; // B has heard of it
+    a.invalidate(&probe).await;
+    eventually("node B hears the invalidations", async || {
+        b.get_or_load(&probe, || async { Ok::<_, ()>(11) }).await.unwrap().0 == 11
+    })
+    .await;
     release_tx.send(()).unwrap();
     assert_eq!(reader.await.unwrap(), (1, Served::Miss), "the reader itself gets what it read");
     let fresh = node(&redis, "t2", Tiers::Both).await;
