@@ -68,21 +68,21 @@ DO $$
 DECLARE
     t record;
 BEGIN
-    -- (table, what its bucket comes from, its primary key columns)
+    -- (table, what its bucket comes from)
     FOR t IN SELECT * FROM (VALUES
-        ('users', 'id', 'id'),
-        ('wallets', 'user_id', 'user_id'),
-        ('wallet_deposits', 'user_id', 'id'),
-        ('wallet_debits', 'user_id', 'order_id'),
-        ('cart_items', 'user_id', 'user_id, product_id'),
-        ('idempotency_keys', 'user_id', 'user_id, key'),
-        ('orders', 'user_id', 'id'),
-        ('order_items', 'order', 'order_id, product_id'),
-        ('likes', 'user_id', 'user_id, product_id'),
-        ('payments', 'user_id', 'payment_id'),
-        ('sessions', 'user_id', 'id'),
-        ('one_time_codes', 'user_id', 'user_id, purpose')
-    ) AS v(name, source, pk)
+        ('users', 'id'),
+        ('wallets', 'user_id'),
+        ('wallet_deposits', 'user_id'),
+        ('wallet_debits', 'user_id'),
+        ('cart_items', 'user_id'),
+        ('idempotency_keys', 'user_id'),
+        ('orders', 'user_id'),
+        ('order_items', 'order'),
+        ('likes', 'user_id'),
+        ('payments', 'user_id'),
+        ('sessions', 'user_id'),
+        ('one_time_codes', 'user_id')
+    ) AS v(name, source)
     LOOP
         -- users has had its bucket from the start (the application sets it).
         EXECUTE format('ALTER TABLE %I ADD COLUMN IF NOT EXISTS bucket smallint', t.name);
@@ -97,10 +97,13 @@ BEGIN
             EXECUTE format('CREATE TRIGGER keel_a_bucket BEFORE INSERT ON %I FOR EACH ROW EXECUTE FUNCTION keel_set_bucket_of_order()', t.name);
         END IF;
         EXECUTE format('ALTER TABLE %I ALTER COLUMN bucket SET NOT NULL', t.name);
-        -- Logical replication filters UPDATEs and DELETEs on the replica identity's columns only:
-        -- the key with the bucket, unique because the key is.
-        EXECUTE format('CREATE UNIQUE INDEX %I ON %I (%s, bucket)', t.name || '_identity', t.name, t.pk);
-        EXECUTE format('ALTER TABLE %I REPLICA IDENTITY USING INDEX %I', t.name, t.name || '_identity');
+        -- Logical replication filters UPDATEs and DELETEs on the replica identity's columns only, so
+        -- the identity must cover `bucket`: FULL (the old row in the WAL of an UPDATE or DELETE while
+        -- wal_level is logical). Not a unique index on (key, bucket): a unique index that is not an
+        -- upsert's arbiter turns a concurrent ON CONFLICT DO NOTHING/UPDATE into a unique
+        -- violation (it did, for payments and one-time codes). The subscriber finds rows by its
+        -- primary key all the same.
+        EXECUTE format('ALTER TABLE %I REPLICA IDENTITY FULL', t.name);
         EXECUTE format('CREATE TRIGGER keel_b_guard BEFORE INSERT OR UPDATE OR DELETE ON %I FOR EACH ROW EXECUTE FUNCTION keel_guard_bucket()', t.name);
     END LOOP;
 END $$;

@@ -44,7 +44,7 @@ pub const SERVER_SETTINGS: &[(&str, &str)] = &[
 ];
 
 /// The tables that hold users' rows, each with a `bucket` column (shard migration `buckets`).
-const TABLES: &[&str] = &[
+pub const TABLES: &[&str] = &[
     "users",
     "wallets",
     "wallet_deposits",

@@ -435,6 +435,20 @@ impl TestDatabases {
     }
 }
 
+/// Wallets on a shard whose balance is not their deposits less their debits.
+pub async fn unbalanced_wallets(shard: &tokio_postgres::Client) -> i64 {
+    shard
+        .query_one(
+            "SELECT count(*) FROM wallets w WHERE balance_cents <>
+               (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)
+             - (SELECT coalesce(sum(amount_cents), 0) FROM wallet_debits d WHERE d.user_id = w.user_id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
     tokio::spawn(connection);
@@ -662,16 +676,7 @@ impl TestApp {
         let catalog = self.dbs.catalog().await;
         for i in 0..SHARDS {
             let shard = self.dbs.shard(i).await;
-            let unbalanced: i64 = shard
-                .query_one(
-                    "SELECT count(*) FROM wallets w WHERE balance_cents <>
-                       (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)
-                     - (SELECT coalesce(sum(amount_cents), 0) FROM wallet_debits d WHERE d.user_id = w.user_id)",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let unbalanced = unbalanced_wallets(&shard).await;
             assert_eq!(unbalanced, 0, "shard {i} has wallets whose balance is not the sum of their ledger");
             let mismatched: i64 = shard
                 .query_one(

@@ -14,22 +14,6 @@ use keel::db::moves::HoldPoint;
 
 use crate::helpers::{cluster, connect, expect_json, TestApp, ADMIN_TOKEN};
 
-/// Every table that holds users' rows, with its `bucket` column.
-const TABLES: &[&str] = &[
-    "users",
-    "wallets",
-    "wallet_deposits",
-    "wallet_debits",
-    "cart_items",
-    "idempotency_keys",
-    "orders",
-    "order_items",
-    "likes",
-    "payments",
-    "sessions",
-    "one_time_codes",
-];
-
 /// What the clients saw.
 #[derive(Default)]
 struct Seen {
@@ -161,11 +145,126 @@ async fn client_loop(
 async fn rows_in(url: &str, buckets: &[i16]) -> i64 {
     let client = connect(url).await;
     let mut total = 0;
-    for table in TABLES {
+    for table in keel::db::moves::TABLES {
         let sql = format!("SELECT count(*) FROM {table} WHERE bucket = ANY($1)");
         total += client.query_one(&sql, &[&buckets]).await.unwrap().get::<_, i64>(0);
     }
     total
+}
+
+/// A new, empty shard 2 added to `app`, half of shard 0's buckets chosen to move there, a product,
+/// and users enough (`at_least` in total, `moving_at_least` of them in the moving buckets).
+struct Scene {
+    /// The new shard's database, and its URL.
+    name: String,
+    new_url: String,
+    moving: Vec<i16>,
+    product: String,
+    users: Vec<(String, String)>,
+    moved_users: HashSet<String>,
+}
+
+impl Scene {
+    async fn set_up(app: &TestApp, at_least: usize, moving_at_least: usize) -> Scene {
+        let name = format!("t_moved_shard_{}", uuid::Uuid::now_v7().simple());
+        keel::db::create_database(&cluster().maintenance_url(), &name, None).await.unwrap();
+        let new_url = cluster().url(&name);
+        let added = app.admin(app.post("/v1/admin/shards")).json(&json!({ "url": new_url })).send().await;
+        assert_eq!(expect_json(added, 201).await["shard"], 2);
+        let map = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
+        let shard0: Vec<i16> =
+            map["shards"][0]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
+        let moving: Vec<i16> = shard0.iter().copied().step_by(2).collect();
+        let product = app.create_product(&format!("MOVE-{}", uuid::Uuid::now_v7().simple()), 150, 100_000).await;
+        let in_moving = |id: &String| moving.contains(&keel::db::bucket_of(id.parse().unwrap()));
+        let mut users: Vec<(String, String)> = Vec::new();
+        while users.iter().filter(|(id, _)| in_moving(id)).count() < moving_at_least || users.len() < at_least {
+            users.push(app.create_user("Mover").await);
+        }
+        let moved_users = users.iter().filter(|(id, _)| in_moving(id)).map(|(id, _)| id.clone()).collect();
+        Scene { name, new_url, moving, product, users, moved_users }
+    }
+
+    /// A client per user, alternating between `bases`, until `stop`.
+    fn load(
+        &self,
+        bases: [String; 2],
+        seen: &Arc<Mutex<Seen>>,
+        stop: &Arc<AtomicBool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        self.users
+            .iter()
+            .map(|(id, token)| {
+                let (id, token, product) = (id.clone(), token.clone(), self.product.clone());
+                tokio::spawn(client_loop(bases.clone(), id, token, product, seen.clone(), stop.clone()))
+            })
+            .collect()
+    }
+
+    /// Asks for the move; returns its id.
+    async fn start_move(&self, app: &TestApp) -> String {
+        let body = json!({ "buckets": self.moving, "to": 2 });
+        let started = expect_json(app.admin(app.post("/v1/admin/shards/moves")).json(&body).send().await, 202).await;
+        started["id"].as_str().unwrap().to_owned()
+    }
+
+    /// What must hold after the move, whatever happened during it: every acknowledged deposit
+    /// stored exactly once, every wallet its ledger, every accepted order decided, no prepared
+    /// transaction, no row of the moved buckets on shard 0, no replication left behind.
+    async fn check_after(&self, app: &TestApp, seen: &Seen) {
+        assert!(seen.bad.is_empty(), "answers that are not allowed: {:?}", seen.bad);
+        for (token, location) in &seen.orders {
+            let order = app.wait_for_order(token, location).await;
+            assert!(order["status"] == "confirmed" || order["status"] == "failed", "{order}");
+        }
+        let urls: Vec<String> = app.dbs.shard_urls.iter().cloned().chain([self.new_url.clone()]).collect();
+        let mut found: HashMap<String, i64> = HashMap::new();
+        for url in &urls {
+            let client = connect(url).await;
+            for row in client.query("SELECT id::text FROM wallet_deposits", &[]).await.unwrap() {
+                *found.entry(row.get(0)).or_default() += 1;
+            }
+            assert_eq!(crate::helpers::unbalanced_wallets(&client).await, 0, "a wallet is not its ledger on {url}");
+            let undecided: i64 =
+                client.query_one("SELECT count(*) FROM orders WHERE status = 'pending'", &[]).await.unwrap().get(0);
+            assert_eq!(undecided, 0);
+            let prepared: i64 = client
+                .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(prepared, 0, "a prepared transaction left on {url}");
+        }
+        for (user, key, deposit, _) in &seen.deposits {
+            assert_eq!(found.get(deposit), Some(&1), "deposit {deposit} ({user}, {key}) is not stored exactly once");
+        }
+        assert_eq!(rows_in(&app.dbs.shard_urls[0], &self.moving).await, 0, "rows of moved buckets left on shard 0");
+        let new_shard = connect(&self.new_url).await;
+        let ids: Vec<uuid::Uuid> = self.moved_users.iter().map(|u| u.parse().unwrap()).collect();
+        let there: i64 =
+            new_shard.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await.unwrap().get(0);
+        assert_eq!(there, ids.len() as i64, "moved users missing on the new shard");
+        let subscriptions: i64 = new_shard
+            .query_one(
+                "SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let old_shard = connect(&app.dbs.shard_urls[0]).await;
+        let slots: i64 = old_shard
+            .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let publications: i64 = old_shard.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
+        assert_eq!((subscriptions, slots, publications), (0, 0, 0), "replication left behind");
+    }
+
+    async fn drop_database(self) {
+        keel::db::drop_database(&cluster().maintenance_url(), &self.name).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,55 +273,13 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
     let app = TestApp::spawn().await;
     let other = app.second_node().await;
     let workers = app.start_workers();
-    let name = format!("t_moved_shard_{}", uuid::Uuid::now_v7().simple());
-    keel::db::create_database(&cluster().maintenance_url(), &name, None).await.unwrap();
-    let new_url = cluster().url(&name);
-    let added = app.admin(app.post("/v1/admin/shards")).json(&json!({ "url": new_url })).send().await;
-    assert_eq!(expect_json(added, 201).await["shard"], 2);
-
-    // Half of shard 0's buckets move; enough users live in them.
-    let map = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
-    let shard0: Vec<i16> =
-        map["shards"][0]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
-    let moving: Vec<i16> = shard0.iter().copied().step_by(2).collect();
-    let product = app.create_product("MOVE-1", 150, 100_000).await;
-    let mut users = Vec::new();
-    while users
-        .iter()
-        .filter(|(id, _): &&(String, String)| moving.contains(&keel::db::bucket_of(id.parse().unwrap())))
-        .count()
-        < 4
-        || users.len() < 12
-    {
-        users.push(app.create_user("Mover").await);
-    }
-    let moved_users: HashSet<String> = users
-        .iter()
-        .filter(|(id, _)| moving.contains(&keel::db::bucket_of(id.parse().unwrap())))
-        .map(|(id, _)| id.clone())
-        .collect();
-
+    let scene = Scene::set_up(&app, 12, 4).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let bases = [app.address.clone(), other.address.clone()];
-    let clients: Vec<_> = users
-        .iter()
-        .map(|(id, token)| {
-            tokio::spawn(client_loop(
-                bases.clone(),
-                id.clone(),
-                token.clone(),
-                product.clone(),
-                seen.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = scene.load([app.address.clone(), other.address.clone()], &seen, &stop);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let body = json!({ "buckets": moving, "to": 2 });
-    let started = expect_json(app.admin(app.post("/v1/admin/shards/moves")).json(&body).send().await, 202).await;
-    let id = started["id"].as_str().unwrap().to_owned();
+    let id = scene.start_move(&app).await;
     let began = Instant::now();
     let mut states = Vec::new();
     let finished = loop {
@@ -245,7 +302,6 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
     for client in clients {
         client.await.unwrap();
     }
-
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
         "{} deposits, {} orders acknowledged; {} 503s with Retry-After; longest write {:?}; cutover pause {} ms",
@@ -255,8 +311,8 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
         seen.longest_write,
         finished["pause_ms"]
     );
-    assert!(seen.bad.is_empty(), "answers that are not allowed: {:?}", seen.bad);
-    assert!(seen.deposits.iter().any(|(user, ..)| moved_users.contains(user)), "no moved user deposited");
+    assert!(seen.deposits.iter().any(|(user, ..)| scene.moved_users.contains(user)), "no moved user deposited");
+    scene.check_after(&app, &seen).await;
 
     // Both nodes route by the new map.
     let here = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
@@ -267,45 +323,14 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
     .await;
     let on_new: Vec<i16> =
         here["shards"][2]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
-    assert_eq!(on_new, moving);
+    assert_eq!(on_new, scene.moving);
     assert_eq!(here["version"], there["version"]);
     assert_eq!(here["shards"][2]["buckets"], there["shards"][2]["buckets"]);
 
-    // Every order decided once.
-    for (token, location) in &seen.orders {
-        let order = app.wait_for_order(token, location).await;
-        assert!(order["status"] == "confirmed" || order["status"] == "failed", "{order}");
-    }
-
-    // Every acknowledged deposit exactly once, on its user's shard; every wallet its ledger.
-    let urls: Vec<String> = app.dbs.shard_urls.iter().cloned().chain([new_url.clone()]).collect();
-    let mut found: HashMap<String, i64> = HashMap::new();
-    for url in &urls {
-        let client = connect(url).await;
-        for row in client.query("SELECT id::text FROM wallet_deposits", &[]).await.unwrap() {
-            *found.entry(row.get(0)).or_default() += 1;
-        }
-        let unbalanced: i64 = client
-            .query_one(
-                "SELECT count(*) FROM wallets w WHERE balance_cents <>
-                   (SELECT coalesce(sum(amount_cents), 0) FROM wallet_deposits d WHERE d.user_id = w.user_id)
-                 - (SELECT coalesce(sum(amount_cents), 0) FROM wallet_debits d WHERE d.user_id = w.user_id)",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(unbalanced, 0, "a wallet that is not its deposits less its debits on {url}");
-        let undecided: i64 =
-            client.query_one("SELECT count(*) FROM orders WHERE status = 'pending'", &[]).await.unwrap().get(0);
-        assert_eq!(undecided, 0);
-    }
-    for (user, key, deposit, _) in &seen.deposits {
-        assert_eq!(found.get(deposit), Some(&1), "deposit {deposit} ({user}, {key}) is not stored exactly once");
-    }
-
     // A key replayed after the move answers as the first time.
-    for (user, key, deposit, amount) in seen.deposits.iter().filter(|(user, ..)| moved_users.contains(user)).take(5) {
+    for (user, key, deposit, amount) in
+        seen.deposits.iter().filter(|(user, ..)| scene.moved_users.contains(user)).take(5)
+    {
         let replay = app
             .admin(app.post(&format!("/v1/admin/users/{user}/deposits")))
             .header("idempotency-key", key)
@@ -315,29 +340,10 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
         assert_eq!(expect_json(replay, 201).await["deposit_id"], deposit.as_str());
     }
 
-    // The old shard keeps no row of the moved buckets; the new one has the moved users.
-    assert_eq!(rows_in(&app.dbs.shard_urls[0], &moving).await, 0, "rows of moved buckets left on shard 0");
-    let new_shard = connect(&new_url).await;
-    let ids: Vec<uuid::Uuid> = moved_users.iter().map(|u| u.parse().unwrap()).collect();
-    let there: i64 =
-        new_shard.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await.unwrap().get(0);
-    assert_eq!(there, ids.len() as i64);
-    // No replication left behind.
-    let subscriptions: i64 = new_shard.query_one("SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[]).await.unwrap().get(0);
-    let old_shard = connect(&app.dbs.shard_urls[0]).await;
-    let slots: i64 = old_shard
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let publications: i64 = old_shard.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
-    assert_eq!((subscriptions, slots, publications), (0, 0, 0), "replication left behind");
-
     workers.stop().await;
     other.stop().await;
-    drop(new_shard);
     drop(app);
-    keel::db::drop_database(&cluster().maintenance_url(), &name).await.unwrap();
+    scene.drop_database().await;
 }
 
 /// A worker killed in the middle of a move (held at `point` until then): the next one finishes it,
@@ -349,59 +355,29 @@ async fn a_move_killed_at(point: HoldPoint) {
     // deciding are decided again within the test's wait.
     let app = TestApp::spawn_with(|config| config.job_timeout = Duration::from_secs(4)).await;
     let workers = app.start_workers();
-    let name = format!("t_killed_move_{}", uuid::Uuid::now_v7().simple());
-    keel::db::create_database(&cluster().maintenance_url(), &name, None).await.unwrap();
-    let new_url = cluster().url(&name);
-    let added = app.admin(app.post("/v1/admin/shards")).json(&json!({ "url": new_url })).send().await;
-    assert_eq!(expect_json(added, 201).await["shard"], 2);
-    let map = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
-    let shard0: Vec<i16> =
-        map["shards"][0]["buckets"].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() as i16).collect();
-    let moving: Vec<i16> = shard0.iter().copied().step_by(2).collect();
-    let product = app.create_product("KILL-1", 150, 100_000).await;
-    let mut users = Vec::new();
-    while users
-        .iter()
-        .filter(|(id, _): &&(String, String)| moving.contains(&keel::db::bucket_of(id.parse().unwrap())))
-        .count()
-        < 3
-        || users.len() < 8
-    {
-        users.push(app.create_user("Killed mover").await);
-    }
+    let scene = Scene::set_up(&app, 8, 3).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let bases = [app.address.clone(), app.address.clone()];
-    let clients: Vec<_> = users
-        .iter()
-        .map(|(id, token)| {
-            tokio::spawn(client_loop(
-                bases.clone(),
-                id.clone(),
-                token.clone(),
-                product.clone(),
-                seen.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let clients = scene.load([app.address.clone(), app.address.clone()], &seen, &stop);
 
-    keel::db::moves::hold(&new_url, point);
-    let body = json!({ "buckets": moving, "to": 2 });
-    let started = expect_json(app.admin(app.post("/v1/admin/shards/moves")).json(&body).send().await, 202).await;
-    let id = started["id"].as_str().unwrap().to_owned();
+    keel::db::moves::hold(&scene.new_url, point);
+    let id = scene.start_move(&app).await;
     // Wait for the mover to reach the point.
     let source = connect(&app.dbs.shard_urls[0]).await;
-    let target = connect(&new_url).await;
+    let target = connect(&scene.new_url).await;
     let began = Instant::now();
     loop {
         let there = match point {
             HoldPoint::Copying => {
-                target.query_one("SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[]).await.unwrap().get::<_, i64>(0) > 0
+                let sql = "SELECT count(*) FROM pg_subscription
+                           WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
+                target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
             }
             HoldPoint::Prepared | HoldPoint::Switched => {
-                let prepared: i64 = source.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()", &[]).await.unwrap().get(0);
-                let mv = expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
+                let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
+                let prepared: i64 = source.query_one(sql, &[]).await.unwrap().get(0);
+                let mv =
+                    expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
                 prepared > 0 && (mv["state"] == "cleanup") == (point == HoldPoint::Switched)
             }
         };
@@ -413,7 +389,7 @@ async fn a_move_killed_at(point: HoldPoint) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers.kill().await;
-    keel::db::moves::release(&new_url);
+    keel::db::moves::release(&scene.new_url);
     let workers = app.start_workers();
     let began = Instant::now();
     let finished = loop {
@@ -436,40 +412,11 @@ async fn a_move_killed_at(point: HoldPoint) {
         client.await.unwrap();
     }
     let seen = std::mem::take(&mut *seen.lock().unwrap());
-    assert!(seen.bad.is_empty(), "answers that are not allowed: {:?}", seen.bad);
-    for (token, location) in &seen.orders {
-        let order = app.wait_for_order(token, location).await;
-        assert!(order["status"] == "confirmed" || order["status"] == "failed", "{order}");
-    }
-    let urls: Vec<String> = app.dbs.shard_urls.iter().cloned().chain([new_url.clone()]).collect();
-    let mut found: HashMap<String, i64> = HashMap::new();
-    for url in &urls {
-        let client = connect(url).await;
-        for row in client.query("SELECT id::text FROM wallet_deposits", &[]).await.unwrap() {
-            *found.entry(row.get(0)).or_default() += 1;
-        }
-        let prepared: i64 = client
-            .query_one("SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(prepared, 0, "a prepared transaction left on {url}");
-    }
-    for (_, _, deposit, _) in &seen.deposits {
-        assert_eq!(found.get(deposit), Some(&1), "deposit {deposit} is not stored exactly once");
-    }
-    assert_eq!(rows_in(&app.dbs.shard_urls[0], &moving).await, 0, "rows of moved buckets left on shard 0");
-    let subscriptions: i64 = target.query_one("SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[]).await.unwrap().get(0);
-    let slots: i64 = source
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!((subscriptions, slots), (0, 0), "replication left behind");
+    scene.check_after(&app, &seen).await;
     workers.stop().await;
     drop((source, target));
     drop(app);
-    keel::db::drop_database(&cluster().maintenance_url(), &name).await.unwrap();
+    scene.drop_database().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
