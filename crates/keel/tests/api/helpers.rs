@@ -806,6 +806,20 @@ impl TestApp {
     }
 }
 
+/// Puts `quantity` of `product` in the cart of the user whose token this is.
+pub async fn add_to_cart(app: &TestApp, token: &str, product: &str, quantity: i64) {
+    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(token).json(&json!({ "quantity": quantity }));
+    expect_json(put.send().await, 200).await;
+}
+
+/// Checks the cart out with the Idempotency-Key `key`; returns the order's location.
+pub async fn checkout(app: &TestApp, token: &str, key: &str) -> String {
+    let response = app.post("/v1/checkout").bearer_auth(token).header("idempotency-key", key).send().await.unwrap();
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    expect_json(Ok(response), 202).await;
+    location
+}
+
 /// Asserts the status and returns the JSON body, showing the body when the status is wrong.
 pub async fn expect_json(response: reqwest::Result<Response>, status: u16) -> Value {
     let response = response.expect("the request was answered");

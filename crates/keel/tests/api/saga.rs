@@ -4,25 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::helpers::{connect, expect_json, TestApp, SHARDS};
+use crate::helpers::{add_to_cart, checkout, connect, expect_json, TestApp, SHARDS};
 
 /// The attempts after which the saga's job used to be dead, leaving its order pending for good.
 const OLD_RETRY_BUDGET: i32 = 20;
-
-async fn add_to_cart(app: &TestApp, token: &str, product: &str, quantity: i64) {
-    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(token).json(&json!({ "quantity": quantity }));
-    expect_json(put.send().await, 200).await;
-}
-
-async fn checkout(app: &TestApp, token: &str, key: &str) -> String {
-    let response = app.post("/v1/checkout").bearer_auth(token).header("idempotency-key", key).send().await.unwrap();
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    expect_json(Ok(response), 202).await;
-    location
-}
 
 async fn inventory(app: &TestApp, product: &str) -> Value {
     expect_json(app.get(&format!("/v1/products/{product}/inventory")).send().await, 200).await

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{cluster, connect, db_queries, expect_json, TestApp, SHARDS};
+use crate::helpers::{add_to_cart, checkout, cluster, connect, db_queries, expect_json, TestApp, SHARDS};
 
 /// How long the endpoint waits for a shard (`SHARD_TIMEOUT` in src/admin/stats.rs).
 const SHARD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -112,19 +112,6 @@ async fn users_on_every_shard(app: &TestApp, each: usize) -> Vec<(String, usize,
         per_shard[shard] += 1;
     }
     users
-}
-
-async fn add_to_cart(app: &TestApp, token: &str, product: &str, quantity: i64) {
-    let put = app.put(&format!("/v1/cart/items/{product}")).bearer_auth(token).json(&json!({ "quantity": quantity }));
-    expect_json(put.send().await, 200).await;
-}
-
-/// Checks the cart out; returns the order's location.
-async fn checkout(app: &TestApp, token: &str, key: &str) -> String {
-    let response = app.post("/v1/checkout").bearer_auth(token).header("idempotency-key", key).send().await.unwrap();
-    let location = response.headers()["location"].to_str().unwrap().to_owned();
-    expect_json(Ok(response), 202).await;
-    location
 }
 
 /// The stats, and how long they took.
