@@ -225,19 +225,7 @@ async fn seed(keel: &Keel, users: usize, products: usize) -> Seed {
     let base = keel.base.clone();
     let create = |body: Value| {
         let (client, base) = (client.clone(), base.clone());
-        async move {
-            let created: Value = client
-                .post(format!("{base}/v1/products"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&body)
-                .send()
-                .await
-                .expect("S8: creating a product")
-                .json()
-                .await
-                .expect("S8: a created product is JSON");
-            created["id"].as_str().unwrap_or_else(|| panic!("S8: creating a product answered {created}")).to_owned()
-        }
+        async move { setup::create_product(&client, &base, &body).await }
     };
     let sold_out = create(json!({ "sku": "S8-SOLD-OUT", "name": "Sold out", "price_cents": 100, "stock": 0 })).await;
     let products = setup::run_many(products, 32, |i| {

@@ -109,28 +109,31 @@ pub fn password(i: usize) -> String {
 /// and each user can check out again and again. The first `with_password` users sign up with a
 /// password ([`password`]); the others without (a password costs a hash at sign-up: tens of
 /// milliseconds of CPU each).
+/// Creates a product as the admin; returns its id.
+pub async fn create_product(client: &reqwest::Client, base: &str, body: &Value) -> String {
+    let created: Value = client
+        .post(format!("{base}/v1/products"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("creating a product")
+        .json()
+        .await
+        .expect("a created product is JSON");
+    created["id"].as_str().unwrap_or_else(|| panic!("creating a product answered {created}")).to_owned()
+}
+
 pub async fn seed(base: &str, n: usize, with_password: usize) -> Seed {
     let client = reqwest::Client::new();
     let sold_out = json!({ "sku": "SOLD-OUT", "name": "Sold out", "price_cents": 100, "stock": 0 });
-    let sold_out: Value = client
-        .post(format!("{base}/v1/products"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&sold_out)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sold_out = sold_out["id"].as_str().unwrap().to_owned();
+    let sold_out = create_product(&client, base, &sold_out).await;
     let products = run_many(n, 32, |i| {
         let (client, base) = (client.clone(), base.to_owned());
         async move {
             let body = json!({ "sku": format!("SKU-{i}"), "name": format!("Product {i}"),
                 "description": "A product used by the benchmark", "price_cents": 100 + i as i64, "stock": 1_000_000_000 });
-            let created: Value = client.post(format!("{base}/v1/products")).bearer_auth(ADMIN_TOKEN).json(&body)
-                .send().await.unwrap().json().await.unwrap();
-            created["id"].as_str().unwrap().to_owned()
+            create_product(&client, &base, &body).await
         }
     })
     .await;
