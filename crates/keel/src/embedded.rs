@@ -283,16 +283,16 @@ const OTHER_CLIENTS: usize = 64;
 /// Up to it, every database keeps both full pools, a `LISTEN` connection and its watchdogs' (some 35
 /// connections each while busy), as a deployment with few shards always has: 9 databases take ~300.
 const MANY_SHARDS: usize = 8;
-/// The connections all pools together keep under the budget: PostgreSQL's default `max_connections`
-/// (100) less room for the connections outside the pools (the catalogue's `LISTEN` connections — the
-/// catalogue queue's, and the shard map's, the API's and the workers' — and the watchdogs' probes of
-/// databases with a connection in use, a few at a time).
+/// The connections the pools and the health probes together may hold at any moment under the budget
+/// (the pools' permits are this less [`db::budget::PROBES`]): PostgreSQL's default `max_connections`
+/// (100) less room for the few outside it (the catalogue's `LISTEN` connections — the catalogue
+/// queue's, and the shard map's, the API's and the workers' — and the movers' lock).
 const POOL_BUDGET: usize = 90;
 
-/// With more than [`MANY_SHARDS`] shards, one process's pools keep at most [`POOL_BUDGET`]
-/// connections once a burst is over, shard pools are sized down to share what [`MANY_SHARDS`]
+/// With more than [`MANY_SHARDS`] shards, one process's pools and probes hold at most [`POOL_BUDGET`]
+/// connections at any moment, shard pools are sized down to share what [`MANY_SHARDS`]
 /// shards would hold, and the shards' queues have no `LISTEN` connection ([`db::budget`]): 100 shards
-/// then fit PostgreSQL's default `max_connections` while idle, instead of ~1,500 connections.
+/// then fit PostgreSQL's default `max_connections` at every moment, instead of ~1,500 connections.
 fn connection_budget(shards: usize) -> Option<db::budget::Budget> {
     (shards > MANY_SHARDS).then_some(db::budget::Budget {
         connections: POOL_BUDGET,

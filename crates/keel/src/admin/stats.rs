@@ -1,13 +1,15 @@
 //! `GET /v1/admin/stats`: the shop's figures (users, orders, money) summed over every shard.
 //!
-//! Scatter-gather: each shard answers one statement of plain aggregates, all shards at once, and the
-//! sums are added up here. A shard that fails or does not answer within [`SHARD_TIMEOUT`] is left out
-//! and named (`partial`, `missing_shards`) rather than failing the whole answer: the figures of the
-//! shards that did answer are still worth having while one is down.
+//! Scatter-gather: each shard answers one statement of plain aggregates, all shards at once (under a
+//! connection budget, [`LANES_UNDER_BUDGET`] at a time), and the sums are added up here. A shard that
+//! fails or does not answer within [`SHARD_TIMEOUT`] (from its turn) is left out and named
+//! (`partial`, `missing_shards`) rather than failing the whole answer: the figures of the shards that
+//! did answer are still worth having while one is down.
 //!
 //! Each shard's figures come from one statement, so they are consistent with each other on that
 //! shard (one snapshot); the shards' snapshots are taken at about the same moment, not at one instant.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -26,6 +28,11 @@ use crate::state::AppState;
 /// so the page answers even while a shard hangs. The statement scans four whole tables: a shard
 /// with tens of millions of orders may need longer, and would then show as missing.
 const SHARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Under a connection budget (`keel up` with more than 8 shards, [`crate::db::budget`]), how many
+/// shards are asked at once: the others wait their turn rather than each take one of the process's
+/// connections at once, or wait for one with their 2 s running.
+const LANES_UNDER_BUDGET: usize = 16;
 
 /// One statement of plain aggregates per shard: no join, no lookup per user. No index can spare
 /// reading rows, since every row counts: `EXPLAIN` shows four aggregates over one sequential scan of
@@ -81,9 +88,17 @@ pub struct OrderCounts {
         (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn stats(State(state): State<AppState>, _: Admin) -> Json<ShopStats> {
     let set = state.db.shards();
-    let answers = futures_util::future::join_all(set.all().map(|(n, db)| async move { (n, shard_figures(db).await) }));
+    let answers: Vec<(u16, Result<Figures, ShardError>)> = if crate::db::budget::get().is_some() {
+        // Many shards under a connection budget: a few at a time, each with its own 2 s from its turn.
+        use futures_util::StreamExt;
+        let shards: Vec<(u16, Arc<Db>)> = set.all().map(|(n, db)| (n, db.clone())).collect();
+        let asks = shards.into_iter().map(|(n, db)| async move { (n, shard_figures(&db).await) });
+        futures_util::stream::iter(asks).buffer_unordered(LANES_UNDER_BUDGET).collect().await
+    } else {
+        futures_util::future::join_all(set.all().map(|(n, db)| async move { (n, shard_figures(db).await) })).await
+    };
     let mut stats = ShopStats::default();
-    for (shard, answer) in answers.await {
+    for (shard, answer) in answers {
         match answer {
             Ok(figures) => stats.add(&figures),
             Err(cause) => {

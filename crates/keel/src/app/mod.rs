@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::consistency::DataKind;
 use crate::db::Databases;
-use crate::http::auth::revocations::Revocations;
+use crate::http::auth::revocations::{Alongside, Revocations};
 use crate::http::auth::tokens::Keys;
 use crate::http::auth::{AdminToken, Authenticator};
 use crate::likes::LikeCounter;
@@ -106,12 +106,27 @@ impl Application {
                 let _ = served_rx.wait_for(|served| *served).await;
             }
         };
-        let merger = tokio::spawn(self.likes.clone().run_merger(self.databases.clone(), served_signal()));
+        // Under a connection budget (many shards), the like tallies are merged on the visits that
+        // poll each shard's revoked sessions, one connection for both; otherwise on their own.
+        let (merger, alongside) = match crate::db::budget::get() {
+            None => (Some(tokio::spawn(self.likes.clone().run_merger(self.databases.clone(), served_signal()))), None),
+            Some(_) => {
+                let likes = self.likes.clone();
+                let merge = Alongside::new(crate::likes::MERGE_INTERVAL_MANY_SHARDS, move |shard| {
+                    let likes = likes.clone();
+                    async move { likes.merge_one_shard(&shard).await }
+                });
+                (None, Some(merge))
+            }
+        };
         let gauges = tokio::spawn(ops::refresh_queue_gauges(self.databases.clone(), served_signal()));
-        let revocations = tokio::spawn(self.revocations.clone().run(self.databases.clone(), served_signal()));
+        let revocations =
+            tokio::spawn(self.revocations.clone().run(self.databases.clone(), served_signal(), alongside));
         let served = self.serve(shutdown).await;
         let _ = served_tx.send(true);
-        let _ = merger.await;
+        if let Some(merger) = merger {
+            let _ = merger.await;
+        }
         let _ = gauges.await;
         let _ = revocations.await;
         served

@@ -28,7 +28,8 @@
 //! probes only while its pool has a connection handed out (or the database is down), and closes its
 //! own connection otherwise: a request's connection is what can hang, so a freeze is still noticed
 //! within `PROBE_EVERY + PROBE_TIMEOUT` of the first request caught by it, while an idle database
-//! costs no connection.
+//! costs no connection. A probe's connection then also takes one of the budget's few probe slots
+//! (`budget::probe_slot`); with none free, the probe waits for the next tick.
 //!
 //! Timings are constants, not settings: they are the same in tests and in production, and what they
 //! trade off (detection in ~3 s against one `SELECT 1` a second per database) suits any deployment.
@@ -90,6 +91,8 @@ impl Health {
 struct Probe {
     client: Client,
     connection: tokio::task::JoinHandle<()>,
+    /// Under a connection budget, this probe's place among the process's connections.
+    _slot: Option<super::budget::ProbeSlot>,
 }
 
 impl Drop for Probe {
@@ -123,7 +126,14 @@ pub(crate) async fn watch(
             probe = None;
             continue;
         }
-        let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe_once(&mut probe, &config, &tls)).await;
+        let slot = match &probe {
+            Some(_) => None,
+            None => match super::budget::probe_slot(health.is_down()) {
+                Ok(slot) => slot,
+                Err(super::budget::NoProbeSlot) => continue,
+            },
+        };
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, probe_once(&mut probe, &config, &tls, slot)).await;
         match outcome {
             Ok(Ok(())) => {
                 answered_in_a_row = answered_in_a_row.saturating_add(1);
@@ -162,13 +172,18 @@ pub(crate) async fn watch(
     }
 }
 
-async fn probe_once(probe: &mut Option<Probe>, config: &Config, tls: &keel_pgtls::Connector) -> Result<(), String> {
+async fn probe_once(
+    probe: &mut Option<Probe>,
+    config: &Config,
+    tls: &keel_pgtls::Connector,
+    slot: Option<super::budget::ProbeSlot>,
+) -> Result<(), String> {
     if probe.is_none() {
         let (client, connection) = config.connect(tls.clone()).await.map_err(|e| e.to_string())?;
         let connection = tokio::spawn(async move {
             let _ = connection.await;
         });
-        *probe = Some(Probe { client, connection });
+        *probe = Some(Probe { client, connection, _slot: slot });
     }
     let client = &probe.as_ref().expect("connected above").client;
     client.simple_query("SELECT 1").await.map(drop).map_err(|e| e.to_string())

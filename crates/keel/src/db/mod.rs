@@ -131,11 +131,13 @@ impl Db {
         })?;
         // Fast recycling: a connection that broke is noticed by the query that uses it, and the
         // pool drops it then; checking every connection on checkout would add a round trip.
-        let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match budget::get() {
+            // Under a connection budget (many shards), each connection holds one of the process's
+            // permits while it is open.
+            Some(_) => Manager::from_connect(config.clone(), budget::Connect::new(tls.clone()), manager_config),
+            None => Manager::from_config(config.clone(), tls.clone(), manager_config),
+        };
         let health = Health::new();
         let breaker = health.clone();
         let pool = Pool::builder(manager)

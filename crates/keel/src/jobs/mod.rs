@@ -226,11 +226,16 @@ pub async fn open_databases(
     shard_urls: &[String],
     config: &Config,
 ) -> Result<Databases, ConnectError> {
-    Databases::open(catalog_url, shard_urls, pool_options(config)).await
+    // Under a connection budget (many shards), these are background pools: together they keep at
+    // most part of the process's connections, the rest being the API's.
+    crate::db::budget::background_pools(Databases::open(catalog_url, shard_urls, pool_options(config))).await
 }
 
 /// Under a connection budget: how often a shard's queue is checked for ready jobs, and how often
-/// each kind still claims on its own (a check that failed is made up for by the next one).
+/// each kind still claims on its own (a check that failed is made up for by the next one). The
+/// shards' runners start one after another over the first check's interval, so that their checks
+/// and claims do not all come at once (100 shards: 100 checks and 800 claims in the same instant,
+/// every time).
 const QUIET_READY_CHECK: Duration = Duration::from_secs(5);
 const QUIET_POLL: Duration = Duration::from_secs(60);
 
@@ -263,6 +268,7 @@ pub async fn run_workers(
     let spawn_runner = |runners: &mut tokio::task::JoinSet<()>,
                         db: &crate::db::Db,
                         shard: bool,
+                        delay: Duration,
                         build: &dyn Fn(Runner<JobContext>) -> Runner<JobContext>| {
         let runner = if shard && quiet_shards {
             Runner::new(db.pool().clone(), None, context.clone())
@@ -273,7 +279,14 @@ pub async fn run_workers(
         };
         let runner = build(runner);
         let (stopped, name) = (stop.stopped(), db.name().to_owned());
+        let stopped_early = stop.stopped();
         runners.spawn(async move {
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stopped_early => return,
+                }
+            }
             tracing::info!(db = %name, "worker started");
             runner.run(stopped).await;
         });
@@ -285,10 +298,12 @@ pub async fn run_workers(
     let reconciling = reconcile::Reconciler::from_config(&config);
     // Everything that runs per shard: its queue (run here, or relayed to JetStream), its
     // maintenance and its reconciler. For the shards there are at start, and for each added later.
-    let start_shard = |runners: &mut tokio::task::JoinSet<()>, shard: &crate::db::Db| {
+    let start_shard = |runners: &mut tokio::task::JoinSet<()>, shard: &crate::db::Db, delay: Duration| {
         match &jetstream {
-            None => spawn_runner(runners, shard, true, &|runner| register_event_handlers(runner, events)),
-            Some(js) => spawn_runner(runners, shard, true, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS)),
+            None => spawn_runner(runners, shard, true, delay, &|runner| register_event_handlers(runner, events)),
+            Some(js) => {
+                spawn_runner(runners, shard, true, delay, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS))
+            }
         }
         runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
         runners.spawn(reconciling.shard_scheduler(shard, context.clone()).run(stop.stopped()));
@@ -297,15 +312,19 @@ pub async fn run_workers(
     crate::db::shard_map::follow(&db);
     let mut started: Vec<keel_shard::ShardId> = Vec::new();
     let mut map_changes = db.map_changes();
-    for (n, shard) in db.shards().all() {
-        start_shard(&mut runners, shard);
+    let shards = db.shards();
+    let count = shards.all().count().max(1) as u32;
+    for (k, (n, shard)) in (0u32..).zip(shards.all()) {
+        let delay = if quiet_shards { QUIET_READY_CHECK * k / count } else { Duration::ZERO };
+        start_shard(&mut runners, shard, delay);
         started.push(n);
     }
+    drop(shards);
     match &jetstream {
-        None => spawn_runner(&mut runners, &db.catalog, false, &|runner| {
+        None => spawn_runner(&mut runners, &db.catalog, false, Duration::ZERO, &|runner| {
             register_event_handlers(deliveries(runner), events)
         }),
-        Some(js) => spawn_runner(&mut runners, &db.catalog, false, &|runner| {
+        Some(js) => spawn_runner(&mut runners, &db.catalog, false, Duration::ZERO, &|runner| {
             deliveries(runner).relay(js, db.catalog.name(), CATALOG_EVENTS)
         }),
     }
@@ -348,7 +367,7 @@ pub async fn run_workers(
                 }
                 for (n, shard) in added {
                     tracing::info!(shard = n, "workers started for a new shard");
-                    start_shard(&mut runners, &shard);
+                    start_shard(&mut runners, &shard, Duration::ZERO);
                     started.push(n);
                 }
                 if let (Some(js), Some((own, task))) = (&jetstream, consumers.take()) {

@@ -14,6 +14,13 @@ use crate::ids::ProductId;
 
 /// How often a node merges the tallies the shards changed.
 pub const MERGE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often, at least, each shard's tallies are merged under a connection budget (many shards,
+/// [`crate::db::budget`]): on the API's visit of the shard for its revoked sessions
+/// ([`crate::http::auth::revocations`]), every quarter of the session budget (1.25 s by default)
+/// or this, whichever is shorter. Three quarters of the like counts' 2 s budget, leaving a visit
+/// half a second to be late. Every 250 ms, 100 shards would need 400 visits a second, and with
+/// fewer connections than shards most visits open one.
+pub const MERGE_INTERVAL_MANY_SHARDS: Duration = Duration::from_millis(1500);
 /// Rows of one product's tally per shard: a like updates one, chosen at random, so likes of one hot
 /// product rarely wait for each other's row lock.
 pub const STRIPES: i16 = 16;
@@ -37,7 +44,8 @@ pub struct LikeCounter {
     counters: RwLock<HashMap<ProductId, PnCounter<String>>>,
     /// Per shard (by name), the newest `updated_at` merged so far (that shard's clock).
     seen_until: Mutex<HashMap<String, SystemTime>>,
-    merged_at: Mutex<Option<Instant>>,
+    /// Per shard (by name), when its tallies were last merged.
+    merged_at: Mutex<HashMap<String, Instant>>,
     /// Counts served since start (the consistency table's "hits": every read is served from memory).
     reads: AtomicU64,
 }
@@ -66,20 +74,41 @@ impl LikeCounter {
         self.counters.read().unwrap().get(&product).map_or(0, PnCounter::value)
     }
 
-    /// Reads since start, and how long ago the tallies were last merged.
+    /// Reads since start, and how long ago the tallies were last merged (those of the shard merged
+    /// least recently).
     pub fn read_stats(&self) -> (u64, Option<Duration>) {
-        (self.reads.load(Ordering::Relaxed), self.merged_at.lock().unwrap().map(|at| at.elapsed()))
+        let oldest = self.merged_at.lock().unwrap().values().min().map(|at| at.elapsed());
+        (self.reads.load(Ordering::Relaxed), oldest)
     }
 
     /// Merges the tallies every shard changed since the last merge (all of them the first time).
     /// Returns how many rows were read.
     pub async fn merge_shards(&self, db: &Databases) -> Result<usize, DbError> {
         let mut read = 0;
-        for (_, shard) in db.shards().all() {
+        let shards = db.shards();
+        for (_, shard) in shards.all() {
             read += self.merge_shard(shard).await?;
         }
-        *self.merged_at.lock().unwrap() = Some(Instant::now());
+        let now = Instant::now();
+        let mut merged_at = self.merged_at.lock().unwrap();
+        for (_, shard) in shards.all() {
+            merged_at.insert(shard.name().to_owned(), now);
+        }
         Ok(read)
+    }
+
+    /// Merges the tallies one shard changed since its last merge: under a connection budget, on the
+    /// API's visit of the shard for its revoked sessions, on the connection that visit just used
+    /// (see [`MERGE_INTERVAL_MANY_SHARDS`]).
+    pub async fn merge_one_shard(&self, shard: &Db) {
+        match self.merge_shard(shard).await {
+            Ok(_) => {
+                self.merged_at.lock().unwrap().insert(shard.name().to_owned(), Instant::now());
+            }
+            Err(e) => {
+                tracing::warn!(db = shard.name(), error = %e, "could not merge the shard's like tallies; counts may lag")
+            }
+        }
     }
 
     async fn merge_shard(&self, shard: &Db) -> Result<usize, DbError> {

@@ -10,6 +10,11 @@
 //! like of its own returned at once; so a read costs no query, the node that took a like counts it
 //! immediately, and every other node within the interval (the budget is 2 s). Merging is a
 //! maximum per component, so reading a row twice, or in any order, changes nothing.
+//!
+//! Under a connection budget (`keel up` with more than 8 shards, [`crate::db::budget`]), a node
+//! merges each shard's tallies on the visit that reads the shard's revoked sessions instead, every
+//! 1.25 s by default and at least every [`MERGE_INTERVAL_MANY_SHARDS`]: one visit of each shard,
+//! on one connection, where every 250 ms 100 shards would take 400 visits a second.
 
 pub mod counter;
 
@@ -22,7 +27,7 @@ use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Path};
 use crate::ids::{ProductId, UserId};
-pub use counter::{LikeCounter, MERGE_INTERVAL};
+pub use counter::{LikeCounter, MERGE_INTERVAL, MERGE_INTERVAL_MANY_SHARDS};
 
 /// Records that `user` likes (or no longer likes) the product, and counts the change if there was
 /// one, in one statement. The product must exist; that is checked against the product cache, not

@@ -19,8 +19,17 @@
 //! A node only needs to remember revocations as long as the tokens they stop can live (the access
 //! token lifetime): an older token has expired anyway. A node starting up reads that far back before
 //! it serves.
+//!
+//! Under a connection budget (`keel up` with more than 8 shards, [`crate::db::budget`]), each shard
+//! is still polled every quarter budget (1.25 s by default), but the shards take turns, spread
+//! evenly over that interval and at most [`LANES_UNDER_BUDGET`] at once, instead of all starting
+//! together (100 shards polled at once took 100 connections at once, every 1.25 s); and the like
+//! tallies are merged on the same visit, on the connection it has just used ([`Alongside`]): the
+//! interval is theirs if that is shorter.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +43,33 @@ use crate::ids::SessionId;
 /// The name of revocations on the shared tier's channel.
 const CHANNEL_KIND: &str = "session";
 
+/// Under a connection budget, how many shards are read at once: by the first poll (before
+/// serving), and by the loops taking turns, which wait for one another beyond this (a shard that
+/// hangs holds one until the poll's timeout, a budget, or its breaker opens).
+const LANES_UNDER_BUDGET: usize = 8;
+
+/// Something else the API reads from every shard, on the same visit as the shard's revoked sessions
+/// and so on a connection the visit has just used, under a connection budget: at least every
+/// `every` (the polls then come as often, if that is more often than every quarter budget).
+#[derive(Clone)]
+pub struct Alongside {
+    every: Duration,
+    read: ReadShard,
+}
+
+type ReadShard = Arc<dyn Fn(Arc<Db>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+impl Alongside {
+    /// `read` of a shard, on each visit, at least every `every`.
+    pub fn new<F, Fut>(every: Duration, read: F) -> Alongside
+    where
+        F: Fn(Arc<Db>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Alongside { every, read: Arc::new(move |shard| Box::pin(read(shard))) }
+    }
+}
+
 pub struct Revocations {
     /// Revoked sessions, and when this node may forget them (their tokens have expired by then).
     revoked: Mutex<HashMap<SessionId, Instant>>,
@@ -45,6 +81,8 @@ pub struct Revocations {
     /// How long a revocation is remembered: the access token lifetime.
     remember: Duration,
     shared: Option<Arc<Shared>>,
+    /// Under a connection budget, the visits in progress ([`LANES_UNDER_BUDGET`]).
+    lanes: tokio::sync::Semaphore,
 }
 
 impl Revocations {
@@ -60,6 +98,7 @@ impl Revocations {
             budget,
             remember,
             shared: shared.clone(),
+            lanes: tokio::sync::Semaphore::new(LANES_UNDER_BUDGET),
         });
         if let Some(shared) = shared {
             let hear = Arc::downgrade(&revocations);
@@ -125,6 +164,13 @@ impl Revocations {
     pub async fn poll(&self, db: &Databases, lookback: Duration) -> bool {
         let shards = db.shards();
         let polls = shards.all().map(|(shard, handle)| self.poll_shard(usize::from(shard), handle, lookback));
+        if crate::db::budget::get().is_some() {
+            // Many shards: a few at a time, not a connection to each at once.
+            use futures_util::StreamExt;
+            let answers: Vec<bool> =
+                futures_util::stream::iter(polls).buffer_unordered(LANES_UNDER_BUDGET).collect().await;
+            return answers.into_iter().all(|answered| answered);
+        }
         futures_util::future::join_all(polls).await.into_iter().all(|answered| answered)
     }
 
@@ -153,20 +199,46 @@ impl Revocations {
     /// looks back over the time since the shard's previous good poll began plus a budget: a
     /// revocation whose transaction began before a poll but committed after it carries the earlier
     /// time.
-    pub async fn run(self: Arc<Self>, db: Arc<Databases>, stop: impl std::future::Future<Output = ()>) {
-        let every = (self.budget / 4).max(Duration::from_millis(50));
+    ///
+    /// Under a connection budget, the shards' loops take turns: shard `k` of `n` polls at `k/n` of
+    /// the interval (a shard added later, at a random point of it), every interval, and `alongside`
+    /// reads the shard right after each poll; the interval is then the quarter budget or
+    /// `alongside.every`, whichever is shorter.
+    pub async fn run(
+        self: Arc<Self>,
+        db: Arc<Databases>,
+        stop: impl std::future::Future<Output = ()>,
+        alongside: Option<Alongside>,
+    ) {
+        let quarter = (self.budget / 4).max(Duration::from_millis(50));
+        let in_turn = crate::db::budget::get().is_some();
+        let every = match &alongside {
+            Some(alongside) if in_turn => quarter.min(alongside.every),
+            _ => quarter,
+        };
         // A loop per shard, and one more for each shard added while running (looked for every
         // quarter budget): a shard's users may arrive there (a bucket move) with their sessions.
         let polling = async {
             let mut loops = tokio::task::JoinSet::new();
             let mut started = std::collections::HashSet::new();
+            let mut first = true;
             loop {
-                for (shard, handle) in db.shards().all() {
-                    if started.insert(shard) {
-                        loops.spawn(self.clone().poll_forever(usize::from(shard), handle.clone(), every));
+                let shards = db.shards();
+                let n = shards.all().count().max(1) as u32;
+                for (k, (shard, handle)) in (0u32..).zip(shards.all()) {
+                    if !started.insert(shard) {
+                        continue;
+                    }
+                    let (shard, handle) = (usize::from(shard), handle.clone());
+                    if in_turn {
+                        let offset = if first { every * k / n } else { keel_random::up_to(every) };
+                        loops.spawn(self.clone().poll_in_turn(shard, handle, every, offset, alongside.clone()));
+                    } else {
+                        loops.spawn(self.clone().poll_forever(shard, handle, every));
                     }
                 }
-                tokio::time::sleep(every).await;
+                first = false;
+                tokio::time::sleep(quarter).await;
             }
         };
         let forget = async {
@@ -192,6 +264,34 @@ impl Revocations {
             let lookback = (began - last + self.budget).min(self.remember);
             if self.poll_shard(shard, &handle, lookback).await {
                 last = began;
+            }
+        }
+    }
+
+    /// [`Revocations::poll_forever`] under a connection budget: every `every` from `offset` on, at
+    /// most [`LANES_UNDER_BUDGET`] shards at once, and `alongside` read on the same visit.
+    async fn poll_in_turn(
+        self: Arc<Self>,
+        shard: usize,
+        handle: Arc<Db>,
+        every: Duration,
+        offset: Duration,
+        alongside: Option<Alongside>,
+    ) {
+        let mut last = self.epoch;
+        let mut turns = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+        turns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            turns.tick().await;
+            let _lane = self.lanes.acquire().await.expect("never closed");
+            let began = Instant::now();
+            let lookback = (began - last + self.budget).min(self.remember);
+            if self.poll_shard(shard, &handle, lookback).await {
+                last = began;
+            }
+            if let Some(alongside) = &alongside {
+                // Bounded like the poll: a shard that hangs must not keep its lane.
+                let _ = tokio::time::timeout(self.budget, (alongside.read)(handle.clone())).await;
             }
         }
     }
