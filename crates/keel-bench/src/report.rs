@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::scenarios::ScenarioResult;
 use crate::side_effects::SideEffects;
+use crate::storage::Storage;
 
 #[derive(Debug, Serialize)]
 pub struct Machine {
@@ -124,6 +125,7 @@ pub fn markdown(
     machine: &Machine,
     results: &[ScenarioResult],
     effects: &SideEffects,
+    storage: &Storage,
     command: &str,
     smoke: bool,
 ) -> String {
@@ -224,9 +226,58 @@ pub fn markdown(
     for command in &effects.commands {
         let _ = writeln!(md, "- {command}");
     }
+    storage_section(&mut md, storage);
     // Written by hand from profiles (see the file for how they were taken); kept beside the harness.
     let _ = writeln!(md, "\n{}", include_str!("../PROFILES.md").trim_end());
     md
+}
+
+/// Bytes per user on a shard: each shard and all of them, then each table's rows and bytes per user.
+fn storage_section(md: &mut String, storage: &Storage) {
+    let _ = writeln!(md, "\n## Storage\n");
+    let Some(all) = storage.total() else {
+        let _ = writeln!(md, "Not measured in this run.");
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "Bytes per user on a shard, for the capacity plan: read from the shard databases of the main `keel up` after \
+         every scenario that writes to them (the seed's sign-ups, deposits and carts; S3's and S5's checkouts, S5's \
+         carts and likes, S6's sign-ins) and once \
+         their jobs were done. Each shard's users are its `users` rows; each figure is the shard's bytes, {}, divided \
+         by its users. `pg_total_relation_size` counts pages: the dead rows not yet vacuumed and the free space in them \
+         are in it, as on a live shard, and with few users the tables' first pages weigh on each user. The users' \
+         rows are the benchmark's, not a shop's: scale each table's bytes per user by its rows per user below to \
+         another mix. Finished jobs stay in keel_jobs for `KEEL_JOB_RETENTION` (a day by default), \
+         so the queue's size follows the traffic of a day, not the users; and shard 0's holds S4's no-op jobs \
+         (keel.ping, none of them a user's).\n",
+        if storage.empty.is_some() {
+            "less a freshly migrated empty shard's"
+        } else {
+            "with an empty shard's fixed size not subtracted (none could be made)"
+        }
+    );
+    let header: Vec<&str> = storage.per_user.iter().map(|p| p.scope.as_str()).collect();
+    let _ = writeln!(md, "| measure | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(header.len()));
+    let row = |md: &mut String, name: &str, value: &dyn Fn(&crate::storage::PerUser) -> String| {
+        let cells: Vec<String> = storage.per_user.iter().map(value).collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    };
+    row(md, "users", &|p| p.users.to_string());
+    row(md, "user tables (tables + indexes + TOAST), bytes per user", &|p| format!("{:.0}", p.user_tables_bytes));
+    row(md, "queue (keel_jobs + keel_processed_events), bytes per user", &|p| format!("{:.0}", p.queue_bytes));
+    row(md, "whole database (pg_database_size), bytes per user", &|p| format!("{:.0}", p.database_bytes));
+    row(md, "S4's no-op jobs (keel.ping) in keel_jobs, rows", &|p| p.bench_jobs.to_string());
+    let _ = writeln!(md, "\nOver all {} shards ({} users):\n", storage.shards.len(), all.users);
+    let _ = writeln!(md, "| table | rows | rows per user | bytes per user |\n|---|---|---|---|");
+    for t in &storage.tables {
+        let _ = writeln!(md, "| {} | {} | {:.2} | {:.0} |", t.table, t.rows, t.rows_per_user, t.bytes_per_user);
+    }
+    let _ = writeln!(md);
+    for command in &storage.commands {
+        let _ = writeln!(md, "- {command}");
+    }
 }
 
 #[cfg(test)]
@@ -274,7 +325,7 @@ mod tests {
         assert!(lines[0].ends_with("| target not judged (smoke run)"), "{}", lines[0]);
         assert!(lines[1].ends_with("| target not judged (smoke run)"), "{}", lines[1]);
         assert_eq!(lines[2], "S3: not yet");
-        let md = markdown(&machine(), &results, &SideEffects::default(), "make bench-smoke", true);
+        let md = markdown(&machine(), &results, &SideEffects::default(), &Storage::default(), "make bench-smoke", true);
         assert!(md.contains("| smoke: not judged |"), "{md}");
         assert!(!md.contains("**no**") && !md.contains("| yes |"), "{md}");
         for text in lines.iter().chain([&md]) {
@@ -308,9 +359,45 @@ mod tests {
                 "S6 sign-ins: 79/s p50 1200.00 ms p99 2400.50 ms p99.9 2450.00 ms | 198 answered, 1 refused, 1 failed, over 2.50 s",
             ]
         );
-        let md = markdown(&machine(), &[r], &SideEffects::default(), "make bench", false);
+        let md = markdown(&machine(), &[r], &SideEffects::default(), &Storage::default(), "make bench", false);
         assert!(md.contains(&format!("  - {}\n", lines[1])), "{md}");
         assert_plain(&md);
+    }
+
+    #[test]
+    fn storage_comes_after_the_side_effects_per_shard_and_per_table() {
+        let mut storage = crate::storage::example(true);
+        storage.commands.push("how it was measured".into());
+        let md = markdown(&machine(), &[], &SideEffects::default(), &storage, "make bench", false);
+        let (effects, storage_at) = (md.find("\n## Side effects\n").unwrap(), md.find("\n## Storage\n").unwrap());
+        assert!(effects < storage_at, "{md}");
+        let section = &md[storage_at..md[storage_at + 1..].find("\n## ").map_or(md.len(), |end| storage_at + 1 + end)];
+        for line in [
+            "| measure | keel_shard_0 | keel_shard_1 | all shards |",
+            "|---|---|---|---|",
+            "| users | 10 | 30 | 40 |",
+            "| user tables (tables + indexes + TOAST), bytes per user | 1300 | 2600 | 2275 |",
+            "| queue (keel_jobs + keel_processed_events), bytes per user | 200 | 400 | 350 |",
+            "| whole database (pg_database_size), bytes per user | 2000 | 4000 | 3500 |",
+            "| S4's no-op jobs (keel.ping) in keel_jobs, rows | 500 | 0 | 500 |",
+            "Over all 2 shards (40 users):",
+            "| table | rows | rows per user | bytes per user |",
+            "| orders | 40 | 1.00 | 175 |",
+            "| keel_processed_events | 40 | 1.00 | 175 |",
+            "- how it was measured",
+        ] {
+            assert!(section.lines().any(|l| l == line), "{line} not in {section}");
+        }
+        assert!(section.contains("less a freshly migrated empty shard's"), "{section}");
+        assert!(section.contains("\n| users | 40 | 1.00 | 175 |\n| wallets |"), "users first: {section}");
+        assert_plain(section);
+
+        let md =
+            markdown(&machine(), &[], &SideEffects::default(), &crate::storage::example(false), "make bench", false);
+        assert!(md.contains("with an empty shard's fixed size not subtracted (none could be made)"), "{md}");
+        assert_plain(&md[md.find("## Storage").unwrap()..]);
+        let md = markdown(&machine(), &[], &SideEffects::default(), &Storage::default(), "make bench", false);
+        assert!(md.contains("## Storage\n\nNot measured in this run.\n"), "{md}");
     }
 
     #[test]
@@ -320,7 +407,7 @@ mod tests {
         assert_eq!(lines[0], "S1: 5/s p50 0.00 ms p99 0.00 ms errors 0 | baseline 10 /s | ratio 0.50 | target NOT met");
         assert!(lines[1].ends_with("| target met"), "{}", lines[1]);
         assert_eq!(console_line(&result("S4", true, None), false).rsplit("| ").next(), Some("target not judged"));
-        let md = markdown(&machine(), &results, &SideEffects::default(), "make bench", false);
+        let md = markdown(&machine(), &results, &SideEffects::default(), &Storage::default(), "make bench", false);
         assert!(md.contains("| **no** |") && md.contains("| yes |") && md.contains("| not yet |"), "{md}");
         for text in lines.iter().chain([&md]) {
             assert_plain(text);
