@@ -1,10 +1,11 @@
 //! Administration of the job queues: what is waiting, running and dead across every database (the
 //! catalogue's queue and every shard's), and replaying a dead job. The consistency table and the
-//! shop's credits to users' wallets are in their own modules.
+//! shop's credits to users' wallets are in their own modules, as are the shards and rebalancing.
 
 pub mod consistency;
 pub mod deposits;
 pub mod locks;
+pub mod rebalance;
 pub mod replicas;
 pub mod shards;
 pub mod stats;

@@ -45,6 +45,7 @@ const CATALOG: &[Migration] = &[
         sql: include_str!("../../migrations/catalog/0019_shard_registry.sql"),
     },
     Migration { version: 13, name: "shard moves", sql: include_str!("../../migrations/catalog/0021_shard_moves.sql") },
+    Migration { version: 14, name: "move cancel", sql: include_str!("../../migrations/catalog/0023_move_cancel.sql") },
 ];
 
 const SHARD: &[Migration] = &[
@@ -82,6 +83,8 @@ const SHARD: &[Migration] = &[
     Migration { version: 14, name: "erasure", sql: include_str!("../../migrations/shard/0018_erasure.sql") },
     // Each user's rows carry the user's bucket, and each bucket a fence: what moving buckets needs.
     Migration { version: 15, name: "buckets", sql: include_str!("../../migrations/shard/0020_buckets.sql") },
+    // E-mail records and jobs carry their user's bucket too: a move takes them along.
+    Migration { version: 16, name: "moving jobs", sql: include_str!("../../migrations/shard/0022_moving_jobs.sql") },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

@@ -19,7 +19,11 @@
 //!   map. A crash in between leaves a prepared transaction that the next worker commits if the map
 //!   switched and rolls back if it did not.
 //! - **cleanup**: the subscription, slot and publication are dropped; after every node has had
-//!   time to load the new map, the moved rows are deleted from their old shard.
+//!   time to load the new map, the moved buckets' jobs are handed over and the moved rows deleted
+//!   from their old shard.
+//!
+//! Until the map switches, a move can be cancelled ([`cancel`]): the worker then rolls back its
+//! prepared fences, drops its replication, deletes what it copied, and records it `failed`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,6 +61,7 @@ pub const TABLES: &[&str] = &[
     "payments",
     "sessions",
     "one_time_codes",
+    "email_deliveries",
 ];
 
 /// The same tables, those that refer to others first: the order the old rows are deleted in.
@@ -70,6 +75,7 @@ const DELETE_ORDER: &[&str] = &[
     "likes",
     "sessions",
     "one_time_codes",
+    "email_deliveries",
     "idempotency_keys",
     "wallets",
     "users",
@@ -99,6 +105,8 @@ pub enum HoldPoint {
     Prepared,
     /// Cutover: the map switched, the fences' prepared transactions not yet committed.
     Switched,
+    /// Cleanup: a round of jobs inserted on the target, not yet deleted from its old shard.
+    HandingOver,
 }
 
 static HOLDS: std::sync::Mutex<Vec<(String, HoldPoint)>> = std::sync::Mutex::new(Vec::new());
@@ -150,11 +158,14 @@ pub struct Move {
     pub error: Option<String>,
     /// How long writes to the moving buckets waited at the cutover, in milliseconds.
     pub pause_ms: Option<f64>,
+    /// An admin asked to cancel it: it is being undone, or was.
+    pub cancelled: bool,
     #[serde(skip)]
     sources: Vec<ShardId>,
 }
 
-const COLUMNS: &str = "id, state, buckets, to_shard, rows_copied, rows_total, error, pause_ms, sources";
+const COLUMNS: &str =
+    "id, state, buckets, to_shard, rows_copied, rows_total, error, pause_ms, sources, cancelled_at IS NOT NULL";
 
 impl Move {
     fn from_row(row: &tokio_postgres::Row) -> Result<Move, ConnectError> {
@@ -170,6 +181,7 @@ impl Move {
             rows_total: row.get(5),
             error: row.get(6),
             pause_ms: row.get(7),
+            cancelled: row.get(9),
             sources: sources.into_iter().map(|s| s as ShardId).collect(),
         })
     }
@@ -274,6 +286,46 @@ pub async fn start(db: &Databases, buckets: &[u16], to: u16) -> Result<Move, Sta
     Ok(started)
 }
 
+/// Why a move could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("there is no move {0}")]
+    NotFound(Uuid),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+/// Asks for move `id` to be cancelled and undone; possible until the map switches. The worker
+/// carrying it out undoes it at its next step; a cutover under way gives up before the switch.
+pub async fn cancel(db: &Databases, id: Uuid) -> Result<Move, CancelError> {
+    let client = db.catalog.client().await.map_err(ConnectError::from)?;
+    let row = client
+        .maybe_row(
+            &format!(
+                "UPDATE shard_moves SET cancelled_at = coalesce(cancelled_at, now())
+                 WHERE id = $1 AND state IN ('copying', 'catching_up', 'cutover') RETURNING {COLUMNS}"
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(ConnectError::from)?;
+    if let Some(row) = row {
+        tracing::warn!(%id, "bucket move cancelled by an admin");
+        return Ok(Move::from_row(&row)?);
+    }
+    match get(db, id).await? {
+        None => Err(CancelError::NotFound(id)),
+        Some(mv) => Err(CancelError::Conflict(match mv.state {
+            MoveState::Cleanup | MoveState::Done => {
+                format!("the move is {}: its buckets are on shard {} already; move them back instead", mv.state, mv.to)
+            }
+            _ => format!("the move has ended ({})", mv.state),
+        })),
+    }
+}
+
 pub async fn get(db: &Databases, id: Uuid) -> Result<Option<Move>, ConnectError> {
     let client = db.catalog.client().await?;
     let row = client.maybe_row(&format!("SELECT {COLUMNS} FROM shard_moves WHERE id = $1"), &[&id]).await?;
@@ -344,6 +396,9 @@ async fn step_all(db: &Databases) -> Result<(), String> {
 
 /// One step of `mv` in its current state; records the next state when the step is done.
 async fn step(db: &Databases, mv: &Move) -> Result<(), String> {
+    if mv.cancelled && matches!(mv.state, MoveState::Copying | MoveState::CatchingUp | MoveState::Cutover) {
+        return undo(db, mv).await;
+    }
     match mv.state {
         MoveState::Copying => copy(db, mv).await,
         MoveState::CatchingUp => catch_up(db, mv).await,
@@ -543,9 +598,19 @@ async fn cutover(db: &Databases, mv: &Move) -> Result<(), String> {
         .await
         .map_err(describe)?;
     shard_map::announce(&tx).await.map_err(|e| e.to_string())?;
-    tx.exec("UPDATE shard_moves SET state = 'cleanup', updated_at = now(), error = NULL WHERE id = $1", &[&mv.id])
+    let switching = tx
+        .exec(
+            "UPDATE shard_moves SET state = 'cleanup', updated_at = now(), error = NULL
+             WHERE id = $1 AND cancelled_at IS NULL",
+            &[&mv.id],
+        )
         .await
         .map_err(describe)?;
+    if switching == 0 {
+        // Cancelled during the fence: no switch (the transaction rolls back as it is dropped); the
+        // next step rolls the fences back and undoes the move.
+        return Err("cancelled during the cutover; undoing it".into());
+    }
     tx.commit().await.map_err(describe)?;
     maybe_hold(&target, HoldPoint::Switched).await;
     for (source, client) in &fences {
@@ -581,36 +646,10 @@ async fn cleanup(db: &Databases, mv: &Move) -> Result<(), String> {
     let target = shard(db, mv.to)?;
     let target_client = target.client().await.map_err(describe)?;
     for source in mv.by_source().into_keys() {
-        let name = mv.name(source);
-        let from = shard(db, source)?;
         // The switch committed: a cutover prepared and not committed by a process that died
         // commits now.
-        finish_prepared(&from, &name, true).await?;
-        let subscribed = target_client.maybe_row("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&name]).await;
-        if subscribed.map_err(describe)?.is_some() {
-            // Detached from its slot first, so that dropping it does not connect to the source.
-            target_client
-                .batch_execute(&format!(
-                    "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE);
-                     DROP SUBSCRIPTION {name}"
-                ))
-                .await
-                .map_err(describe)?;
-        }
-        let from_client = from.client().await.map_err(describe)?;
-        // A disabled subscription's sender may take a moment to let go of the slot.
-        let slot = from_client
-            .maybe_row("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&name])
-            .await
-            .map_err(describe)?;
-        match slot.map(|r| r.get::<_, bool>(0)) {
-            Some(true) => return Err(format!("the slot {name} is still in use; dropping it later")),
-            Some(false) => {
-                from_client.exec("SELECT pg_drop_replication_slot($1)", &[&name]).await.map_err(describe)?;
-            }
-            None => {}
-        }
-        from_client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(describe)?;
+        finish_prepared(&*shard(db, source)?, &mv.name(source), true).await?;
+        drop_replication(db, mv, source).await?;
     }
     let switched: f64 = db
         .catalog
@@ -625,21 +664,185 @@ async fn cleanup(db: &Databases, mv: &Move) -> Result<(), String> {
         return Ok(());
     }
     for (source, buckets) in mv.by_source() {
-        let mut client = shard(db, source)?.client().await.map_err(describe)?;
-        let tx = client.transaction().await.map_err(describe)?;
-        // Past the fence's trigger: these rows are the move's to delete.
-        tx.batch_execute("SET LOCAL keel.moving_buckets = 'on'").await.map_err(describe)?;
-        for table in DELETE_ORDER {
-            tx.exec(&format!("DELETE FROM {table} WHERE bucket = ANY($1)"), &[&buckets]).await.map_err(describe)?;
+        if !hand_over_jobs(db, mv, source, &buckets).await? {
+            return Ok(()); // some still running there; the next step looks again
         }
-        tx.exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&mv.id]).await.map_err(describe)?;
-        tx.commit().await.map_err(describe)?;
+    }
+    for (source, buckets) in mv.by_source() {
+        delete_rows(&*shard(db, source)?, &buckets, mv.id).await?;
     }
     target_client.exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&mv.id]).await.map_err(describe)?;
     let (copied, _) = progress(db, mv).await?;
     record(db, mv.id, Some(MoveState::Done), |sql| sql.progress(copied, copied)).await?;
     tracing::info!(id = %mv.id, rows = copied, "bucket move done");
     Ok(())
+}
+
+/// Drops the subscription (on the target), the slot and the publication (on `source`) of `mv`,
+/// whichever of them exist.
+async fn drop_replication(db: &Databases, mv: &Move, source: ShardId) -> Result<(), String> {
+    let name = mv.name(source);
+    let target_client = shard(db, mv.to)?.client().await.map_err(describe)?;
+    let subscribed = target_client.maybe_row("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&name]).await;
+    if subscribed.map_err(describe)?.is_some() {
+        // Detached from its slot first, so that dropping it does not connect to the source.
+        target_client
+            .batch_execute(&format!(
+                "ALTER SUBSCRIPTION {name} DISABLE; ALTER SUBSCRIPTION {name} SET (slot_name = NONE);
+                 DROP SUBSCRIPTION {name}"
+            ))
+            .await
+            .map_err(describe)?;
+    }
+    let from_client = shard(db, source)?.client().await.map_err(describe)?;
+    // A disabled subscription's sender may take a moment to let go of the slot.
+    let slot = from_client
+        .maybe_row("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&name])
+        .await
+        .map_err(describe)?;
+    match slot.map(|r| r.get::<_, bool>(0)) {
+        Some(true) => return Err(format!("the slot {name} is still in use; dropping it later")),
+        Some(false) => {
+            from_client.exec("SELECT pg_drop_replication_slot($1)", &[&name]).await.map_err(describe)?;
+        }
+        None => {}
+    }
+    from_client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(describe)?;
+    Ok(())
+}
+
+/// Deletes the rows of `buckets` from `shard`, and the markers of move `move_id`: the old rows
+/// after a move, or the copied ones after a cancelled move.
+async fn delete_rows(shard: &Db, buckets: &[i16], move_id: Uuid) -> Result<(), String> {
+    let mut client = shard.client().await.map_err(describe)?;
+    let tx = client.transaction().await.map_err(describe)?;
+    // Past the fence's trigger: these rows are the move's to delete.
+    tx.batch_execute("SET LOCAL keel.moving_buckets = 'on'").await.map_err(describe)?;
+    for table in DELETE_ORDER {
+        tx.exec(&format!("DELETE FROM {table} WHERE bucket = ANY($1)"), &[&buckets]).await.map_err(describe)?;
+    }
+    tx.exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&move_id]).await.map_err(describe)?;
+    tx.commit().await.map_err(describe)
+}
+
+/// Undoes a cancelled move whose map has not switched: its fences rolled back (writes go on where
+/// they were), its replication dropped, the rows it copied deleted from the target (they were never
+/// routed to: the map still names the sources), and the move recorded `failed`.
+async fn undo(db: &Databases, mv: &Move) -> Result<(), String> {
+    let target = shard(db, mv.to)?;
+    for (source, buckets) in mv.by_source() {
+        finish_prepared(&*shard(db, source)?, &mv.name(source), false).await?;
+        drop_replication(db, mv, source).await?;
+        // A write the target gets for these buckets from a map older than the move goes astray:
+        // refused, as on any shard a bucket left.
+        target
+            .client()
+            .await
+            .map_err(describe)?
+            .exec("UPDATE keel_buckets SET moved_to = $2 WHERE bucket = ANY($1)", &[&buckets, &(source as i16)])
+            .await
+            .map_err(describe)?;
+        shard(db, source)?
+            .client()
+            .await
+            .map_err(describe)?
+            .exec("DELETE FROM keel_move_markers WHERE move_id = $1", &[&mv.id])
+            .await
+            .map_err(describe)?;
+    }
+    delete_rows(&target, &mv.buckets_i16(), mv.id).await?;
+    record(db, mv.id, Some(MoveState::Failed), |sql| sql.progress(0, mv.rows_total).error("cancelled by an admin"))
+        .await?;
+    tracing::warn!(id = %mv.id, "bucket move cancelled and undone");
+    Ok(())
+}
+
+/// How many jobs one round of [`hand_over_jobs`] takes.
+const JOBS_PER_ROUND: i64 = 500;
+
+/// Hands the moved buckets' jobs on shard `source` over to the move's target; true once none is
+/// left there. Jobs are not replicated with the other rows: the old shard's workers would run them
+/// while the new shard's ran the copies. Here, after the switch, each round takes a batch out of the
+/// old shard's queue (running, under a lease that never lapses, the state it had kept in
+/// `keel_moving_jobs`), inserts it on the target with that state (a job already there is left as it
+/// is), then deletes it from the old shard. A mover that dies midway leaves the batch in
+/// `keel_moving_jobs`, and the next one finishes it. Jobs running on the old shard meanwhile (their
+/// handlers route to the user's new shard) are waited for: finished, they are handed over as
+/// history; failed, they are pending again and handed over to be retried there.
+async fn hand_over_jobs(db: &Databases, mv: &Move, source: ShardId, buckets: &[i16]) -> Result<bool, String> {
+    let from = shard(db, source)?;
+    let target = shard(db, mv.to)?;
+    loop {
+        let client = from.client().await.map_err(describe)?;
+        // A batch an earlier round (or process) took out and did not finish comes first.
+        let mut batch = taken_jobs(&client, mv.id).await?;
+        if batch.ids.is_empty() {
+            let taken = client
+                .exec(
+                    "WITH old AS MATERIALIZED (
+                         SELECT id, state FROM keel_jobs
+                         WHERE bucket = ANY($1) AND state NOT IN ('running', 'relayed')
+                         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED
+                     ), kept AS (
+                         INSERT INTO keel_moving_jobs (id, move_id, state) SELECT id, $2, state FROM old
+                     )
+                     UPDATE keel_jobs j SET state = 'running', locked_until = 'infinity'
+                     FROM old WHERE j.id = old.id",
+                    &[&buckets, &mv.id, &JOBS_PER_ROUND],
+                )
+                .await
+                .map_err(describe)?;
+            if taken == 0 {
+                let running: i64 = client
+                    .row(
+                        "SELECT count(*) FROM keel_jobs WHERE bucket = ANY($1) AND state IN ('running', 'relayed')",
+                        &[&buckets],
+                    )
+                    .await
+                    .map_err(describe)?
+                    .get(0);
+                return Ok(running == 0);
+            }
+            batch = taken_jobs(&client, mv.id).await?;
+        }
+        drop(client);
+        let target_client = target.client().await.map_err(describe)?;
+        target_client
+            .exec(
+                "INSERT INTO keel_jobs SELECT * FROM jsonb_populate_recordset(NULL::keel_jobs, $1)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&batch.rows],
+            )
+            .await
+            .map_err(describe)?;
+        drop(target_client);
+        maybe_hold(&target, HoldPoint::HandingOver).await;
+        let mut client = from.client().await.map_err(describe)?;
+        let tx = client.transaction().await.map_err(describe)?;
+        tx.exec("DELETE FROM keel_jobs WHERE id = ANY($1)", &[&batch.ids]).await.map_err(describe)?;
+        tx.exec("DELETE FROM keel_moving_jobs WHERE id = ANY($1)", &[&batch.ids]).await.map_err(describe)?;
+        tx.commit().await.map_err(describe)?;
+        metrics::counter!("keel_shard_move_jobs_total").increment(batch.ids.len() as u64);
+    }
+}
+
+/// A batch of jobs taken out of a queue for a move: their rows as they are to be on the target.
+struct TakenJobs {
+    ids: Vec<Uuid>,
+    rows: serde_json::Value,
+}
+
+async fn taken_jobs(client: &impl Sql, move_id: Uuid) -> Result<TakenJobs, String> {
+    let row = client
+        .row(
+            "SELECT coalesce(array_agg(j.id), '{}'),
+                    coalesce(jsonb_agg(to_jsonb(j) || jsonb_build_object('state', m.state, 'locked_until', NULL)), '[]')
+             FROM keel_moving_jobs m JOIN keel_jobs j USING (id) WHERE m.move_id = $1",
+            &[&move_id],
+        )
+        .await
+        .map_err(describe)?;
+    Ok(TakenJobs { ids: row.get(0), rows: row.get(1) })
 }
 
 /// What a step records besides the state.
@@ -676,7 +879,7 @@ async fn record(
                  state = coalesce($2, state),
                  rows_copied = coalesce($3, rows_copied),
                  rows_total = coalesce($4, rows_total),
-                 error = CASE WHEN $2 IS NOT NULL THEN NULL ELSE coalesce($5, error) END,
+                 error = CASE WHEN $2 IS NOT NULL THEN $5 ELSE coalesce($5, error) END,
                  updated_at = CASE WHEN $2 IS NOT NULL THEN now() ELSE updated_at END,
                  finished_at = CASE WHEN $2 IN ('done', 'failed') THEN now() END
              WHERE id = $1",

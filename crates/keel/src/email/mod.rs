@@ -78,15 +78,17 @@ impl Sender {
 
     /// Records that event `event`'s e-mail was accepted: now if the database takes it, else in the
     /// background, retried until it does (this process sends nothing for that event meanwhile).
-    async fn record_sent(&self, shard: &Db, event: Uuid) {
-        let Err(error) = mark_sent(shard, event).await else { return };
+    /// Each try routes anew: the user's bucket may have moved to another shard meanwhile (its record
+    /// with it), and the old shard refuses the write.
+    async fn record_sent(&self, db: &Arc<Databases>, user: UserId, event: Uuid) {
+        let Err(error) = mark_sent(&db.shard_of(user), event).await else { return };
         tracing::warn!(%error, %event, "could not record a sent e-mail; retrying until the database takes it");
         metrics::counter!("keel_mail_record_retries_total").increment(1);
         self.unrecorded.lock().unwrap().insert(event);
-        let (shard, unrecorded) = (shard.clone(), self.unrecorded.clone());
+        let (db, unrecorded) = (db.clone(), self.unrecorded.clone());
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(50);
-            while mark_sent(&shard, event).await.is_err() {
+            while mark_sent(&db.shard_of(user), event).await.is_err() {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(1));
             }
@@ -143,7 +145,7 @@ impl UserEvent {
 }
 
 /// Sends the e-mail of a user event, once.
-pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), JobError> {
+pub async fn send_for(db: &Arc<Databases>, sender: &Sender, job: &Job) -> Result<(), JobError> {
     let Some(event) = UserEvent::from_job(job)? else {
         return Ok(());
     };
@@ -152,7 +154,7 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
     }
     let shard = &*db.shard_of(event.user());
     let _sending = sender.sending.acquire().await.expect("the semaphore is never closed");
-    match claim(shard, job.id).await? {
+    match claim(shard, job.id, event.user()).await? {
         Claim::Ours => {}
         Claim::Sent => return Ok(()),
         Claim::Busy(left) => return Err(JobError::retry_in("another handler is sending this e-mail", left)),
@@ -183,23 +185,25 @@ pub async fn send_for(db: &Databases, sender: &Sender, job: &Job) -> Result<(), 
             JobError::from(error.message)
         });
     }
-    sender.record_sent(shard, job.id).await;
+    sender.record_sent(db, event.user(), job.id).await;
     metrics::counter!("keel_mail_sent_total", "event" => job.kind.clone()).increment(1);
     tracing::info!(event = %job.kind, "e-mail sent");
     Ok(())
 }
 
-/// Takes the claim to send event `event`'s e-mail, in one statement (see the module's comment).
-async fn claim(shard: &Db, event: Uuid) -> Result<Claim, DbError> {
+/// Takes the claim to send event `event`'s e-mail to `user`, in one statement (see the module's
+/// comment). The record carries the user's bucket: it moves with the user (docs/SHARDING.md).
+async fn claim(shard: &Db, event: Uuid, user: UserId) -> Result<Claim, DbError> {
     let client = shard.client().await?;
     let claimed = client
         .maybe_row(
-            "INSERT INTO email_deliveries (event_id, claimed_until) VALUES ($1, now() + $2 * interval '1 second')
+            "INSERT INTO email_deliveries (event_id, claimed_until, bucket)
+             VALUES ($1, now() + $2 * interval '1 second', keel_bucket($3))
              ON CONFLICT (event_id) DO UPDATE
              SET claimed_until = EXCLUDED.claimed_until, attempts = email_deliveries.attempts + 1
              WHERE email_deliveries.sent_at IS NULL AND email_deliveries.claimed_until <= now()
              RETURNING 1",
-            &[&event, &CLAIM.as_secs_f64()],
+            &[&event, &CLAIM.as_secs_f64(), &user],
         )
         .await?;
     if claimed.is_some() {

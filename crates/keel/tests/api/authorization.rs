@@ -162,6 +162,10 @@ pub const TABLE: &[Access] = &[
     )
     .body(r#"{"buckets": [1], "to": 9}"#),
     Access::new("GET /v1/admin/shards/moves/{id}", "/v1/admin/shards/moves/{nothing}", ADMIN_FINDS_NOTHING),
+    Access::new("DELETE /v1/admin/shards/moves/{id}", "/v1/admin/shards/moves/{nothing}", ADMIN_FINDS_NOTHING),
+    // A dry run: the plan, and no move asked for.
+    Access::new("POST /v1/admin/shards/rebalance", "/v1/admin/shards/rebalance", ADMIN_ONLY)
+        .body(r#"{"dry_run": true}"#),
     Access::new("GET /v1/admin/stats", "/v1/admin/stats", ADMIN_ONLY),
     // Nothing listens there: the admin is told the database cannot be reached.
     Access::new("POST /v1/admin/shards", "/v1/admin/shards", [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, UNPROCESSABLE])

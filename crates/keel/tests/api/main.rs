@@ -29,6 +29,7 @@ mod sessions;
 mod shard_map;
 mod shard_moves;
 mod shard_stats;
+mod shards_cli;
 mod shards_up;
 mod starvation;
 mod tls;

@@ -149,7 +149,33 @@ async fn rows_in(url: &str, buckets: &[i16]) -> i64 {
         let sql = format!("SELECT count(*) FROM {table} WHERE bucket = ANY($1)");
         total += client.query_one(&sql, &[&buckets]).await.unwrap().get::<_, i64>(0);
     }
-    total
+    // Jobs are handed over after the switch rather than replicated; none may stay behind, nor be
+    // left half handed over.
+    let jobs =
+        "SELECT (SELECT count(*) FROM keel_jobs WHERE bucket = ANY($1)) + (SELECT count(*) FROM keel_moving_jobs)";
+    total + client.query_one(jobs, &[&buckets]).await.unwrap().get::<_, i64>(0)
+}
+
+/// Whether the parked job `id` is on shard `url` as it was parked (pending, to run in an hour), or
+/// changed (false), or not there at all (none).
+async fn parked_on(url: &str, id: uuid::Uuid) -> Option<bool> {
+    let sql = "SELECT state = 'pending' AND run_at > now() + interval '30 minutes' FROM keel_jobs WHERE id = $1";
+    connect(url).await.query_opt(sql, &[&id]).await.unwrap().map(|row| row.get(0))
+}
+
+/// A job about `user` waiting on shard `url` until an hour from now: a move must hand it over.
+async fn park_job(url: &str, user: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let payload = json!({ "user_id": user });
+    connect(url)
+        .await
+        .execute(
+            "INSERT INTO keel_jobs (id, kind, aggregate_id, payload, run_at) VALUES ($1, 'keel.ping', $2, $3, now() + interval '1 hour')",
+            &[&id, &user, &payload],
+        )
+        .await
+        .unwrap();
+    id
 }
 
 /// A new, empty shard 2 added to `app`, half of shard 0's buckets chosen to move there, a product,
@@ -162,6 +188,8 @@ struct Scene {
     product: String,
     users: Vec<(String, String)>,
     moved_users: HashSet<String>,
+    /// A job about a moved user, waiting (`park_job`).
+    parked: uuid::Uuid,
 }
 
 impl Scene {
@@ -181,8 +209,10 @@ impl Scene {
         while users.iter().filter(|(id, _)| in_moving(id)).count() < moving_at_least || users.len() < at_least {
             users.push(app.create_user("Mover").await);
         }
-        let moved_users = users.iter().filter(|(id, _)| in_moving(id)).map(|(id, _)| id.clone()).collect();
-        Scene { name, new_url, moving, product, users, moved_users }
+        let moved_users: HashSet<String> =
+            users.iter().filter(|(id, _)| in_moving(id)).map(|(id, _)| id.clone()).collect();
+        let parked = park_job(&app.dbs.shard_urls[0], moved_users.iter().next().unwrap()).await;
+        Scene { name, new_url, moving, product, users, moved_users, parked }
     }
 
     /// A client per user, alternating between `bases`, until `stop`.
@@ -212,6 +242,30 @@ impl Scene {
     /// stored exactly once, every wallet its ledger, every accepted order decided, no prepared
     /// transaction, no row of the moved buckets on shard 0, no replication left behind.
     async fn check_after(&self, app: &TestApp, seen: &Seen) {
+        self.check_nothing_lost(app, seen).await;
+        assert_eq!(rows_in(&app.dbs.shard_urls[0], &self.moving).await, 0, "rows of moved buckets left on shard 0");
+        let new_shard = connect(&self.new_url).await;
+        let ids: Vec<uuid::Uuid> = self.moved_users.iter().map(|u| u.parse().unwrap()).collect();
+        let there: i64 =
+            new_shard.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await.unwrap().get(0);
+        assert_eq!(there, ids.len() as i64, "moved users missing on the new shard");
+        assert_eq!(
+            parked_on(&self.new_url, self.parked).await,
+            Some(true),
+            "the waiting job was not handed over as it was"
+        );
+        let history: i64 = new_shard
+            .query_one("SELECT count(*) FROM keel_jobs WHERE bucket = ANY($1) AND state = 'done'", &[&self.moving])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(history > 0, "the moved users' finished jobs were not handed over");
+        self.check_no_replication(app).await;
+    }
+
+    /// Every acknowledged deposit stored exactly once, every wallet its ledger, every accepted order
+    /// decided, on every shard, and no prepared transaction left.
+    async fn check_nothing_lost(&self, app: &TestApp, seen: &Seen) {
         assert!(seen.bad.is_empty(), "answers that are not allowed: {:?}", seen.bad);
         for (token, location) in &seen.orders {
             let order = app.wait_for_order(token, location).await;
@@ -238,12 +292,11 @@ impl Scene {
         for (user, key, deposit, _) in &seen.deposits {
             assert_eq!(found.get(deposit), Some(&1), "deposit {deposit} ({user}, {key}) is not stored exactly once");
         }
-        assert_eq!(rows_in(&app.dbs.shard_urls[0], &self.moving).await, 0, "rows of moved buckets left on shard 0");
+    }
+
+    /// No subscription on the new shard, no slot or publication on shard 0.
+    async fn check_no_replication(&self, app: &TestApp) {
         let new_shard = connect(&self.new_url).await;
-        let ids: Vec<uuid::Uuid> = self.moved_users.iter().map(|u| u.parse().unwrap()).collect();
-        let there: i64 =
-            new_shard.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await.unwrap().get(0);
-        assert_eq!(there, ids.len() as i64, "moved users missing on the new shard");
         let subscriptions: i64 = new_shard
             .query_one(
                 "SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -346,6 +399,13 @@ async fn buckets_move_to_a_new_shard_under_live_writes_and_nothing_is_lost() {
     scene.drop_database().await;
 }
 
+/// Whether the shard `target` is connected to has a subscription (a move's copy has begun).
+async fn subscribed(target: &tokio_postgres::Client) -> bool {
+    let sql = "SELECT count(*) FROM pg_subscription
+               WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
+}
+
 /// A worker killed in the middle of a move (held at `point` until then): the next one finishes it,
 /// with the same guarantees — nothing acknowledged lost or doubled, no row left on the old shard,
 /// no prepared transaction or replication left behind.
@@ -368,17 +428,17 @@ async fn a_move_killed_at(point: HoldPoint) {
     let began = Instant::now();
     loop {
         let there = match point {
-            HoldPoint::Copying => {
-                let sql = "SELECT count(*) FROM pg_subscription
-                           WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
-                target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
-            }
+            HoldPoint::Copying => subscribed(&target).await,
             HoldPoint::Prepared | HoldPoint::Switched => {
                 let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
                 let prepared: i64 = source.query_one(sql, &[]).await.unwrap().get(0);
                 let mv =
                     expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
                 prepared > 0 && (mv["state"] == "cleanup") == (point == HoldPoint::Switched)
+            }
+            HoldPoint::HandingOver => {
+                let sql = "SELECT count(*) FROM keel_moving_jobs";
+                source.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
             }
         };
         if there {
@@ -432,4 +492,96 @@ async fn a_move_killed_in_the_cutover_before_the_switch_is_undone_and_done_again
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_killed_in_the_cutover_after_the_switch_is_committed() {
     a_move_killed_at(HoldPoint::Switched).await;
+}
+
+/// Killed with a round of jobs on both shards (inserted on the new one, not yet deleted from the
+/// old, where they wait marked as being handed over): the next worker finishes the round, and each
+/// job is on the new shard once (the parked one still waiting, `check_after`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_killed_while_handing_over_jobs_hands_each_over_once() {
+    a_move_killed_at(HoldPoint::HandingOver).await;
+}
+
+/// A move cancelled (`DELETE /v1/admin/shards/moves/{id}`) while held at `point` is undone while the
+/// clients write: the move `failed` with its reason, its fences rolled back, its replication
+/// dropped, nothing of the moving buckets left on the new shard, the map as it was, nothing
+/// acknowledged lost or doubled, the parked job still waiting on shard 0. Cancelling it again is
+/// refused.
+async fn a_move_cancelled_at(point: HoldPoint) {
+    let _heavy = crate::helpers::heavy_load().await;
+    let app = TestApp::spawn().await;
+    let workers = app.start_workers();
+    let scene = Scene::set_up(&app, 8, 3).await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = scene.load([app.address.clone(), app.address.clone()], &seen, &stop);
+    let version = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await["version"].clone();
+
+    keel::db::moves::hold(&scene.new_url, point);
+    let id = scene.start_move(&app).await;
+    let target = connect(&scene.new_url).await;
+    let source = connect(&app.dbs.shard_urls[0]).await;
+    let began = Instant::now();
+    loop {
+        let there = match point {
+            HoldPoint::Copying => subscribed(&target).await,
+            _ => {
+                let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
+                source.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
+            }
+        };
+        if there {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(60), "the move never reached {point:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = app.admin(app.delete(&format!("/v1/admin/shards/moves/{id}"))).send().await;
+    assert_eq!(expect_json(cancelled, 202).await["cancelled"], true);
+    keel::db::moves::release(&scene.new_url);
+    let began = Instant::now();
+    let finished = loop {
+        let mv = expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
+        if mv["state"] == "done" || mv["state"] == "failed" {
+            break mv;
+        }
+        assert!(began.elapsed() < Duration::from_secs(60), "the cancelled move was not undone: {mv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((&finished["state"], &finished["error"]), (&json!("failed"), &json!("cancelled by an admin")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    scene.check_nothing_lost(&app, &seen).await;
+    scene.check_no_replication(&app).await;
+    assert_eq!(rows_in(&scene.new_url, &scene.moving).await, 0, "rows of the moving buckets left on the new shard");
+    assert_eq!(parked_on(&app.dbs.shard_urls[0], scene.parked).await, Some(true), "the parked job left shard 0");
+    let map = expect_json(app.admin(app.get("/v1/admin/shards")).send().await, 200).await;
+    assert_eq!(map["version"], version, "the map changed");
+    assert_eq!(map["shards"][2]["buckets"], json!([]));
+    assert_eq!(
+        map["shards"][0]["users"].as_i64().unwrap() + map["shards"][1]["users"].as_i64().unwrap(),
+        scene.users.len() as i64
+    );
+    let again = app.admin(app.delete(&format!("/v1/admin/shards/moves/{id}"))).send().await;
+    assert_eq!(again.unwrap().status(), 409);
+    workers.stop().await;
+    drop((target, source));
+    drop(app);
+    scene.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_cancelled_in_its_copy_is_undone_and_the_map_stays() {
+    a_move_cancelled_at(HoldPoint::Copying).await;
+}
+
+/// Cancelled with its fences prepared: the cutover gives up before the switch, and the writes that
+/// waited at the fence go on, on shard 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_cancelled_in_its_cutover_gives_up_before_the_switch() {
+    a_move_cancelled_at(HoldPoint::Prepared).await;
 }

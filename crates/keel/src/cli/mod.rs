@@ -1,4 +1,6 @@
-//! The `keel` command line.
+//! The `keel` command line: `up`, `serve`, `migrate` and `worker` here, `shards` in [`shards`].
+
+mod shards;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,10 +46,20 @@ enum Command {
     /// Run only the background workers (the checkout saga, e-mail, the search index, webhook
     /// deliveries and scheduled maintenance) against external databases.
     Worker,
+    /// See the user shards, add one, move buckets, even out the users, against external databases
+    /// (KEEL_CATALOG_URL, KEEL_SHARD_URLS, as for `keel migrate`). Exit status: 0 done, 1 failed,
+    /// 2 bad usage.
+    Shards {
+        #[command(subcommand)]
+        command: shards::ShardsCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Shards { command } = cli.command {
+        return shards::main(command);
+    }
     let config = match load_config(&cli.command) {
         Ok(config) => config,
         Err(message) => {
@@ -128,10 +140,11 @@ async fn run(command: Command, config: Config) -> Result<(), Fatal> {
             let config = std::sync::Arc::new(config);
             Ok(crate::jobs::run_workers(std::sync::Arc::new(databases), config, shutdown_signal()).await?)
         }
+        Command::Shards { .. } => unreachable!("`keel shards` runs from shards::main"),
     }
 }
 
-fn external_databases(config: &Config) -> Result<(&str, &[String]), Fatal> {
+pub(crate) fn external_databases(config: &Config) -> Result<(&str, &[String]), Fatal> {
     let catalog = config.catalog_url.as_deref().ok_or("KEEL_CATALOG_URL is not set")?;
     if config.shard_urls.is_empty() {
         return Err("KEEL_SHARD_URLS is not set: give the shard databases, comma-separated".into());
