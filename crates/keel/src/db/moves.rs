@@ -91,6 +91,12 @@ const CAUGHT_UP_BYTES: i64 = 1 << 20;
 const MARKER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the mover looks at its moves.
 const TICK: Duration = Duration::from_millis(100);
+/// How many moves are carried out at once; the others wait, untouched (`copying`, nothing made
+/// yet), in the order they were asked for. Each move holds a replication slot and a sender on each
+/// of its sources ([`SERVER_SETTINGS`] allows 64), and its subscription's workers on the target: a
+/// rebalance onto many new shards asks for a move per shard at once. Cancelled moves come first,
+/// so that undoing one never waits.
+const MOVES_AT_ONCE: i64 = 8;
 /// An arbitrary constant naming the movers' advisory lock in the catalogue.
 const MOVER_LOCK: i64 = 0x006b_6565_6c6d_6f76; // "keelmov"
 
@@ -378,8 +384,11 @@ async fn step_all(db: &Databases) -> Result<(), String> {
     let client = db.catalog.client().await.map_err(|e| e.to_string())?;
     let rows = client
         .rows(
-            &format!("SELECT {COLUMNS} FROM shard_moves WHERE state NOT IN ('done', 'failed') ORDER BY created_at"),
-            &[],
+            &format!(
+                "SELECT {COLUMNS} FROM shard_moves WHERE state NOT IN ('done', 'failed')
+                 ORDER BY cancelled_at IS NULL, created_at LIMIT $1"
+            ),
+            &[&MOVES_AT_ONCE],
         )
         .await
         .map_err(|e| e.to_string())?;

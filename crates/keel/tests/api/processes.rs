@@ -1055,8 +1055,12 @@ async fn a_worker_killed_every_few_seconds_loses_no_email() {
             .unwrap();
         repeated_per_kill[nearest] += 1;
         eprintln!("  sent twice: {id}, first copy stored {from_kill:+.0} ms from the nearest kill");
+        // Stored before the kill: the worker had the server's answer and died before its record
+        // committed. On a loaded machine (a whole `make test` beside it) that commit has trailed the
+        // answer by 133 ms, so the window reaches 250 ms back: still a small part of the seconds
+        // between kills, so a copy from a lapsed lease or a record that waited longer falls outside.
         assert!(
-            (-100.0..=500.0).contains(&from_kill),
+            (-250.0..=500.0).contains(&from_kill),
             "{id} was sent twice, its first copy stored {from_kill:+.0} ms from the nearest kill: not in flight at a kill"
         );
     }
