@@ -406,6 +406,38 @@ async fn subscribed(target: &tokio_postgres::Client) -> bool {
     target.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
 }
 
+/// Waits (60 s at most) for move `id`, held at `point`, to be there.
+async fn wait_until_held(
+    app: &TestApp,
+    id: &str,
+    point: HoldPoint,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) {
+    let began = Instant::now();
+    loop {
+        let there = match point {
+            HoldPoint::Copying => subscribed(target).await,
+            HoldPoint::Prepared | HoldPoint::Switched => {
+                let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
+                let prepared: i64 = source.query_one(sql, &[]).await.unwrap().get(0);
+                let mv =
+                    expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
+                prepared > 0 && (mv["state"] == "cleanup") == (point == HoldPoint::Switched)
+            }
+            HoldPoint::HandingOver => {
+                let sql = "SELECT count(*) FROM keel_moving_jobs";
+                source.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
+            }
+        };
+        if there {
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(60), "the move never reached {point:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A worker killed in the middle of a move (held at `point` until then): the next one finishes it,
 /// with the same guarantees — nothing acknowledged lost or doubled, no row left on the old shard,
 /// no prepared transaction or replication left behind.
@@ -425,28 +457,7 @@ async fn a_move_killed_at(point: HoldPoint) {
     // Wait for the mover to reach the point.
     let source = connect(&app.dbs.shard_urls[0]).await;
     let target = connect(&scene.new_url).await;
-    let began = Instant::now();
-    loop {
-        let there = match point {
-            HoldPoint::Copying => subscribed(&target).await,
-            HoldPoint::Prepared | HoldPoint::Switched => {
-                let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
-                let prepared: i64 = source.query_one(sql, &[]).await.unwrap().get(0);
-                let mv =
-                    expect_json(app.admin(app.get(&format!("/v1/admin/shards/moves/{id}"))).send().await, 200).await;
-                prepared > 0 && (mv["state"] == "cleanup") == (point == HoldPoint::Switched)
-            }
-            HoldPoint::HandingOver => {
-                let sql = "SELECT count(*) FROM keel_moving_jobs";
-                source.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
-            }
-        };
-        if there {
-            break;
-        }
-        assert!(began.elapsed() < Duration::from_secs(60), "the move never reached {point:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_held(&app, &id, point, &source, &target).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers.kill().await;
     keel::db::moves::release(&scene.new_url);
@@ -521,21 +532,7 @@ async fn a_move_cancelled_at(point: HoldPoint) {
     let id = scene.start_move(&app).await;
     let target = connect(&scene.new_url).await;
     let source = connect(&app.dbs.shard_urls[0]).await;
-    let began = Instant::now();
-    loop {
-        let there = match point {
-            HoldPoint::Copying => subscribed(&target).await,
-            _ => {
-                let sql = "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()";
-                source.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) > 0
-            }
-        };
-        if there {
-            break;
-        }
-        assert!(began.elapsed() < Duration::from_secs(60), "the move never reached {point:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_held(&app, &id, point, &source, &target).await;
     let cancelled = app.admin(app.delete(&format!("/v1/admin/shards/moves/{id}"))).send().await;
     assert_eq!(expect_json(cancelled, 202).await["cancelled"], true);
     keel::db::moves::release(&scene.new_url);
