@@ -77,6 +77,8 @@ async fn results_rank_names_over_descriptions_page_and_fall_back_to_typos() {
     let in_name = create(&app, "R-1", "Copper Kettle", "").await;
     let in_description = create(&app, "R-2", "Tea pot", "Pairs well with a copper cup").await;
     let near = create(&app, "R-3", "Coper wire", "").await;
+    // Workers index products in parallel, in any order: wait for each of the three.
+    until_found(&app, "kettle", &in_name, true).await;
     until_found(&app, "copper", &in_description, true).await;
     until_found(&app, "wire", &near, true).await;
     let page = search(&app, "copper").await;
