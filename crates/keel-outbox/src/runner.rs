@@ -13,7 +13,7 @@ use tokio_postgres::{AsyncMessage, Row};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{backoff, backoff_ceiling, db_error, CHANNEL};
+use crate::{backoff, backoff_ceiling, db_error, execute_by_index, query_by_index, CHANNEL};
 
 /// A claimed job, as its handler sees it.
 #[derive(Debug, Clone)]
@@ -372,7 +372,7 @@ async fn check_ready<C>(pool: Pool, kinds: Vec<Arc<Kind<C>>>, interval: Duration
                 )
                 .await
                 .map_err(|e| db_error(&e))?;
-            let rows = client.query(&statement, &[&names]).await.map_err(|e| db_error(&e))?;
+            let rows = query_by_index(&client, &statement, &[&names]).await.map_err(|e| db_error(&e))?;
             Ok::<Vec<String>, String>(rows.iter().map(|row| row.get(0)).collect())
         };
         match ready.await {
@@ -539,9 +539,9 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) ->
     let rows = match kind.options.group_concurrency {
         Some(per_group) => {
             let full = groups.full(per_group);
-            client.query(&statement, &[&kind.name, &limit, &lease, &full, &(per_group as i64)]).await
+            query_by_index(&client, &statement, &[&kind.name, &limit, &lease, &full, &(per_group as i64)]).await
         }
-        None => client.query(&statement, &[&kind.name, &limit, &lease]).await,
+        None => query_by_index(&client, &statement, &[&kind.name, &limit, &lease]).await,
     };
     let mut jobs = Vec::new();
     for row in rows.map_err(|e| e.to_string())? {
@@ -761,7 +761,7 @@ async fn complete(pool: &Pool, finished: &[Finished], from: &[&str], to: &str) -
         )
         .await
         .map_err(|e| db_error(&e))?;
-    client.execute(&statement, &[&ids, &from, &to, &claims]).await.map_err(|e| db_error(&e))?;
+    execute_by_index(&client, &statement, &[&ids, &from, &to, &claims]).await.map_err(|e| db_error(&e))?;
     Ok(())
 }
 
@@ -780,7 +780,7 @@ async fn fail(pool: &Pool, (id, attempt): (Uuid, i32), error: &str, dead: bool, 
         .await
         .map_err(|e| e.to_string())?;
     let delay = delay.as_secs_f64();
-    client.execute(&statement, &[&id, &error, &dead, &delay, &attempt]).await.map_err(|e| e.to_string())?;
+    execute_by_index(&client, &statement, &[&id, &error, &dead, &delay, &attempt]).await.map_err(|e| db_error(&e))?;
     Ok(())
 }
 
@@ -793,17 +793,17 @@ async fn release(pool: &Pool, claims: &[(Uuid, i32)]) -> Result<(), String> {
     let (ids, attempts): (Vec<Uuid>, Vec<i32>) = claims.iter().copied().unzip();
     let client = pool.get().await.map_err(|e| e.to_string())?;
     // Locked in id order, as [`complete`] does and for the same reason.
-    client
-        .execute(
+    let release = client
+        .prepare_cached(
             "WITH locked AS MATERIALIZED (
-                 SELECT id FROM keel_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE
-             )
-             UPDATE keel_jobs j SET state = 'pending', attempts = j.attempts - 1, run_at = now(), locked_until = NULL
-             FROM locked, unnest($1::uuid[], $2::int4[]) AS c(id, attempt)
-             WHERE j.id = locked.id AND j.id = c.id AND j.state = 'running' AND j.attempts = c.attempt",
-            &[&ids, &attempts],
+             SELECT id FROM keel_jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE
+         )
+         UPDATE keel_jobs j SET state = 'pending', attempts = j.attempts - 1, run_at = now(), locked_until = NULL
+         FROM locked, unnest($1::uuid[], $2::int4[]) AS c(id, attempt)
+         WHERE j.id = locked.id AND j.id = c.id AND j.state = 'running' AND j.attempts = c.attempt",
         )
         .await
         .map_err(|e| db_error(&e))?;
+    execute_by_index(&client, &release, &[&ids, &attempts]).await.map_err(|e| db_error(&e))?;
     Ok(())
 }

@@ -373,22 +373,23 @@ async fn relay_again(js: JetStream, pool: Pool, kinds: Vec<String>, mut stop: wa
         };
         let result = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
-            client
-                // Locked in id order, as the consumers' batches lock the rows they finish: locked
-                // in scan order, the two deadlock.
-                .execute(
+            // Locked in id order, as the consumers' batches lock the rows they finish: locked in
+            // scan order, the two deadlock.
+            let again = client
+                .prepare_cached(
                     "WITH locked AS MATERIALIZED (
-                         SELECT id FROM keel_jobs
-                         WHERE state = 'relayed' AND kind = ANY($1)
-                             AND started_at < greatest($2::timestamptz, $3::timestamptz)
-                         ORDER BY id FOR UPDATE
-                     )
-                     UPDATE keel_jobs j SET state = 'pending', run_at = now()
-                     FROM locked WHERE j.id = locked.id AND j.state = 'relayed'",
-                    &[&kinds, &(made + CLOCK_MARGIN), &(SystemTime::now() - STALE_RELAYED)],
+                     SELECT id FROM keel_jobs
+                     WHERE state = 'relayed' AND kind = ANY($1)
+                         AND started_at < greatest($2::timestamptz, $3::timestamptz)
+                     ORDER BY id FOR UPDATE
+                 )
+                 UPDATE keel_jobs j SET state = 'pending', run_at = now()
+                 FROM locked WHERE j.id = locked.id AND j.state = 'relayed'",
                 )
                 .await
-                .map_err(|e| crate::db_error(&e))
+                .map_err(|e| crate::db_error(&e))?;
+            let (since, stale) = (made + CLOCK_MARGIN, SystemTime::now() - STALE_RELAYED);
+            crate::execute_by_index(&client, &again, &[&kinds, &since, &stale]).await.map_err(|e| crate::db_error(&e))
         };
         match result.await {
             Ok(0) => {}
@@ -716,6 +717,6 @@ async fn record_dead(
         )
         .await
         .map_err(|e| e.to_string())?;
-    client.execute(&statement, &[&id, &error, &attempts]).await.map_err(|e| e.to_string())?;
+    crate::execute_by_index(&client, &statement, &[&id, &error, &attempts]).await.map_err(|e| crate::db_error(&e))?;
     Ok(())
 }

@@ -10,13 +10,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use common::{database, database_and_url};
+use deadpool_postgres::Pool;
 use keel_outbox::{JetStream, KindOptions, NewJob, Runner, StreamRunner};
-use keel_pg::{Cluster, ClusterSpec};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
+
+mod common;
 
 struct Nats {
     child: Child,
@@ -93,83 +95,6 @@ impl Drop for Nats {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.store);
     }
-}
-
-/// The PostgreSQL cluster of this test binary, started on first use; stopped and its directory
-/// removed when the binary exits ([`remove_cluster_at_exit`]). Directories of runs that were killed
-/// are removed by the next run.
-fn cluster() -> &'static Cluster {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        remove_stale_clusters();
-        // SAFETY: registers a plain function with no arguments; it runs once, at exit.
-        unsafe { libc::atexit(remove_cluster_at_exit) };
-        let base = cluster_dir();
-        let mut spec = ClusterSpec::new(base.join("data"), base.join("run"))
-            .setting("listen_addresses", "")
-            // Throwaway data: durability only slows the tests down.
-            .setting("fsync", "off")
-            .setting("synchronous_commit", "off");
-        spec.fast_initdb = true;
-        spec.log_file = base.join("postgres.log");
-        let cluster = Cluster::start(spec).expect("starting the test PostgreSQL cluster");
-        CLUSTER_PID.store(cluster.pid(), Ordering::SeqCst);
-        cluster
-    })
-}
-
-fn cluster_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{CLUSTER_DIR}{}", std::process::id()))
-}
-
-static CLUSTER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-/// Runs when the test binary exits, passing or failing (libtest returns from `main` or calls `exit`):
-/// stops the cluster's server (fast shutdown) and removes its directory, leaving nothing in /tmp.
-extern "C" fn remove_cluster_at_exit() {
-    let pid = CLUSTER_PID.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let _ = std::fs::remove_dir_all(cluster_dir());
-}
-
-const CLUSTER_DIR: &str = "keel-outbox-pg-";
-
-/// Clusters of earlier runs whose process is gone (their server stopped with it).
-fn remove_stale_clusters() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let pid = name.to_str().and_then(|n| n.strip_prefix(CLUSTER_DIR)).and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// A new database of its own with the queue's schema.
-async fn database() -> Pool {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let name = format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    // Started on a thread of its own: starting waits, and must not hold up this test's runtime.
-    let cluster = std::thread::spawn(cluster).join().unwrap();
-    let (admin, connection) = tokio_postgres::connect(&cluster.connection_string("postgres"), NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let config: tokio_postgres::Config = cluster.connection_string(&name).parse().unwrap();
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    let pool = Pool::builder(manager).max_size(8).build().unwrap();
-    let client = pool.get().await.unwrap();
-    client.batch_execute(keel_outbox::SCHEMA).await.unwrap();
-    client.batch_execute(keel_outbox::RELAY_SCHEMA).await.unwrap();
-    drop(client);
-    pool
 }
 
 async fn enqueue(pool: &Pool, kind: &str) -> Uuid {
@@ -649,4 +574,48 @@ async fn a_burst_of_relayed_events_is_all_recorded_done() {
     let retries = counters.sum("keel_outbox_completion_retries_total", &[]) - retries_before;
     assert_eq!(retries, 0, "batches of completions failed (deadlocks?) and were tried again");
     workers.stop().await;
+}
+
+/// Under `WAKE_SCHEMA`, committing a job notifies nobody (no `NOTIFY` inside the enqueuing
+/// transaction, whose cluster-wide lock serialized commits); the `Waker`'s poke after the commit
+/// does, and a burst of pokes is folded into fewer notifications, the last poke still followed by one.
+#[tokio::test]
+async fn runners_are_woken_by_a_poke_after_the_commit_and_not_by_the_enqueue() {
+    let (pool, url) = database_and_url().await;
+    pool.get().await.unwrap().batch_execute(keel_outbox::WAKE_SCHEMA).await.unwrap();
+    let (listener, mut connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    let (tx, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.channel().to_owned());
+            }
+        }
+    });
+    listener.batch_execute(&format!("LISTEN {}", keel_outbox::CHANNEL)).await.unwrap();
+    let quiet = |notifications: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
+        let mut n = 0;
+        while notifications.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    };
+
+    enqueue(&pool, "woken").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(quiet(&mut notifications), 0, "the enqueue itself notified");
+
+    let waker = keel_outbox::Waker::new(pool.clone());
+    waker.poke();
+    let first = tokio::time::timeout(Duration::from_secs(5), notifications.recv()).await;
+    assert_eq!(first.expect("no notification after a poke").as_deref(), Some(keel_outbox::CHANNEL));
+
+    for _ in 0..200 {
+        waker.poke();
+    }
+    // Every poke is followed by a notification sent after it: after the burst, at least one comes,
+    // and far fewer than one per poke.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_burst = quiet(&mut notifications);
+    assert!((1..=20).contains(&after_burst), "{after_burst} notifications for 200 pokes");
 }

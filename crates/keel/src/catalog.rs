@@ -206,12 +206,13 @@ pub async fn create_product(
         .map_err(|e| sku_taken(e, Some(&sku)))?;
     let product = product_from_row(&row, &state.likes);
     announce(&tx, id, &ProductCreated(product.clone()), &trace).await?;
-    tx.commit().await?;
+    state.db.catalog.commit_jobs(tx).await?;
     state.products.put(id, Arc::new(product.clone())).await;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/products/{id}"))], Json(product)))
 }
 
-/// Writes an event about product `id` on the transaction that changed the product.
+/// Writes an event about product `id` on the transaction that changed the product (committed with
+/// `Db::commit_jobs`).
 async fn announce(
     tx: &crate::db::Transaction<'_>,
     id: ProductId,
@@ -263,7 +264,7 @@ pub async fn update_product(
         .ok_or_else(|| ApiError::not_found("product", &id.to_string()))?;
     let product = product_from_row(&row, &state.likes);
     announce(&tx, id, &ProductUpdated(product.clone()), &trace).await?;
-    tx.commit().await?;
+    state.db.catalog.commit_jobs(tx).await?;
     // Write-through: this node serves the committed product at once (unless a change committed
     // after this one is already installed: versions decide, not the order the handlers finish in).
     state.products.put(id, Arc::new(product.clone())).await;
@@ -407,6 +408,6 @@ pub async fn set_inventory(
         .await?;
     let inventory = inventory_from_row(id, &row);
     announce(&tx, id, &ProductStockChanged { product_id: id, stock: Some(inventory.stock) }, &trace).await?;
-    tx.commit().await?;
+    state.db.catalog.commit_jobs(tx).await?;
     Ok(Json(inventory))
 }

@@ -178,7 +178,7 @@ pub async fn create_user(
         codes::issue(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, &email).await?;
         let registered = UserRegistered { user_id: id, name: name.clone() };
         keel_outbox::enqueue(&tx, &events::event(&registered, id, Some(trace.traceparent()))).await?;
-        tx.commit().await?;
+        shard.commit_jobs(tx).await?;
         state.floors.wrote(shard, &client, id).await;
         Ok::<(SystemTime, SessionTokens), ApiError>((row.get(0), session))
     }
@@ -406,7 +406,8 @@ async fn change_email(
     }
     claim_email(state, new, id).await?;
     let changed = async {
-        let mut client = state.db.shard_of(id).client().await?;
+        let shard = state.db.shard_of(id);
+        let mut client = shard.client().await?;
         let tx = client.transaction().await?;
         let row = tx
             .maybe_row(
@@ -424,8 +425,8 @@ async fn change_email(
         // Codes and reset tokens went to the old address: they no longer sign in nor reset anything.
         tx.exec("DELETE FROM one_time_codes WHERE user_id = $1", &[&id]).await?;
         codes::issue_and_mail(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, new, Some(traceparent)).await?;
-        tx.commit().await?;
-        state.floors.wrote(&state.db.shard_of(id), &client, id).await;
+        shard.commit_jobs(tx).await?;
+        state.floors.wrote(&shard, &client, id).await;
         Ok::<Profile, ApiError>(Profile::from_row(&row, true))
     }
     .await;

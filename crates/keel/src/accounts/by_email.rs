@@ -89,7 +89,8 @@ async fn mail_secret(
     let email = Email::parse(email).map_err(|why| ApiError::invalid("email", &why))?;
     let email = email.as_str();
     let Some(user) = sessions::user_by_email(state, email).await? else { return Ok(()) };
-    let mut client = state.db.shard_of(user).client().await?;
+    let shard = state.db.shard_of(user);
+    let mut client = shard.client().await?;
     let tx = client.transaction().await?;
     // The claim is not enough: the row must have the address still (a claim can outlive a change of
     // address). Locked, so that a change of address committing meanwhile either waits for this code
@@ -103,7 +104,7 @@ async fn mail_secret(
         .is_some();
     if eligible {
         codes::issue_and_mail(&tx, &state.auth.keys, user, purpose, email, Some(traceparent)).await?;
-        tx.commit().await?;
+        shard.commit_jobs(tx).await?;
         metrics::counter!("keel_codes_issued_total", "purpose" => purpose.as_str()).increment(1);
     }
     Ok(())
@@ -239,7 +240,8 @@ pub async fn resend_verification(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = owner(caller, &id)?;
-    let mut client = state.db.shard_of(id).client().await?;
+    let shard = state.db.shard_of(id);
+    let mut client = shard.client().await?;
     let tx = client.transaction().await?;
     // Locked against a change of address committing meanwhile (as in `mail_secret`).
     let row = tx
@@ -252,7 +254,7 @@ pub async fn resend_verification(
     let email: String = row.get(0);
     codes::issue_and_mail(&tx, &state.accounts.auth.keys, id, Purpose::VerifyEmail, &email, Some(trace.traceparent()))
         .await?;
-    tx.commit().await?;
+    shard.commit_jobs(tx).await?;
     metrics::counter!("keel_codes_issued_total", "purpose" => Purpose::VerifyEmail.as_str()).increment(1);
     Ok(StatusCode::ACCEPTED)
 }

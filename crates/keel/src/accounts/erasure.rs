@@ -106,7 +106,8 @@ pub async fn delete_user(
     if caller.user != user {
         return Err(ApiError::Forbidden("only the owner may delete an account".into()));
     }
-    let mut client = state.db.shard_of(user).client().await?;
+    let shard = state.db.shard_of(user);
+    let mut client = shard.client().await?;
     let tx = client.transaction().await?;
     // The sign-in is the session's creation: `issued_at` moves with every refresh, so a stolen
     // refresh token would otherwise count as a recent sign-in.
@@ -135,7 +136,7 @@ pub async fn delete_user(
     let revoked = sessions::revoke(&tx, user, None, "account deleted").await?;
     let job = events::event(&Erasure { user_id: user }, user, Some(trace.traceparent()));
     keel_outbox::enqueue(&tx, &job).await?;
-    tx.commit().await?;
+    shard.commit_jobs(tx).await?;
     state.auth.revocations.revoked(&revoked).await;
     tracing::info!(%user, "account deleted at its owner's request; erasure queued");
     Ok(StatusCode::ACCEPTED)
@@ -384,7 +385,7 @@ async fn erase_on_shard(shard: &Db, job: &Job, user: UserId, marked: &Marked) ->
         // Dropped without a commit: nothing of this step was done.
         return Err(JobError::retry_in("waiting for a job about the user to finish", WAIT));
     }
-    tx.commit().await.map_err(DbError::from)?;
+    shard.commit_jobs(tx).await.map_err(DbError::from)?;
     Ok(())
 }
 
@@ -416,7 +417,7 @@ pub async fn tell_subscribers(catalog: &Db, job: &Job) -> Result<(), JobError> {
     let mut client = catalog.client().await?;
     let tx = client.transaction().await.map_err(DbError::from)?;
     crate::webhooks::fan_out(&tx, job).await?;
-    tx.commit().await.map_err(DbError::from)?;
+    catalog.commit_jobs(tx).await.map_err(DbError::from)?;
     Ok(())
 }
 

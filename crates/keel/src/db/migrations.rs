@@ -46,6 +46,8 @@ const CATALOG: &[Migration] = &[
     },
     Migration { version: 13, name: "shard moves", sql: include_str!("../../migrations/catalog/0021_shard_moves.sql") },
     Migration { version: 14, name: "move cancel", sql: include_str!("../../migrations/catalog/0023_move_cancel.sql") },
+    // Runners are woken after the enqueuing commit (`Db::commit_jobs`), not by a NOTIFY in it.
+    Migration { version: 15, name: "wake after commit", sql: keel_outbox::WAKE_SCHEMA },
 ];
 
 const SHARD: &[Migration] = &[
@@ -85,6 +87,7 @@ const SHARD: &[Migration] = &[
     Migration { version: 15, name: "buckets", sql: include_str!("../../migrations/shard/0020_buckets.sql") },
     // E-mail records and jobs carry their user's bucket too: a move takes them along.
     Migration { version: 16, name: "moving jobs", sql: include_str!("../../migrations/shard/0022_moving_jobs.sql") },
+    Migration { version: 17, name: "wake after commit", sql: keel_outbox::WAKE_SCHEMA },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

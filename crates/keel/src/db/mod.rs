@@ -57,6 +57,8 @@ pub struct Db {
     health: Arc<Health>,
     /// Where reads of this database may go ([`replicas`]); set once, by [`Databases::route_reads`].
     routing: Arc<OnceLock<Arc<replicas::Routing>>>,
+    /// Wakes the job runners listening on this database once jobs are committed ([`Db::commit_jobs`]).
+    waker: keel_outbox::Waker,
 }
 
 /// A database operation that failed: no connection could be had, or the query failed.
@@ -157,6 +159,7 @@ impl Db {
         Ok(Db {
             name: name.to_owned(),
             url: url.to_owned(),
+            waker: keel_outbox::Waker::new(pool.clone()),
             pool,
             config,
             tls,
@@ -190,6 +193,22 @@ impl Db {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Commits a transaction that enqueued jobs on this database, then wakes the runners listening
+    /// on it. Every transaction that calls `keel_outbox::enqueue` ends here: committed with a plain
+    /// `commit()`, its jobs wait for the runners' next poll (see `keel_outbox::Waker` for why the
+    /// wake-up is not a `NOTIFY` inside the transaction).
+    pub async fn commit_jobs(&self, tx: Transaction<'_>) -> Result<(), PgError> {
+        tx.commit().await?;
+        self.waker.poke();
+        Ok(())
+    }
+
+    /// Wakes the runners listening on this database: for jobs committed other than by
+    /// [`Db::commit_jobs`] (say, a transaction that is also the prepared half of a move).
+    pub fn wake_runners(&self) {
+        self.waker.poke();
     }
 
     /// A pooled connection; fails at once while the database is not answering ([`health`]).

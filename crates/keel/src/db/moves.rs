@@ -825,6 +825,7 @@ async fn hand_over_jobs(db: &Databases, mv: &Move, source: ShardId, buckets: &[i
             .await
             .map_err(describe)?;
         drop(target_client);
+        target.wake_runners();
         maybe_hold(&target, HoldPoint::HandingOver).await;
         let mut client = from.client().await.map_err(describe)?;
         let tx = client.transaction().await.map_err(describe)?;

@@ -22,7 +22,7 @@ async fn index_and_fan_out(catalog: &Db, product: ProductId, job: &Job) -> Resul
     let tx = client.transaction().await?;
     search::index_product(&tx, product).await?;
     webhooks::fan_out(&tx, job).await?;
-    tx.commit().await?;
+    catalog.commit_jobs(tx).await?;
     Ok(())
 }
 
@@ -40,6 +40,6 @@ async fn fan_out(catalog: &Db, job: &Job) -> Result<(), DbError> {
     let mut client = catalog.client().await?;
     let tx = client.transaction().await?;
     webhooks::fan_out(&tx, job).await?;
-    tx.commit().await?;
+    catalog.commit_jobs(tx).await?;
     Ok(())
 }

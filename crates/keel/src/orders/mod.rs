@@ -132,7 +132,8 @@ pub async fn checkout(
         // Read the cart before taking a connection for the transaction: a request holding one pooled
         // connection while waiting for another can starve the pool under load.
         let cart = load_cart(&state.db, user).await?;
-        let mut client = state.db.shard_of(user).client().await?;
+        let shard = state.db.shard_of(user);
+        let mut client = shard.client().await?;
         let tx = client.transaction().await?;
         if let Claim::Replay { status, location, body } = idempotency::claim(&tx, user, &key, &hash).await? {
             return Ok(idempotency::json_response(status, location, body));
@@ -204,7 +205,7 @@ pub async fn checkout(
         let location = format!("/v1/orders/{id}");
         let accepted = Accepted { id, status: OrderStatus::Pending };
         let response = idempotency::store(&tx, user, &key, StatusCode::ACCEPTED, Some(location), &accepted).await?;
-        tx.commit().await?;
+        shard.commit_jobs(tx).await?;
         return Ok(response);
     }
     Err(ApiError::Conflict("the cart kept changing while checking out: try again".into()))

@@ -229,14 +229,15 @@ impl Saga<'_> {
             &[&order.id, &order.user, &products, &quantities, &ReservationState::Held.as_str()],
         )
         .await?;
-        tx.commit().await?;
+        self.db.catalog.commit_jobs(tx).await?;
         Ok(true)
     }
 
     /// Debits the wallet and confirms the order in one transaction on the user's shard; or, when the
     /// balance is short, fails the order. True if the order is confirmed.
     async fn debit_and_confirm(&self, order: &PlacedOrder) -> Result<bool, DbError> {
-        let mut client = self.db.shard_of(order.user).client().await?;
+        let shard = self.db.shard_of(order.user);
+        let mut client = shard.client().await?;
         let tx = self.begin(&mut client).await?;
         match locked_status(&tx, order.id).await? {
             OrderStatus::Pending => {}
@@ -252,7 +253,7 @@ impl Saga<'_> {
             .await?;
         if debited.is_none() {
             self.set_failed(&tx, order, FailureReason::InsufficientFunds).await?;
-            tx.commit().await?;
+            shard.commit_jobs(tx).await?;
             return Ok(false);
         }
         let products: Vec<ProductId> = order.items.iter().map(|i| i.product).collect();
@@ -282,19 +283,20 @@ impl Saga<'_> {
         .await?;
         let confirmed = OrderConfirmed { order_id: order.id, user_id: order.user, total_cents: order.total_cents };
         keel_outbox::enqueue(&tx, &self.follow_up(&confirmed, order.id)).await?;
-        tx.commit().await?;
+        shard.commit_jobs(tx).await?;
         Ok(true)
     }
 
     /// Fails a pending order that could not get its stock. Returns the status it found.
     async fn fail(&self, order: &PlacedOrder, reason: FailureReason) -> Result<OrderStatus, DbError> {
-        let mut client = self.db.shard_of(order.user).client().await?;
+        let shard = self.db.shard_of(order.user);
+        let mut client = shard.client().await?;
         let tx = self.begin(&mut client).await?;
         let status = locked_status(&tx, order.id).await?;
         if status == OrderStatus::Pending {
             self.set_failed(&tx, order, reason).await?;
         }
-        tx.commit().await?;
+        shard.commit_jobs(tx).await?;
         Ok(status)
     }
 
@@ -398,7 +400,7 @@ impl Saga<'_> {
             .map(|r| r.get(0))
             .collect();
         self.announce_stock_changes(&tx, &back).await?;
-        tx.commit().await?;
+        self.db.catalog.commit_jobs(tx).await?;
         Ok(())
     }
 

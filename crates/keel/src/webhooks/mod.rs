@@ -306,12 +306,12 @@ pub async fn retry_delivery(
             &[&delivery, &DeliveryStatus::Pending.as_str()],
         )
         .await?;
-    tx.commit().await?;
+    state.db.catalog.commit_jobs(tx).await?;
     Ok((StatusCode::ACCEPTED, Json(Delivery::from_row(&row))))
 }
 
 /// Makes a delivery, and its job, for every enabled subscription to the event, on the caller's
-/// catalogue transaction. A redelivered event makes nothing new (one delivery per subscription and
+/// catalogue transaction (committed with `Db::commit_jobs`). A redelivered event makes nothing new (one delivery per subscription and
 /// event). Returns how many deliveries were made.
 pub async fn fan_out(tx: &Transaction<'_>, event: &Job) -> Result<usize, DbError> {
     if !SUBSCRIBABLE.contains(&event.kind.as_str()) {

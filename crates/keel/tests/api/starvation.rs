@@ -65,6 +65,8 @@ async fn a_worker_backlog_holding_every_worker_connection_leaves_the_api_its_con
         )
         .await
         .unwrap();
+    // Woken as Keel's enqueuers wake them, once committed.
+    observer.batch_execute("NOTIFY keel_jobs").await.unwrap();
     let waiting_on_the_lock = || async {
         let sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'keel_catalog' AND wait_event_type = 'Lock'";
         observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
