@@ -130,7 +130,7 @@ async fn run(args: &[String]) -> ExitCode {
         let s4 = scenarios::s4_queue(&keel, &plan).await;
         let s4_max = s4.keel.as_ref().map_or(0.0, |k| k.per_second);
         results.push(report_line_owned(s4, smoke));
-        results.push(report_line_owned(scenarios::s4_after_the_cliff(&keel, &plan, s4_max).await, smoke));
+        results.push(report_line_owned(scenarios::s4_after_the_cliff(&keel_binary, &work, &plan, s4_max).await, smoke));
     }
     if runs("S5") {
         results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));

@@ -198,23 +198,32 @@ pub async fn stats(client: &deadpool_postgres::Client) -> Result<Vec<KindStats>,
         .collect())
 }
 
-/// Runs one of the queue's prepared statements in a transaction with sequential scans off, in one
+/// Runs one of the queue's prepared statements in a transaction planned for it (below), in one
 /// round trip: the `BEGIN`, the statement and the `COMMIT` are sent together (each request goes
 /// out when its future is first polled, and `try_join3` polls them in that order) and answered
 /// together. Prepared, so that nothing has to be asked of the server before the statement is sent:
 /// a statement given as text would be prepared first, and its execution would follow the `COMMIT`.
 ///
 /// Why: every statement the queue runs has an index made for it, and must use it whatever the
-/// table's statistics say. They are prepared statements, and PostgreSQL caches a prepared
-/// statement's generic plan, planned once from the statistics of that moment. Planned while the
-/// table was empty — a drained queue after `VACUUM ANALYZE`, which autovacuum does by itself — a
-/// sequential scan is the cheapest plan for every statement, and it stays cached while a burst
-/// fills the table (until the next analyze invalidates it): a burst of 50,000 no-op jobs drained in
-/// 78 s instead of 3.5 s, each claim and completion scanning the whole table. With `enable_seqscan`
-/// off, an index plan is chosen in every state (never analysed, analysed empty or full, bloated);
-/// `tests/queue_plans.rs` holds each statement's plans to that. The setting is `LOCAL` to the
-/// statement's transaction, so the pooled connection goes back as it came: the callers' own
-/// statements on the same pool are planned as usual.
+/// table's statistics say. Planned from statistics that say the table is empty — a drained queue
+/// after `VACUUM ANALYZE`, which autovacuum does by itself — any plan looks as cheap as any other:
+/// PostgreSQL chose sequential scans, and, with those turned off, a claim that read the whole
+/// primary key to join 64 claimed ids (it guessed one row on each side). And the statements are
+/// prepared: PostgreSQL caches a prepared statement's generic plan, made once, and keeps it while a
+/// burst fills the table, until the next analyze. A burst of 50,000 no-op jobs drained at 650/s
+/// instead of 13,000/s (`make bench`'s S4c). So each runs with
+/// - `plan_cache_mode = force_custom_plan`: planned at every run, with its parameters, from the
+///   table's size on disk now (PostgreSQL scales the analysed density by the current number of
+///   pages, and takes the density from the row width when the table was analysed empty), so the
+///   plan follows the table as it fills and drains. Planning costs a fraction of a millisecond per
+///   statement, and each claims or completes a batch;
+/// - `enable_seqscan = off`: a table small enough for a sequential scan to win is read by its
+///   index all the same, at no real cost.
+///
+/// Both are `LOCAL` to the statement's own transaction, so the pooled connection goes back as it
+/// came: the callers' own statements on the same pool are planned as usual. `tests/queue_plans.rs`
+/// logs every plan a runner's connections make under four states of the statistics and fails on
+/// a sequential scan of `keel_jobs` or a scan of its primary key without an index condition.
 pub(crate) async fn query_by_index(
     client: &tokio_postgres::Client,
     statement: &tokio_postgres::Statement,
@@ -237,7 +246,7 @@ async fn pipelined<T>(
     run: impl std::future::Future<Output = Result<T, PgError>>,
 ) -> Result<T, PgError> {
     let (_, out, _) = futures_util::future::try_join3(
-        client.batch_execute("BEGIN; SET LOCAL enable_seqscan = off"),
+        client.batch_execute("BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_custom_plan"),
         run,
         client.batch_execute("COMMIT"),
     )

@@ -512,25 +512,31 @@ async fn claim<C>(pool: &Pool, kind: &Kind<C>, limit: usize, groups: &Groups) ->
     // it kills its process, or hangs it — is dead once it has used the kind's attempts, instead of
     // being claimed again for ever. Never, for a kind that retries forever.
     let max_attempts = kind.options.max_attempts;
+    // Judged on the row before the update (SET reads the old row): a lapsed claim that used its attempts.
+    let bury = format!("(j.state = 'running' AND j.attempts >= {max_attempts})");
     let statement = client
         .prepare_cached(&format!(
             "WITH pending AS ({pending}), lapsed AS (
-                 SELECT id, attempts FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
+                 SELECT id FROM keel_jobs WHERE kind = $1 AND state = 'running' AND locked_until < now()
                  ORDER BY locked_until LIMIT $2 FOR UPDATE SKIP LOCKED
              ), ready AS (
-                 SELECT id, attempts >= {max_attempts} AS bury FROM lapsed
-                 UNION ALL SELECT id, false FROM pending LIMIT $2
+                 SELECT id FROM lapsed UNION ALL SELECT id FROM pending LIMIT $2
              )
+             -- The claimed rows are found by their ids (an index condition whatever the statistics
+             -- say), not joined to `ready`: a join planned from statistics that said the table was
+             -- empty read the whole primary key. A lapsed claim is `running`, a ready job
+             -- `pending`, so a row's own columns say whether it is buried.
              UPDATE keel_jobs j
-             SET state = CASE WHEN ready.bury THEN 'dead' ELSE 'running' END,
-                 attempts = CASE WHEN ready.bury THEN j.attempts ELSE j.attempts + 1 END,
-                 started_at = CASE WHEN ready.bury THEN j.started_at ELSE now() END,
-                 finished_at = CASE WHEN ready.bury THEN now() END,
-                 last_error = CASE WHEN ready.bury THEN 'no run ended: its lease lapsed after each of ' || j.attempts || ' runs' ELSE j.last_error END,
-                 locked_until = CASE WHEN ready.bury THEN NULL ELSE now() + $3 * interval '1 second' END
-             FROM ready WHERE j.id = ready.id
+             SET state = CASE WHEN {bury} THEN 'dead' ELSE 'running' END,
+                 attempts = CASE WHEN {bury} THEN j.attempts ELSE j.attempts + 1 END,
+                 started_at = CASE WHEN {bury} THEN j.started_at ELSE now() END,
+                 finished_at = CASE WHEN {bury} THEN now() END,
+                 last_error = CASE WHEN {bury} THEN 'no run ended: its lease lapsed after each of ' || j.attempts || ' runs' ELSE j.last_error END,
+                 locked_until = CASE WHEN {bury} THEN NULL ELSE now() + $3 * interval '1 second' END
+             WHERE j.id = ANY(ARRAY(SELECT id FROM ready))
+             -- After the update: only a buried job is `dead`.
              RETURNING j.id, j.kind, j.aggregate_id, j.payload, j.traceparent, j.attempts, j.created_at, j.run_at,
-                 j.replays, ready.bury"
+                 j.replays, j.state = 'dead' AS bury"
         ))
         .await
         .map_err(|e| e.to_string())?;
@@ -756,7 +762,7 @@ async fn complete(pool: &Pool, finished: &[Finished], from: &[&str], to: &str) -
              SET state = $3, finished_at = CASE WHEN $3 = 'done' THEN now() END, locked_until = NULL,
                  last_error = NULL
              FROM locked, unnest($1::uuid[], $4::int4[]) AS f(id, claim)
-             WHERE j.id = locked.id AND j.id = f.id AND j.state = ANY($2)
+             WHERE j.id = ANY($1) AND j.id = locked.id AND j.id = f.id AND j.state = ANY($2)
                  AND (f.claim IS NULL OR j.attempts = f.claim)",
         )
         .await
@@ -800,7 +806,7 @@ async fn release(pool: &Pool, claims: &[(Uuid, i32)]) -> Result<(), String> {
          )
          UPDATE keel_jobs j SET state = 'pending', attempts = j.attempts - 1, run_at = now(), locked_until = NULL
          FROM locked, unnest($1::uuid[], $2::int4[]) AS c(id, attempt)
-         WHERE j.id = locked.id AND j.id = c.id AND j.state = 'running' AND j.attempts = c.attempt",
+         WHERE j.id = ANY($1) AND j.id = locked.id AND j.id = c.id AND j.state = 'running' AND j.attempts = c.attempt",
         )
         .await
         .map_err(|e| db_error(&e))?;

@@ -39,10 +39,10 @@ async fn every_queue_statement_uses_an_index_whatever_the_statistics_say() {
     {
         let plans = burst_with_plans(statistics).await;
         let on_the_queue: Vec<&String> = plans.iter().filter(|p| p.contains("keel_jobs")).collect();
-        let scans: Vec<&&String> = on_the_queue.iter().filter(|p| p.contains("Seq Scan on keel_jobs")).collect();
+        let scans: Vec<&&String> = on_the_queue.iter().filter(|p| reads_the_whole_table(p)).collect();
         assert!(
             scans.is_empty(),
-            "{statistics:?}: {} of {} plans scan the table, as:\n{}",
+            "{statistics:?}: {} of {} plans read the whole table, as:\n{}",
             scans.len(),
             on_the_queue.len(),
             scans[0]
@@ -61,6 +61,19 @@ async fn every_queue_statement_uses_an_index_whatever_the_statistics_say() {
             );
         }
     }
+}
+
+/// A sequential scan of `keel_jobs`, or a scan of its primary key with no index condition: both
+/// read every row (the second was what the planner chose for a claim's join, with sequential scans
+/// off, from statistics that said the table was empty). A partial index read whole is not one: it
+/// holds only the jobs of its state.
+fn reads_the_whole_table(plan: &str) -> bool {
+    let lines: Vec<&str> = plan.lines().collect();
+    lines.iter().enumerate().any(|(i, line)| {
+        line.contains("Seq Scan on keel_jobs")
+            || (line.contains("Scan using keel_jobs_pkey")
+                && !lines.get(i + 1).is_some_and(|next| next.contains("Index Cond")))
+    })
 }
 
 /// Prepares the table's statistics, runs a burst of no-op jobs (and some that fail for good) through
