@@ -520,7 +520,12 @@ async fn a_move_killed_while_handing_over_jobs_hands_each_over_once() {
 /// refused.
 async fn a_move_cancelled_at(point: HoldPoint) {
     let _heavy = crate::helpers::heavy_load().await;
-    let app = TestApp::spawn().await;
+    // Held at the cutover, the fence holds the sagas of orders in the moving buckets: each run waits
+    // out its lock timeout (5 s) and is retried on a backoff that grows to KEEL_SAGA_BACKOFF_MAX (30 s
+    // by default). Capped lower here, so that an order is decided within moments of the fence going,
+    // well inside the 30 s `check_nothing_lost` waits for it (a fresh-clone run saw one still
+    // pending after them, its last retry drawn late in the 30 s).
+    let app = TestApp::spawn_with(|config| config.saga_backoff_max = Duration::from_secs(3)).await;
     let workers = app.start_workers();
     let scene = Scene::set_up(&app, 8, 3).await;
     let seen = Arc::new(Mutex::new(Seen::default()));
