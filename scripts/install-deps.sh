@@ -6,7 +6,8 @@
 #   scripts/install-deps.sh --test   also the test suite's peers: nats-server and redis-server (the tests
 #                                     start their own on private ports), a Python virtualenv in
 #                                     target/python with an SMTP server and the Standard Webhooks library,
-#                                     curl and jq for README's example flow, and openssl for the TLS tests
+#                                     curl and jq for README's example flow, openssl for the TLS tests,
+#                                     and Node with npm for the benchmark's queue peer (graphile-worker)
 #
 # Servers installed only for the tests are never left running or enabled as system services: apt is
 # told not to start them while installing, and they are disabled for boot afterwards.
@@ -74,6 +75,9 @@ if $test_peers; then
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    # The benchmark's queue peer (S4-peer) is graphile-worker, installed with npm and run by Node.
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"

@@ -7,6 +7,7 @@ mod baseline;
 mod load;
 mod moves;
 mod offload;
+mod peer;
 mod report;
 mod scenarios;
 mod setup;
@@ -131,6 +132,9 @@ async fn run(args: &[String]) -> ExitCode {
         let s4_max = s4.keel.as_ref().map_or(0.0, |k| k.per_second);
         results.push(report_line_owned(s4, smoke));
         results.push(report_line_owned(scenarios::s4_after_the_cliff(&keel_binary, &work, &plan, s4_max).await, smoke));
+    }
+    if runs("S4-peer") {
+        results.push(report_line_owned(peer::s4_peer(&keel, &keel_binary, &me, &work, &plan).await, smoke));
     }
     if runs("S5") {
         results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));

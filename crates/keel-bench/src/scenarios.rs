@@ -154,7 +154,7 @@ pub async fn drain_queues(keel: &Keel) -> Duration {
     started.elapsed()
 }
 
-fn judged(mut result: ScenarioResult, ratio: f64, target: f64) -> ScenarioResult {
+pub fn judged(mut result: ScenarioResult, ratio: f64, target: f64) -> ScenarioResult {
     result.ratio = Some(ratio);
     result.met = Some(ratio >= target);
     result
@@ -402,7 +402,7 @@ pub async fn s3_accepted_write(keel: &Keel, seed: &Seed, plan: &Plan) -> Scenari
 /// once committed), and returns how many were done per second, from the insert to the last one.
 /// Waits by probing the partial indexes of the unfinished states every 20 ms (no `keel.ping` job
 /// left pending or running), not by counting the rows done, which would read the table each time.
-async fn ping_burst(shard: &tokio_postgres::Client, n: i64, tag: &str) -> f64 {
+pub async fn ping_burst(shard: &tokio_postgres::Client, n: i64, tag: &str) -> f64 {
     let started = Instant::now();
     shard
         .execute(
@@ -422,24 +422,18 @@ async fn ping_burst(shard: &tokio_postgres::Client, n: i64, tag: &str) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
+/// Enqueues no-op jobs on shard 0 one at a time at `rate` for `measure`, each insert followed by the
+/// wake-up Keel's enqueuers send ([`keel_outbox::Waker`]), over 8 connections; returns how many
+/// started and the 50th, 99th and 99.9th percentiles of their enqueue-to-start time, in seconds,
+/// read from the rows (`started_at − created_at`, both the server's clock).
+pub async fn steady_pings(keel: &Keel, rate: f64, measure: Duration, tag: &str) -> (i64, Vec<f64>) {
     let shard = connect(&keel.db_url("keel_shard_0")).await;
-    // Maximum: a batch inserted at once, timed until all are done.
-    let n = plan.jobs as i64;
-    let started = Instant::now();
-    let per_second = ping_burst(&shard, n, "s4-max").await;
-
-    // Latency: enqueue one at a time at half that rate, then read start − enqueue from the rows.
-    let rate = per_second / 2.0;
-    let clients: Vec<Arc<tokio_postgres::Client>> = {
-        let mut v = Vec::new();
-        for _ in 0..8 {
-            v.push(Arc::new(connect(&keel.db_url("keel_shard_0")).await));
-        }
-        v
-    };
+    let mut clients: Vec<Arc<tokio_postgres::Client>> = Vec::new();
+    for _ in 0..8 {
+        clients.push(Arc::new(connect(&keel.db_url("keel_shard_0")).await));
+    }
     let start = tokio::time::Instant::now();
-    let end = start + plan.measure;
+    let end = start + measure;
     let mut inserts = tokio::task::JoinSet::new();
     for i in 0u64.. {
         let at = start + Duration::from_secs_f64(i as f64 / rate);
@@ -448,8 +442,9 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
         }
         tokio::time::sleep_until(at).await;
         let client = clients[i as usize % clients.len()].clone();
+        let tag = tag.to_owned();
         inserts.spawn(async move {
-            client.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'keel.ping', 's4-rate', '{}')", &[]).await?;
+            client.execute("INSERT INTO keel_jobs (id, kind, aggregate_id, payload) VALUES (gen_random_uuid(), 'keel.ping', $1, '{}')", &[&tag]).await?;
             // Then the wake-up, as keel_outbox::Waker sends it after an enqueuing commit.
             client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off; NOTIFY keel_jobs; COMMIT").await
         });
@@ -459,8 +454,20 @@ pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let row = shard.query_one(
         "SELECT count(*), coalesce(percentile_cont(ARRAY[0.5, 0.99, 0.999]) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), ARRAY[0,0,0]::float8[])
-         FROM keel_jobs WHERE aggregate_id = 's4-rate' AND started_at IS NOT NULL", &[]).await.unwrap();
-    let (started_jobs, quantiles): (i64, Vec<f64>) = (row.get(0), row.get(1));
+         FROM keel_jobs WHERE aggregate_id = $1 AND started_at IS NOT NULL", &[&tag]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+pub async fn s4_queue(keel: &Keel, plan: &Plan) -> ScenarioResult {
+    let shard = connect(&keel.db_url("keel_shard_0")).await;
+    // Maximum: a batch inserted at once, timed until all are done.
+    let n = plan.jobs as i64;
+    let started = Instant::now();
+    let per_second = ping_burst(&shard, n, "s4-max").await;
+
+    // Latency: enqueue one at a time at half that rate, then read start − enqueue from the rows.
+    let rate = per_second / 2.0;
+    let (started_jobs, quantiles) = steady_pings(keel, rate, plan.measure, "s4-rate").await;
     let p99_ms = quantiles[1] * 1000.0;
     let outcome = Outcome {
         requests: n as u64,

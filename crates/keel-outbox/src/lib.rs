@@ -229,7 +229,22 @@ pub(crate) async fn query_by_index(
     statement: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, PgError> {
-    pipelined(client, client.query(statement, params)).await
+    pipelined(client, PLANNED, client.query(statement, params)).await
+}
+
+/// [`query_by_index`], committed without waiting for the commit to reach the disk
+/// (`synchronous_commit = off` for this transaction alone): for claims. A claim lost to a crash of
+/// the server leaves its jobs as they were before it — claimable again, as a claim whose runner
+/// died is — and nothing else can have depended on it durably: the record of a run that followed
+/// (its completion, committed synchronously) is later in the write-ahead log, so it reaches the
+/// disk only with the claim. A claim is then a commit no one waits for the disk on: with claims of
+/// hundreds of rows back to back, that wait was a tenth of a burst's time.
+pub(crate) async fn claim_by_index(
+    client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, PgError> {
+    pipelined(client, PLANNED_NOT_WAITING_FOR_DISK, client.query(statement, params)).await
 }
 
 /// [`query_by_index`] for a statement whose rows are not wanted: how many it changed.
@@ -238,19 +253,22 @@ pub(crate) async fn execute_by_index(
     statement: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, PgError> {
-    pipelined(client, client.execute(statement, params)).await
+    pipelined(client, PLANNED, client.execute(statement, params)).await
 }
+
+/// The transaction of [`query_by_index`].
+const PLANNED: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_custom_plan";
+/// The transaction of [`claim_by_index`].
+const PLANNED_NOT_WAITING_FOR_DISK: &str = "BEGIN; SET LOCAL enable_seqscan = off; \
+    SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL synchronous_commit = off";
 
 async fn pipelined<T>(
     client: &tokio_postgres::Client,
+    begin: &str,
     run: impl std::future::Future<Output = Result<T, PgError>>,
 ) -> Result<T, PgError> {
-    let (_, out, _) = futures_util::future::try_join3(
-        client.batch_execute("BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_custom_plan"),
-        run,
-        client.batch_execute("COMMIT"),
-    )
-    .await?;
+    let (_, out, _) =
+        futures_util::future::try_join3(client.batch_execute(begin), run, client.batch_execute("COMMIT")).await?;
     Ok(out)
 }
 
