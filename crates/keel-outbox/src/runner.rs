@@ -488,13 +488,14 @@ async fn run_kind<C: Send + Sync + 'static>(
                         }
                         held.push_back((job, claimed_at));
                     }
-                    if let Err(e) = release(&shared.pool, &over_limit).await {
-                        tracing::warn!(kind = %kind.name, error = %e, "could not release jobs over their group's limit");
-                    }
+                    // Started before the round trip below, which would count as time held.
                     let start =
                         start_held(&shared, &kind, &mut held, hold_limit, &slots, &in_flight, &groups, &done_tx);
                     for job in start {
                         running.spawn(job);
+                    }
+                    if let Err(e) = release(&shared.pool, &over_limit).await {
+                        tracing::warn!(kind = %kind.name, error = %e, "could not release jobs over their group's limit");
                     }
                     if more && over_limit.is_empty() && wants_claim(held.len(), slots.available_permits()) {
                         continue;
@@ -555,6 +556,10 @@ fn start_held<C: Send + Sync + 'static>(
     while let Some((job, claimed_at)) = held.front() {
         if claimed_at.elapsed() > hold_limit {
             stale.push((job.id, job.attempt));
+            if kind.options.group_concurrency.is_some() {
+                // Its place in the group was taken when it was claimed.
+                groups.leave(&job.aggregate_id);
+            }
             held.pop_front();
             continue;
         }
