@@ -17,7 +17,7 @@ use std::time::Duration;
 use keel_pg::{Cluster, ClusterSpec};
 use serde_json::Value;
 
-use crate::load::Outcome;
+use crate::load::{median, Outcome};
 use crate::scenarios::{connect, judged, ping_burst, steady_pings, Plan, ScenarioResult};
 use crate::setup::Keel;
 
@@ -98,16 +98,6 @@ fn graphile(dir: &Path, cluster: &ClusterSpec, local_queue: usize, args: &[Strin
         .unwrap_or_else(|e| panic!("graphile.mjs said {stdout}: {e}"))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
 pub async fn s4_peer(keel: &Keel, keel_binary: &Path, bench_binary: &Path, work: &Path, plan: &Plan) -> ScenarioResult {
     let dir = install_graphile(bench_binary);
     let mut spec = ClusterSpec::new(work.join("peer-pg/data"), work.join("peer-pg/run"));
@@ -166,8 +156,8 @@ pub async fn s4_peer(keel: &Keel, keel_binary: &Path, bench_binary: &Path, work:
     let _ = std::fs::remove_dir_all(work.join("peer-pg"));
 
     let ms = |v: &Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
-    let keel_median = median(ours.clone());
-    let graphile_medians: Vec<f64> = theirs.iter().map(|runs| median(runs.clone())).collect();
+    let keel_median = median(&ours);
+    let graphile_medians: Vec<f64> = theirs.iter().map(|runs| median(runs)).collect();
     let best = if graphile_medians[1] > graphile_medians[0] { 1 } else { 0 };
     let graphile_median = graphile_medians[best];
     let keel_outcome = Outcome {
