@@ -4,6 +4,7 @@
 //! `keel-bench baseline --listen ADDR --profile FILE --product FILE` is the HTTP-ceiling service.
 
 mod baseline;
+mod feed;
 mod load;
 mod moves;
 mod offload;
@@ -136,8 +137,18 @@ async fn run(args: &[String]) -> ExitCode {
     if runs("S4-peer") {
         results.push(report_line_owned(peer::s4_peer(&keel, &keel_binary, &me, &work, &plan).await, smoke));
     }
-    if runs("S5") {
-        results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
+    if runs("S5") || runs("S5f") {
+        // The social graph the feed reads and S5's follows work on.
+        eprintln!("keel-bench: seeding follows …");
+        let seeding = feed::seed_follows(&keel.base, &seed).await;
+        scenarios::drain_queues(&keel).await;
+        if runs("S5") {
+            results.push(report_line_owned(scenarios::s5_shop_day(&keel, &seed, &plan).await, smoke));
+        }
+        if runs("S5f") {
+            scenarios::drain_queues(&keel).await;
+            results.push(report_line_owned(feed::s5_feed(&keel, &seed, &plan, seeding).await, smoke));
+        }
     }
     // A quarter of S1's anonymous maximum: room left for the sign-ins' hashing.
     let read_rate = (anonymous_reads / 4.0).max(50.0);

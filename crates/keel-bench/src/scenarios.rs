@@ -546,8 +546,8 @@ pub async fn s4_after_the_cliff(keel_binary: &Path, work: &Path, plan: &Plan, s4
     judged(result, per_second / s4_per_second, 0.8)
 }
 
-/// A shop's day: 30% profiles, 30% products, 29% searches (Zipf over the seeded ids), 8% cart
-/// writes, 2% checkouts, 1% likes and unlikes.
+/// A shop's day: 28% profiles, 28% products, 27% searches (Zipf over the seeded ids), 5% feed
+/// reads, 8% cart writes, 2% checkouts, 1% likes and unlikes, 1% follows and unfollows.
 pub fn shop_day(seed: &Seed) -> MakeCall {
     let zipf = Arc::new(Zipf::new(seed.users.len().min(seed.products.len()), 1.0));
     let users = Arc::new(seed.users.clone());
@@ -567,18 +567,27 @@ pub fn shop_day(seed: &Seed) -> MakeCall {
             refusal: if key { &[409] } else { &[] },
         };
         match rng.fraction() {
-            f if f < 0.30 => Call::get(format!("/v1/users/{}", users[i].0)),
-            f if f < 0.60 => Call::get(format!("/v1/products/{product}")),
-            f if f < 0.89 => Call::get(format!("/v1/search?q=product+{}", i % 1000)),
-            f if f < 0.97 => user_call(
+            f if f < 0.28 => Call::get(format!("/v1/users/{}", users[i].0)),
+            f if f < 0.56 => Call::get(format!("/v1/products/{product}")),
+            f if f < 0.83 => Call::get(format!("/v1/search?q=product+{}", i % 1000)),
+            f if f < 0.88 => user_call(reqwest::Method::GET, "/v1/feed?limit=20".into(), None, false),
+            f if f < 0.96 => user_call(
                 reqwest::Method::PUT,
                 format!("/v1/cart/items/{product}"),
                 Some(serde_json::json!({ "quantity": 1 + n % 3 })),
                 false,
             ),
-            f if f < 0.99 => user_call(reqwest::Method::POST, "/v1/checkout".into(), None, true),
-            f if f < 0.995 => user_call(reqwest::Method::PUT, format!("/v1/products/{product}/like"), None, false),
-            _ => user_call(reqwest::Method::DELETE, format!("/v1/products/{product}/like"), None, false),
+            f if f < 0.98 => user_call(reqwest::Method::POST, "/v1/checkout".into(), None, true),
+            f if f < 0.985 => user_call(reqwest::Method::PUT, format!("/v1/products/{product}/like"), None, false),
+            f if f < 0.99 => user_call(reqwest::Method::DELETE, format!("/v1/products/{product}/like"), None, false),
+            // Users follow and unfollow the popular ones (Zipf); nobody follows themselves.
+            f if f < 0.995 && users[i].1 != *token => {
+                user_call(reqwest::Method::PUT, format!("/v1/users/{}/follow", users[i].0), None, false)
+            }
+            f if f >= 0.995 && users[i].1 != *token => {
+                user_call(reqwest::Method::DELETE, format!("/v1/users/{}/follow", users[i].0), None, false)
+            }
+            _ => Call::get(format!("/v1/users/{}", users[i].0)),
         }
     })
 }
@@ -596,7 +605,7 @@ pub async fn s5_shop_day(keel: &Keel, seed: &Seed, plan: &Plan) -> ScenarioResul
     let met = half.p99_ms <= 10.0 && half.errors == 0;
     ScenarioResult {
         id: "S5",
-        name: "a shop's day: 89% reads (profiles, products, search), 8% cart writes, 2% checkouts, 1% likes; open loop at 50% and 80%",
+        name: "a shop's day: 88% reads (profiles, products, search, feeds), 8% cart writes, 2% checkouts, 1% likes, 1% follows; open loop at 50% and 80%",
         keel: Some(half.clone()),
         baseline_name: format!("its own closed-loop maximum, {:.0}/s (p99 {:.2} ms)", max.per_second, max.p99_ms),
         baseline_per_second: Some(max.per_second),

@@ -118,6 +118,13 @@ pub struct Config {
     /// once. Every exchange in flight when a process dies may be repeated (see `email`), and a mail
     /// server with many exchanges queued answers each later, so this bounds what a crash can repeat.
     pub mail_concurrency: usize,
+    /// `KEEL_FEED_FANOUT_LIMIT` / `feed_fanout_limit`: an actor with more followers than this is not
+    /// copied into their feeds (fan-out on write); readers merge its recent activities in when they
+    /// read (fan-out on read). See `crate::feed`.
+    pub feed_fanout_limit: usize,
+    /// `KEEL_FEED_LENGTH` / `feed_length`: the items each user's stored feed keeps (the newest);
+    /// housekeeping deletes older ones.
+    pub feed_length: usize,
     /// `KEEL_WEBHOOK_RETRY_SCHEDULE` / `webhook_retry_schedule`: the waits before each retry of a
     /// failed webhook delivery (each jittered by up to 10%); after the last one it is dead.
     pub webhook_retry_schedule: Vec<Duration>,
@@ -212,6 +219,8 @@ impl Default for Config {
             smtp_url: None,
             mail_from: "Keel <no-reply@keel.localhost>".to_owned(),
             mail_concurrency: 4,
+            feed_fanout_limit: 10_000,
+            feed_length: 1000,
             webhook_retry_schedule: [5, 300, 1800, 7200, 18000, 36000, 36000].map(Duration::from_secs).to_vec(),
             webhook_allow_loopback: None,
             webhook_allow_private: false,
@@ -285,6 +294,8 @@ const SETTINGS: &[&str] = &[
     "smtp_url",
     "mail_from",
     "mail_concurrency",
+    "feed_fanout_limit",
+    "feed_length",
     "webhook_retry_schedule",
     "webhook_allow_loopback",
     "webhook_allow_private",
@@ -392,6 +403,10 @@ impl Config {
                 "smtp_url" => self.smtp_url = Some(parse_smtp_url(raw).map_err(|m| fail(key, m))?),
                 "mail_from" => self.mail_from = parse_mailbox(raw).map_err(|m| fail(key, m))?,
                 "mail_concurrency" => self.mail_concurrency = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
+                "feed_fanout_limit" => {
+                    self.feed_fanout_limit = parse_range(raw, 0, 100_000_000).map_err(|m| fail(key, m))?
+                }
+                "feed_length" => self.feed_length = parse_range(raw, 10, 1_000_000).map_err(|m| fail(key, m))?,
                 "webhook_retry_schedule" => {
                     self.webhook_retry_schedule = parse_schedule(raw).map_err(|m| fail(key, m))?
                 }

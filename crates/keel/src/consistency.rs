@@ -158,8 +158,14 @@ pub const KINDS: &[Kind] = &[
     Kind {
         kind: DataKind::Feed,
         budget: Duration::from_secs(30),
-        policy: Policy::CacheAside,
-        source: Source::Direct("not built yet"),
+        // Stored feeds are copied by workers (fan-out on write); large accounts' recent activities
+        // are merged in at read time from the cache (see `crate::feed`).
+        policy: Policy::Derived,
+        source: Source::Cached {
+            tiers: Tiers::Both,
+            origin: "large accounts' recent activities from their shard, merged with the reader's stored feed \
+                     (shard replica within budget, else primary)",
+        },
     },
     Kind {
         kind: DataKind::Search,

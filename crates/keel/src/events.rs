@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{OrderId, ProductId, UserId};
+use uuid::Uuid;
 
 /// An event: a payload type and the name jobs and webhooks know it by.
 pub trait Event: Serialize + DeserializeOwned {
@@ -179,6 +180,100 @@ pub struct OrderFailed {
 
 impl Event for OrderFailed {
     const NAME: &'static str = "order.failed";
+}
+
+/// A user followed or stopped following another: the follower's side is written; the job writes the
+/// followed user's side. `version` is the follower's row's after the change: the other side applies
+/// a change only over an older version, so changes arriving in any order, or twice, end in the same
+/// state as the follower's row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowChanged {
+    /// The follower.
+    pub user_id: UserId,
+    pub follower_name: String,
+    pub followee_id: UserId,
+    pub following: bool,
+    pub version: i64,
+    /// When the follower's row changed, in milliseconds since the epoch.
+    pub changed_at_ms: i64,
+}
+
+impl Event for FollowChanged {
+    const NAME: &'static str = "follow.changed";
+}
+
+crate::text_enum::text_enum! {
+    /// What an actor did.
+    Verb, "a feed verb" {
+        Liked = "liked",
+        Followed = "followed",
+    }
+}
+
+crate::text_enum::text_enum! {
+    /// What an activity is about.
+    ObjectType, "a feed object type" {
+        Product = "product",
+        User = "user",
+    }
+}
+
+/// One activity, as stored on the actor's shard, carried by its event, and copied into feeds. The
+/// actor's name is the one they had when they acted: a feed shows it without a query per actor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub id: Uuid,
+    pub actor_id: UserId,
+    pub actor_name: String,
+    pub verb: Verb,
+    pub object_type: ObjectType,
+    pub object_id: Uuid,
+    /// When it happened, in microseconds since the epoch (the database's precision): the feed's
+    /// order, and what its cursors continue from.
+    pub created_at_us: i64,
+}
+
+impl Activity {
+    pub fn created_at(&self) -> std::time::SystemTime {
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(self.created_at_us.max(0) as u64)
+    }
+}
+
+/// An erased user's follow: the followed user's side of it is deleted (a follower no longer counted,
+/// if it was active). Carries the erased user's id and nothing else of theirs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FollowerErased {
+    /// The erased follower.
+    pub user_id: UserId,
+    pub followee_id: UserId,
+}
+
+impl Event for FollowerErased {
+    const NAME: &'static str = "follow.follower_erased";
+}
+
+/// A user did something their followers see in their feeds (see [`crate::feed`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityPosted {
+    /// The actor.
+    pub user_id: UserId,
+    pub activity: Activity,
+}
+
+impl Event for ActivityPosted {
+    const NAME: &'static str = "activity.posted";
+}
+
+/// An activity was withdrawn (an unlike, an unfollow): it leaves every feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityWithdrawn {
+    /// The actor.
+    pub user_id: UserId,
+    pub activity_id: Uuid,
+}
+
+impl Event for ActivityWithdrawn {
+    const NAME: &'static str = "activity.withdrawn";
 }
 
 /// Does nothing: measures the queue (or JetStream) itself, end to end (`make bench`, S4). Its

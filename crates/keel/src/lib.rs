@@ -33,6 +33,7 @@ pub mod db;
 pub mod email;
 pub mod embedded;
 pub mod events;
+pub mod feed;
 pub mod http;
 pub mod ids;
 pub mod jobs;

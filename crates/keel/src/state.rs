@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::consistency::DataKind;
 use crate::db::floors::Floors;
 use crate::db::Databases;
+use crate::feed::{FeedState, LargeAccounts, RecentCache};
 use crate::http::auth::{AdminToken, Authenticator};
 use crate::likes::LikeCounter;
 use crate::users::{ProfileCache, UsersState};
@@ -51,6 +52,11 @@ pub struct AppState {
     pub sign_ins: Arc<tokio::sync::Semaphore>,
     /// Users' read-your-writes floors, for reads that may go to replicas.
     pub floors: Floors,
+    /// The accounts over the feed's fan-out limit, refreshed by
+    /// [`crate::app::Application::run_until_stopped`].
+    pub large_accounts: Arc<LargeAccounts>,
+    /// Large accounts' recent activities, by actor: cache-aside within the feed's budget.
+    pub recent_activities: Arc<RecentCache>,
 }
 
 impl AppState {
@@ -70,6 +76,8 @@ impl AppState {
             products: Arc::new(cache(&config, DataKind::Product, &shared).versioned(crate::catalog::version_of)),
             carts: Arc::new(crate::carts::cart_cache(&config, &shared)),
             likes: Arc::new(LikeCounter::new()),
+            large_accounts: Arc::new(LargeAccounts::new(config.feed_fanout_limit as i64)),
+            recent_activities: Arc::new(cache(&config, DataKind::Feed, &shared)),
             db,
             admin_token,
             config,
@@ -83,8 +91,8 @@ impl AppState {
             DataKind::Profile => Some(self.profiles.stats()),
             DataKind::Product => Some(self.products.stats()),
             DataKind::Cart => Some(self.carts.stats()),
+            DataKind::Feed => Some(self.recent_activities.stats()),
             DataKind::LikeCount
-            | DataKind::Feed
             | DataKind::Search
             | DataKind::Inventory
             | DataKind::Wallet
@@ -131,6 +139,17 @@ impl FromRef<AppState> for UsersState {
             profiles: state.profiles.clone(),
             accounts: AccountsState::from_ref(state),
             floors: state.floors.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for FeedState {
+    fn from_ref(state: &AppState) -> Self {
+        FeedState {
+            users: UsersState::from_ref(state),
+            large: state.large_accounts.clone(),
+            recent: state.recent_activities.clone(),
+            budget: state.config.budget(DataKind::Feed),
         }
     }
 }

@@ -105,12 +105,19 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email_verified: Option<bool>,
     pub bio: String,
+    /// Who follow this user: counted exactly on the user's shard as each follow reaches it (through
+    /// the queue, usually within a second), shown within the profile budget.
+    #[serde(default)]
+    pub followers_count: i64,
+    /// Whom this user follows, counted with each follow.
+    #[serde(default)]
+    pub following_count: i64,
     pub created_at: String,
     pub updated_at: String,
 }
 
-const PROFILE_COLUMNS: &str =
-    "id, name, email, email_verified_at IS NOT NULL AS email_verified, bio, created_at, updated_at";
+const PROFILE_COLUMNS: &str = "id, name, email, email_verified_at IS NOT NULL AS email_verified, bio, \
+     followers_count, following_count, created_at, updated_at";
 
 impl Profile {
     fn from_row(row: &Row, show_email: bool) -> Profile {
@@ -120,6 +127,8 @@ impl Profile {
             email: show_email.then(|| row.get("email")),
             email_verified: show_email.then(|| row.get("email_verified")),
             bio: row.get("bio"),
+            followers_count: row.get("followers_count"),
+            following_count: row.get("following_count"),
             created_at: timestamp(row.get("created_at")),
             updated_at: timestamp(row.get("updated_at")),
         }
@@ -300,6 +309,19 @@ pub async fn get_user(
         })
         .await?;
     Ok((cache_headers(served, filled.get().copied()), Json((*profile).clone())))
+}
+
+/// The public profile of `id` through the profile cache (cache-aside, within the profile budget):
+/// 404 if there is no such user.
+pub(crate) async fn cached_profile(state: &UsersState, id: UserId) -> Result<Arc<Profile>, ApiError> {
+    let (profile, _) = state
+        .profiles
+        .get_or_load_aged(&id, || async {
+            let read = read_profile(state, id, false, Floor::Any).await?;
+            Ok::<_, ApiError>((Arc::new(read.value), read.lag))
+        })
+        .await?;
+    Ok(profile)
 }
 
 /// A profile from a replica within the profile budget (the profile cache's) that is past `floor`, or

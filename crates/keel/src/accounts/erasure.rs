@@ -13,10 +13,14 @@
 //!    erased or kept, and waits until none of the user's orders is pending: the saga needs them.
 //! 2. Withdraws their likes in batches, each like counted as an unlike in the statement that deletes
 //!    it, as an unlike is ([`crate::likes`]): like counts stay exact, and a batch is done or not.
+//!    Then everyone who followed them stops following them, on each follower's shard
+//!    ([`crate::feed::follows::erased_user_is_unfollowed`]).
 //! 3. In the catalogue: deletes webhook deliveries and queued jobs that name them (by id or by
 //!    address), re-points their stock reservations.
 //! 4. On their shard, in one transaction: their sessions, one-time codes, cart, idempotency records,
-//!    the jobs that name them (with their e-mail delivery records) and the user row go; the kept rows
+//!    the jobs that name them (with their e-mail delivery records), their follows, activities and feed
+//!    (with the events that end each follow's other side and take each activity out of every feed,
+//!    carrying their id only) and the user row go; the kept rows
 //!    are re-pointed; the `user.deleted` event is written for webhooks. It waits while a job that
 //!    names them is being handled (its handler may still read their row).
 //! 5. Frees their e-mail claims (the address can sign up again: only now, so that nothing of a new
@@ -202,6 +206,7 @@ pub async fn erase(db: &Databases, caches: Caches<'_>, job: &Job) -> Result<(), 
             return Err(JobError::retry_in("waiting for the user's pending orders to be decided", WAIT));
         }
         withdraw_likes(shard, user).await?;
+        crate::feed::follows::erased_user_is_unfollowed(db, user).await?;
         erase_in_catalog(&db.catalog, user, &marked).await?;
         erase_on_shard(shard, job, user, &marked).await?;
         tracing::info!(%user, "erased the user's data on their shard and in the catalogue");
@@ -326,7 +331,17 @@ async fn refuse_unknown_tables(sql: &impl Sql, known: &[&str]) -> Result<(), Job
 
 /// The shard's tables with a `user_id` (besides `likes`, withdrawn with their counts): the rows
 /// erased, and the rows kept for the accounts, re-pointed to the pseudonym.
-const ERASED: &[&str] = &["sessions", "one_time_codes", "cart_items", "idempotency_keys"];
+const ERASED: &[&str] = &[
+    "sessions",
+    "one_time_codes",
+    "cart_items",
+    "idempotency_keys",
+    // Ended and withdrawn first, with events for the other side of each (`crate::feed::follows`).
+    "follows",
+    "followers",
+    "activities",
+    "feed_items",
+];
 const KEPT: &[&str] = &["orders", "wallets", "wallet_deposits", "wallet_debits", "payments"];
 
 /// Step 4: the user's shard, in one transaction, ending with the user row. Waits (a retry) while a
@@ -356,6 +371,7 @@ async fn erase_on_shard(shard: &Db, job: &Job, user: UserId, marked: &Marked) ->
         }
         // A like taken since step 2 (a token still valid for the session budget).
         withdraw(&tx, user, None).await?;
+        let leaving = crate::feed::follows::erased_user_leaves(&tx, user).await?;
         for table in ERASED {
             tx.exec(&format!("DELETE FROM {table} WHERE user_id = $1"), &[&user]).await?;
         }
@@ -376,6 +392,9 @@ async fn erase_on_shard(shard: &Db, job: &Job, user: UserId, marked: &Marked) ->
                 .await?;
         }
         tx.exec("DELETE FROM users WHERE id = $1", &[&user]).await?;
+        for job in &leaving {
+            keel_outbox::enqueue(&tx, job).await?;
+        }
         let deleted = events::event(&UserDeleted { user_id: user }, user, job.traceparent.clone());
         keel_outbox::enqueue(&tx, &deleted).await?;
         Ok::<bool, PgError>(false)

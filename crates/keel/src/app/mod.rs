@@ -37,6 +37,7 @@ pub struct Application {
     connection_limits: connections::ConnectionLimits,
     config: Arc<Config>,
     likes: Arc<LikeCounter>,
+    large_accounts: Arc<crate::feed::LargeAccounts>,
     revocations: Arc<Revocations>,
     /// Requests that may change state run as tasks of their own (see [`crate::http::middleware`]).
     writes: TaskTracker,
@@ -65,6 +66,7 @@ impl Application {
         let revocations = auth.revocations.clone();
         let state = AppState::new(databases.clone(), config.clone(), AdminToken::new(admin_token), shared, auth);
         let likes = state.likes.clone();
+        let large_accounts = state.large_accounts.clone();
         // The first merge before serving: a new node's first reads count every like.
         if let Err(e) = likes.merge_shards(&databases).await {
             tracing::warn!(error = %e, "could not read the like tallies; the merger will retry");
@@ -81,6 +83,7 @@ impl Application {
             connection_limits,
             config,
             likes,
+            large_accounts,
             revocations,
             writes,
         })
@@ -120,6 +123,7 @@ impl Application {
             }
         };
         let gauges = tokio::spawn(ops::refresh_queue_gauges(self.databases.clone(), served_signal()));
+        let large_accounts = tokio::spawn(self.large_accounts.clone().run(self.databases.clone(), served_signal()));
         let revocations =
             tokio::spawn(self.revocations.clone().run(self.databases.clone(), served_signal(), alongside));
         let served = self.serve(shutdown).await;
@@ -128,6 +132,7 @@ impl Application {
             let _ = merger.await;
         }
         let _ = gauges.await;
+        let _ = large_accounts.await;
         let _ = revocations.await;
         served
     }

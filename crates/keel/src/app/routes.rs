@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use crate::http::error::{self, ApiError};
 use crate::http::{middleware, rate_limit};
 use crate::state::AppState;
-use crate::{accounts, admin, carts, catalog, likes, orders, search, users, wallet, webhooks};
+use crate::{accounts, admin, carts, catalog, feed, likes, orders, search, users, wallet, webhooks};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -78,6 +78,10 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::shards::rebalance))
         .routes(routes!(admin::stats::stats))
         .routes(routes!(likes::like, likes::unlike))
+        .routes(routes!(feed::follows::follow, feed::follows::unfollow))
+        .routes(routes!(feed::follows::followers))
+        .routes(routes!(feed::follows::following))
+        .routes(routes!(feed::read::feed))
         .routes(routes!(search::search))
         .routes(routes!(webhooks::create_subscription, webhooks::list_subscriptions))
         .routes(routes!(webhooks::delete_subscription))

@@ -88,6 +88,12 @@ const SHARD: &[Migration] = &[
     // E-mail records and jobs carry their user's bucket too: a move takes them along.
     Migration { version: 16, name: "moving jobs", sql: include_str!("../../migrations/shard/0022_moving_jobs.sql") },
     Migration { version: 17, name: "wake after commit", sql: keel_outbox::WAKE_SCHEMA },
+    // Follows (both sides), activities and stored feeds, with their counts on the user row.
+    Migration {
+        version: 18,
+        name: "follows and feed",
+        sql: include_str!("../../migrations/shard/0024_follows_and_feed.sql"),
+    },
 ];
 
 /// An arbitrary constant that names Keel's migration lock among the database's advisory locks.

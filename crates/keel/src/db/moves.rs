@@ -62,10 +62,18 @@ pub const TABLES: &[&str] = &[
     "sessions",
     "one_time_codes",
     "email_deliveries",
+    "follows",
+    "followers",
+    "activities",
+    "feed_items",
 ];
 
 /// The same tables, those that refer to others first: the order the old rows are deleted in.
 const DELETE_ORDER: &[&str] = &[
+    "feed_items",
+    "activities",
+    "followers",
+    "follows",
     "order_items",
     "wallet_debits",
     "payments",

@@ -129,6 +129,10 @@ pub mod cursor {
     pub const LIST: u8 = 1;
     /// A page of search results: see `search`.
     pub const SEARCH: u8 = 2;
+    /// A page of a feed: the last item's time and id ([`keyed`]).
+    pub const FEED: u8 = 3;
+    /// A page of followers or followed users: the last edge's time and user id ([`keyed`]).
+    pub const FOLLOWS: u8 = 4;
 
     pub fn encode(kind: u8, payload: &[u8]) -> String {
         let mut bytes = Vec::with_capacity(payload.len() + 1);
@@ -144,6 +148,22 @@ pub mod cursor {
             Some((tag, payload)) if *tag == kind => Some(payload.to_vec()),
             _ => None,
         }
+    }
+
+    /// A cursor of a list in (time, id) order: `micros` since the epoch, big-endian, then the id.
+    pub fn keyed(kind: u8, micros: i64, id: uuid::Uuid) -> String {
+        let mut payload = micros.to_be_bytes().to_vec();
+        payload.extend_from_slice(id.as_bytes());
+        encode(kind, &payload)
+    }
+
+    /// The (time, id) a [`keyed`] cursor of `kind` continues from: 400 if `raw` is not one.
+    pub fn read_keyed(kind: u8, raw: &str) -> Result<(i64, uuid::Uuid), ApiError> {
+        let payload = decode(kind, raw).filter(|p| p.len() == 24).ok_or_else(|| not_ours(raw))?;
+        let (micros, id) = payload.split_at(8);
+        let micros = i64::from_be_bytes(micros.try_into().expect("8 bytes"));
+        let id = uuid::Uuid::from_slice(id).expect("16 bytes");
+        Ok((micros, id))
     }
 
     /// 400: a cursor that cannot be read is a request that cannot be parsed.

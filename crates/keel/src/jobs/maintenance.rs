@@ -25,6 +25,8 @@ use crate::db::{Db, DbError, Sql};
 pub const IDEMPOTENCY_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 const EVERY: Duration = Duration::from_secs(600);
 const JITTER: Duration = Duration::from_secs(120);
+const FEED_TRIM_EVERY: Duration = Duration::from_secs(60);
+const FEED_TRIM_JITTER: Duration = Duration::from_secs(10);
 
 /// How long finished work is kept (see the module's comment).
 #[derive(Clone, Copy, Debug)]
@@ -48,8 +50,13 @@ pub fn catalog_scheduler(catalog: &Db, ctx: Arc<JobContext>, retention: Retentio
     })
 }
 
-pub fn scheduler(shard: &Db, ctx: Arc<JobContext>, retention: Retention) -> Scheduler<JobContext> {
-    let (for_jobs, for_keys) = (shard.clone(), shard.clone());
+pub fn scheduler(
+    shard: &Db,
+    ctx: Arc<JobContext>,
+    retention: Retention,
+    feed: crate::feed::Settings,
+) -> Scheduler<JobContext> {
+    let (for_jobs, for_keys, for_feeds) = (shard.clone(), shard.clone(), shard.clone());
     Scheduler::new(shard.pool().clone(), ctx)
         .every("prune-finished-jobs", EVERY, JITTER, move |_| {
             let shard = for_jobs.clone();
@@ -58,6 +65,11 @@ pub fn scheduler(shard: &Db, ctx: Arc<JobContext>, retention: Retention) -> Sche
         .every("prune-idempotency-keys", EVERY, JITTER, move |_| {
             let shard = for_keys.clone();
             async move { report(prune_idempotency_keys(&shard).await) }
+        })
+        // Feeds grow with every activity copied in: each is kept to its newest `KEEL_FEED_LENGTH`.
+        .every("trim-feeds", FEED_TRIM_EVERY, FEED_TRIM_JITTER, move |_| {
+            let shard = for_feeds.clone();
+            async move { report(crate::feed::fanout::trim(&shard, feed.length).await) }
         })
 }
 

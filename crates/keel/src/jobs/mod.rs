@@ -7,6 +7,8 @@
 //! | shard     | `user.registered`, `order.confirmed`, `order.failed` | webhooks fan-out, e-mail ([`reactions`]) |
 //! | shard     | `account.code_issued`                      | e-mail ([`email::send_for`])           |
 //! | shard     | `user.erasure`, `user.deleted`             | erasure, webhooks fan-out ([`erasure`]) |
+//! | shard     | `follow.changed`, `follow.follower_erased` | the followed user's side ([`crate::feed::follows`]) |
+//! | shard     | `activity.posted`, `activity.withdrawn`    | feed fan-out ([`crate::feed::fanout`]) |
 //! | catalogue | `product.created`, `.updated`, `.stock_changed` | search index, webhooks fan-out    |
 //! | catalogue | `webhook.deliver`                          | one delivery ([`crate::webhooks::delivery`]) |
 //!
@@ -27,8 +29,8 @@ use crate::config::Config;
 use crate::db::{ConnectError, Databases, PoolOptions};
 use crate::email;
 use crate::events::{
-    CodeIssued, Event, OrderConfirmed, OrderFailed, OrderPlaced, Ping, ProductCreated, ProductStockChanged,
-    ProductUpdated, UserRegistered,
+    ActivityPosted, ActivityWithdrawn, CodeIssued, Event, FollowChanged, FollowerErased, OrderConfirmed, OrderFailed,
+    OrderPlaced, Ping, ProductCreated, ProductStockChanged, ProductUpdated, UserRegistered,
 };
 use crate::orders::saga;
 use crate::shutdown::Stop;
@@ -46,6 +48,8 @@ pub struct JobContext {
     pub saga: saga::Settings,
     /// The profiles' cache, to drop an erased user's profile on every node and in Redis.
     pub profiles: crate::users::ProfileCache,
+    /// The feed's fan-out limit and stored length.
+    pub feed: crate::feed::Settings,
 }
 
 impl JobContext {
@@ -58,6 +62,7 @@ impl JobContext {
             carts: crate::carts::cart_cache(config, &shared),
             saga: saga::Settings::from_config(config),
             profiles: crate::state::cache(config, crate::consistency::DataKind::Profile, &shared),
+            feed: crate::feed::Settings::from_config(config),
         })
     }
 }
@@ -103,6 +108,20 @@ fn product_event_options(timeout: Duration) -> KindOptions {
     }
 }
 
+/// Follows and the feed's fan-out: database work only. Quick retries (a failure is a database away
+/// or a bucket moving), and many of them: a follow whose other side is never written would leave the
+/// two sides disagreeing, and a fan-out never run an activity missing from feeds.
+fn feed_options(timeout: Duration) -> KindOptions {
+    KindOptions {
+        timeout,
+        concurrency: 16,
+        max_attempts: 100,
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(60),
+        ..KindOptions::default()
+    }
+}
+
 /// Webhook deliveries: the schedule is the handler's; at most 16 at once per endpoint, so a slow
 /// endpoint holds 16 of the 64 slots and the others keep flowing.
 fn delivery_options(deliverer: &Deliverer) -> KindOptions {
@@ -124,6 +143,10 @@ const SHARD_EVENTS: &[&str] = &[
     CodeIssued::NAME,
     Erasure::NAME,
     UserDeleted::NAME,
+    FollowChanged::NAME,
+    ActivityPosted::NAME,
+    ActivityWithdrawn::NAME,
+    FollowerErased::NAME,
 ];
 const CATALOG_EVENTS: &[&str] = &[ProductCreated::NAME, ProductUpdated::NAME, ProductStockChanged::NAME];
 
@@ -168,6 +191,20 @@ fn register_event_handlers<R: Registry<JobContext>>(registry: R, options: EventO
     registry = registry.register(CodeIssued::NAME, user_event_options(timeout), |ctx, job| async move {
         email::send_for(&ctx.db, &ctx.email, &job).await
     });
+    // The social graph and the feed: database work only, retried quickly and for long.
+    registry = registry
+        .register(FollowChanged::NAME, feed_options(timeout), |ctx, job| async move {
+            crate::feed::follows::apply(&ctx.db, ctx.feed, &job).await
+        })
+        .register(ActivityPosted::NAME, feed_options(timeout), |ctx, job| async move {
+            crate::feed::fanout::on_posted(&ctx.db, ctx.feed, &job).await
+        })
+        .register(ActivityWithdrawn::NAME, feed_options(timeout), |ctx, job| async move {
+            crate::feed::fanout::on_withdrawn(&ctx.db, &job).await
+        })
+        .register(FollowerErased::NAME, feed_options(timeout), |ctx, job| async move {
+            crate::feed::follows::forget_erased_follower(&ctx.db, &job).await
+        });
     for kind in CATALOG_EVENTS {
         registry = registry.register(kind, product_event_options(timeout), |ctx, job| async move {
             reactions::on_catalog_event(&ctx, &job).await
@@ -310,7 +347,7 @@ pub async fn run_workers(
                 spawn_runner(runners, shard, true, delay, &|runner| runner.relay(js, shard.name(), SHARD_EVENTS))
             }
         }
-        runners.spawn(maintenance::scheduler(shard, context.clone(), retention).run(stop.stopped()));
+        runners.spawn(maintenance::scheduler(shard, context.clone(), retention, context.feed).run(stop.stopped()));
         runners.spawn(reconciling.shard_scheduler(shard, context.clone()).run(stop.stopped()));
     };
     // Shards added while running get workers of their own (below), on this process's own pools.

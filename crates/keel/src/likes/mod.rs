@@ -1,4 +1,5 @@
-//! Likes. A like is recorded per user on the user's shard (the primary key makes it idempotent and
+//! Likes. A like is also an activity its user's followers see in their feeds ([`crate::feed`]),
+//! written in the like's transaction. A like is recorded per user on the user's shard (the primary key makes it idempotent and
 //! decides races), and counted **in the same statement**: a like or unlike that changed a row adds
 //! one to a tally row of the product on that shard (one of [`counter::STRIPES`], chosen at random,
 //! so that likes of one hot product rarely queue for one row lock). The count can therefore never
@@ -23,16 +24,24 @@ use axum::http::StatusCode;
 
 use crate::catalog::CatalogState;
 use crate::db::Sql;
+use crate::feed::{self, ObjectType, Verb};
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
 use crate::http::extract::{parse_id, Path};
+use crate::http::trace::TraceContext;
 use crate::ids::{ProductId, UserId};
 pub use counter::{LikeCounter, MERGE_INTERVAL, MERGE_INTERVAL_MANY_SHARDS};
 
 /// Records that `user` likes (or no longer likes) the product, and counts the change if there was
 /// one, in one statement. The product must exist; that is checked against the product cache, not
 /// the database.
-async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> Result<StatusCode, ApiError> {
+async fn set_like(
+    state: &CatalogState,
+    user: UserId,
+    id: &str,
+    like: bool,
+    trace: &TraceContext,
+) -> Result<StatusCode, ApiError> {
     let product = parse_id::<ProductId>("product", id)?;
     crate::catalog::cached_product(state, product).await?;
     let shard = &*state.db.shard_of(user);
@@ -44,9 +53,10 @@ async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> R
         ("DELETE FROM likes WHERE user_id = $1 AND product_id = $2 RETURNING product_id", "unlikes")
     };
     let stripe = (keel_random::u64() % counter::STRIPES as u64) as i16;
-    let counted = shard
-        .client()
-        .await?
+    let mut client = shard.client().await?;
+    // The like, its count and its activity (with the activity's event) commit together.
+    let tx = client.transaction().await?;
+    let counted = tx
         .maybe_row(
             &format!(
                 "WITH changed AS ({change})
@@ -58,6 +68,14 @@ async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> R
             &[&user, &product, &stripe],
         )
         .await?;
+    if counted.is_some() {
+        let traceparent = Some(trace.traceparent());
+        match like {
+            true => feed::post(&tx, user, Verb::Liked, ObjectType::Product, product.as_uuid(), traceparent).await?,
+            false => feed::withdraw(&tx, user, Verb::Liked, product.as_uuid(), traceparent).await?,
+        }
+    }
+    shard.commit_jobs(tx).await?;
     if let Some(row) = counted {
         let tally = counter::Tally { shard: shard.name().to_owned(), stripe, likes: row.get(0), unlikes: row.get(1) };
         state.likes.merge(product, &tally);
@@ -72,9 +90,10 @@ async fn set_like(state: &CatalogState, user: UserId, id: &str, like: bool) -> R
 pub async fn like(
     State(state): State<CatalogState>,
     AuthUser(user): AuthUser,
+    trace: TraceContext,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    set_like(&state, user, &id, true).await
+    set_like(&state, user, &id, true, &trace).await
 }
 
 #[utoipa::path(delete, path = "/v1/products/{id}/like", tag = "likes", params(("id" = String, Path)),
@@ -84,7 +103,8 @@ pub async fn like(
 pub async fn unlike(
     State(state): State<CatalogState>,
     AuthUser(user): AuthUser,
+    trace: TraceContext,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    set_like(&state, user, &id, false).await
+    set_like(&state, user, &id, false, &trace).await
 }

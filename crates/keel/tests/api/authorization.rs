@@ -75,6 +75,9 @@ const ADMIN_DELETES: [u16; 4] = [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, NO_CONTENT]
 /// A user's like, answered without a body.
 const USERS_NO_CONTENT: [u16; 4] = [UNAUTHORIZED, NO_CONTENT, NO_CONTENT, FORBIDDEN];
 
+/// Following the user the path names: anyone else may; they may not follow themselves.
+const SOMEONE_ELSES_FOLLOW: [u16; 4] = [UNAUTHORIZED, NO_CONTENT, UNPROCESSABLE, FORBIDDEN];
+
 /// Every route: who may call it. "The owner" is the user whose resource the path names (or, where
 /// it names none, a user like the other).
 pub const TABLE: &[Access] = &[
@@ -130,6 +133,13 @@ pub const TABLE: &[Access] = &[
     Access::new("PUT /v1/products/{id}/like", "/v1/products/{product}/like", USERS_NO_CONTENT),
     Access::new("DELETE /v1/products/{id}/like", "/v1/products/{product}/like", USERS_NO_CONTENT),
     Access::new("GET /v1/search", "/v1/search?q=matrix", ANYONE),
+    // Follows: a user follows another (the owner cannot follow themselves: 422); lists are public;
+    // the feed is the caller's own.
+    Access::new("PUT /v1/users/{id}/follow", "/v1/users/{owner}/follow", SOMEONE_ELSES_FOLLOW),
+    Access::new("DELETE /v1/users/{id}/follow", "/v1/users/{owner}/follow", SOMEONE_ELSES_FOLLOW),
+    Access::new("GET /v1/users/{id}/followers", "/v1/users/{owner}/followers", ANYONE),
+    Access::new("GET /v1/users/{id}/following", "/v1/users/{owner}/following", ANYONE),
+    Access::new("GET /v1/feed", "/v1/feed", USERS),
     // A user's own cart, wallet and orders: the token says whose.
     Access::new("GET /v1/cart", "/v1/cart", USERS),
     Access::new("PUT /v1/cart/items/{product_id}", "/v1/cart/items/{product}", USERS).body(r#"{"quantity": 2}"#),

@@ -95,9 +95,20 @@ async fn rows_naming(urls: &[&str], needle: &str) -> Vec<(String, String, Value)
 fn is_the_erasures_record(table: &str, row: &Value, user: &str) -> bool {
     let only_the_id = |payload: &Value| payload == &json!({ "user_id": user });
     match table {
-        "public.keel_jobs" => {
-            ["user.erasure", "user.deleted"].contains(&row["kind"].as_str().unwrap()) && only_the_id(&row["payload"])
-        }
+        "public.keel_jobs" => match row["kind"].as_str().unwrap() {
+            "user.erasure" | "user.deleted" => only_the_id(&row["payload"]),
+            // The erasure's own events for the feed: an activity of theirs out of every feed, a follow
+            // of theirs ended on the other side; their id and nothing personal (no name).
+            "activity.withdrawn" => {
+                let payload = row["payload"].as_object().unwrap();
+                payload.len() == 2 && payload["user_id"] == user && payload.contains_key("activity_id")
+            }
+            "follow.follower_erased" => {
+                let payload = row["payload"].as_object().unwrap();
+                payload.len() == 2 && payload["user_id"] == user && payload.contains_key("followee_id")
+            }
+            _ => false,
+        },
         "public.webhook_deliveries" => {
             let body: Value = serde_json::from_str(row["body"].as_str().unwrap()).unwrap();
             row["event_type"] == "user.deleted" && only_the_id(&body["data"])
@@ -144,6 +155,13 @@ async fn deleting_an_account_erases_the_users_data_everywhere_but_the_anonymised
     let bought = app.create_product("ERASE-BOUGHT", 300, 10).await;
     let liked = app.create_product("ERASE-LIKED", 100, 10).await;
 
+    // They follow the keeper and the keeper follows them: each side's rows and feeds carry their name
+    // (the keeper's feed has their likes and follow).
+    let keeper_id = crate::helpers::user_of(&keeper);
+    for (whom, who) in [(&keeper_id, &token), (&id, &keeper)] {
+        let follow = app.put(&format!("/v1/users/{whom}/follow")).bearer_auth(who).send().await.unwrap();
+        assert_eq!(follow.status(), 204);
+    }
     // Likes of theirs, and one of someone who stays.
     for (product, who) in [(&bought, &token), (&liked, &token), (&bought, &keeper)] {
         let like = app.put(&format!("/v1/products/{product}/like")).bearer_auth(who).send().await.unwrap();
@@ -203,6 +221,17 @@ async fn deleting_an_account_erases_the_users_data_everywhere_but_the_anonymised
     // Like counts dropped by their likes, and only theirs.
     wait_for_likes(&app.client, &app.address, &bought, 1).await;
     wait_for_likes(&app.client, &app.address, &liked, 0).await;
+    // The keeper no longer follows them nor is followed by them, and their feed is empty of them.
+    app.check_queues_drained().await;
+    let keeper_profile = expect_json(app.get(&format!("/v1/users/{keeper_id}")).bearer_auth(&keeper).send().await, 200);
+    let keeper_profile = keeper_profile.await;
+    assert_eq!(
+        (keeper_profile["followers_count"].as_i64(), keeper_profile["following_count"].as_i64()),
+        (Some(0), Some(0)),
+        "{keeper_profile}"
+    );
+    let feed = expect_json(app.get("/v1/feed").bearer_auth(&keeper).send().await, 200).await;
+    assert_eq!(feed["items"], json!([]), "{feed}");
 
     // No row of any database names them, but the erasure's own record, which holds the id alone.
     let urls: Vec<&str> =

@@ -10,6 +10,7 @@ mod consistency;
 mod email;
 mod erasure;
 mod errors;
+mod feed;
 mod half_open;
 mod hardening;
 mod helpers;
