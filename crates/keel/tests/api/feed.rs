@@ -520,3 +520,43 @@ async fn follow_storms_with_a_killed_worker_end_with_both_sides_agreeing() {
     worker.signal(libc::SIGTERM);
     assert!(worker.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+/// Housekeeping keeps each stored feed to its newest `KEEL_FEED_LENGTH` items, and leaves shorter
+/// feeds alone.
+#[tokio::test]
+async fn housekeeping_keeps_each_feed_to_its_newest_items() {
+    let app = TestApp::spawn().await;
+    let (long_reader, _) = app.create_user("Long").await;
+    let (short_reader, _) = app.create_user("Short").await;
+    let (actor, _) = app.create_user("Actor").await;
+    let mut newest: HashMap<String, Vec<uuid::Uuid>> = HashMap::new();
+    for (reader, items) in [(&long_reader, 30i32), (&short_reader, 5)] {
+        let shard = app.shard_of(reader).await;
+        let ids: Vec<uuid::Uuid> = (0..items).map(|_| uuid::Uuid::now_v7()).collect();
+        // One second apart, the newest last.
+        shard
+            .execute(
+                "INSERT INTO feed_items (user_id, activity_id, actor_id, actor_name, verb, object_type, object_id, created_at)
+                 SELECT $1::text::uuid, id, $3::text::uuid, 'Actor', 'followed', 'user', $3::text::uuid,
+                        now() - (($4::int - n) * interval '1 second')
+                 FROM unnest($2::uuid[]) WITH ORDINALITY AS a(id, n)",
+                &[reader, &ids, &actor, &items],
+            )
+            .await
+            .unwrap();
+        newest.insert(reader.clone(), ids.iter().rev().take(10).copied().collect());
+    }
+    for i in 0..SHARDS {
+        let shard = app.databases.shard(i as u16).unwrap();
+        keel::feed::fanout::trim(&shard, 10).await.unwrap();
+    }
+    for (reader, kept) in [(&long_reader, 10), (&short_reader, 5)] {
+        let shard = app.shard_of(reader).await;
+        let rows =
+            shard.query("SELECT activity_id FROM feed_items WHERE user_id = $1::text::uuid", &[reader]).await.unwrap();
+        let left: HashSet<uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(left.len(), kept, "{reader}");
+        let expected: HashSet<uuid::Uuid> = newest[reader].iter().take(kept).copied().collect();
+        assert_eq!(left, expected, "the newest stay");
+    }
+}
