@@ -8,7 +8,7 @@
 //! and however often, the other side ends as the follower's row is, and each count moves exactly
 //! when its side's row turns active or inactive.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keel_outbox::{Job, JobError};
 use serde::Serialize;
@@ -21,7 +21,7 @@ use crate::db::{Databases, DbError, Sql, Transaction};
 use crate::events::{self, Event, FollowChanged, FollowerErased};
 use crate::http::auth::{AuthUser, Caller};
 use crate::http::error::{ApiError, Problem};
-use crate::http::extract::{parse_id, Json, Path};
+use crate::http::extract::{parse_id, Json, Path, Query};
 use crate::http::trace::TraceContext;
 use crate::http::{cursor, Page, PageParams};
 use crate::ids::UserId;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -16,7 +16,7 @@ use crate::db::replicas::Floor;
 use crate::db::Sql;
 use crate::http::auth::AuthUser;
 use crate::http::error::{ApiError, Problem};
-use crate::http::extract::Json;
+use crate::http::extract::{Json, Query};
 use crate::http::{cursor, timestamp, Page, PageParams};
 use crate::ids::UserId;
 

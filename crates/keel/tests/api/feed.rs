@@ -89,6 +89,10 @@ async fn follows_are_idempotent_checked_and_listed_on_both_sides() {
     expect_problem(app.get(&format!("/v1/users/{unknown}/followers")).send().await, 404, "user").await;
     expect_problem(app.get(&format!("/v1/users/{b}/followers?limit=0")).send().await, 422, "limit").await;
     expect_problem(app.get(&format!("/v1/users/{b}/followers?cursor=xyz")).send().await, 400, "cursor").await;
+    expect_problem(app.get(&format!("/v1/users/{b}/following?limit=many")).send().await, 400, "limit").await;
+    expect_problem(app.get("/v1/feed?limit=many").bearer_auth(&a_token).send().await, 400, "limit").await;
+    expect_problem(app.get("/v1/feed?cursor=xyz").bearer_auth(&a_token).send().await, 400, "cursor").await;
+    expect_problem(app.get("/v1/feed").send().await, 401, "token").await;
 
     // The follower's side at once; the followed user's once the queue ran. Newest first, one a page.
     assert_eq!(whole_list(&app, &format!("/v1/users/{c}/following")).await, vec![a.clone(), b.clone()]);
