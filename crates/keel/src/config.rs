@@ -40,6 +40,9 @@ pub struct Config {
     pub shards: Option<usize>,
     /// `KEEL_LOG` / `log`: a tracing filter such as `info` or `keel=debug,tower_http=info`.
     pub log: String,
+    /// `KEEL_LOG_FORMAT` / `log_format`: `json` (one object a line) or `text` (a line a person reads).
+    /// Unset: `text` when standard error is a terminal, `json` otherwise.
+    pub log_format: Option<crate::telemetry::LogFormat>,
     /// `KEEL_DB_POOL_SIZE` / `db_pool_size`: the API's connections per database per process.
     pub db_pool_size: usize,
     /// `KEEL_WORKER_POOL_SIZE` / `worker_pool_size`: the background workers' connections per database
@@ -194,6 +197,7 @@ impl Default for Config {
             replicas: 0,
             shards: None,
             log: "info".to_owned(),
+            log_format: None,
             db_pool_size: 16,
             worker_pool_size: 16,
             shutdown_timeout: Duration::from_secs(10),
@@ -269,6 +273,7 @@ const SETTINGS: &[&str] = &[
     "replicas",
     "shards",
     "log",
+    "log_format",
     "db_pool_size",
     "worker_pool_size",
     "shutdown_timeout",
@@ -370,6 +375,9 @@ impl Config {
                 "replicas" => self.replicas = parse_range(raw, 0, MAX_REPLICAS).map_err(|m| fail(key, m))?,
                 "shards" => self.shards = Some(parse_range(raw, 1, MAX_SHARDS).map_err(|m| fail(key, m))?),
                 "log" => self.log = non_empty(raw).map_err(|m| fail(key, m))?,
+                "log_format" => {
+                    self.log_format = Some(crate::telemetry::LogFormat::parse(raw).map_err(|m| fail(key, m))?)
+                }
                 "db_pool_size" => self.db_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "worker_pool_size" => self.worker_pool_size = parse_range(raw, 1, 1000).map_err(|m| fail(key, m))?,
                 "shutdown_timeout" => self.shutdown_timeout = parse_duration(raw).map_err(|m| fail(key, m))?,

@@ -326,7 +326,9 @@ fn cluster_spec(data_dir: &Path, config: &Config, shards: usize) -> ClusterSpec 
     let mut spec = ClusterSpec::new(data_dir.join("postgres"), socket_dir_for(&data_dir.join("run"), PORT))
         // Unix socket only: nothing outside this machine's file permissions can connect.
         .setting("listen_addresses", "")
-        .setting("max_connections", max_connections(config, shards));
+        .setting("max_connections", max_connections(config, shards))
+        // Query insight: every statement's time and calls, for `GET /v1/admin/queries`.
+        .setting("shared_preload_libraries", "pg_stat_statements");
     // Logical replication and two-phase commit: what moving buckets between shards needs.
     for (name, value) in db::moves::SERVER_SETTINGS {
         spec = spec.setting(name, value);
@@ -406,6 +408,9 @@ async fn serve(
         }
     }
     db::migrate_all(&catalog_url, &shard_urls).await?;
+    for url in std::iter::once(&catalog_url).chain(&shard_urls) {
+        crate::admin::queries::enable(url).await;
+    }
     let admin_token = admin_token(config, data_dir)?;
     let mut config = with_token_keys(config, data_dir)?;
     // Every replica holds every database.
@@ -433,11 +438,18 @@ async fn serve(
         1 => ", 1 read replica".to_owned(),
         n => format!(", {n} read replicas"),
     };
+    // What a person starting it needs first: where the API is, and the admin token.
+    let token_from = match config.admin_token {
+        Some(_) => "KEEL_ADMIN_TOKEN".to_owned(),
+        None => data_dir.join("admin-token").display().to_string(),
+    };
     eprintln!(
-        "keel is up: http://{}  (data in {}, {shards} shard{}{with_replicas})",
-        app.local_addr(),
+        "keel is up: http://{address}  (data in {}, {shards} shard{}{with_replicas})\n  \
+         API: http://{address}/v1/…  (OpenAPI: /openapi.json, metrics: /metrics)\n  \
+         admin token: {token_from}",
         data_dir.display(),
-        if shards == 1 { "" } else { "s" }
+        if shards == 1 { "" } else { "s" },
+        address = app.local_addr(),
     );
     Ok(serve_with_workers(app, workers).await?)
 }

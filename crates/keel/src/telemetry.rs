@@ -1,23 +1,57 @@
-//! Logs and metrics for the whole process: JSON log lines filtered by `KEEL_LOG`, and a Prometheus
-//! registry rendered at `/metrics`.
+//! Logs and metrics for the whole process: log lines filtered by `KEEL_LOG` (JSON, or text a person
+//! reads at a terminal: `KEEL_LOG_FORMAT`), and a Prometheus registry rendered at `/metrics`.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Sends JSON log lines to standard error. Every line inside a request carries that request's span
-/// (its `request_id`, method and route). Later calls do nothing, so tests may call it freely.
-pub fn init_logging(filter: &str) -> Result<(), String> {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object a line: for log collectors (the default when standard error is not a terminal).
+    Json,
+    /// A short line a person reads, coloured: the default at a terminal.
+    Text,
+}
+
+impl LogFormat {
+    pub fn parse(raw: &str) -> Result<LogFormat, String> {
+        match raw {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            other => Err(format!("{other:?} is not a log format: json or text")),
+        }
+    }
+
+    /// `chosen`, or else text at a terminal and JSON otherwise.
+    pub fn or_by_terminal(chosen: Option<LogFormat>) -> LogFormat {
+        use std::io::IsTerminal;
+        chosen.unwrap_or(if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json })
+    }
+}
+
+/// Sends log lines to standard error. Every line inside a request carries that request's span (its
+/// `request_id`, method and route). Later calls do nothing, so tests may call it freely.
+pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("invalid setting KEEL_LOG: {e}"))?;
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(true)
-        .with_span_list(false)
-        .flatten_event(true)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = match format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(true)
+            .with_span_list(false)
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .compact()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init(),
+    };
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 pub mod consistency;
 pub mod deposits;
 pub mod locks;
+pub mod queries;
 pub mod rebalance;
 pub mod replicas;
 pub mod shards;

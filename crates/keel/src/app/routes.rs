@@ -77,6 +77,7 @@ pub fn router(state: AppState, writes: TaskTracker) -> Router {
         .routes(routes!(admin::shards::get_move, admin::shards::cancel_move))
         .routes(routes!(admin::shards::rebalance))
         .routes(routes!(admin::stats::stats))
+        .routes(routes!(admin::queries::top_statements))
         .routes(routes!(likes::like, likes::unlike))
         .routes(routes!(feed::follows::follow, feed::follows::unfollow))
         .routes(routes!(feed::follows::followers))

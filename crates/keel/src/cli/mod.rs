@@ -67,7 +67,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(message) = crate::telemetry::init_logging(&config.log) {
+    let format = crate::telemetry::LogFormat::or_by_terminal(config.log_format);
+    if let Err(message) = crate::telemetry::init_logging(&config.log, format) {
         eprintln!("keel: {message}");
         return ExitCode::from(2);
     }

@@ -125,7 +125,8 @@ pub(super) fn main(command: ShardsCommand) -> ExitCode {
         if std::env::var_os("KEEL_LOG").is_none() {
             config.log = "error".to_owned();
         }
-        crate::telemetry::init_logging(&config.log).map_err(ShardsError::Usage)?;
+        let format = crate::telemetry::LogFormat::or_by_terminal(config.log_format);
+        crate::telemetry::init_logging(&config.log, format).map_err(ShardsError::Usage)?;
         let runtime = tokio::runtime::Runtime::new()
             .map_err(|e| ShardsError::Failed(format!("cannot start the async runtime: {e}")))?;
         runtime.block_on(shards(command, &config))

@@ -177,6 +177,7 @@ pub const TABLE: &[Access] = &[
     Access::new("POST /v1/admin/shards/rebalance", "/v1/admin/shards/rebalance", ADMIN_ONLY)
         .body(r#"{"dry_run": true}"#),
     Access::new("GET /v1/admin/stats", "/v1/admin/stats", ADMIN_ONLY),
+    Access::new("GET /v1/admin/queries", "/v1/admin/queries?database=shard_0", ADMIN_ONLY),
     // Nothing listens there: the admin is told the database cannot be reached.
     Access::new("POST /v1/admin/shards", "/v1/admin/shards", [UNAUTHORIZED, FORBIDDEN, FORBIDDEN, UNPROCESSABLE])
         .body(r#"{"url": "postgres://keel@127.0.0.1:1/nothing"}"#),

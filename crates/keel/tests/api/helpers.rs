@@ -53,7 +53,9 @@ fn test_spec(data_dir: PathBuf, socket_dir: PathBuf, log_file: PathBuf) -> Clust
         // Throwaway data: durability only slows the tests down.
         .setting("fsync", "off")
         .setting("synchronous_commit", "off")
-        .setting("full_page_writes", "off");
+        .setting("full_page_writes", "off")
+        // As `keel up`'s: the statistics of `GET /v1/admin/queries`.
+        .setting("shared_preload_libraries", "pg_stat_statements");
     // Logical replication and two-phase commit, for moving buckets between shards.
     for (name, value) in keel::db::moves::SERVER_SETTINGS {
         spec = spec.setting(name, value);
@@ -74,7 +76,10 @@ fn create_templates(cluster: &TestCluster) {
         runtime.block_on(async {
             db::create_database(&maintenance, CATALOG_TEMPLATE, None).await.unwrap();
             db::create_database(&maintenance, SHARD_TEMPLATE, None).await.unwrap();
-            db::migrate_all(&catalog, &vec![shard; SHARDS]).await.unwrap();
+            db::migrate_all(&catalog, &vec![shard.clone(); SHARDS]).await.unwrap();
+            for url in [&catalog, &shard] {
+                keel::admin::queries::enable(url).await;
+            }
         });
     })
     .join()

@@ -254,3 +254,44 @@ async fn readiness_names_an_unreachable_database_without_the_drivers_message() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Query insight: the admin sees the statements that took the most time on a database, from
+/// `pg_stat_statements` (loaded in the test cluster as in `keel up`'s).
+#[tokio::test]
+async fn the_admin_sees_the_statements_that_took_the_most_time() {
+    let app = TestApp::spawn().await;
+    for i in 0..5 {
+        app.create_user(&format!("Busy{i}")).await;
+    }
+    let mut databases = vec!["catalog".to_owned()];
+    databases.extend((0..crate::helpers::SHARDS).map(|i| format!("shard_{i}")));
+    let mut sign_ups = 0;
+    for database in &databases {
+        let path = format!("/v1/admin/queries?database={database}&limit=50");
+        let body = expect_json(app.admin(app.get(&path)).send().await, 200).await;
+        assert_eq!(body["database"], database.as_str());
+        let items = body["items"].as_array().unwrap();
+        assert!(!items.is_empty(), "{database}: {body}");
+        let totals: Vec<f64> = items.iter().map(|i| i["total_ms"].as_f64().unwrap()).collect();
+        assert!(totals.windows(2).all(|w| w[0] >= w[1]), "the most time first: {totals:?}");
+        for item in items {
+            assert!(item["query"].as_str().is_some_and(|q| !q.is_empty()), "{item}");
+            assert!(item["calls"].as_i64().unwrap() >= 1 && item["rows"].as_i64().is_some(), "{item}");
+            assert!(item["mean_ms"].as_f64().unwrap() <= item["total_ms"].as_f64().unwrap(), "{item}");
+            assert!(
+                item["hit_ratio"].is_null() || (0.0..=1.0).contains(&item["hit_ratio"].as_f64().unwrap()),
+                "{item}"
+            );
+        }
+        // The sign-ups' user rows went to the shards, and only there.
+        sign_ups += items
+            .iter()
+            .filter(|i| i["query"].as_str().unwrap().contains("INSERT INTO users"))
+            .map(|i| i["calls"].as_i64().unwrap())
+            .sum::<i64>();
+    }
+    assert_eq!(sign_ups, 5, "each sign-up's INSERT counted once, on its shard");
+    expect_problem(app.admin(app.get("/v1/admin/queries?database=nope")).send().await, 422, "catalog").await;
+    expect_problem(app.admin(app.get("/v1/admin/queries")).send().await, 400, "database").await;
+    expect_problem(app.admin(app.get("/v1/admin/queries?database=catalog&limit=0")).send().await, 422, "limit").await;
+}

@@ -55,6 +55,10 @@ impl Keel {
     fn logged_address(&self) -> Option<String> {
         let text = self.log_text();
         text.get(self.log_start..)?.lines().find_map(|line| {
+            // `keel up`'s line for people, whatever the log format.
+            if let Some(rest) = line.strip_prefix("keel is up: ") {
+                return rest.split_whitespace().next().map(str::to_owned);
+            }
             let line: Value = serde_json::from_str(line).ok()?;
             let message = line["fields"]["message"].as_str().or(line["message"].as_str())?;
             let address = line["fields"]["address"].as_str().or(line["address"].as_str())?;
@@ -180,6 +184,14 @@ async fn keel_up_keeps_its_data_across_a_clean_restart() {
         .send()
         .await;
     let product = expect_json(product, 201).await;
+    // The first lines say where the API and the admin token are.
+    let printed = keel.log_text();
+    assert!(printed.contains(&format!("API: {}/v1/", keel.address)), "{printed}");
+    assert!(printed.contains(&format!("admin token: {}", data_dir.join("admin-token").display())), "{printed}");
+    // Query insight: keel up's cluster keeps every statement's statistics.
+    let statements = client.get(format!("{}/v1/admin/queries?database=catalog", keel.address)).bearer_auth(&admin);
+    let statements = expect_json(statements.send().await, 200).await;
+    assert!(statements["items"].as_array().is_some_and(|items| !items.is_empty()), "{statements}");
 
     keel.signal(libc::SIGTERM);
     assert!(keel.wait_exit(Duration::from_secs(60)).await.success(), "log:\n{}", keel.log_text());
@@ -195,9 +207,14 @@ async fn keel_up_keeps_its_data_across_a_clean_restart() {
     assert!(!request_lines.is_empty());
     assert!(request_lines.iter().all(|l| l["span"]["request_id"] == "up-test-request"), "{request_lines:?}");
 
+    // Restarted with log lines for a person (the default at a terminal; a file is not one).
     let before_restart = postgres_log(&data_dir).len();
-    let mut keel = Keel::start(&["up", "--data-dir", &data_arg], &[], &log);
+    let text_log = scratch.join("keel-text.log");
+    let mut keel = Keel::start(&["up", "--data-dir", &data_arg], &[("KEEL_LOG_FORMAT", "text".to_owned())], &text_log);
     keel.wait_ready(Duration::from_secs(30)).await;
+    let text = keel.log_text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("INFO")).collect();
+    assert!(!lines.is_empty() && lines.iter().all(|l| serde_json::from_str::<Value>(l).is_err()), "{text}");
     let restart_log = postgres_log(&data_dir)[before_restart..].to_owned();
     assert!(!restart_log.contains("not properly shut down"), "crash recovery after a clean stop:\n{restart_log}");
     assert!(!restart_log.contains("automatic recovery"), "{restart_log}");
