@@ -1,5 +1,4 @@
-//! Likes. A like is also an activity its user's followers see in their feeds ([`crate::feed`]),
-//! written in the like's transaction. A like is recorded per user on the user's shard (the primary key makes it idempotent and
+//! Likes. A like is recorded per user on the user's shard (the primary key makes it idempotent and
 //! decides races), and counted **in the same statement**: a like or unlike that changed a row adds
 //! one to a tally row of the product on that shard (one of [`counter::STRIPES`], chosen at random,
 //! so that likes of one hot product rarely queue for one row lock). The count can therefore never
@@ -33,8 +32,9 @@ use crate::ids::{ProductId, UserId};
 pub use counter::{LikeCounter, MERGE_INTERVAL, MERGE_INTERVAL_MANY_SHARDS};
 
 /// Records that `user` likes (or no longer likes) the product, and counts the change if there was
-/// one, in one statement. The product must exist; that is checked against the product cache, not
-/// the database.
+/// one, in one statement; a change is also an activity their followers see in their feeds (posted or
+/// withdrawn, [`crate::feed`]), in the same transaction. The product must exist; that is checked
+/// against the product cache, not the database.
 async fn set_like(
     state: &CatalogState,
     user: UserId,
