@@ -233,12 +233,6 @@ pub struct Activity {
     pub created_at_us: i64,
 }
 
-impl Activity {
-    pub fn created_at(&self) -> std::time::SystemTime {
-        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(self.created_at_us.max(0) as u64)
-    }
-}
-
 /// An erased user's follow: the followed user's side of it is deleted (a follower no longer counted,
 /// if it was active). Carries the erased user's id and nothing else of theirs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -83,7 +83,7 @@ async fn fan_out(db: &Databases, feed: Settings, actor: UserId, activity: &Activ
         remove_everywhere(db, activity.id).await?;
     }
     metrics::counter!("keel_feed_fanout_rows_total").increment(copied);
-    let lag = SystemTime::now().duration_since(activity.created_at()).unwrap_or_default();
+    let lag = SystemTime::now().duration_since(super::from_micros(activity.created_at_us)).unwrap_or_default();
     metrics::histogram!("keel_feed_fanout_lag_seconds").record(lag.as_secs_f64());
     tracing::debug!(activity = %activity.id, copied, took_ms = started.elapsed().as_millis() as u64, "activity fanned out");
     Ok(())
@@ -118,7 +118,7 @@ async fn copy(shard: &Db, readers: &[UserId], activity: &Activity) -> Result<u64
                 &activity.verb.as_str(),
                 &activity.object_type.as_str(),
                 &activity.object_id,
-                &activity.created_at(),
+                &super::from_micros(activity.created_at_us),
             ],
         )
         .await?;
@@ -173,7 +173,7 @@ pub async fn backfill(db: &Databases, feed: Settings, reader: UserId, actor: Use
     let column = |f: fn(&Activity) -> String| recent.iter().map(f).collect::<Vec<String>>();
     let ids: Vec<Uuid> = recent.iter().map(|a| a.id).collect();
     let objects: Vec<Uuid> = recent.iter().map(|a| a.object_id).collect();
-    let times: Vec<SystemTime> = recent.iter().map(Activity::created_at).collect();
+    let times: Vec<SystemTime> = recent.iter().map(|a| super::from_micros(a.created_at_us)).collect();
     let (names, verbs, types) = (
         column(|a| a.actor_name.clone()),
         column(|a| a.verb.as_str().to_owned()),

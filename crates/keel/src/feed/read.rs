@@ -59,7 +59,7 @@ impl From<&Activity> for FeedItem {
             actor: Actor { id: a.actor_id, name: a.actor_name.clone() },
             verb: a.verb,
             object: Object { kind: a.object_type, id: a.object_id.to_string() },
-            created_at: timestamp(a.created_at()),
+            created_at: timestamp(super::from_micros(a.created_at_us)),
         }
     }
 }

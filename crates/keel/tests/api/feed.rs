@@ -12,16 +12,21 @@ use crate::helpers::{db_queries, expect_json, expect_problem, TestApp, SHARDS};
 /// The feed's budget: an activity must be in followers' feeds within it.
 const BUDGET: Duration = Duration::from_secs(30);
 
-/// Every item of `token`'s feed, page after page (`limit` per page).
-async fn whole_feed(app: &TestApp, token: &str, limit: usize) -> Vec<Value> {
+/// Every item of a paged list, page after page (`limit` per page), as `token` (or anonymously).
+async fn all_pages(app: &TestApp, path: &str, limit: usize, token: Option<&str>) -> Vec<Value> {
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut path = format!("/v1/feed?limit={limit}");
+        let mut url = format!("{path}?limit={limit}");
         if let Some(c) = &cursor {
-            path.push_str(&format!("&cursor={c}"));
+            url.push_str(&format!("&cursor={c}"));
         }
-        let page = expect_json(app.get(&path).bearer_auth(token).send().await, 200).await;
+        let request = app.get(&url);
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let page = expect_json(request.send().await, 200).await;
         items.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -30,22 +35,15 @@ async fn whole_feed(app: &TestApp, token: &str, limit: usize) -> Vec<Value> {
     }
 }
 
-/// Every user id of a followers or following list, page after page.
+/// Every item of `token`'s feed.
+async fn whole_feed(app: &TestApp, token: &str, limit: usize) -> Vec<Value> {
+    all_pages(app, "/v1/feed", limit, Some(token)).await
+}
+
+/// Every user id of a followers or following list.
 async fn whole_list(app: &TestApp, path: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let url = match &cursor {
-            Some(c) => format!("{path}?limit=100&cursor={c}"),
-            None => format!("{path}?limit=100"),
-        };
-        let page = expect_json(app.get(&url).send().await, 200).await;
-        ids.extend(page["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()));
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return ids,
-        }
-    }
+    let items = all_pages(app, path, 100, None).await;
+    items.iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect()
 }
 
 /// Waits until `check` holds, up to `within`; returns how long that took.
